@@ -1,0 +1,177 @@
+"""Typed configuration: dataclasses, YAML files and dotted command-line overrides.
+
+OmegaConf does the merging and type checking (a well-kept library that already
+validates keys and coerces ``"6"`` -> ``6``); this module only defines the schema
+and turns OmegaConf's multi-line errors into one line that names the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad configuration file or override; the message is one line naming the key."""
+
+
+@dataclass
+class ViTArch:
+    """A timm ViT: a registered model name plus the sizes that override its defaults."""
+
+    name: str = "vit_base_patch16_224"
+    img_size: Optional[int] = None
+    patch_size: Optional[int] = None
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+
+
+@dataclass
+class BaseConfig:
+    """The frozen base model that produces the targets."""
+
+    arch: ViTArch = field(default_factory=ViTArch)
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class TargetConfig:
+    """Target enhancement (Sec. 2.3) and the ablation switches of Tab. 6."""
+
+    source: str = "cache"  # cache | online | pixels
+    last_layers: int = 2  # feature target = mean of the last blocks' outputs (App. A)
+    k: int = 15  # selected patches (Tab. 9)
+    tau: float = 1.8  # temperature on the attention target (Tab. 9)
+    norm: str = "patch"  # patch | channel | none (Tab. 6c)
+    attention: str = "topk"  # topk | cls_only | none (Tab. 6f)
+
+
+@dataclass
+class ModelConfig:
+    """The new model: encoder, adapters (Sec. 2.2) and multi-target decoder."""
+
+    arch: ViTArch = field(default_factory=ViTArch)
+    input_adapter: bool = True
+    encoder_adapter: bool = True
+    adapter_group: int = 3  # blocks per encoder-adapter group (Eq. 1)
+    decoder_dim: int = 512
+    decoder_depth: int = 2
+    decoder_heads: int = 16
+    mask_ratio: float = 0.75
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how views are drawn (RandomResizedCrop + flip)."""
+
+    kind: str = "imagefolder"  # imagefolder | webdataset | demo
+    path: str = ""
+    img_size: int = 224
+    views: int = 1
+    scale_min: float = 0.2
+    scale_max: float = 1.0
+    batch_size: int = 64
+    num_workers: int = 2
+    on_bad_image: str = "error"  # error | skip
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-iteration warmup and half-cycle cosine (Tab. 8)."""
+
+    blr: float = 1.5e-4
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    epochs: int = 1
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    accum_steps: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+
+
+@dataclass
+class CacheConfig:
+    """Stage one's output: store kind, storage dtypes and shard size (DESIGN "The cache")."""
+
+    path: str = "cache/default.zarr"  # a local path or an fsspec URL
+    store: str = "zarr"  # zarr | webdataset
+    k_max: int = 15  # attention rows stored; any k <= k_max is a prefix
+    feat_dtype: str = "float16"  # float32 | float16 | int8
+    attn_dtype: str = "float16"  # float32 | float16 | uint8
+    images_per_shard: int = 256
+    zstd_level: int = 1
+    store_images: bool = False  # webdataset: keep the encoded source image in each sample
+
+
+@dataclass
+class Config:
+    """Everything one run needs; `configs/*.yaml` files fill in parts of it."""
+
+    seed: int = 0
+    output: str = "runs/default"
+    base: BaseConfig = field(default_factory=BaseConfig)
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+_CHOICES = {
+    "targets.source": ("cache", "online", "pixels"),
+    "targets.norm": ("patch", "channel", "none"),
+    "targets.attention": ("topk", "cls_only", "none"),
+    "data.kind": ("imagefolder", "webdataset", "demo"),
+    "data.on_bad_image": ("error", "skip"),
+    "optim.mixed_precision": ("no", "bf16", "fp16"),
+    "cache.store": ("zarr", "webdataset"),
+    "cache.feat_dtype": ("float32", "float16", "int8"),
+    "cache.attn_dtype": ("float32", "float16", "uint8"),
+}
+
+
+def _one_line(err: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"{origin}: bad config key '{key}': {msg}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- YAML file <- dotted overrides (``model.depth=6``), type-checked."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
+        layers.append((str(path), OmegaConf.create(data)))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
+    cfg = schema
+    for origin, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _one_line(err, origin) from None
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is '{value}', expected one of {', '.join(allowed)}")
+    return OmegaConf.to_object(cfg)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain dict of the config, for metadata, logs and checkpoints."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,90 @@
+"""Patch-relation enhanced targets (Sec. 2.3): pure functions, one copy for stage one and online mode."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .models.base import base_forward
+
+NORM_EPS = 1e-6
+
+
+@dataclass
+class Targets:
+    """Enhanced targets of one batch of views, as cached by stage one."""
+
+    feat: Tensor  # Yf (B, L, C), patch-normalized (Eq. 2)
+    feat_mean: Tensor  # mu_L (B, C)
+    feat_std: Tensor  # sqrt(var_L + eps) (B, C): Y = Yf * std + mean
+    attn: Tensor  # As logits (B, k+1, H, L): cls row first, then the top-k rows in rank order
+    topk_idx: Tensor  # (B, k) patch indices (0..L-1), descending cls attention
+
+
+def patch_normalize(y: Tensor, eps: float = NORM_EPS) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 2: ``Yf = (Y - mu_L) / sqrt(var_L + eps)`` over the patch axis, per image and channel.
+
+    The variance is unbiased. Returns (Yf, mu_L, sqrt(var_L + eps)).
+    """
+    mean = y.mean(dim=1)
+    std = (y.var(dim=1, unbiased=True) + eps).sqrt()
+    return (y - mean[:, None]) / std[:, None], mean, std
+
+
+def channel_normalize(y: Tensor, eps: float = NORM_EPS) -> Tensor:
+    """Tab. 6c "feature dim.": per-patch normalization over channels (LayerNorm without affine)."""
+    mean = y.mean(dim=-1, keepdim=True)
+    var = y.var(dim=-1, unbiased=True, keepdim=True)
+    return (y - mean) / (var + eps).sqrt()
+
+
+def select_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Semantic attention target As (Sec. 2.3) from the last block's pre-softmax logits.
+
+    Patches are ranked by the head-mean of the cls query row, ``A[:, :, 0, 1:].mean(heads)``;
+    the target keeps the cls row and the k top rows (in rank order), keys restricted to
+    patches (cls key dropped). Returns (As (B, k+1, H, L), topk_idx (B, k)).
+    """
+    num_patches = logits.shape[-1] - 1
+    if not 0 <= k <= num_patches:
+        raise ValueError(f"k={k} must be within 0..{num_patches} (the number of patches)")
+    score = logits[:, :, 0, 1:].mean(dim=1)
+    topk_idx = score.topk(k, dim=-1, sorted=True).indices
+    rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], dim=1)  # query rows incl. cls
+    B, H, _, N = logits.shape
+    picked = logits.gather(2, rows[:, None, :, None].expand(B, H, k + 1, N))
+    return picked[..., 1:].permute(0, 2, 1, 3).contiguous(), topk_idx
+
+
+@torch.no_grad()
+def compute_targets(base, images: Tensor, last_layers: int = 2, k: int = 15) -> Targets:
+    """Base forward -> patch-normalized features (Eq. 2) and the top-k attention target."""
+    out = base_forward(base, images, last_layers)
+    feat, mean, std = patch_normalize(out.features.float())
+    attn, topk_idx = select_topk(out.logits.float(), k)
+    return Targets(feat=feat, feat_mean=mean, feat_std=std, attn=attn, topk_idx=topk_idx)
+
+
+def feature_target(t: Targets, norm: str) -> Tensor:
+    """The feature target for a Tab. 6c mode, recovered from the cached patch-normalized one."""
+    if norm == "patch":
+        return t.feat
+    raw = t.feat * t.feat_std[:, None] + t.feat_mean[:, None]
+    if norm == "none":
+        return raw
+    if norm == "channel":
+        return channel_normalize(raw)
+    raise ValueError(f"targets.norm='{norm}': expected patch, channel or none")
+
+
+def attention_target(t: Targets, mode: str, k: int) -> tuple[Tensor, Tensor] | None:
+    """The attention target for a Tab. 6f mode; any k <= k_max is a prefix of the cached rows."""
+    if mode == "none":
+        return None
+    k_max = t.topk_idx.shape[1]
+    if mode == "cls_only":
+        k = 0
+    elif k > k_max:
+        raise ValueError(f"targets.k={k} exceeds the k_max={k_max} rows available")
+    return t.attn[:, : k + 1], t.topk_idx[:, :k]
