@@ -13,9 +13,10 @@ from typing import Any, Optional
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from .errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration file or override; the message is one line naming the key."""
 
 

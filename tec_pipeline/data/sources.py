@@ -8,10 +8,12 @@ from typing import Protocol
 
 from PIL import Image
 
+from ..errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError):
     """An image that cannot be decoded; the message names it."""
 
 

@@ -17,13 +17,14 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..config import ViTArch
+from ..errors import UserError
 
 EXPORT_FORMAT = "tec-pipeline-export"
 # Entries of full SSL checkpoints that are not part of the encoder.
 _IGNORED_PREFIXES = ("head.", "head_dist.", "decoder", "mask_token", "masked_embed", "fc_norm.", "dist_token")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot become this base model; one line naming the file and key."""
 
 

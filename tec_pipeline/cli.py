@@ -1,0 +1,95 @@
+"""`tec-pipeline` command line (typer). Stage modules are imported inside each command."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="TEC: train a stronger self-supervised ViT from a frozen base model, via a target cache.")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see configs/).")
+OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. model.arch.depth=6 targets.k=9.")
+
+
+def _load(config: Optional[Path], overrides: Optional[List[str]]):
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as err:
+        _fail(str(err))
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _run(fn, *args, **kwargs):
+    """Call a stage; the user-facing errors of this package become one red line and exit 2."""
+    from .errors import UserError
+
+    try:
+        return fn(*args, **kwargs)
+    except UserError as err:
+        _fail(str(err))
+
+
+@app.command("cache-targets")
+def cache_targets(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
+                  overwrite: bool = typer.Option(False, help="Replace an existing cache made with another config."),
+                  dry_run: bool = typer.Option(False, "--dry-run", help="Print bytes per view, total size and free space; write nothing.")):
+    """Stage one: run the frozen base model over views of a dataset and write the target cache."""
+    cfg = _load(config, overrides)
+    from stages.cache_targets import run_cache_targets
+
+    _run(run_cache_targets, cfg, overwrite=overwrite, dry_run=dry_run)
+
+
+@app.command()
+def train(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
+          resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.")):
+    """Stage two: train the new model from a target cache (or online with targets.source=online)."""
+    cfg = _load(config, overrides)
+    from stages.train import run_train
+
+    _run(run_train, cfg, resume=resume)
+
+
+@app.command()
+def export(run: Path = typer.Argument(..., help="A training run directory."),
+           out: Optional[Path] = typer.Option(None, help="Output .safetensors (default RUN/encoder.safetensors).")):
+    """Write the trained encoder as a timm-loadable safetensors file (input adapter folded into cls)."""
+    from .export import export_run
+
+    path = _run(export_run, run, out)
+    typer.echo(f"exported {path}")
+
+
+@app.command()
+def inspect(cache: str = typer.Argument(..., help="Cache path or fsspec URL.")):
+    """Print a cache's metadata, counts, bytes per view and completeness."""
+    from .cache.inspect import describe_cache
+
+    typer.echo(_run(describe_cache, cache))
+
+
+@app.command()
+def verify(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
+           sample: int = typer.Option(8, "--sample", help="Views to re-render and recompute."),
+           seed: int = typer.Option(0, help="Which views are sampled.")):
+    """Recompute a random sample of views with the base model and compare with the cache."""
+    from stages.cache_targets import verify_cache
+
+    ok = _run(verify_cache, cache, sample=sample, seed=seed)
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
