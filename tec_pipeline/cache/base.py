@@ -1,0 +1,238 @@
+"""Writer and reader logic shared by both stores: shards, completion markers, validation.
+
+A store subclass supplies the data layout only:
+
+- writer: ``_init_layout`` (create or reopen, idempotent), ``_clear_shard`` (remove leftovers
+  of a crashed attempt) and ``_write_encoded`` (write one shard durably, return its files);
+- reader: ``_read_encoded`` (a whole shard) and ``_read_view_encoded`` (one view).
+
+Everything here is independent of how bytes are laid out: encoding and its measured error
+(``codecs``), the order "data durable -> marker", and the refusal to finalize or read an
+unwritten shard.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from . import codecs
+from .schema import (
+    DATA_KEYS, FORMAT_VERSION, META_FILE, CacheCorruptError, array_specs, dump_json, join,
+    marker_path, num_shards, read_json, read_markers, shard_range, write_atomic,
+)
+from ..errors import UserError
+
+FLOAT_KEYS = ("feat", "feat_mean", "feat_std", "attn")
+
+
+def new_document(meta: dict) -> dict:
+    """The root metadata file of a fresh cache."""
+    return {"format_version": FORMAT_VERSION, "package_version": __version__, "meta": meta,
+            "complete": False, "shards": {}, "summary": {}}
+
+
+def expected_shapes(meta: dict, n: int) -> dict[str, tuple[int, ...]]:
+    V, L, C, H, k = (int(meta[x]) for x in ("views", "num_patches", "feat_dim", "heads", "k_max"))
+    return {"crop": (n, V, 5), "feat": (n, V, L, C), "feat_mean": (n, V, C), "feat_std": (n, V, C),
+            "attn": (n, V, k + 1, H, L), "topk_idx": (n, V, k), "valid": (n,), "label": (n,)}
+
+
+class CacheWriter:
+    """Writes whole shards of one cache; made by ``create_cache``.
+
+    Several processes may hold writers on the same cache as long as each writes its own
+    shards; create (or overwrite) from one process first, then open from the others.
+    """
+
+    def __init__(self, url: str, fs, root: str, meta: dict):
+        self.url, self.fs, self.root, self.meta = url, fs, root, meta
+        self.specs = array_specs(meta)
+        self.num_shards = num_shards(meta)
+        self._done = set(read_markers(fs, root))
+        self._init_layout()
+
+    # -- store-specific
+
+    def _init_layout(self) -> None:
+        raise NotImplementedError
+
+    def _clear_shard(self, shard: int) -> None:
+        raise NotImplementedError
+
+    def _write_encoded(self, shard: int, enc: dict[str, np.ndarray], images: list | None) -> dict[str, int]:
+        raise NotImplementedError
+
+    # -- shards
+
+    def shard_range(self, shard: int) -> range:
+        """Image indices of one shard."""
+        return shard_range(self.meta, shard)
+
+    def is_done(self, shard: int) -> bool:
+        """True once the shard's completion marker exists (by this or another process)."""
+        if shard not in self._done and self.fs.exists(marker_path(self.root, shard)):
+            self._done.add(shard)
+        return shard in self._done
+
+    def _check(self, shard: int, data: dict[str, np.ndarray], images: list | None) -> dict[str, np.ndarray]:
+        """Shapes, finiteness and ranges of one shard's targets; rows of skipped images zeroed."""
+        n = len(self.shard_range(shard))
+        missing = [k for k in DATA_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"shard {shard}: data lacks {', '.join(missing)}")
+        data = {k: np.asarray(data[k]) for k in DATA_KEYS}
+        for name, shape in expected_shapes(self.meta, n).items():
+            if data[name].shape != shape:
+                raise ValueError(f"shard {shard}: '{name}' has shape {data[name].shape}, expected {shape}")
+        valid = data["valid"].astype(bool)
+        if not valid.all():  # the contract: a skipped image's rows are zeros; make it so
+            data = {k: v.copy() for k, v in data.items()}
+            for name in ("crop",) + FLOAT_KEYS + ("topk_idx",):
+                data[name][~valid] = 0
+        for name in FLOAT_KEYS:
+            bad = ~np.isfinite(data[name].reshape(n, -1)).all(axis=1)
+            if bad.any():
+                image = self.shard_range(shard)[int(np.flatnonzero(bad)[0])]
+                raise ValueError(f"shard {shard}: '{name}' of image {image} has non-finite values")
+        L = int(self.meta["num_patches"])
+        if data["topk_idx"].size and not (0 <= data["topk_idx"].min() and data["topk_idx"].max() < L):
+            raise ValueError(f"shard {shard}: topk_idx outside 0..{L - 1}")
+        if self.meta.get("store_images") and (images is None or len(images) != n):
+            raise ValueError(f"shard {shard}: store_images needs one entry (bytes or None) per image, "
+                             f"got {None if images is None else len(images)} for {n}")
+        return data
+
+    def write_shard(self, shard: int, data: dict[str, np.ndarray], images: list[bytes] | None = None) -> dict:
+        """Encode and write one whole shard, make it durable, then record its completion.
+
+        ``data``: see ``expected_shapes`` (leading dims [images in shard, views]). ``images``:
+        encoded source images (webdataset with ``store_images`` only; ignored otherwise).
+        Returns stats: ``bytes``, ``bytes_per_view``, the measured quantization error
+        (``feat_rel_rms``, ``attn_kl`` at tau=1.8, with the sums that aggregate over shards,
+        see ``codecs.aggregate_errors``) and ``invalid`` (skipped image indices).
+        A completed shard is never rewritten: check ``is_done`` first.
+        """
+        if self.is_done(shard):
+            raise ValueError(f"cache {self.url}: shard {shard} is already complete")
+        data = self._check(shard, data, images)
+        enc = codecs.encode(data, self.meta["feat_dtype"], self.meta["attn_dtype"])
+        stats = codecs.quantization_error(data, enc, self.meta["feat_dtype"], self.meta["attn_dtype"])
+        self._clear_shard(shard)
+        files = self._write_encoded(shard, enc, images if self.meta.get("store_images") else None)
+        rng = self.shard_range(shard)
+        total = int(sum(files.values()))
+        stats.update(shard=shard, images=len(rng), views=len(rng) * int(self.meta["views"]), bytes=total,
+                     bytes_per_view=total / (len(rng) * int(self.meta["views"])),
+                     invalid=[rng[i] for i in np.flatnonzero(data["valid"] == 0)])
+        marker = {"shard": shard, "images": [rng.start, rng.stop], "files": files, "stats": stats}
+        write_atomic(self.fs, marker_path(self.root, shard), dump_json(marker))  # only after the data
+        self._done.add(shard)
+        return stats
+
+    def finalize(self, summary: dict) -> None:
+        """Record ``complete=True``, the shard listing and the summary, once every shard is done.
+
+        The summary gets ``quantization`` (errors aggregated over all shards' markers, so a
+        resumed run reports the whole cache), ``skipped_images``, ``bytes`` and
+        ``bytes_per_view`` added to what the caller passes.
+        """
+        markers = read_markers(self.fs, self.root)
+        missing = [s for s in range(self.num_shards) if s not in markers]
+        if missing:
+            raise UserError(f"cache {self.url}: {len(missing)} of {self.num_shards} shards are not written "
+                            f"(first {missing[:5]}); cannot finalize")
+        path = join(self.root, META_FILE)
+        doc = read_json(self.fs, path)
+        stats = [markers[s]["stats"] for s in range(self.num_shards)]
+        total = int(sum(s["bytes"] for s in stats))
+        views = int(self.meta["num_images"]) * int(self.meta["views"])
+        added: dict[str, Any] = {
+            "quantization": codecs.aggregate_errors(stats),
+            "skipped_images": [i for s in stats for i in s["invalid"]],
+            "bytes": total, "bytes_per_view": total / views,
+        }
+        doc["summary"] = json.loads(json.dumps({**summary, **added}, default=str))
+        doc["shards"] = {str(s): {"images": markers[s]["images"], "files": markers[s]["files"]}
+                         for s in range(self.num_shards)}
+        doc["complete"] = True
+        write_atomic(self.fs, path, dump_json(doc))
+
+
+class CacheReader:
+    """Reads a cache written by ``CacheWriter``; made by ``open_cache``.
+
+    ``read_shard`` decodes a whole shard (the fast path for training: shuffle shards, then
+    views within an in-memory buffer); ``read_view`` reads one view by random access. Both
+    refuse shards that are not recorded complete, and raise ``CacheCorruptError`` naming the
+    shard when files are missing, truncated or fail their checksums.
+    """
+
+    def __init__(self, url: str, fs, root: str, doc: dict):
+        self.url, self.fs, self.root, self.doc = url, fs, root, doc
+        self.meta = doc["meta"]
+        self.num_images = int(self.meta["num_images"])
+        self.views = int(self.meta["views"])
+        self.num_shards = num_shards(self.meta)
+        self._markers = ({int(s): m for s, m in doc["shards"].items()} if doc.get("complete")
+                         else read_markers(fs, root))
+
+    # -- store-specific
+
+    def _read_encoded(self, shard: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _read_view_encoded(self, shard: int, local: int, view: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    # -- state
+
+    def is_complete(self) -> bool:
+        return bool(self.doc.get("complete"))
+
+    def missing_shards(self) -> list[int]:
+        """Shards without a completion marker (re-read: other processes may be writing)."""
+        if not self.is_complete():
+            self._markers = read_markers(self.fs, self.root)
+        return [s for s in range(self.num_shards) if s not in self._markers]
+
+    def shard_range(self, shard: int) -> range:
+        return shard_range(self.meta, shard)
+
+    def _marker(self, shard: int) -> dict:
+        if shard not in self._markers:
+            path = marker_path(self.root, shard)
+            if not self.is_complete() and self.fs.exists(path):
+                self._markers[shard] = read_json(self.fs, path)
+            else:
+                self.shard_range(shard)  # IndexError when out of range
+                raise CacheCorruptError(f"cache {self.url}: shard {shard} is not written (the cache is incomplete)")
+        return self._markers[shard]
+
+    # -- data
+
+    def read_shard(self, shard: int) -> dict[str, np.ndarray]:
+        """All views of a shard, decoded: float32 feat/feat_mean/feat_std/attn, int64
+        topk_idx, int32 crop ``[n, views, ...]``; uint8 valid, int64 label ``[n]``."""
+        self._marker(shard)
+        enc = self._read_encoded(shard)
+        return codecs.decode(enc, self.meta["feat_dtype"], self.meta["attn_dtype"])
+
+    def read_view(self, image: int, view: int) -> dict[str, np.ndarray]:
+        """One view of one image, decoded as in ``read_shard`` without the leading dims."""
+        if not (0 <= image < self.num_images and 0 <= view < self.views):
+            raise IndexError(f"(image {image}, view {view}) outside {self.num_images} images x {self.views} views")
+        shard = image // int(self.meta["images_per_shard"])
+        self._marker(shard)
+        enc = self._read_view_encoded(shard, image - self.shard_range(shard).start, view)
+        return codecs.decode(enc, self.meta["feat_dtype"], self.meta["attn_dtype"])
+
+    def image_bytes(self, image: int) -> bytes | None:
+        """The encoded source image (webdataset caches made with ``store_images``), else None."""
+        return None
+
+    def nbytes(self) -> int:
+        """Bytes on storage, all files of the cache included."""
+        return int(self.fs.du(self.root, total=True))

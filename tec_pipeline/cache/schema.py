@@ -1,0 +1,259 @@
+"""Cache schema: metadata checks, array layout, identity comparison, markers and file helpers.
+
+A cache (DESIGN "The cache") is a directory or fsspec URL holding
+
+- ``tec_cache.json``: format version, ``meta`` (sizes, dtypes, the ``identity`` of the run
+  that made it), the per-shard completion listing, the ``complete`` flag and the summary;
+- ``_done/shard-NNNNN.json``: one completion marker per shard, written only after that
+  shard's data is durable. The markers are the truth while a cache is being written (several
+  processes write disjoint shards and never touch a shared file); ``finalize`` folds them
+  into ``tec_cache.json``;
+- the data: a zarr v3 group (``zarr_store``) or webdataset tars (``wds_store``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+from ..errors import UserError
+
+FORMAT_VERSION = 1
+META_FILE = "tec_cache.json"
+DONE_DIR = "_done"
+
+STORES = ("zarr", "webdataset")
+FEAT_DTYPES = ("float32", "float16", "int8")
+ATTN_DTYPES = ("float32", "float16", "uint8")
+REQUIRED_META = ("store", "num_images", "views", "num_patches", "feat_dim", "heads", "k_max",
+                 "images_per_shard", "feat_dtype", "attn_dtype", "zstd_level", "identity")
+# Meta keys that fix the on-storage layout: a reopened cache must agree on them too, or a
+# resumed run would write shards that do not fit the ones already there.
+LAYOUT_KEYS = ("store", "num_images", "views", "num_patches", "feat_dim", "heads", "k_max",
+               "images_per_shard", "feat_dtype", "attn_dtype", "zstd_level", "store_images",
+               "max_part_bytes")
+DEFAULT_MAX_PART_BYTES = 256 * 2**20  # webdataset: tar parts of at most ~256 MiB
+
+# Arrays indexed [image, view, ...] ("per view") and [image] ("per image").
+VIEW_ARRAYS = ("crop", "feat", "feat_mean", "feat_std", "attn", "topk_idx")
+IMAGE_ARRAYS = ("valid", "label")
+DATA_KEYS = VIEW_ARRAYS + IMAGE_ARRAYS
+
+
+class CacheMismatchError(UserError):
+    """An existing cache was made by a different configuration than this run's."""
+
+
+class CacheCorruptError(UserError):
+    """A shard's files are missing, truncated or fail their checksums."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One stored array: trailing shape after the leading [image] or [image, view] dims."""
+
+    name: str
+    tail: tuple[int, ...]
+    dtype: str  # numpy dtype name as stored
+    per_view: bool = True
+
+
+def normalize_meta(meta: dict) -> dict:
+    """Check the metadata a writer needs and return it JSON-normalized (tuples -> lists).
+
+    Unknown keys are kept: they are recorded as given.
+    """
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"cache meta lacks {', '.join(missing)}")
+    meta = json.loads(json.dumps(meta))
+    meta.setdefault("store_images", False)
+    if meta["store"] == "webdataset":
+        meta.setdefault("max_part_bytes", DEFAULT_MAX_PART_BYTES)
+    for key, choices in (("store", STORES), ("feat_dtype", FEAT_DTYPES), ("attn_dtype", ATTN_DTYPES)):
+        if meta[key] not in choices:
+            raise UserError(f"cache.{key}='{meta[key]}': expected one of {', '.join(choices)}")
+    if meta["store_images"] and meta["store"] != "webdataset":
+        raise UserError("cache.store_images=true needs cache.store=webdataset")
+    for key in ("num_images", "views", "num_patches", "feat_dim", "heads", "images_per_shard"):
+        if int(meta[key]) < 1:
+            raise UserError(f"cache meta {key}={meta[key]}: must be >= 1")
+    if not 0 <= int(meta["k_max"]) <= int(meta["num_patches"]):
+        raise UserError(f"cache k_max={meta['k_max']}: must be within 0..{meta['num_patches']}")
+    if not isinstance(meta["identity"], dict):
+        raise ValueError("cache meta 'identity' must be a dict")
+    return meta
+
+
+def array_specs(meta: dict) -> dict[str, ArraySpec]:
+    """The stored arrays and their storage dtypes for this metadata.
+
+    Why these dtypes: int8 features carry a per (view, channel) step array ``feat_step``
+    (float16, ~1.5 KB/view at C=768); mean/std follow the feature precision (float16 unless
+    float32 is asked for: 3 KB instead of 6 KB per view); top-k indices fit int16.
+    """
+    V, L, C, H, k = (int(meta[x]) for x in ("views", "num_patches", "feat_dim", "heads", "k_max"))
+    feat_dtype, attn_dtype = meta["feat_dtype"], meta["attn_dtype"]
+    stat_dtype = "float32" if feat_dtype == "float32" else "float16"
+    specs = [
+        ArraySpec("crop", (5,), "int32"),
+        ArraySpec("feat", (L, C), feat_dtype),
+        ArraySpec("feat_mean", (C,), stat_dtype),
+        ArraySpec("feat_std", (C,), stat_dtype),
+        ArraySpec("attn", (k + 1, H, L), attn_dtype),
+        ArraySpec("topk_idx", (k,), "int16" if L <= np.iinfo(np.int16).max else "int32"),
+        ArraySpec("valid", (), "uint8", per_view=False),
+        ArraySpec("label", (), "int64", per_view=False),
+    ]
+    if feat_dtype == "int8":
+        specs.insert(2, ArraySpec("feat_step", (C,), "float16"))
+    del V
+    return {s.name: s for s in specs}
+
+
+def num_shards(meta: dict) -> int:
+    n, s = int(meta["num_images"]), int(meta["images_per_shard"])
+    return (n + s - 1) // s
+
+
+def shard_range(meta: dict, shard: int) -> range:
+    """Image indices of one shard: ``[shard * S, min((shard + 1) * S, N))``."""
+    if not 0 <= shard < num_shards(meta):
+        raise IndexError(f"shard {shard} out of range 0..{num_shards(meta) - 1}")
+    s = int(meta["images_per_shard"])
+    return range(shard * s, min((shard + 1) * s, int(meta["num_images"])))
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _short(value: Any, other: Any) -> str:
+    """A value for a one-line message: long strings cut to 12 characters + '..' unless
+    cutting would hide the difference."""
+    text, other_text = str(value), str(other)
+    if len(text) > 16 and text[:12] != other_text[:12]:
+        return text[:12] + ".."
+    return text
+
+
+def first_difference(old: dict, new: dict) -> tuple[str, Any, Any] | None:
+    """The first key (dotted, sorted) whose value differs between two nested dicts."""
+    a, b = _flatten(old), _flatten(new)
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<missing>") != b.get(key, "<missing>"):
+            return key, a.get(key, "<missing>"), b.get(key, "<missing>")
+    return None
+
+
+def check_same_cache(url: str, old_meta: dict, new_meta: dict) -> None:
+    """Raise CacheMismatchError naming the first differing identity or layout key."""
+    diff = first_difference(old_meta.get("identity", {}), new_meta["identity"])
+    if diff is None:
+        diff = first_difference({k: old_meta.get(k) for k in LAYOUT_KEYS},
+                                {k: new_meta.get(k) for k in LAYOUT_KEYS})
+        if diff is not None:
+            diff = ("cache." + diff[0],) + diff[1:]
+    if diff is not None:
+        key, was, now = diff
+        raise CacheMismatchError(
+            f"cache {url} was made with {key}={_short(was, now)}, this run has {_short(now, was)}; "
+            "use --overwrite to replace it")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def fs_root(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, root path) of a local path or fsspec URL."""
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/") or "/"
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(*parts: str) -> str:
+    return posixpath.join(*parts)
+
+
+def fsync_paths(paths: list[str]) -> None:
+    """Make local files and their directories durable (data first, then the names)."""
+    dirs = set()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dirs.add(os.path.dirname(path))
+    for d in sorted(dirs):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole file so that readers see either nothing or all of it.
+
+    Local: temporary name in the same directory, fsync, rename, fsync the directory. Other
+    filesystems: one ``pipe_file`` (object-store PUTs are atomic, and a "rename" there is a
+    copy), which is also atomic for ``memory://``.
+    """
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_paths([path])
+    else:
+        fs.pipe_file(path, data)
+
+
+def dump_json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    return json.loads(fs.cat_file(path))
+
+
+def marker_path(root: str, shard: int) -> str:
+    return join(root, DONE_DIR, f"shard-{shard:05d}.json")
+
+
+def read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, dict]:
+    """All per-shard completion markers present: {shard: marker}."""
+    done_dir = join(root, DONE_DIR)
+    if not fs.exists(done_dir):
+        return {}
+    markers = {}
+    for path in fs.ls(done_dir, detail=False):
+        name = posixpath.basename(path)
+        if name.startswith("shard-") and name.endswith(".json"):
+            marker = read_json(fs, path)
+            markers[int(marker["shard"])] = marker
+    return markers
