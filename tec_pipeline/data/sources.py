@@ -17,6 +17,13 @@ class BadImageError(UserError):
     """An image that cannot be decoded; the message names it."""
 
 
+class SourceError(UserError, FileNotFoundError):
+    """A dataset that cannot be opened (missing, empty, not a tar); one line naming it.
+
+    Also a FileNotFoundError, which is what callers caught before this class existed.
+    """
+
+
 class ImageSource(Protocol):
     """What both stages need of a dataset: a fixed order of images."""
 
@@ -25,6 +32,7 @@ class ImageSource(Protocol):
     def label(self, index: int) -> int: ...  # -1 when unlabelled
     def name(self, index: int) -> str: ...
     def fingerprint(self) -> str: ...
+    def raw(self, index: int) -> bytes: ...  # the encoded file, for caches that keep source images
 
 
 def decode_rgb(data: bytes | str | Path, name: str) -> Image.Image:
@@ -34,9 +42,12 @@ def decode_rgb(data: bytes | str | Path, name: str) -> Image.Image:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 im = im.point(lambda v: v / 256).convert("L")  # 16-bit -> 8-bit grey
+            elif im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
             return im.convert("RGB")
     except Exception as err:
-        raise BadImageError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
+        reason = " ".join(str(err).split())  # one line, whatever PIL put in the message
+        raise BadImageError(f"{name}: cannot decode image ({type(err).__name__}: {reason})") from None
 
 
 class ImageFolderSource:
@@ -45,10 +56,10 @@ class ImageFolderSource:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root}: image folder not found")
+            raise SourceError(f"{self.root}: image folder not found")
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
-            raise FileNotFoundError(f"{self.root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+            raise SourceError(f"{self.root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
         self.files = [p.relative_to(self.root) for p in files]
         self.classes = sorted({p.parts[0] for p in self.files if len(p.parts) > 1})
         index = {c: i for i, c in enumerate(self.classes)}
@@ -65,6 +76,9 @@ class ImageFolderSource:
 
     def name(self, index: int) -> str:
         return self.files[index].as_posix()
+
+    def raw(self, index: int) -> bytes:
+        return (self.root / self.files[index]).read_bytes()
 
     def fingerprint(self) -> str:
         """SHA-256 of the ordered file list and sizes: a changed dataset is a different cache."""

@@ -1,0 +1,90 @@
+"""Images -> rendered views, for a torch DataLoader whose workers decode and render.
+
+One item is one image with all its V views: the image is decoded once, and the V crops
+come from `views.sample_view(seed, image, view)`, so an item is the same on any worker,
+in any order, in any run. Batches never straddle a cache shard, so every run (resumed,
+one process or many) feeds the base model exactly the same batches.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..views import render_view, sample_view
+from .sources import BadImageError, ImageSource, decode_rgb
+
+
+class ViewDataset(Dataset):
+    """Item `i`: the V rendered views of image `i` (uint8), their crop params, label and validity."""
+
+    def __init__(self, source: ImageSource, seed: int, views: int, img_size: int,
+                 scale: tuple[float, float], keep_raw: bool = False):
+        self.source, self.seed, self.views, self.img_size = source, seed, views, img_size
+        self.scale, self.keep_raw = tuple(scale), keep_raw
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        raw = b""
+        try:
+            if self.keep_raw:
+                raw = self.source.raw(index)
+                image = decode_rgb(raw, self.source.name(index))
+            else:
+                image = self.source.load(index)
+        except BadImageError as err:
+            # Returned, not raised: a worker's exception reaches the main process as a
+            # multi-line traceback, and the run decides (stop or skip) by data.on_bad_image.
+            return self._placeholder(index, str(err))
+        params = [sample_view(self.seed, index, v, image.height, image.width, self.scale) for v in range(self.views)]
+        return {
+            "index": index,
+            "views": torch.stack([render_view(image, p, self.img_size) for p in params]),
+            "crops": torch.from_numpy(np.stack([p.as_array() for p in params])),
+            "valid": True,
+            "label": self.source.label(index),
+            "error": "",
+            "raw": raw,
+        }
+
+    def _placeholder(self, index: int, error: str) -> dict:
+        """A black item marked invalid, so batch shapes stay fixed."""
+        return {
+            "index": index,
+            "views": torch.zeros(self.views, 3, self.img_size, self.img_size, dtype=torch.uint8),
+            "crops": torch.zeros(self.views, 5, dtype=torch.int32),
+            "valid": False,
+            "label": self.source.label(index),
+            "error": error,
+            "raw": b"",
+        }
+
+
+def collate_views(items: list[dict]) -> dict:
+    """Stack tensors; keep per-image scalars and strings as lists."""
+    return {
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+        "views": torch.stack([it["views"] for it in items]),  # (B, V, 3, S, S) uint8
+        "crops": torch.stack([it["crops"] for it in items]),  # (B, V, 5) int32
+        "valid": torch.tensor([it["valid"] for it in items], dtype=torch.bool),
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
+        "error": [it["error"] for it in items],
+        "raw": [it["raw"] for it in items],
+    }
+
+
+def shard_batches(ranges: Iterable[range], batch_images: int) -> list[list[int]]:
+    """Image-index batches of at most `batch_images`, cut at every shard boundary."""
+    return [list(r[i:i + batch_images]) for r in ranges for i in range(0, len(r), batch_images)]
+
+
+def view_loader(dataset: ViewDataset, batches: Sequence[Sequence[int]], num_workers: int,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over pre-cut batches; items arrive in batch order whatever the worker count."""
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_views,
+                      pin_memory=pin_memory, persistent_workers=False,
+                      prefetch_factor=4 if num_workers > 0 else None)
