@@ -151,8 +151,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        with path.open() as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with path.open() as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
         layers.append((str(path), OmegaConf.create(data)))

@@ -1,12 +1,18 @@
 """The two reconstruction losses of TEC (Sec. 2.3)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+
+def _fp32(x: Tensor) -> Tensor:
+    """Losses in at least float32: half-precision softmax and squares lose too much."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def feature_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Eq. 3, ``L_fea = ||M o (Yf - Zf)||^2``: per-patch mean over channels, averaged over masked patches."""
-    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    per_patch = (_fp32(pred) - _fp32(target)).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum().clamp_min(1)
 
 
@@ -15,5 +21,5 @@ def attention_loss(pred_logits: Tensor, target_logits: Tensor, tau: float) -> Te
 
     Summed over keys (patches), averaged over batch, query rows and heads.
     """
-    target = (target_logits.float() / tau).softmax(dim=-1)
-    return -(target * pred_logits.float().log_softmax(dim=-1)).sum(dim=-1).mean()
+    target = (_fp32(target_logits) / tau).softmax(dim=-1)
+    return -(target * _fp32(pred_logits).log_softmax(dim=-1)).sum(dim=-1).mean()

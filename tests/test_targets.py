@@ -1,0 +1,120 @@
+"""Target enhancement against slow, obvious float64 references (Eq. 2, top-k selection, q.k logits)."""
+import math
+
+import pytest
+import torch
+
+from helpers import TINY_BASE
+from tec_pipeline.models.base import base_forward, load_base_model
+from tec_pipeline.targets import (Targets, attention_target, channel_normalize, compute_targets,
+                                  feature_target, patch_normalize, select_topk)
+
+
+def test_patch_normalize_matches_loops():
+    y = torch.randn(2, 7, 3, dtype=torch.float64) * 3 + 1
+    yf, mean, std = patch_normalize(y)
+    B, L, C = y.shape
+    for b in range(B):
+        for c in range(C):
+            vals = [y[b, l, c].item() for l in range(L)]
+            mu = sum(vals) / L
+            var = sum((v - mu) ** 2 for v in vals) / (L - 1)  # unbiased
+            assert mean[b, c].item() == pytest.approx(mu, abs=1e-12)
+            assert std[b, c].item() == pytest.approx(math.sqrt(var + 1e-6), abs=1e-12)
+            for l in range(L):
+                assert yf[b, l, c].item() == pytest.approx((vals[l] - mu) / math.sqrt(var + 1e-6), abs=1e-12)
+
+
+def test_select_topk_matches_loops():
+    B, H, L, k = 2, 3, 9, 4
+    logits = torch.randn(B, H, 1 + L, 1 + L, dtype=torch.float64)
+    att, idx = select_topk(logits, k)
+    assert att.shape == (B, k + 1, H, L) and idx.shape == (B, k)
+    for b in range(B):
+        score = [sum(logits[b, h, 0, 1 + j].item() for h in range(H)) / H for j in range(L)]
+        order = sorted(range(L), key=lambda j: -score[j])[:k]
+        assert idx[b].tolist() == order  # rank order, highest first
+        rows = [0] + [1 + j for j in order]  # cls query row first
+        for r, row in enumerate(rows):
+            for h in range(H):
+                for l in range(L):
+                    assert att[b, r, h, l].item() == logits[b, h, row, 1 + l].item()  # cls key dropped
+
+
+def test_select_topk_rejects_k_above_patches():
+    with pytest.raises(ValueError, match="k=10"):
+        select_topk(torch.randn(1, 2, 10, 10), 10)
+
+
+def _layer_norm64(x, ln):
+    x = x.double()
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight.double() + ln.bias.double()
+
+
+def test_attention_logits_equal_hand_computed_qk_with_fused_attention():
+    base = load_base_model(TINY_BASE, None)
+    last = base.blocks[-1]
+    assert last.attn.fused_attn  # timm's fused path stays on; logits are computed beside it
+    captured = {}
+    last.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+    images = torch.randn(2, 3, 32, 32)
+    out = base_forward(base, images, last_layers=1)
+    x = captured["x"]
+    h = _layer_norm64(x, last.norm1)
+    W, bias = last.attn.qkv.weight.double(), last.attn.qkv.bias.double()
+    C, H = base.embed_dim, base.blocks[0].attn.num_heads
+    hd = C // H
+    for b in range(2):
+        for head in range(H):
+            q = h[b] @ W[head * hd:(head + 1) * hd].T + bias[head * hd:(head + 1) * hd]
+            k = h[b] @ W[C + head * hd:C + (head + 1) * hd].T + bias[C + head * hd:C + (head + 1) * hd]
+            ref = (q @ k.T) / math.sqrt(hd)
+            torch.testing.assert_close(out.logits[b, head].double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_features_are_mean_of_last_blocks_before_final_norm():
+    base = load_base_model(TINY_BASE, None)
+    outs = []
+    for blk in base.blocks:
+        blk.register_forward_hook(lambda m, a, o: outs.append(o))
+    images = torch.randn(3, 3, 32, 32)
+    base.forward_features(images)  # timm's own path, final norm applied after the hooks
+    ref = (outs[-1][:, 1:] + outs[-2][:, 1:]) / 2
+    got = base_forward(base, images, last_layers=2).features
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compute_targets_shapes_and_consistency():
+    base = load_base_model(TINY_BASE, None)
+    t = compute_targets(base, torch.randn(2, 3, 32, 32), last_layers=2, k=5)
+    assert t.feat.shape == (2, 16, 32) and t.attn.shape == (2, 6, 2, 16) and t.topk_idx.shape == (2, 5)
+    torch.testing.assert_close(t.feat.mean(1), torch.zeros(2, 32), atol=1e-5, rtol=0)
+
+
+def _targets(B=2, L=6, C=4, H=2, k=3):
+    y = torch.randn(B, L, C, dtype=torch.float64) * 2 + 5
+    feat, mean, std = patch_normalize(y)
+    att, idx = select_topk(torch.randn(B, H, L + 1, L + 1, dtype=torch.float64), k)
+    return y, Targets(feat=feat, feat_mean=mean, feat_std=std, attn=att, topk_idx=idx)
+
+
+def test_feature_target_modes_recover_raw_features():
+    y, t = _targets()
+    assert feature_target(t, "patch") is t.feat
+    torch.testing.assert_close(feature_target(t, "none"), y)
+    torch.testing.assert_close(feature_target(t, "channel"), channel_normalize(y))
+    ch = feature_target(t, "channel")
+    torch.testing.assert_close(ch.mean(-1), torch.zeros(2, 6, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_attention_target_prefix_and_modes():
+    _, t = _targets(k=3)
+    att, idx = attention_target(t, "topk", 2)
+    assert torch.equal(att, t.attn[:, :3]) and torch.equal(idx, t.topk_idx[:, :2])
+    att, idx = attention_target(t, "cls_only", 3)
+    assert att.shape[1] == 1 and idx.shape[1] == 0
+    assert attention_target(t, "none", 3) is None
+    with pytest.raises(ValueError, match="k=4 exceeds the k_max=3"):
+        attention_target(t, "topk", 4)
