@@ -134,12 +134,12 @@ def shard_range(meta: dict, shard: int) -> range:
 # ----------------------------------------------------------------------------- identity
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
+            out.update(flatten(value, name + "."))
         else:
             out[name] = value
     return out
@@ -156,7 +156,7 @@ def _short(value: Any, other: Any) -> str:
 
 def first_difference(old: dict, new: dict) -> tuple[str, Any, Any] | None:
     """The first key (dotted, sorted) whose value differs between two nested dicts."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<missing>") != b.get(key, "<missing>"):
             return key, a.get(key, "<missing>"), b.get(key, "<missing>")

@@ -86,11 +86,12 @@ class ZarrWriter(CacheWriter):
                 arr = group.create_array(
                     name, shape=shape, chunks=chunks, shards=shards, dtype=spec.dtype,
                     compressors=[ZstdCodec(level=level, checksum=True)], fill_value=0,
-                    dimension_names=_DIM_NAMES[name], config={"write_empty_chunks": True})
+                    dimension_names=_DIM_NAMES[name])
             except ContainsArrayError:
-                arr = zarr.open_array(group.store_path / name, mode="r+",
-                                      config={"write_empty_chunks": True})
-            self._arrays[name] = arr
+                arr = zarr.open_array(group.store_path / name, mode="r+")
+            # a runtime setting, not stored: without it all-zero chunks (skipped images,
+            # label 0) would be left out and a missing chunk could not be told from damage
+            self._arrays[name] = arr.with_config({"write_empty_chunks": True})
 
     def _shard_files(self, shard: int) -> list[str]:
         return [shard_key(name, len(arr.shape), shard) for name, arr in self._arrays.items()]

@@ -1,0 +1,64 @@
+"""``tec-pipeline inspect``: a cache's metadata, progress, size and recorded error as text."""
+from __future__ import annotations
+
+from . import codecs
+from .schema import flatten, read_markers
+from .store import open_cache
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def describe_cache(url: str) -> str:
+    """Multi-line description: metadata, counts, shards done/total, bytes on storage and per
+    view, completeness and the recorded quantization error."""
+    reader = open_cache(url)
+    meta, doc = reader.meta, reader.doc
+    missing = reader.missing_shards()
+    done = reader.num_shards - len(missing)
+    nbytes = reader.nbytes()
+    done_views = sum(len(reader.shard_range(s)) for s in range(reader.num_shards) if s not in missing) * reader.views
+    lines = [
+        f"cache: {url}",
+        f"store: {meta['store']} (format {doc['format_version']}, written by tec-pipeline {doc.get('package_version', '?')})",
+        f"images: {reader.num_images} x {reader.views} views = {reader.num_images * reader.views} views",
+        f"targets: L={meta['num_patches']} C={meta['feat_dim']} H={meta['heads']} k_max={meta['k_max']}; "
+        f"feat {meta['feat_dtype']}, attn {meta['attn_dtype']}, zstd level {meta['zstd_level']}"
+        + (", source images stored" if meta.get("store_images") else ""),
+        f"shards: {done} / {reader.num_shards} done ({meta['images_per_shard']} images each)",
+        f"bytes on storage: {_size(nbytes)}"
+        + (f" ({_size(nbytes / done_views)} per written view)" if done_views else ""),
+    ]
+    if reader.is_complete():
+        lines.append("complete: yes")
+        summary = doc.get("summary", {})
+        quant = summary.get("quantization", {})
+        skipped = summary.get("skipped_images", [])
+    else:
+        lines.append(f"complete: no (missing shards: {_list(missing)})")
+        stats = [m["stats"] for m in read_markers(reader.fs, reader.root).values()]
+        quant = codecs.aggregate_errors(stats)
+        skipped = [i for s in stats for i in s.get("invalid", [])]
+    if quant:
+        lines.append(f"quantization error (over {quant.get('error_views', 0)} sampled views): feat relative RMS "
+                     f"{100 * quant.get('feat_rel_rms', 0.0):.2f}%, attn mean KL(tau={quant.get('tau', codecs.KL_TAU)}) "
+                     f"{quant.get('attn_kl', 0.0):.2e}")
+    lines.append(f"skipped images: {len(skipped)}" + (f" (first: {_list(skipped)})" if skipped else ""))
+    lines.append("identity:")
+    lines += [f"  {key} = {value}" for key, value in sorted(flatten(meta.get("identity", {})).items())]
+    extra = {k: v for k, v in doc.get("summary", {}).items()
+             if k not in ("quantization", "skipped_images", "bytes", "bytes_per_view")}
+    if extra:
+        lines.append("summary:")
+        lines += [f"  {key} = {value}" for key, value in sorted(flatten(extra).items())]
+    return "\n".join(lines)
+
+
+def _list(items: list, limit: int = 8) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
