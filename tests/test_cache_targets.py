@@ -1,0 +1,303 @@
+"""Stage one end to end on a tiny base (ViT dim 32, depth 2, 2 heads, patch 8, 32 px images).
+
+The reference is one uninterrupted in-process run into ``memory://``; every other way of
+producing the cache (resumed after SIGKILL, two processes, DataLoader workers) must give the
+same decoded arrays.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.cache_targets import own_shards, run_cache_targets, verify_cache
+from tec_pipeline.cache.store import open_cache
+from tec_pipeline.config import load_config
+from tec_pipeline.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_IMAGES = 10
+TINY_BASE = ["base.arch.name=vit_tiny_patch16_224", "base.arch.patch_size=8", "base.arch.embed_dim=32",
+             "base.arch.depth=2", "base.arch.num_heads=2"]
+
+
+def overrides(url, data_path, *extra: str) -> list[str]:
+    return TINY_BASE + [f"data.path={data_path}", "data.img_size=32", "data.views=2", "data.batch_size=6",
+                        "data.num_workers=0", "cache.images_per_shard=4", "cache.k_max=3",
+                        f"cache.path={url}", *extra]
+
+
+def config(url, data_path, *extra: str):
+    return load_config(None, overrides(url, data_path, *extra))
+
+
+def picture(seed: int, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+
+
+def arrays(url) -> dict[str, np.ndarray]:
+    """Every shard of a cache, decoded and concatenated."""
+    reader = open_cache(str(url))
+    shards = [reader.read_shard(s) for s in range(reader.num_shards)]
+    return {k: np.concatenate([s[k] for s in shards]) for k in shards[0]}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """10 images in 2 class folders, assorted sizes and modes."""
+    root = tmp_path_factory.mktemp("images")
+    modes = ["RGB", "L", "RGBA", "P", "RGB"]
+    for i in range(NUM_IMAGES):
+        (root / f"c{i % 2}").mkdir(exist_ok=True)
+        picture(i, (36 + 3 * i, 40 - i), modes[i % 5]).save(root / f"c{i % 2}" / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(images):
+    url = "memory://reference.zarr"
+    summary = run_cache_targets(config(url, images))
+    yield url, summary, arrays(url)
+    fsspec.filesystem("memory").rm("/reference.zarr", recursive=True)
+
+
+# ----------------------------------------------------------------------------- basic run
+
+
+def test_run_into_memory_url_is_complete_and_verifies(reference, images, capsys):
+    url, summary, data = reference
+    assert (summary["images"], summary["views"], summary["skipped"]) == (NUM_IMAGES, 2 * NUM_IMAGES, [])
+    reader = open_cache(url)
+    assert reader.is_complete() and reader.missing_shards() == []
+    assert data["feat"].shape == (NUM_IMAGES, 2, 16, 32) and data["attn"].shape == (NUM_IMAGES, 2, 4, 2, 16)
+    assert data["valid"].all() and data["label"].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+    meta = reader.meta
+    assert meta["source"]["kind"] == "imagefolder" and meta["base"]["checkpoint"] is None
+    assert meta["identity"]["base"]["checkpoint_sha256"].startswith("random-init:")
+    assert verify_cache(url, sample=5, seed=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("ok ") for line in lines) == 5
+    # A second run over the complete cache computes nothing.
+    again = run_cache_targets(config(url, images))
+    assert again["images"] == 0 and again.get("already_complete")
+
+
+def test_workers_give_the_same_arrays(reference, images):
+    url = "memory://workers.zarr"
+    run_cache_targets(config(url, images, "data.num_workers=2", "data.batch_size=4"))
+    assert_same(arrays(url), reference[2])
+
+
+def test_config_mismatch_is_refused_and_overwrite_replaces(reference, images):
+    url = "memory://mismatch.zarr"
+    run_cache_targets(config(url, images))
+    with pytest.raises(UserError, match="views") as err:
+        run_cache_targets(config(url, images, "data.views=3"))
+    assert "\n" not in str(err.value) and "--overwrite" in str(err.value)
+    with pytest.raises(UserError, match="scale=.0.2, 1.0.*this run has .0.5, 1.0"):
+        run_cache_targets(config(url, images, "data.scale_min=0.5"))
+    summary = run_cache_targets(config(url, images, "data.views=3"), overwrite=True)
+    assert summary["views"] == 3 * NUM_IMAGES and open_cache(url).views == 3
+
+
+def test_dry_run_measures_and_writes_nothing(images, tmp_path, capsys):
+    url = tmp_path / "sub" / "dry.zarr"
+    est = run_cache_targets(config(url, images), dry_run=True)
+    assert est["bytes_per_view"] > 0 and est["total_views"] == 2 * NUM_IMAGES
+    assert est["free_bytes"] > 0 and est["est_seconds"] > 0
+    assert not url.exists() and list(tmp_path.iterdir()) == []
+    assert "KB/view" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bad images
+
+
+def test_bad_images_stop_the_run_or_are_skipped(images, tmp_path, capsys):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    for i in range(3):
+        picture(i, (40, 40)).save(root / f"a{i}.png")
+    jpeg = io.BytesIO()
+    picture(9, (64, 64)).save(jpeg, "JPEG")
+    (root / "b_truncated.jpg").write_bytes(jpeg.getvalue()[:300])
+    (root / "c_text.jpg").write_bytes(b"just some text, not a picture\n")
+    with pytest.raises(UserError, match="b_truncated.jpg: cannot decode") as err:
+        run_cache_targets(config("memory://bad.zarr", root))
+    assert "\n" not in str(err.value)
+    summary = run_cache_targets(config("memory://bad.zarr", root, "data.on_bad_image=skip"), overwrite=True)
+    assert [s["name"] for s in summary["skipped"]] == ["b_truncated.jpg", "c_text.jpg"]
+    out = capsys.readouterr().out
+    assert "2 skipped" in out and "skipped c_text.jpg" in out
+    reader = open_cache("memory://bad.zarr")
+    assert reader.is_complete() and [s["name"] for s in reader.doc["summary"]["skipped"]] == ["b_truncated.jpg", "c_text.jpg"]
+    data = arrays("memory://bad.zarr")
+    assert data["valid"].tolist() == [1, 1, 1, 0, 0] and not data["feat"][3:].any()
+    assert verify_cache("memory://bad.zarr", sample=10)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["data.views=0"], "data.views=0"),
+    (["cache.k_max=17"], "cache.k_max=17 exceeds the 16 patches"),
+    (["data.img_size=36"], "data.img_size=36 is not divisible by the base patch size 8"),
+    (["base.checkpoint=/nonexistent/mae.pth"], "checkpoint file not found"),
+    (["base.arch.name=no_such_vit"], "base.arch.name='no_such_vit'"),
+    (["targets.last_layers=3"], "targets.last_layers=3 exceeds the base depth 2"),
+    (["data.scale_min=0"], "data.scale_min=0"),
+    (["cache.images_per_shard=0"], "cache.images_per_shard=0"),
+    (["data.path={tmp}/missing"], "image folder not found"),
+    (["data.path={tmp}/empty"], "no images"),
+    (["data.kind=webdataset", "data.path={tmp}/shard-{{000..001}}.tar"], "shard-000.tar: tar file not found"),
+])
+def test_bad_settings_are_one_line_errors(images, tmp_path, extra, message):
+    (tmp_path / "empty").mkdir()
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    with pytest.raises(UserError) as err:
+        run_cache_targets(config("memory://never.zarr", images, *extra))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not fsspec.filesystem("memory").exists("/never.zarr")
+
+
+def test_cli_prints_one_red_line(images):
+    from typer.testing import CliRunner
+
+    from tec_pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["cache-targets", *overrides("memory://cli.zarr", images, "data.views=0")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: data.views=0: need at least one view per image"]
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def test_verify_detects_corrupt_and_missing_chunks(reference, images, tmp_path, capsys):
+    url = tmp_path / "v.zarr"
+    run_cache_targets(config(url, images))
+    assert_same(arrays(url), reference[2])
+    assert verify_cache(str(url), sample=2 * NUM_IMAGES)
+    feat = url / "feat" / "c" / "1" / "0" / "0" / "0"
+    raw = bytearray(feat.read_bytes())
+    raw[20:60] = bytes(40)  # zeros in the middle of shard 1's feature chunks
+    feat.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert not verify_cache(str(url), sample=2 * NUM_IMAGES)
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")]
+    assert fails and all("image" in line or "shard" in line for line in fails)
+    (url / "attn" / "c" / "2" / "0" / "0" / "0" / "0").unlink()
+    assert not verify_cache(str(url), sample=1)
+    assert "FAIL shard 2: file attn/c/2/0/0/0/0 missing" in capsys.readouterr().out
+
+
+def test_sigkill_mid_run_then_rerun_gives_identical_arrays(reference, images, tmp_path):
+    """Kill -9 the CLI once a shard is durable; the rerun redoes only the rest, same arrays."""
+    url = tmp_path / "killed.zarr"
+    slow_writes = ("import time; from tec_pipeline.cache import base; w = base.CacheWriter.write_shard; "
+                   "base.CacheWriter.write_shard = lambda *a, **k: (w(*a, **k), time.sleep(1.0))[0]; "
+                   "from tec_pipeline.cli import main; main()")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", slow_writes, "cache-targets", *overrides(url, images)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if len(open_cache(str(url)).missing_shards()) < 3:
+                    break
+            except (UserError, OSError, ValueError):
+                pass  # not created yet, or metadata being written
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    reader = open_cache(str(url))
+    assert not reader.is_complete() and 0 < len(reader.missing_shards()) < 3
+    assert not verify_cache(str(url), sample=1)  # incomplete is never reported as fine
+    summary = run_cache_targets(config(url, images))
+    assert 0 < summary["images"] < NUM_IMAGES  # completed shards were skipped
+    assert open_cache(str(url)).is_complete()
+    assert_same(arrays(url), reference[2])
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def test_shards_split_into_contiguous_ranges():
+    assert [list(own_shards(5, r, 2)) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [list(own_shards(1, r, 3)) for r in range(3)] == [[0], [], []]
+
+
+def _rank_main(rank: int, world: int, port: int, args: list[str]) -> None:
+    """One process of a 2-process gloo run, set up the way `accelerate launch` / torchrun do."""
+    code = 1
+    try:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          OMP_NUM_THREADS="1")
+        import torch
+        from accelerate import PartialState
+
+        PartialState._reset_state()  # forked from a process whose single-process state is set
+        torch.set_num_threads(1)
+        run_cache_targets(load_config(None, args))
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def test_two_processes_give_the_same_arrays(reference, images, tmp_path):
+    url = tmp_path / "two.zarr"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")  # children share the imported torch: no 10 s re-import
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, overrides(url, images))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    reader = open_cache(str(url))
+    assert reader.is_complete() and reader.doc["summary"]["processes"] == 2
+    assert_same(arrays(url), reference[2])
+
+
+# ----------------------------------------------------------------------------- webdataset
+
+
+def test_webdataset_source_into_webdataset_store(images, tmp_path):
+    files = sorted(images.rglob("*.png"))
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tf:
+        for i, path in enumerate(files):
+            tf.add(path, arcname=f"{i:04d}.png")
+            label = f"{int(path.parent.name[1])}".encode()
+            info = tarfile.TarInfo(f"{i:04d}.cls")
+            info.size = len(label)
+            tf.addfile(info, io.BytesIO(label))
+    url = "memory://wds-cache"
+    summary = run_cache_targets(config(url, tmp_path / "shard-{000..000}.tar", "data.kind=webdataset",
+                                       "cache.store=webdataset", "cache.store_images=true"))
+    assert summary["images"] == NUM_IMAGES
+    reader = open_cache(url)
+    assert reader.is_complete() and reader.image_bytes(3) == files[3].read_bytes()
+    assert arrays(url)["label"].tolist() == [int(p.parent.name[1]) for p in files]
+    assert verify_cache(url, sample=3)
