@@ -1,0 +1,473 @@
+"""Stage two: train the new model from the target cache (or online, or on pixels) with accelerate.
+
+Orchestration only: the pieces live in `tec_pipeline` (data order and readers in
+`train_data`, the step's losses in `step`, the Tab. 8 schedule in `schedule`, checkpoints
+and export in `export`). This module wires them into a loop with resume, logs and progress.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from tec_pipeline.config import Config, load_config, to_dict
+from tec_pipeline.errors import UserError
+from tec_pipeline.export import CHECKPOINT, atomic_save, build_model, load_checkpoint
+from tec_pipeline.models.base import load_base_model, read_checkpoint
+from tec_pipeline.models.tec import TECModel, count_parameters
+from tec_pipeline.pixels import pixel_feat_dim, pixel_targets
+from tec_pipeline.schedule import lr_at, param_groups, scaled_lr, set_lr
+from tec_pipeline.step import tec_losses
+from tec_pipeline.targets import compute_targets
+from tec_pipeline.train_data import (
+    CachedBatches, OnlineBatches, TargetReader, TargetSpec, attention_rows, base_spec, batch_targets, cache_image_source,
+    cache_spec, check_request, epoch_loader, epoch_order, mask_noise, open_image_source, plan_epoch,
+    reader_shards, uniform_shards, valid_mask, view_indices,
+)
+from tec_pipeline.views import normalize
+
+LOG_FILE = "log.jsonl"
+
+
+# ---------------------------------------------------------------- settings not (yet) in config.py
+@dataclass
+class TrainConfig:
+    """Proposed `Config.train` section; read here with these defaults until config.py has it."""
+
+    max_steps: Optional[int] = None  # optimizer steps of the whole schedule (default: epochs x steps/epoch)
+    log_every: int = 1  # optimizer steps between log records (JSONL, trackers, progress bar)
+    checkpoint_every: int = 1000  # optimizer steps between checkpoints (one at the end too)
+
+
+def _setting(cfg: Config, dotted: str, default):
+    """`cfg.<dotted>` if the config has that field, else `default` (fields proposed for config.py)."""
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return default
+    return obj
+
+
+def train_settings(cfg: Config) -> TrainConfig:
+    return TrainConfig(**{f: _setting(cfg, f"train.{f}", getattr(TrainConfig(), f)) for f in TrainConfig.__dataclass_fields__})
+
+
+# ---------------------------------------------------------------- targets and data
+@dataclass
+class DataPipeline:
+    """Where a run's views and targets come from (cache, online base model, or pixels)."""
+
+    source: str
+    spec: TargetSpec
+    shards: list
+    valid: Optional[np.ndarray]
+    views: int
+    make_batch: object
+    base: Optional[torch.nn.Module] = None
+
+
+def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] = None) -> DataPipeline:
+    """Open the target source named by ``targets.source`` and the images its views are rendered from.
+
+    `reader` replaces opening ``cache.path`` (an already opened cache, e.g. in memory).
+    """
+    t, d = cfg.targets, cfg.data
+    rows = attention_rows(t.attention, t.k)
+    if t.source == "cache":
+        if reader is None:
+            from tec_pipeline.cache.store import open_cache
+
+            reader = open_cache(cfg.cache.path)
+        if not reader.is_complete():
+            raise UserError(f"cache.path={cfg.cache.path}: the cache is incomplete (finish stage one first)")
+        source = cache_image_source(reader, d.path) if render else None
+        make = CachedBatches(reader, source, d.img_size, rows, _buffer_shards(cfg), render)
+        return DataPipeline("cache", cache_spec(reader.meta), reader_shards(reader), valid_mask(reader),
+                            reader.views, make)
+    source = open_image_source(d.kind, d.path)
+    shards = uniform_shards(len(source), cfg.cache.images_per_shard)  # same order as a cache of this config
+    make = OnlineBatches(source, d.img_size, cfg.seed, (d.scale_min, d.scale_max))
+    if t.source == "online":
+        base = load_base_model(cfg.base.arch, cfg.base.checkpoint, img_size=d.img_size)
+        return DataPipeline("online", base_spec(base, d.img_size), shards, None, d.views, make, base)
+    patch = _patch_size(cfg)
+    L = (d.img_size // patch) ** 2
+    return DataPipeline("pixels", TargetSpec(d.img_size, L, pixel_feat_dim(patch), 0, 0), shards, None, d.views, make)
+
+
+def _buffer_shards(cfg: Config) -> int:
+    return _setting(cfg, "data.buffer_shards", 4)
+
+
+def _patch_size(cfg: Config) -> int:
+    from tec_pipeline.models.base import build_vit
+
+    arch = cfg.model.arch
+    return arch.patch_size or build_vit(replace(arch, img_size=cfg.data.img_size, depth=1)).patch_embed.patch_size[0]
+
+
+def effective_targets(cfg: Config):
+    """The target settings a run uses: pixels (MAE) have no attention target and no norm choice."""
+    if cfg.targets.source == "pixels":
+        return replace(cfg.targets, attention="none", norm="patch")
+    return cfg.targets
+
+
+# ---------------------------------------------------------------- model
+def model_kwargs(cfg: Config, spec: TargetSpec) -> dict:
+    """`TECModel` arguments for this run; stored in every checkpoint so export can rebuild it."""
+    m, t = cfg.model, effective_targets(cfg)
+    if m.arch.img_size is not None and m.arch.img_size != cfg.data.img_size:
+        raise UserError(f"model.arch.img_size={m.arch.img_size} differs from data.img_size={cfg.data.img_size}")
+    pixels = cfg.targets.source == "pixels"
+    attn = t.attention != "none"
+    return {
+        "arch": asdict(replace(m.arch, img_size=cfg.data.img_size)),
+        "feat_dim": spec.feat_dim,
+        "attn_dim": spec.feat_dim if attn else 0,
+        "attn_heads": spec.heads if attn else 0,
+        "input_adapter": m.input_adapter and not pixels,  # MAE has no adapters
+        "encoder_adapter": m.encoder_adapter and not pixels,
+        "adapter_group": m.adapter_group,
+        "decoder_dim": m.decoder_dim,
+        "decoder_depth": m.decoder_depth,
+        "decoder_heads": m.decoder_heads,
+    }
+
+
+@torch.no_grad()
+def init_from_base(model: TECModel, checkpoint: str) -> int:
+    """Tab. 6(d) "Load": copy the base encoder's weights where names and shapes match.
+
+    The position embedding stays the fixed sin-cos one (it is not trained here).
+    Returns the number of tensors copied.
+    """
+    sd, _, _ = read_checkpoint(checkpoint)
+    copied = 0
+    for name, value in model.encoder.state_dict().items():
+        if name != "pos_embed" and name in sd and tuple(sd[name].shape) == tuple(value.shape):
+            value.copy_(sd[name])
+            copied += 1
+    if copied == 0:
+        raise UserError(f"model.init_from_base: no weight of base.checkpoint={checkpoint} fits the new encoder")
+    return copied
+
+
+# ---------------------------------------------------------------- schedule
+@dataclass(frozen=True)
+class Schedule:
+    """Tab. 8 in optimizer steps: lr = blr * effective batch / 256, warmup then cosine."""
+
+    batches_per_epoch: int  # micro-batches per epoch and process (a multiple of accum_steps)
+    steps_per_epoch: int  # optimizer steps per epoch
+    total_steps: int
+    warmup_steps: float
+    lr: float
+    effective_batch: int
+
+    def lr_at(self, step: int, min_lr: float) -> float:
+        return lr_at(step, self.total_steps, self.warmup_steps, self.lr, min_lr)
+
+
+def make_schedule(cfg: Config, usable_images: int, num_processes: int, max_steps: Optional[int]) -> Schedule:
+    o, batch = cfg.optim, cfg.data.batch_size
+    effective = batch * o.accum_steps * num_processes
+    steps_per_epoch = usable_images // effective
+    if steps_per_epoch == 0:
+        raise UserError(f"data.batch_size={batch}: {usable_images} usable images make no full effective batch "
+                        f"of {effective} (batch x optim.accum_steps x processes)")
+    total = max_steps if max_steps is not None else o.epochs * steps_per_epoch
+    return Schedule(steps_per_epoch * o.accum_steps, steps_per_epoch, total,
+                    o.warmup_epochs * steps_per_epoch, scaled_lr(o.blr, effective), effective)
+
+
+# ---------------------------------------------------------------- logs
+class RunLog:
+    """Per-step records to ``RUN/log.jsonl`` (truncated to the resumed step) and accelerate trackers."""
+
+    def __init__(self, run_dir: Path, accelerator: Accelerator, resume_step: int):
+        self.path, self.accelerator = run_dir / LOG_FILE, accelerator
+        if accelerator.is_main_process:
+            kept = []
+            if resume_step and self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def last(self) -> dict:
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        return json.loads(lines[-1]) if lines else {}
+
+    def write(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def _tracker() -> Optional[str]:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            return None
+    return "tensorboard"
+
+
+def _scalars(cfg: Config) -> dict:
+    """The config flattened to scalars (what TensorBoard's hparams accept)."""
+    flat = {}
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            elif isinstance(v, (int, float, str, bool)):
+                flat[f"{prefix}{k}"] = v
+    walk("", to_dict(cfg))
+    return flat
+
+
+# ---------------------------------------------------------------- the loop
+class _Forward:
+    """What `step.tec_losses` needs of the model: the prepared forward, the inner model's branches."""
+
+    def __init__(self, prepared, inner: TECModel):
+        self.prepared, self.attn_branch = prepared, inner.attn_branch
+
+    def __call__(self, *args, **kwargs):
+        return self.prepared(*args, **kwargs)
+
+
+def step_losses(data: DataPipeline, forward: _Forward, batch: dict, cfg: Config, micro_step: int,
+                accelerator: Accelerator, patch: int) -> dict[str, torch.Tensor]:
+    """The losses of one micro-batch: targets from the cache, the base model or pixels, then Eq. 3 + 4."""
+    device = accelerator.device
+    images = normalize(batch["images"].to(device, non_blocking=True))
+    t = effective_targets(cfg)
+    if data.source == "cache":
+        targets = batch_targets(batch, device)
+    elif data.source == "online":
+        with torch.no_grad(), accelerator.autocast():
+            targets = compute_targets(data.base, images, t.last_layers, t.k if t.attention == "topk" else 0)
+    else:
+        targets = pixel_targets(images, patch)
+    noise = mask_noise(cfg.seed, micro_step, images.shape[0], data.spec.num_patches, accelerator.process_index)
+    return tec_losses(forward, images, targets, t, cfg.model.mask_ratio, noise.to(device))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(path: Path, accelerator: Accelerator, model, optimizer, step: int, kwargs: dict,
+               cfg: Config, schedule: Schedule) -> None:
+    """Full training state, atomically: weights, AdamW moments, loss scaler, RNG, step (= data position)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {
+            "model": accelerator.unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "step": step,  # optimizer steps done; the data position is step x accum micro-batches
+            "rng": _rng_state(),
+            "model_kwargs": kwargs,
+            "schedule": asdict(schedule),
+            "config": to_dict(cfg),
+        }
+        atomic_save(state, path)
+
+
+def _check_finite(values: dict[str, float], step: int, ckpt: Path, last_saved: int) -> None:
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        kept = f"the last good checkpoint {ckpt} (step {last_saved}) is kept" if last_saved >= 0 else "no checkpoint was saved"
+        terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise UserError(f"step {step + 1}: non-finite loss ({terms}); training stopped, {kept}")
+
+
+def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
+              reader: Optional[TargetReader] = None) -> dict:
+    """Train (or resume) one run into ``cfg.output``; returns the last step's losses and the paths.
+
+    `stop_after` ends the process after that many optimizer steps in total, as an
+    interruption would (a checkpoint is saved); ``--resume`` then continues the same schedule.
+    `reader` is an already opened cache to use instead of ``cache.path``.
+    """
+    ts = train_settings(cfg)
+    run_dir = Path(cfg.output)
+    ckpt_path = run_dir / CHECKPOINT
+    if ckpt_path.exists() and not resume:
+        raise UserError(f"output={run_dir} already holds a run; pass --resume to continue it or choose another output")
+    if resume and not ckpt_path.exists():
+        raise UserError(f"--resume: output={run_dir} has no checkpoint to continue from")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    accelerator = Accelerator(mixed_precision=cfg.optim.mixed_precision, gradient_accumulation_steps=cfg.optim.accum_steps,
+                              log_with=_tracker(), project_dir=str(run_dir))
+    data = open_data(cfg, reader=reader)
+    t = effective_targets(cfg)
+    kwargs = model_kwargs(cfg, data.spec)
+    # Seeded right before the init, so whatever ran before (a base model build) cannot shift it;
+    # data order and masks have their own seeded generators.
+    set_seed(cfg.seed)
+    model = build_model(kwargs)
+    check_request(data.spec, img_size=cfg.data.img_size, num_patches=model.encoder.patch_embed.num_patches,
+                  k=t.k, attention=t.attention, what="the cache" if data.source == "cache" else "the base model")
+    if _setting(cfg, "model.init_from_base", False):
+        if not cfg.base.checkpoint:
+            raise UserError("model.init_from_base=true needs base.checkpoint (the base model's weights)")
+        init_from_base(model, cfg.base.checkpoint)
+    usable = int(data.valid.sum()) if data.valid is not None else sum(len(r) for r in data.shards)
+    schedule = make_schedule(cfg, usable, accelerator.num_processes, ts.max_steps)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=schedule.lr, betas=(o.beta1, o.beta2))
+    inner = model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if data.base is not None:
+        data.base.to(accelerator.device)
+
+    step, last_saved = 0, -1
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if accelerator.scaler is not None and state["scaler"] is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        step = last_saved = int(state["step"])
+    if accelerator.is_main_process:
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        if not resume:
+            counts = count_parameters(inner)
+            (run_dir / "params.json").write_text(json.dumps(counts, indent=2))
+    accelerator.init_trackers("tec", config=_scalars(cfg))
+    log = RunLog(run_dir, accelerator, step)
+    forward = _Forward(model, inner)
+    patch = inner.encoder.patch_embed.patch_size[0]
+    accum, mode = o.accum_steps, _setting(cfg, "data.view_mode", "cycle")
+    end = min(schedule.total_steps, stop_after) if stop_after is not None else schedule.total_steps
+
+    bar = tqdm(total=schedule.total_steps, initial=step, desc=f"train {data.source}", unit="step",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    sums: dict[str, float] = {}
+    window_start, waited, images_seen = time.perf_counter(), 0.0, 0
+    last: dict = {}
+    micro = step * accum
+    while step < end:
+        epoch, start = divmod(micro, schedule.batches_per_epoch)
+        order = epoch_order(data.shards, data.valid, cfg.seed, epoch, _buffer_shards(cfg))
+        plan = plan_epoch(order, view_indices(order, cfg.seed, epoch, data.views, mode), cfg.data.batch_size,
+                          accelerator.num_processes, accelerator.process_index, schedule.batches_per_epoch)
+        loader = epoch_loader(plan, data.make_batch, start, cfg.data.num_workers, torch.cuda.is_available())
+        fetch = time.perf_counter()
+        for batch in loader:
+            waited += time.perf_counter() - fetch
+            if micro % accum == 0:
+                set_lr(optimizer, schedule.lr_at(step, o.min_lr))
+            with accelerator.accumulate(model):
+                losses = step_losses(data, forward, batch, cfg, micro, accelerator, patch)
+                values = {k: v.item() for k, v in losses.items()}
+                _check_finite(values, step, ckpt_path, last_saved)
+                accelerator.backward(losses["loss"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            images_seen += batch["images"].shape[0] * accelerator.num_processes
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v / accum
+            if micro % accum == 0:
+                step += 1
+                if step % ts.log_every == 0 or step == end:
+                    elapsed = time.perf_counter() - window_start
+                    last = {"step": step, "epoch": micro / schedule.batches_per_epoch,
+                            "lr": optimizer.param_groups[0]["lr"], **sums,
+                            "images_per_s": images_seen / elapsed, "data_wait": waited / elapsed}
+                    log.write(last)
+                    bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{last['lr']:.2e}", img_s=f"{last['images_per_s']:.1f}")
+                    window_start, waited, images_seen = time.perf_counter(), 0.0, 0
+                sums = {}
+                bar.update(1)
+                if step % ts.checkpoint_every == 0 or step == end:
+                    save_state(ckpt_path, accelerator, model, optimizer, step, kwargs, cfg, schedule)
+                    last_saved = step
+                if step >= end:
+                    break
+            fetch = time.perf_counter()
+    bar.close()
+    accelerator.end_training()
+    last = last or log.last()  # a resumed run that had already finished
+    return {"step": step, "losses": {k: v for k, v in last.items() if k.startswith("loss")},
+            "output": str(run_dir), "checkpoint": str(ckpt_path), "finished": step >= schedule.total_steps}
+
+
+# ---------------------------------------------------------------- ablations (Tab. 6)
+def _title(path: Path) -> str:
+    """A YAML's first comment line names its Tab. 6 row."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return path.stem
+
+
+def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader, overrides: Sequence[str] = (),
+                  output: str = "runs/ablations") -> list[dict]:
+    """Train one run per Tab. 6 YAML from the same cache and print their final losses as a table.
+
+    Each YAML is applied over the defaults, then ``cache.path=<cache>``, then `overrides`; a
+    run goes to ``<output>/<yaml stem>`` and resumes there if it was interrupted. A setting
+    the cache cannot serve (e.g. k > k_max) makes that row "refused", the others still run.
+    `cache` is a cache path/URL or an already opened reader.
+    """
+    reader = None if isinstance(cache, (str, Path)) else cache
+    path_override = [f"cache.path={cache}"] if reader is None else []
+    rows = []
+    for path in map(Path, config_paths):
+        row = {"name": path.stem, "title": _title(path), "status": "done"}
+        try:
+            cfg = load_config(path, [*path_override, "targets.source=cache", *overrides])
+            cfg = replace(cfg, output=str(Path(output) / path.stem))
+            done = Path(cfg.output, CHECKPOINT).exists()
+            summary = run_train(cfg, resume=done, reader=reader)
+            row.update(step=summary["step"], **summary["losses"])
+        except UserError as err:
+            row.update(status=f"refused: {err}")
+        rows.append(row)
+    print(format_rows(rows))
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table: row, steps, loss, L_fea, L_att (or why it was refused)."""
+    head = f"{'ablation':<28} {'Tab. 6 row':<40} {'steps':>6} {'loss':>9} {'L_fea':>9} {'L_att':>9}"
+    lines = [head, "-" * len(head)]
+    fmt = lambda v: f"{v:9.4f}" if isinstance(v, float) else f"{'-':>9}"  # noqa: E731
+    for r in rows:
+        if r["status"] != "done":
+            lines.append(f"{r['name']:<28} {r['title'][:40]:<40} {r['status']}")
+        else:
+            lines.append(f"{r['name']:<28} {r['title'][:40]:<40} {r['step']:>6} {fmt(r.get('loss'))} "
+                         f"{fmt(r.get('loss_fea'))} {fmt(r.get('loss_att'))}")
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""A training run's files: atomic checkpoints, and the encoder export (Sec. 2.2, Tab. 7).
+
+After training only the encoder is kept. The input adapter is a constant at inference
+(``T' = MLP(T)`` depends on no input), so it is folded into the cls token; encoder adapters
+and decoders are dropped. The result is a plain timm ViT in safetensors, with metadata
+``{"format": EXPORT_FORMAT, "arch": <ViTArch json>}``, that `models.base.load_base_model`
+accepts as the base model of a next TEC round (Tab. 7).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .config import ViTArch
+from .errors import UserError
+from .models.base import EXPORT_FORMAT
+from .models.tec import TECModel
+
+CHECKPOINT = "checkpoint.pt"
+EXPORT_NAME = "encoder.safetensors"
+
+
+# ---------------------------------------------------------------- checkpoints
+def atomic_save(obj: Any, path: Path) -> None:
+    """`torch.save` to a temporary name, fsync, rename: a half-written file never looks complete."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A run checkpoint, read with ``weights_only=True`` (no pickled code is ever executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint (has this run saved one yet?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def build_model(kwargs: dict) -> TECModel:
+    """The `TECModel` a checkpoint's ``model_kwargs`` describe (arch stored as a dict)."""
+    return TECModel(**{**kwargs, "arch": ViTArch(**kwargs["arch"])})
+
+
+# ---------------------------------------------------------------- export
+@torch.no_grad()
+def encoder_state(model: TECModel) -> dict[str, Tensor]:
+    """The encoder's timm state dict with the input adapter folded in: ``cls_token <- MLP(cls_token)``."""
+    state = {k: v.detach().clone().contiguous() for k, v in model.encoder.state_dict().items()}
+    state["cls_token"] = model.cls_token().detach().clone().contiguous()
+    return state
+
+
+def export_model(model: TECModel, arch: ViTArch, out: Path) -> Path:
+    """Write the folded encoder to `out` (safetensors, atomically) with the export metadata."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    meta = {"format": EXPORT_FORMAT, "arch": json.dumps(asdict(arch))}
+    save_file(encoder_state(model.float().eval()), str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    return out
+
+
+def export_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
+    """Export a run's last checkpoint as a timm-loadable encoder (default ``RUN/encoder.safetensors``)."""
+    run_dir = Path(run_dir)
+    ckpt = load_checkpoint(run_dir / CHECKPOINT)
+    if "model_kwargs" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{run_dir / CHECKPOINT}: not a tec-pipeline training checkpoint")
+    model = build_model(ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"], strict=True)
+    arch = ViTArch(**ckpt["model_kwargs"]["arch"])
+    return export_model(model, arch, Path(out) if out is not None else run_dir / EXPORT_NAME)

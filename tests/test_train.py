@@ -1,0 +1,268 @@
+"""Stage two: data order and readers, schedule, resume, NaN stop, cached == online, pixels."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stages import train as train_stage
+from stages.train import TrainConfig, run_train
+from tec_pipeline.config import Config, ViTArch
+from tec_pipeline.data.sources import ImageFolderSource
+from tec_pipeline.errors import UserError
+from tec_pipeline.export import CHECKPOINT, load_checkpoint
+from tec_pipeline.models.base import load_base_model
+from tec_pipeline.pixels import patchify, pixel_targets
+from tec_pipeline.schedule import lr_at, param_groups, scaled_lr
+from tec_pipeline.models.tec import TECModel
+from tec_pipeline.train_data import (
+    CachedBatches, MemoryCache, ShardBuffer, build_memory_cache, epoch_order, mask_noise, plan_epoch,
+    uniform_shards, view_indices,
+)
+from tec_pipeline.views import render_view, sample_view
+
+BASE = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+NEW = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+N_IMAGES, VIEWS, K_MAX, PER_SHARD = 16, 2, 5, 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest and leaves the other core to other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_images(root: Path, n: int = N_IMAGES) -> Path:
+    """Random RGB images of a few sizes (so crops differ), in two class folders."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = int(rng.integers(36, 56)), int(rng.integers(36, 56))
+        folder = root / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Images, a base checkpoint and float32 / float16 in-memory caches made from them."""
+    root = tmp_path_factory.mktemp("train")
+    images = make_images(root / "images")
+    torch.manual_seed(1)
+    base = load_base_model(BASE, None)
+    torch.save(base.state_dict(), root / "base.pth")
+    base = load_base_model(BASE, root / "base.pth", img_size=32)
+    source = ImageFolderSource(images)
+    cache = build_memory_cache(base, source, 32, VIEWS, seed=0, k_max=K_MAX, images_per_shard=PER_SHARD,
+                               source_path=str(images))
+    half = MemoryCache(cache.meta, {k: (v.astype(np.float16).astype(np.float32) if v.dtype == np.float32 else v)
+                                    for k, v in cache.arrays.items()})
+    return {"root": root, "images": images, "base": str(root / "base.pth"), "source": source,
+            "f32": cache, "f16": half}
+
+
+def tiny_config(world, out: Path, source: str = "cache", **train) -> Config:
+    cfg = Config(seed=0, output=str(out))  # the seed the caches were made with (views)
+    cfg.base = replace(cfg.base, arch=BASE, checkpoint=world["base"])
+    cfg.model = replace(cfg.model, arch=NEW, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    cfg.targets = replace(cfg.targets, source=source, k=3, tau=1.0)
+    cfg.data = replace(cfg.data, path=str(world["images"]), img_size=32, views=VIEWS, batch_size=4, num_workers=0)
+    cfg.optim = replace(cfg.optim, blr=0.05, epochs=2, warmup_epochs=1)
+    cfg.cache = replace(cfg.cache, images_per_shard=PER_SHARD, k_max=K_MAX)
+    cfg.train = TrainConfig(**{"log_every": 1, "checkpoint_every": 100, **train})  # proposed section
+    return cfg
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- data order and readers
+def test_epoch_order_is_chunk_aware_and_seeded():
+    shards = uniform_shards(20, 4)
+    valid = np.ones(20, dtype=bool)
+    valid[[3, 11]] = False
+    order = epoch_order(shards, valid, seed=0, epoch=0, buffer_shards=2)
+    assert sorted(order.tolist()) == [i for i in range(20) if valid[i]]
+    # without invalid images, each window of 2 shards (8 images) holds exactly 2 shards, shuffled
+    full = epoch_order(shards, None, seed=0, epoch=0, buffer_shards=2)
+    windows = [full[i:i + 8] for i in range(0, 20, 8)]
+    assert [len(set((w // 4).tolist())) for w in windows] == [2, 2, 1]
+    assert not np.array_equal(np.sort(windows[0]), windows[0])
+    assert np.array_equal(order, epoch_order(shards, valid, 0, 0, 2))
+    assert not np.array_equal(order, epoch_order(shards, valid, 0, 1, 2))
+    assert not np.array_equal(order, epoch_order(shards, valid, 1, 0, 2))
+
+
+def test_view_selection_cycles_or_is_seeded():
+    images = np.arange(10)
+    assert (view_indices(images, 0, 5, 4, "cycle") == 1).all()
+    random = view_indices(images, 0, 5, 4, "random")
+    assert random.min() >= 0 and random.max() < 4 and len(set(random.tolist())) > 1
+    assert np.array_equal(random, view_indices(images[::-1], 0, 5, 4, "random")[::-1])  # per image, not per slot
+    with pytest.raises(UserError, match="data.view_mode"):
+        view_indices(images, 0, 0, 4, "fresh")
+
+
+def test_cached_batches_read_whole_shards_and_render_bit_identical(world):
+    cache = MemoryCache(world["f32"].meta, world["f32"].arrays)
+    order = epoch_order(uniform_shards(N_IMAGES, PER_SHARD), None, 0, 0, buffer_shards=2)
+    plan = plan_epoch(order, view_indices(order, 0, 1, VIEWS, "cycle"), 4)
+    make = CachedBatches(cache, world["source"], 32, attn_rows=3, buffer_shards=2)
+    batches = [make(plan.images[b], plan.views[b]) for b in range(len(plan))]
+    assert cache.reads == cache.num_shards  # every shard decoded once in the epoch
+    for batch, images, views in zip(batches, plan.images, plan.views):
+        assert batch["attn"].shape == (4, 3, 2, 16) and batch["topk_idx"].shape == (4, 2)
+        for j, (i, v) in enumerate(zip(images, views)):
+            picture = world["source"].load(int(i))
+            crop = sample_view(0, int(i), int(v), picture.size[1], picture.size[0])
+            assert np.array_equal(batch["crop"][j].numpy(), crop.as_array())
+            assert torch.equal(batch["images"][j], render_view(picture, crop, 32))
+            assert torch.equal(batch["feat"][j], torch.from_numpy(cache.arrays["feat"][i, v]))
+
+
+def test_invalid_images_are_skipped(world):
+    arrays = dict(world["f32"].arrays)
+    arrays["valid"] = arrays["valid"].copy()
+    arrays["valid"][[0, 5]] = 0
+    cache = MemoryCache(world["f32"].meta, arrays)
+    from tec_pipeline.train_data import valid_mask
+
+    order = epoch_order(uniform_shards(N_IMAGES, PER_SHARD), valid_mask(cache), 0, 0, 2)
+    assert 0 not in order and 5 not in order and len(order) == N_IMAGES - 2
+
+
+def test_mask_noise_depends_on_seed_and_step_only():
+    a = mask_noise(0, 7, 4, 16)
+    assert torch.equal(a, mask_noise(0, 7, 4, 16))
+    assert not torch.equal(a, mask_noise(0, 8, 4, 16)) and not torch.equal(a, mask_noise(1, 7, 4, 16))
+
+
+# ---------------------------------------------------------------- schedule (Tab. 8)
+def test_lr_schedule_warmup_then_half_cosine():
+    assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
+    lr = [lr_at(s, 100, 10, 1.0, 0.1) for s in range(100)]
+    assert lr[0] == 0 and lr[5] == pytest.approx(0.5) and lr[10] == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.55)  # half-way down the cosine
+    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+def test_no_weight_decay_on_norms_biases_and_tokens():
+    model = TECModel(NEW, feat_dim=32, attn_dim=32, attn_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no = {names[id(p)] for p in no_decay["params"]}
+    yes = {names[id(p)] for p in decay["params"]}
+    assert "encoder.cls_token" in no and "feat_branch.mask_token" in no
+    assert "encoder.blocks.0.norm1.weight" in no and "encoder.blocks.0.attn.qkv.bias" in no
+    assert "encoder.blocks.0.attn.qkv.weight" in yes and "encoder.patch_embed.proj.weight" in yes
+    assert "encoder.pos_embed" not in no | yes  # fixed sin-cos: not trained
+    assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+# ---------------------------------------------------------------- training runs
+def test_resume_ends_with_the_same_weights(world, tmp_path):
+    full = tiny_config(world, tmp_path / "full", checkpoint_every=2)
+    run_train(full, reader=world["f32"])
+    part = tiny_config(world, tmp_path / "part", checkpoint_every=2)
+    stopped = run_train(part, stop_after=3, reader=world["f32"])
+    assert stopped["step"] == 3 and load_checkpoint(tmp_path / "part" / CHECKPOINT)["step"] == 3
+    with pytest.raises(UserError, match="--resume"):
+        run_train(part, reader=world["f32"])
+    run_train(part, resume=True, reader=world["f32"])
+    a = load_checkpoint(tmp_path / "full" / CHECKPOINT)
+    b = load_checkpoint(tmp_path / "part" / CHECKPOINT)
+    assert a["step"] == b["step"] == 8  # 16 images / batch 4 x 2 epochs
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    log_a, log_b = read_log(tmp_path / "full"), read_log(tmp_path / "part")
+    assert [r["step"] for r in log_b] == list(range(1, 9))
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    assert {"loss_fea", "loss_att", "lr", "images_per_s", "data_wait"} <= set(log_a[0])
+    assert log_a[0]["lr"] == 0 and log_a[4]["lr"] > 0  # per-iteration warmup over the first epoch
+
+
+def test_cached_and_online_runs_give_the_same_losses(world, tmp_path):
+    steps = 20
+    losses = {}
+    for name, source, reader in (("f32", "cache", world["f32"]), ("f16", "cache", world["f16"]),
+                                 ("online", "online", None)):
+        cfg = tiny_config(world, tmp_path / name, source=source, max_steps=steps)
+        cfg.optim = replace(cfg.optim, epochs=10)
+        run_train(cfg, reader=reader)
+        losses[name] = np.array([[r["loss_fea"], r["loss_att"]] for r in read_log(tmp_path / name)])
+    assert losses["online"].shape == (steps, 2)
+    rel32 = np.abs(losses["f32"] - losses["online"]) / np.abs(losses["online"])
+    rel16 = np.abs(losses["f16"] - losses["online"]) / np.abs(losses["online"])
+    assert rel32.max() <= 1e-6, rel32.max()
+    assert rel16.max() <= 1e-3, rel16.max()
+    assert rel16.max() > 0  # float16 storage really was lossy: the comparison can fail
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(world, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train_stage.tec_losses
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        losses = real(*args, **kwargs)
+        if calls["n"] == 4:
+            losses["loss_att"] = losses["loss_att"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train_stage, "tec_losses", poisoned)
+    cfg = tiny_config(world, tmp_path / "nan", checkpoint_every=2)
+    with pytest.raises(UserError, match=r"step 4: non-finite loss \(loss_att=nan.*checkpoint.*step 2"):
+        run_train(cfg, reader=world["f32"])
+    assert load_checkpoint(tmp_path / "nan" / CHECKPOINT)["step"] == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"targets.k": K_MAX + 1}, "targets.k=6 exceeds the cache's k_max=5"),
+    ({"data.img_size": 64}, "data.img_size=64 differs"),
+    ({"model.patch_size": 4}, "patch_size gives 64 patches per view, the cache has 16"),
+])
+def test_requests_the_cache_cannot_serve_are_refused_before_training(world, tmp_path, override, message):
+    cfg = tiny_config(world, tmp_path / "bad")
+    (key, value), = override.items()
+    if key == "targets.k":
+        cfg.targets = replace(cfg.targets, k=value)
+    elif key == "data.img_size":
+        cfg.data = replace(cfg.data, img_size=value)
+        cfg.model = replace(cfg.model, arch=replace(NEW, img_size=None))
+    else:
+        cfg.model = replace(cfg.model, arch=replace(NEW, patch_size=value))
+    with pytest.raises(UserError, match=message) as err:
+        run_train(cfg, reader=world["f32"])
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "bad" / CHECKPOINT).exists() and not (tmp_path / "bad" / "log.jsonl").exists()
+
+
+# ---------------------------------------------------------------- pixels (MAE)
+def test_pixel_target_is_per_patch_normalized_pixels():
+    images = torch.randn(2, 3, 32, 32)
+    x = patchify(images, 8)
+    assert x.shape == (2, 16, 192)
+    assert torch.equal(x[0, 1, :3], images[0, :, 0, 8])  # patch (0, 1), pixel (0, 0), channels last
+    t = pixel_targets(images, 8)
+    assert torch.allclose(t.feat.mean(-1), torch.zeros(2, 16), atol=1e-5)
+    assert torch.allclose(t.feat.var(-1), torch.ones(2, 16), atol=1e-4)
+
+
+def test_pixels_run_needs_no_cache_and_no_base(world, tmp_path):
+    cfg = tiny_config(world, tmp_path / "mae", source="pixels", max_steps=3)
+    cfg.base = replace(cfg.base, checkpoint="/nonexistent.pth")  # never opened
+    summary = run_train(cfg)
+    assert summary["step"] == 3 and set(summary["losses"]) == {"loss", "loss_fea"}
+    kwargs = load_checkpoint(tmp_path / "mae" / CHECKPOINT)["model_kwargs"]
+    assert kwargs["feat_dim"] == 8 * 8 * 3 and kwargs["attn_dim"] == 0
+    assert not kwargs["input_adapter"] and not kwargs["encoder_adapter"]
