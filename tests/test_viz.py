@@ -27,4 +27,4 @@ def test_cls_attention_is_a_distribution_and_figure_written(tmp_path):
     torch.testing.assert_close(att.sum(-1), torch.ones(3))
     out = plot_attention(base, base, images, k=4, tau=1.0, out=tmp_path / "att.png")
     with Image.open(out) as im:
-        assert im.format == "PNG" and im.height > im.width  # one row per image
+        assert im.format == "PNG" and im.height == 3 * 200  # one 2-inch row per image at 100 dpi
