@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .data.sources import BadImageError, ImageFolderSource, ImageSource, decode_rgb
+from .data.sources import BadImageError, ImageSource, decode_rgb
 from .errors import UserError
 from .targets import Targets
 from .views import ViewParams, render_view, sample_view
@@ -168,10 +168,13 @@ def batches_per_epoch(num_images: int, batch_size: int, num_processes: int = 1) 
 
 # ---------------------------------------------------------------- cached targets
 def valid_mask(reader: TargetReader) -> np.ndarray:
-    """Per-image valid flags; a reader without a cheap `valid` array is scanned shard by shard."""
-    direct = getattr(reader, "valid", None)
-    if direct is not None:
-        return np.asarray(direct() if callable(direct) else direct).astype(bool)
+    """Per-image valid flags: from a complete cache's list of skipped images (no data read),
+    else scanned shard by shard."""
+    summary = (getattr(reader, "doc", None) or {}).get("summary") or {}
+    if reader.is_complete() and "skipped_images" in summary:
+        valid = np.ones(reader.num_images, dtype=bool)
+        valid[np.asarray(summary["skipped_images"], dtype=np.int64)] = False
+        return valid
     valid = np.zeros(reader.num_images, dtype=bool)
     for shard in range(reader.num_shards):
         rows = reader.shard_range(shard)
@@ -244,13 +247,10 @@ class CacheImageSource:
 
 
 def open_image_source(kind: str, path: str) -> ImageSource:
-    """An image source from `data.kind` / `data.path` (the demo set is an ImageFolder once built)."""
-    if kind == "webdataset":
-        raise UserError("data.kind=webdataset: training from image tars is not supported yet; use an ImageFolder")
-    try:
-        return ImageFolderSource(path)
-    except FileNotFoundError as err:
-        raise UserError(f"data.path: {err}") from None
+    """An image source from `data.kind` / `data.path` (ImageFolder, webdataset tars, the demo set)."""
+    from .data import open_source_at
+
+    return open_source_at(kind, path)
 
 
 def cache_image_source(reader: TargetReader, data_path: str = "") -> ImageSource:
@@ -258,7 +258,7 @@ def cache_image_source(reader: TargetReader, data_path: str = "") -> ImageSource
 
     The recorded image count (and fingerprint, when the metadata has one) must match.
     """
-    if reader.num_images and reader.image_bytes(0) is not None:
+    if reader.meta.get("store_images"):
         return CacheImageSource(reader)
     recorded = reader.meta.get("source", {}) or {}
     path = data_path or recorded.get("path") or ""
@@ -268,7 +268,7 @@ def cache_image_source(reader: TargetReader, data_path: str = "") -> ImageSource
     if len(source) != reader.num_images:
         raise CacheMismatchError(f"data.path={path} holds {len(source)} images, the cache was made from {reader.num_images}")
     fingerprint = recorded.get("fingerprint")
-    if fingerprint and hasattr(source, "fingerprint") and source.fingerprint() != fingerprint:
+    if fingerprint and source.fingerprint() != fingerprint:
         raise CacheMismatchError(f"data.path={path} is not the image set the cache was made from (file list differs)")
     return source
 
