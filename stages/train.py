@@ -261,7 +261,10 @@ def step_losses(data: DataPipeline, forward: _Forward, batch: dict, cfg: Config,
         targets = batch_targets(batch, device)
     elif data.source == "online":
         with torch.no_grad(), accelerator.autocast():
-            targets = compute_targets(data.base, images, t.last_layers, t.k if t.attention == "topk" else 0)
+            # At least one patch row: select_topk builds its cls row from the top-k indices,
+            # which are empty at k=0; cls_only then takes the cls row of the k=1 target.
+            k = t.k if t.attention == "topk" else 1
+            targets = compute_targets(data.base, images, t.last_layers, k)
     else:
         targets = pixel_targets(images, patch)
     noise = mask_noise(cfg.seed, micro_step, images.shape[0], data.spec.num_patches, accelerator.process_index)
@@ -432,22 +435,46 @@ def _title(path: Path) -> str:
     return path.stem
 
 
+def ablation_overrides(path: Path) -> list[str]:
+    """An ablation YAML as dotted overrides, so it layers over a full config (``--config``)."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: an ablation file must hold a mapping")
+    out = []
+
+    def walk(prefix: str, node: dict) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                out.append(f"{prefix}{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    walk("", data)
+    return out
+
+
 def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader, overrides: Sequence[str] = (),
-                  output: str = "runs/ablations") -> list[dict]:
+                  base_config: Optional[str | Path] = None, output: str = "runs/ablations") -> list[dict]:
     """Train one run per Tab. 6 YAML from the same cache and print their final losses as a table.
 
-    Each YAML is applied over the defaults, then ``cache.path=<cache>``, then `overrides`; a
-    run goes to ``<output>/<yaml stem>`` and resumes there if it was interrupted. A setting
-    the cache cannot serve (e.g. k > k_max) makes that row "refused", the others still run.
+    Layers, last wins: `base_config` (or the defaults), the ablation YAML, ``cache.path=<cache>``
+    and ``targets.source=cache``, then `overrides`. Each run goes to ``<output>/<yaml stem>``
+    and resumes there if it was interrupted (a finished one is only read back). A setting
+    the cache cannot serve (e.g. k > k_max) makes that row "refused"; the others still run.
     `cache` is a cache path/URL or an already opened reader.
     """
+    missing = [str(p) for p in config_paths if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"ablation config not found: {missing[0]}")
     reader = None if isinstance(cache, (str, Path)) else cache
-    path_override = [f"cache.path={cache}"] if reader is None else []
+    cache_override = [f"cache.path={cache}"] if reader is None else []
     rows = []
     for path in map(Path, config_paths):
         row = {"name": path.stem, "title": _title(path), "status": "done"}
         try:
-            cfg = load_config(path, [*path_override, "targets.source=cache", *overrides])
+            cfg = load_config(base_config, [*ablation_overrides(path), *cache_override, "targets.source=cache",
+                                            *overrides])
             cfg = replace(cfg, output=str(Path(output) / path.stem))
             done = Path(cfg.output, CHECKPOINT).exists()
             summary = run_train(cfg, resume=done, reader=reader)
