@@ -225,9 +225,14 @@ class BackgroundWriter:
 
     def close(self) -> None:
         """Wait for every queued shard to be durable; raise the writer's error if any."""
-        self.queue.put(None)
-        self.thread.join()
+        self.stop()
         self._raise()
+
+    def stop(self) -> None:
+        """End the thread after the queued shards (idempotent; raises nothing)."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
 
     def _raise(self) -> None:
         if self.error is not None:
@@ -246,7 +251,7 @@ def process_state():
 
 
 def own_shards(num_shards: int, rank: int, world: int) -> range:
-    """This process's contiguous range of shards (shard-aligned: no file has two writers)."""
+    """This process's contiguous part of `num_shards` shards (shard-aligned: no file has two writers)."""
     per, extra = divmod(num_shards, world)
     start = rank * per + min(rank, extra)
     return range(start, start + per + (rank < extra))
@@ -311,15 +316,17 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     if dry_run:
         return dry_run_estimate(cfg, meta, dataset, base, device, compute_dtype, state)
     writer = open_for_writing(cfg.cache.path, meta, overwrite, state)
-    mine = [s for s in own_shards(writer.num_shards, state.process_index, state.num_processes)
-            if not writer.is_done(s)]
-    pending_anywhere = sum(_gather(len(mine), state))
+    # Rank 0 lists the shards still to do and every process takes a contiguous slice of that
+    # list, so a resumed run is balanced too. Decided once, before anyone writes.
+    pending = _broadcast([s for s in range(writer.num_shards) if not writer.is_done(s)]
+                         if state.is_main_process else None, state)
+    mine = [pending[i] for i in own_shards(len(pending), state.process_index, state.num_processes)]
     local = compute_shards(cfg, writer, dataset, base, device, compute_dtype, mine, state)
     state.wait_for_everyone()
     runs = _gather(local, state)
     summary = merge_summaries(runs, meta, time.perf_counter() - start, source)
     if state.is_main_process:
-        summary = finish_cache(cfg.cache.path, writer, summary, pending_anywhere, source)
+        summary = finish_cache(cfg.cache.path, writer, summary, len(pending), source)
         print_summary(summary, cfg.cache.path)
     state.wait_for_everyone()
     return summary
@@ -332,9 +339,7 @@ def compute_shards(cfg: Config, writer, dataset: ViewDataset, base, device, comp
     ranges = [writer.shard_range(s) for s in shards]
     loader = view_loader(dataset, shard_batches(ranges, per_batch), cfg.data.num_workers,
                          pin_memory=device.type == "cuda")
-    total = sum(len(r) for r in ranges)
-    bar = tqdm(total=total, unit="img", desc=f"cache-targets [{state.process_index}]" if state.num_processes > 1
-               else "cache-targets", disable=not state.is_main_process or total == 0, dynamic_ncols=True)
+    bar = progress_bar(sum(len(r) for r in ranges), state)
     out = BackgroundWriter(writer)
     skipped: list[dict] = []
     buffers: dict[int, ShardBuffer] = {}
@@ -345,7 +350,9 @@ def compute_shards(cfg: Config, writer, dataset: ViewDataset, base, device, comp
             targets = base_targets(base, batch["views"], cfg.targets.last_layers, cfg.cache.k_max,
                                    device, compute_dtype)
             shard = int(batch["index"][0]) // cfg.cache.images_per_shard
-            buf = buffers.setdefault(shard, ShardBuffer(shard, writer.shard_range(shard), cfg.cache.store_images))
+            if shard not in buffers:
+                buffers[shard] = ShardBuffer(shard, writer.shard_range(shard), cfg.cache.store_images)
+            buf = buffers[shard]
             buf.add(batch, targets)
             if buf.full:
                 out.put(buffers.pop(shard))
@@ -357,10 +364,12 @@ def compute_shards(cfg: Config, writer, dataset: ViewDataset, base, device, comp
         out.close()
     finally:
         bar.close()
+        out.stop()  # on an error: let the shards already queued (complete ones) finish writing
     for item in skipped:
         item["name"] = dataset.source.name(item["index"])
     return {"images": done_images, "views": done_images * cfg.data.views, "bytes": out.bytes_written,
-            "skipped": skipped, "write_seconds": out.seconds, "shards": len(shards)}
+            "skipped": skipped, "write_seconds": out.seconds, "shards": len(shards),
+            "loop_seconds": time.perf_counter() - t0}
 
 
 def check_bad_images(batch: dict, on_bad_image: str) -> None:
@@ -371,7 +380,15 @@ def check_bad_images(batch: dict, on_bad_image: str) -> None:
                 raise BadImageError(f"{error} (set data.on_bad_image=skip to skip such files)")
 
 
+def progress_bar(total: int, state) -> tqdm:
+    """Images/s and ETA from tqdm; views/s and write MB/s go in the postfix. Rank 0 only."""
+    desc = "cache-targets" if state.num_processes == 1 else f"cache-targets [rank 0 of {state.num_processes}]"
+    return tqdm(total=total, unit="img", desc=desc, disable=not state.is_main_process or total == 0,
+                dynamic_ncols=True)
+
+
 def progress_text(views: int, nbytes: int, seconds: float) -> str:
+    """The postfix: what storage sees, since stage one is often disk-bound (DESIGN)."""
     seconds = max(seconds, 1e-9)
     return f"{views / seconds:.1f} views/s, {nbytes / 1e6:.1f} MB, {nbytes / 1e6 / seconds:.1f} MB/s"
 
@@ -385,7 +402,8 @@ def merge_summaries(runs: list[dict], meta: dict, wall: float, source) -> dict:
     return {"images": images, "views": views, "skipped": skipped, "bytes": nbytes, "wall_seconds": round(wall, 3),
             "bytes_per_view": nbytes / views if views else 0.0, "processes": len(runs),
             "num_images": meta["num_images"], "total_views": meta["num_images"] * meta["views"],
-            "write_seconds": round(sum(r["write_seconds"] for r in runs), 3)}
+            "write_seconds": round(sum(r["write_seconds"] for r in runs), 3),
+            "loop_seconds": round(max(r["loop_seconds"] for r in runs), 3)}  # data + forward + writes, no setup
 
 
 def finish_cache(url: str, writer, summary: dict, pending: int, source) -> dict:
