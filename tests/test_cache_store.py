@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 import uuid
 
 import fsspec
@@ -113,6 +114,13 @@ def test_float32_round_trip_is_exact_and_read_view_matches(store, url_for):
     assert reader.nbytes() > 0
     if store == "webdataset":
         assert reader.image_bytes(3) == fake_image(3)
+    # readers travel to DataLoader workers (spawn): caches stay behind, reads still work
+    clone = pickle.loads(pickle.dumps(reader))
+    np.testing.assert_array_equal(clone.read_view(4, 1)["attn"], got["attn"][4, 1])
+    # finalize on a complete cache changes nothing
+    before = file_hashes(url)
+    create_cache(url, make_meta(store)).finalize({"other": 1})
+    assert file_hashes(url) == before
 
 
 @pytest.mark.filterwarnings("ignore:Object at:UserWarning")  # tec_cache.json and _done/ beside the arrays
@@ -353,6 +361,8 @@ def test_bad_input_is_refused(tmp_path):
     bad[1, 0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="'attn' of image 1 has non-finite"):
         w.write_shard(0, {**data, "attn": bad})
+    with pytest.raises(UserError, match="cache.k_max=0: must be within 1..16"):
+        create_cache(str(tmp_path / "d"), {**make_meta("zarr"), "k_max": 0})
     with pytest.raises(UserError, match="store_images=true needs cache.store=webdataset"):
         create_cache(str(tmp_path / "d"), {**make_meta("zarr"), "store_images": True})
     assert not w.is_done(0)

@@ -21,7 +21,7 @@ from .. import __version__
 from . import codecs
 from .schema import (
     DATA_KEYS, FORMAT_VERSION, META_FILE, CacheCorruptError, array_specs, dump_json, join,
-    marker_path, num_shards, read_json, read_markers, shard_range, write_atomic,
+    done_shards, marker_path, num_shards, read_json, read_markers, shard_range, write_atomic,
 )
 from ..errors import UserError
 
@@ -51,7 +51,7 @@ class CacheWriter:
         self.url, self.fs, self.root, self.meta = url, fs, root, meta
         self.specs = array_specs(meta)
         self.num_shards = num_shards(meta)
-        self._done = set(read_markers(fs, root))
+        self._done = done_shards(fs, root)
         self._init_layout()
 
     # -- store-specific
@@ -93,10 +93,10 @@ class CacheWriter:
             for name in ("crop",) + FLOAT_KEYS + ("topk_idx",):
                 data[name][~valid] = 0
         for name in FLOAT_KEYS:
-            bad = ~np.isfinite(data[name].reshape(n, -1)).all(axis=1)
-            if bad.any():
-                image = self.shard_range(shard)[int(np.flatnonzero(bad)[0])]
-                raise ValueError(f"shard {shard}: '{name}' of image {image} has non-finite values")
+            for i in range(n):  # per image: no shard-sized temporary
+                if not np.isfinite(data[name][i]).all():
+                    image = self.shard_range(shard)[i]
+                    raise ValueError(f"shard {shard}: '{name}' of image {image} has non-finite values")
         L = int(self.meta["num_patches"])
         if data["topk_idx"].size and not (0 <= data["topk_idx"].min() and data["topk_idx"].max() < L):
             raise ValueError(f"shard {shard}: topk_idx outside 0..{L - 1}")
@@ -133,19 +133,22 @@ class CacheWriter:
         return stats
 
     def finalize(self, summary: dict) -> None:
-        """Record ``complete=True``, the shard listing and the summary, once every shard is done.
+        """Record ``complete=True``, the shard listing and the summary, once every shard is done
+        (raises otherwise; does nothing on a cache already complete).
 
         The summary gets ``quantization`` (errors aggregated over all shards' markers, so a
         resumed run reports the whole cache), ``skipped_images``, ``bytes`` and
         ``bytes_per_view`` added to what the caller passes.
         """
+        path = join(self.root, META_FILE)
+        doc = read_json(self.fs, path)
+        if doc.get("complete"):
+            return  # immutable once complete: a rerun over a finished cache changes nothing
         markers = read_markers(self.fs, self.root)
         missing = [s for s in range(self.num_shards) if s not in markers]
         if missing:
             raise UserError(f"cache {self.url}: {len(missing)} of {self.num_shards} shards are not written "
                             f"(first {missing[:5]}); cannot finalize")
-        path = join(self.root, META_FILE)
-        doc = read_json(self.fs, path)
         stats = [markers[s]["stats"] for s in range(self.num_shards)]
         total = int(sum(s["bytes"] for s in stats))
         views = int(self.meta["num_images"]) * int(self.meta["views"])
@@ -176,8 +179,28 @@ class CacheReader:
         self.num_images = int(self.meta["num_images"])
         self.views = int(self.meta["views"])
         self.num_shards = num_shards(self.meta)
-        self._markers = ({int(s): m for s, m in doc["shards"].items()} if doc.get("complete")
-                         else read_markers(fs, root))
+        self._load_markers()
+        self._reset_caches()
+
+    def _load_markers(self) -> None:
+        """Complete: the listing in the metadata file. Otherwise the marker names; each
+        marker is read when its shard is first used."""
+        if self.is_complete():
+            self._markers = {int(s): m for s, m in self.doc["shards"].items()}
+        else:
+            self._markers = dict.fromkeys(done_shards(self.fs, self.root))
+
+    def _reset_caches(self) -> None:
+        """(Re)create per-process read caches; called on open and after unpickling."""
+
+    def __getstate__(self) -> dict:
+        # Readers travel to DataLoader workers: caches (open descriptors, lru wrappers) stay behind.
+        keep = ("url", "fs", "root", "doc", "meta", "num_images", "views", "num_shards", "_markers")
+        return {k: v for k, v in self.__dict__.items() if k in keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_caches()
 
     # -- store-specific
 
@@ -195,14 +218,16 @@ class CacheReader:
     def missing_shards(self) -> list[int]:
         """Shards without a completion marker (re-read: other processes may be writing)."""
         if not self.is_complete():
-            self._markers = read_markers(self.fs, self.root)
+            for shard in done_shards(self.fs, self.root):
+                self._markers.setdefault(shard, None)
         return [s for s in range(self.num_shards) if s not in self._markers]
 
     def shard_range(self, shard: int) -> range:
         return shard_range(self.meta, shard)
 
     def _marker(self, shard: int) -> dict:
-        if shard not in self._markers:
+        """The completion record of a shard (its files and sizes); refuses unwritten shards."""
+        if self._markers.get(shard) is None:
             path = marker_path(self.root, shard)
             if not self.is_complete() and self.fs.exists(path):
                 self._markers[shard] = read_json(self.fs, path)

@@ -27,11 +27,17 @@ KL_TAU = 1.8  # the paper's MAE ViT-B temperature (Tab. 9), where the error is r
 ERROR_SAMPLE_VIEWS = 64  # views per shard on which the quantization error is measured
 
 
+def _blocks(shape: tuple[int, ...], block_ndim: int):
+    """Index tuples of the leading dims: the codecs below work one view (one block) at a time,
+    which keeps each pass in cache and is 3-5x faster than whole-shard numpy passes."""
+    return np.ndindex(*shape[:len(shape) - block_ndim])
+
+
 def feat_steps(feat: np.ndarray) -> np.ndarray:
     """Per (..., channel) int8 step: ``max(1/16, absmax over patches / 127)``, float16-exact.
 
-    ``feat`` is (..., L, C); the result (..., C) float16. The step is rounded to float16
-    before quantizing, so the stored step is exactly the one used.
+    ``feat`` is (L, C); the result (C,) float16. The step is rounded to float16 before
+    quantizing, so the stored step is exactly the one used.
     """
     absmax = np.abs(feat).max(axis=-2)
     return np.maximum(np.float32(FEAT_MIN_STEP), absmax / np.float32(INT8_LEVELS)).astype(np.float16)
@@ -39,34 +45,60 @@ def feat_steps(feat: np.ndarray) -> np.ndarray:
 
 def encode_feat_int8(feat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(q int8 (..., L, C), step float16 (..., C)) with ``feat ~= q * step``."""
-    step = feat_steps(feat)
-    q = np.rint(feat / step.astype(np.float32)[..., None, :])
-    np.clip(q, -INT8_LEVELS, INT8_LEVELS, out=q)
-    return q.astype(np.int8), step
+    q = np.empty(feat.shape, np.int8)
+    step = np.empty(feat.shape[:-2] + feat.shape[-1:], np.float16)
+    for pos in _blocks(feat.shape, 2):
+        s = feat_steps(feat[pos])
+        y = feat[pos] / s.astype(np.float32)
+        np.rint(y, out=y)
+        np.clip(y, -INT8_LEVELS, INT8_LEVELS, out=y)  # FixedScaleOffset would wrap instead
+        q[pos], step[pos] = y, s
+    return q, step
 
 
 def decode_feat_int8(q: np.ndarray, step: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * step.astype(np.float32)[..., None, :]
+    out = np.empty(q.shape, np.float32)
+    for pos in _blocks(q.shape, 2):
+        np.multiply(q[pos], step[pos].astype(np.float32), out=out[pos])
+    return out
 
 
 def encode_attn_uint8(attn: np.ndarray) -> np.ndarray:
     """uint8 ``round((rowmax - x) / 0.1)`` clipped to [0, 255]; rows are the last axis."""
-    shifted = attn.max(axis=-1, keepdims=True) - attn
-    u = np.rint(shifted * np.float32(1 / ATTN_STEP))
-    np.clip(u, 0, UINT8_LEVELS, out=u)
-    return u.astype(np.uint8)
+    u = np.empty(attn.shape, np.uint8)
+    for pos in _blocks(attn.shape, 3):
+        y = attn[pos].max(axis=-1, keepdims=True) - attn[pos]
+        y *= np.float32(1 / ATTN_STEP)
+        np.rint(y, out=y)
+        np.clip(y, 0, UINT8_LEVELS, out=y)
+        u[pos] = y
+    return u
 
 
 def decode_attn_uint8(u: np.ndarray) -> np.ndarray:
     """The row-max-shifted logits (<= 0); softmax of them equals softmax of the originals."""
-    return u.astype(np.float32) * np.float32(-ATTN_STEP)
+    out = np.empty(u.shape, np.float32)
+    for pos in _blocks(u.shape, 3):
+        np.multiply(u[pos], np.float32(-ATTN_STEP), out=out[pos])
+    return out
 
 
 def to_float16(x: np.ndarray, name: str) -> np.ndarray:
     """float16 copy; refuses values beyond the float16 range instead of storing inf."""
-    y = x.astype(np.float16)
-    if not np.isfinite(y).all():
-        raise ValueError(f"{name} exceeds the float16 range (|x| > 65504); store it as float32")
+    y = np.empty(x.shape, np.float16)
+    for pos in _blocks(x.shape, min(2, x.ndim)):
+        y[pos] = x[pos]
+        if not np.isfinite(y[pos]).all():
+            raise ValueError(f"{name} exceeds the float16 range (|x| > 65504); store it as float32")
+    return y
+
+
+def to_float32(x: np.ndarray) -> np.ndarray:
+    if x.dtype == np.float32:
+        return x
+    y = np.empty(x.shape, np.float32)
+    for pos in _blocks(x.shape, min(2, x.ndim)):
+        y[pos] = x[pos]
     return y
 
 
@@ -104,13 +136,13 @@ def decode(enc: dict[str, np.ndarray], feat_dtype: str, attn_dtype: str) -> dict
     if feat_dtype == "int8":
         out["feat"] = decode_feat_int8(enc["feat"], enc["feat_step"])
     else:
-        out["feat"] = enc["feat"].astype(np.float32, copy=False)
+        out["feat"] = to_float32(enc["feat"])
     for name in ("feat_mean", "feat_std"):
-        out[name] = enc[name].astype(np.float32, copy=False)
+        out[name] = to_float32(enc[name])
     if attn_dtype == "uint8":
         out["attn"] = decode_attn_uint8(enc["attn"])
     else:
-        out["attn"] = enc["attn"].astype(np.float32, copy=False)
+        out["attn"] = to_float32(enc["attn"])
     return out
 
 
@@ -161,14 +193,15 @@ def quantization_error(data: dict[str, np.ndarray], enc: dict[str, np.ndarray], 
     if len(img) == 0:
         return stats
     if feat_dtype != "float32":
-        ref = data["feat"][img, view].astype(np.float64)
-        sub = {"feat": enc["feat"][img, view]}
-        if feat_dtype == "int8":
-            approx = decode_feat_int8(sub["feat"], enc["feat_step"][img, view])
-        else:
-            approx = sub["feat"].astype(np.float32)
-        stats["feat_sq_err"] = float(((approx - ref) ** 2).sum())
-        stats["feat_sq_ref"] = float((ref * ref).sum())
+        for i, v in zip(img, view):  # one view at a time: no large float64 temporaries
+            ref = data["feat"][i, v].astype(np.float32, copy=False).ravel()
+            if feat_dtype == "int8":
+                approx = decode_feat_int8(enc["feat"][i, v], enc["feat_step"][i, v]).ravel()
+            else:
+                approx = enc["feat"][i, v].astype(np.float32).ravel()
+            diff = approx - ref
+            stats["feat_sq_err"] += float(np.dot(diff, diff))
+            stats["feat_sq_ref"] += float(np.dot(ref, ref))
         stats["feat_rel_rms"] = float(np.sqrt(stats["feat_sq_err"] / max(stats["feat_sq_ref"], 1e-300)))
     if attn_dtype != "float32":
         ref = data["attn"][img, view]

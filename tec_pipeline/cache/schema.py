@@ -85,8 +85,9 @@ def normalize_meta(meta: dict) -> dict:
     for key in ("num_images", "views", "num_patches", "feat_dim", "heads", "images_per_shard"):
         if int(meta[key]) < 1:
             raise UserError(f"cache meta {key}={meta[key]}: must be >= 1")
-    if not 0 <= int(meta["k_max"]) <= int(meta["num_patches"]):
-        raise UserError(f"cache k_max={meta['k_max']}: must be within 0..{meta['num_patches']}")
+    if not 1 <= int(meta["k_max"]) <= int(meta["num_patches"]):  # zarr cannot chunk a 0-length axis;
+        # k = 0 (the cls row only) is a prefix of any k_max >= 1
+        raise UserError(f"cache.k_max={meta['k_max']}: must be within 1..{meta['num_patches']}")
     if not isinstance(meta["identity"], dict):
         raise ValueError("cache meta 'identity' must be a dict")
     return meta
@@ -243,6 +244,15 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
 
 def marker_path(root: str, shard: int) -> str:
     return join(root, DONE_DIR, f"shard-{shard:05d}.json")
+
+
+def done_shards(fs: fsspec.AbstractFileSystem, root: str) -> set[int]:
+    """Shards with a completion marker, from the listing alone (no marker is read)."""
+    done_dir = join(root, DONE_DIR)
+    if not fs.exists(done_dir):
+        return set()
+    names = (posixpath.basename(p) for p in fs.ls(done_dir, detail=False))
+    return {int(n[len("shard-"):-len(".json")]) for n in names if n.startswith("shard-") and n.endswith(".json")}
 
 
 def read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, dict]:

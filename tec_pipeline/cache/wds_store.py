@@ -152,17 +152,22 @@ class WdsWriter(CacheWriter):
 class WdsReader(CacheReader):
     """Reads a shard's tars whole (``read_shard``) or one sample by offset (``read_view``)."""
 
-    def __init__(self, *args, index_cache_shards: int = 64, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._width = _key_width(self.num_images)
-        self._index = lru_cache(maxsize=index_cache_shards)(self._load_index)
+    def __init__(self, url: str, fs, root: str, doc: dict, index_cache_shards: int = 64):
+        self._index_cache_shards = index_cache_shards
+        super().__init__(url, fs, root, doc)
+
+    def _reset_caches(self) -> None:
+        self._index = lru_cache(maxsize=self._index_cache_shards)(self._load_index)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_index_cache_shards": self._index_cache_shards}
 
     def tar_urls(self) -> list[str]:
         """Every tar of the cache (completed shards, in order), as URLs for webdataset."""
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         prefix = "" if protocol in ("file", "local") else f"{protocol}://"
         return [prefix + join(self.root, rel) for s in sorted(self._markers)
-                for rel in sorted(self._markers[s]["files"])]
+                for rel in sorted(self._marker(s)["files"])]
 
     def _parts(self, shard: int) -> list[tuple[str, int]]:
         files = self._marker(shard)["files"]
