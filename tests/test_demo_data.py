@@ -1,0 +1,131 @@
+"""The demo set: deterministic bytes, right labels, split by source digit, 32x32 RGB."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from tec_pipeline.data import demo
+from tec_pipeline.data.demo import DemoDataError, build_demo_data
+from tec_pipeline.data.sources import ImageFolderSource
+
+TINY = dict(train_size=40, test_size=20, difficulty=0.5)
+
+
+def all_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("demo")
+    return root, build_demo_data(root, seed=0, **TINY)
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(built, tmp_path):
+    root, _ = built
+    again = build_demo_data(tmp_path / "again", seed=0, **TINY)
+    other = build_demo_data(tmp_path / "other", seed=1, **TINY)
+    ref = all_bytes(root)
+    assert len(ref) == TINY["train_size"] + TINY["test_size"] + 1  # + manifest
+    assert all_bytes(tmp_path / "again") == ref
+    assert again["images"] == built[1]["images"]
+    differ = all_bytes(tmp_path / "other")
+    assert differ != ref
+    assert other["source_digits"]["test"] != built[1]["source_digits"]["test"]
+
+
+def test_class_folder_is_the_source_digits_label(built):
+    root, manifest = built
+    target = load_digits().target
+    for split in ("train", "test"):
+        images = manifest["images"][split]
+        assert len(images["source"]) == manifest["settings"][f"{split}_size"]
+        for i, (src, label) in enumerate(zip(images["source"], images["label"])):
+            assert target[src] == label
+            assert (root / split / str(label) / f"{i:05d}.png").is_file()
+        # The reader every stage uses agrees: class index == digit.
+        source = ImageFolderSource(root / split)
+        for j in range(len(source)):
+            folder = source.name(j).split("/")[0]
+            index = int(Path(source.name(j)).stem)
+            assert int(source.classes[source.label(j)]) == int(folder) == target[images["source"][index]]
+
+
+def test_split_by_source_digit(built):
+    _, manifest = built
+    train, test = (set(manifest["source_digits"][s]) for s in ("train", "test"))
+    assert not train & test
+    assert train | test == set(range(1797))
+    assert set(manifest["images"]["train"]["source"]) <= train
+    assert set(manifest["images"]["test"]["source"]) <= test
+    # Stratified: every class gives about a fifth of its digits to the test split.
+    target = load_digits().target
+    per_class = np.bincount(target[sorted(test)], minlength=10) / np.bincount(target, minlength=10)
+    assert np.allclose(per_class, demo.TEST_FRACTION, atol=0.01)
+
+
+def test_images_are_32px_rgb(built):
+    root, _ = built
+    for path in list((root / "train").rglob("*.png"))[:10] + list((root / "test").rglob("*.png"))[:10]:
+        with Image.open(path) as im:
+            assert im.mode == "RGB" and im.size == (32, 32)
+
+
+def test_clutter_comes_from_the_same_split(monkeypatch, tmp_path):
+    """A test digit's strokes must not appear in training images, not even as clutter."""
+    seen, current = {"train": [], "test": []}, {}
+    real_image, real_digit = demo.render_image, demo.render_digit
+
+    def image_spy(settings, split, *args):
+        current["split"] = split
+        return real_image(settings, split, *args)
+
+    def digit_spy(glyph, clutter, *args, **kwargs):
+        seen[current["split"]].extend(clutter)
+        return real_digit(glyph, clutter, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "render_image", image_spy)
+    monkeypatch.setattr(demo, "render_digit", digit_spy)
+    manifest = build_demo_data(tmp_path, train_size=30, test_size=30, difficulty=1.0, seed=0)
+    glyphs = (load_digits().images / 16.0).astype(np.float32)
+    for split in ("train", "test"):
+        assert len(seen[split]) > 10
+        own = glyphs[manifest["source_digits"][split]].reshape(-1, 64)
+        for g in seen[split]:
+            assert (own == g.reshape(1, 64)).all(1).any(), f"{split} clutter from another split"
+
+
+def test_the_digit_is_drawn():
+    """At difficulty 0 the centre of the image shows the digit: rendering the same draw
+    with a blank glyph gives a visibly different image."""
+    glyphs, labels, photos = demo.load_ingredients()
+    n = demo.nuisances(0.0)
+    a = demo.render_digit(glyphs[0], [], photos, n, np.random.default_rng(0)).astype(float)
+    b = demo.render_digit(np.zeros((8, 8), np.float32), [], photos, n, np.random.default_rng(0)).astype(float)
+    assert np.abs(a - b)[8:24, 8:24].mean() > 20
+
+
+def test_reuse_refuse_overwrite(built, tmp_path):
+    root = tmp_path / "d"
+    build_demo_data(root, seed=0, **TINY)
+    first = root / "train" / str(built[1]["images"]["train"]["label"][0]) / "00000.png"
+    stamp = first.stat().st_mtime_ns
+    build_demo_data(root, seed=0, **TINY)  # same settings: reused, nothing rewritten
+    assert first.stat().st_mtime_ns == stamp
+    with pytest.raises(DemoDataError, match="other settings") as err:
+        build_demo_data(root, seed=1, **TINY)
+    assert "\n" not in str(err.value)
+    manifest = build_demo_data(root, seed=1, overwrite=True, **TINY)
+    assert manifest["settings"]["seed"] == 1
+    assert len(all_bytes(root)) == TINY["train_size"] + TINY["test_size"] + 1
+    assert not (root / ".partial").exists()
+
+
+def test_refuses_a_folder_that_is_not_a_demo_build(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(DemoDataError, match="no manifest.json"):
+        build_demo_data(tmp_path, **TINY)
+    with pytest.raises(DemoDataError, match="difficulty"):
+        build_demo_data(tmp_path / "x", train_size=4, test_size=4, difficulty=1.5)

@@ -1,0 +1,176 @@
+"""Frozen-feature evaluation: weighted k-NN against a slow reference, the probe, the table."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tec_pipeline.config import ViTArch
+from tec_pipeline.evaluate import (EvalError, evaluate_models, extract_features, format_table, knn_accuracy,
+                                   knn_predict, linear_probe_accuracy, pixel_features, random_init_like, run_eval)
+from tec_pipeline.models.base import build_vit
+
+TINY_VIT = ViTArch(name="vit_base_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+
+
+def blobs(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int):
+    """Gaussian clusters around random directions: separable when `spread` is small."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(num_classes, dim))
+    y = np.repeat(np.arange(num_classes), n_per_class)
+    X = centres[y] + spread * rng.normal(size=(len(y), dim))
+    return X.astype(np.float32), y
+
+
+def reference_knn(train_X, train_y, test_X, k, T, num_classes):
+    """The obvious loop, in float64."""
+    train_X, test_X = np.asarray(train_X, np.float64), np.asarray(test_X, np.float64)
+    preds = []
+    for x in test_X:
+        sims = [float(x @ t / (np.linalg.norm(x) * np.linalg.norm(t))) for t in train_X]
+        order = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+        votes = [0.0] * num_classes
+        for i in order:
+            votes[train_y[i]] += np.exp(sims[i] / T)
+        preds.append(int(np.argmax(votes)))
+    return np.asarray(preds)
+
+
+def test_knn_separable_is_perfect_and_shuffled_is_chance():
+    Xtr, ytr = blobs(50, 5, 16, 0.1, seed=0)
+    Xte, yte = blobs(20, 5, 16, 0.1, seed=0)
+    Xte = Xte + 0.01  # not the same points as training
+    assert knn_accuracy(Xtr, ytr, Xte, yte) == 1.0
+    rng = np.random.default_rng(1)
+    Xtr, Xte = rng.normal(size=(500, 16)), rng.normal(size=(500, 16))
+    acc = knn_accuracy(Xtr, rng.integers(0, 10, 500), Xte, rng.integers(0, 10, 500))
+    assert 0.03 < acc < 0.2
+
+
+@pytest.mark.parametrize("k,T", [(1, 0.07), (5, 0.07), (7, 1.0), (200, 0.1)])
+def test_knn_matches_slow_float64_reference(k, T):
+    rng = np.random.default_rng(k)
+    Xtr, ytr = rng.normal(size=(60, 8)).astype(np.float32), rng.integers(0, 4, 60)
+    Xte = rng.normal(size=(25, 8)).astype(np.float32)
+    expected = reference_knn(Xtr, ytr, Xte, min(k, 60), T, 4)
+    assert (knn_predict(Xtr, ytr, Xte, k=k, T=T, num_classes=4, chunk=7) == expected).all()
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    """One very close neighbour of class 0 outvotes two farther ones of class 1 at small T
+    (a plain majority vote would say 1), but not at a large T."""
+    Xtr = np.array([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]], np.float32)
+    ytr = np.array([0, 1, 1])
+    Xte = np.array([[1.0, 0.05]], np.float32)
+    assert knn_predict(Xtr, ytr, Xte, k=3, T=0.07)[0] == 0
+    assert knn_predict(Xtr, ytr, Xte, k=3, T=100.0)[0] == 1
+
+
+def test_linear_probe_separable_is_high_and_shuffled_is_low():
+    Xtr, ytr = blobs(40, 4, 10, 0.3, seed=2)
+    Xte, yte = blobs(40, 4, 10, 0.3, seed=2)
+    Xte = Xte + np.random.default_rng(3).normal(0, 0.1, Xte.shape).astype(np.float32)
+    assert linear_probe_accuracy(Xtr, ytr, Xte, yte) >= 0.95
+    rng = np.random.default_rng(4)
+    assert linear_probe_accuracy(Xtr, rng.permutation(ytr), Xte, yte) < 0.6
+
+
+def write_folder(root: Path, per_class: dict[str, int], seed: int, size: int = 32) -> Path:
+    """An ImageFolder whose classes differ in hue (so even cosine on raw pixels separates them)."""
+    rng = np.random.default_rng(seed)
+    for c, n in per_class.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            base = np.full((size, size, 3), 40.0)
+            base[..., int(c) % 3] = 220.0
+            pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    train = write_folder(root / "train", {"0": 8, "1": 8, "2": 8}, seed=0)
+    test = write_folder(root / "test", {"0": 4, "2": 4}, seed=1)  # class "1" missing on purpose
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return build_vit(TINY_VIT).eval()
+
+
+def test_extract_features_shapes_pools_and_labels_by_class_name(folders, vit):
+    train, test = folders
+    X, y = extract_features(vit, train, pool="cls", batch_size=5)
+    assert X.dtype == np.float32 and X.shape == (24, 32) and y.dtype == np.int64
+    assert y.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+    Xm, _ = extract_features(vit, train, pool="mean", batch_size=64)
+    assert not np.allclose(X, Xm)
+    # Batching does not change features.
+    Xb, _ = extract_features(vit, train, pool="cls", batch_size=64)
+    np.testing.assert_allclose(X, Xb, rtol=1e-4, atol=1e-5)
+    # The test folder lacks class "1": labels follow the given class names, not folder positions.
+    _, yte = extract_features(vit, test, classes=["0", "1", "2"])
+    assert yte.tolist() == [0] * 4 + [2] * 4
+    with pytest.raises(EvalError, match="pool"):
+        extract_features(vit, train, pool="max")
+
+
+def test_extract_features_resizes_to_the_encoder_size(folders):
+    small = build_vit(ViTArch(**{**TINY_VIT.__dict__, "img_size": 16})).eval()
+    X, _ = extract_features(small, folders[0])
+    assert X.shape == (24, 32)
+    P, _ = pixel_features(folders[0], size=8)
+    assert P.shape == (24, 3 * 8 * 8)
+
+
+def test_random_init_like_redraws_everything_and_keeps_the_original(vit):
+    trained = random_init_like(vit, seed=5)  # a copy we may scribble on
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(3.0)
+    fresh = random_init_like(trained, seed=0)
+    for (name, p), q in zip(trained.named_parameters(), fresh.parameters()):
+        assert not torch.allclose(p, q), name
+    assert torch.equal(next(iter(random_init_like(trained, seed=0).parameters())), next(iter(fresh.parameters())))
+    assert all(float(p.min()) > 1.0 for n, p in trained.named_parameters() if n.endswith("norm.weight"))
+
+
+def test_evaluate_models_adds_floors_and_runs(folders, vit):
+    train, test = folders
+    rows = evaluate_models({"model": vit}, train, test, pool="cls", k=3)
+    assert [r["name"] for r in rows] == ["pixels", "random-init", "model"]
+    assert [r["dim"] for r in rows] == [3 * 32 * 32, 32, 32]
+    for r in rows:
+        assert set(r) == {"name", "knn", "linear", "dim"}
+        assert 0.0 <= r["knn"] <= 1.0 and 0.0 <= r["linear"] <= 1.0
+    assert rows[0]["knn"] == 1.0  # colours separate the classes: the pixel floor sees it
+    table = format_table(rows)
+    assert "random-init" in table and "100.0%" in table and len(table.splitlines()) == 4
+
+
+def test_run_eval_loads_checkpoints_and_writes_json(folders, vit, tmp_path):
+    ckpt = tmp_path / "vit.pth"
+    torch.save(vit.state_dict(), ckpt)
+    printed = []
+    out = tmp_path / "eval" / "table.json"
+    rows = run_eval([("tiny", TINY_VIT, ckpt)], *folders, pool="mean", k=3, output=out, echo=printed.append)
+    report = json.loads(out.read_text())
+    assert report["rows"] == rows and report["pool"] == "mean"
+    assert report["models"][0]["checkpoint"] == str(ckpt) and report["models"][0]["arch"]["patch_size"] == 4
+    assert [r["name"] for r in rows] == ["pixels", "random-init", "tiny"]
+    assert printed[-1] == format_table(rows)
+    # The checkpoint was really loaded: its features equal the in-memory model's.
+    direct = evaluate_models({"tiny": vit}, *folders, pool="mean", k=3, floors=False)
+    assert direct[0] == rows[2]
+
+
+def test_unlabelled_folder_is_refused(tmp_path, vit):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(EvalError, match="labelled"):
+        extract_features(vit, tmp_path)
