@@ -1,0 +1,221 @@
+"""Stage two speed: a training step from the cache vs online, the loaders alone, and data wait.
+
+Measures, on whatever device is here (CPU by default):
+
+1. **step time**: one TEC step (new-model forward, both losses, backward, AdamW) with the
+   targets read from memory (what the cache gives) vs. online (base forward + target
+   enhancement + the same step). Default: ViT-B/16 new model + ViT-B/16 base at 224, batch 8.
+2. **loader alone**: views/s of the cache reader (targets only: `CachedBatches(render=False)`)
+   and of the full loader (targets + JPEG decode + crop/resize render), over a synthetic
+   zarr cache of the same shapes written through the store API.
+3. **data wait**: the fraction of a short `run_train` spent waiting for the loader
+   (from its log.jsonl), with `--workers` loader processes.
+
+Example (smaller model: note it in any report):
+    python benchmarks/train_step.py --arch vit_small_patch16_224 --base-arch vit_small_patch16_224 --out bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tec_pipeline.cache.store import create_cache, open_cache  # noqa: E402
+from tec_pipeline.config import Config, TargetConfig, ViTArch  # noqa: E402
+from tec_pipeline.data.sources import ImageFolderSource  # noqa: E402
+from tec_pipeline.models.base import load_base_model  # noqa: E402
+from tec_pipeline.models.tec import TECModel  # noqa: E402
+from tec_pipeline.schedule import param_groups  # noqa: E402
+from tec_pipeline.step import tec_losses  # noqa: E402
+from tec_pipeline.targets import compute_targets  # noqa: E402
+from tec_pipeline.train_data import (  # noqa: E402
+    CachedBatches, epoch_order, plan_epoch, reader_shards, view_indices,
+)
+from tec_pipeline.views import normalize, sample_view  # noqa: E402
+
+
+# ---------------------------------------------------------------- 1. step time
+def time_steps(fn, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_step(args) -> dict:
+    """Median seconds per step: cached targets vs online (base in the loop)."""
+    torch.manual_seed(0)
+    base = load_base_model(ViTArch(name=args.base_arch), None, img_size=args.img_size)
+    C, H = base.embed_dim, base.blocks[-1].attn.num_heads
+    model = TECModel(ViTArch(name=args.arch, img_size=args.img_size), feat_dim=C, attn_dim=C, attn_heads=H)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    images = normalize(torch.randint(0, 256, (args.batch, 3, args.img_size, args.img_size), dtype=torch.uint8))
+    cfg = TargetConfig(k=args.k)
+    cached = compute_targets(base, images, cfg.last_layers, args.k)
+
+    def update(targets) -> None:
+        losses = tec_losses(model, images, targets, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+
+    def base_only() -> None:
+        compute_targets(base, images, cfg.last_layers, args.k)
+
+    t_cache = time_steps(lambda: update(cached), args.steps, args.warmup)
+    t_online = time_steps(lambda: update(compute_targets(base, images, cfg.last_layers, args.k)), args.steps, args.warmup)
+    t_base = time_steps(base_only, args.steps, 1)
+    med = statistics.median
+    return {"cache_step_s": med(t_cache), "online_step_s": med(t_online), "base_targets_s": med(t_base),
+            "online_over_cache": med(t_online) / med(t_cache), "base_share_of_online": med(t_base) / med(t_online)}
+
+
+# ---------------------------------------------------------------- 2. loaders
+def make_images(root: Path, n: int) -> ImageFolderSource:
+    """ImageNet-like JPEGs (~500x375, smooth noise so they compress like photos)."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h = int(rng.integers(400, 520)), int(rng.integers(300, 400))
+        small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR).save(root / f"{i:05d}.jpg", quality=90)
+    return ImageFolderSource(root)
+
+
+def make_cache(url: str, source: ImageFolderSource, args, L: int, C: int, H: int) -> None:
+    """A synthetic cache of the benchmark's shapes (Gaussian targets, real crop params), via the store API."""
+    n, V, k = len(source), args.views, args.k
+    meta = {"store": "zarr", "num_images": n, "views": V, "num_patches": L, "feat_dim": C, "heads": H, "k_max": k,
+            "images_per_shard": args.images_per_shard, "feat_dtype": args.feat_dtype, "attn_dtype": args.attn_dtype,
+            "zstd_level": 1, "identity": {"img_size": args.img_size, "seed": 0, "benchmark": True},
+            "source": {"kind": "imagefolder", "path": str(source.root), "num_images": n,
+                       "fingerprint": source.fingerprint()}}
+    writer = create_cache(url, meta, overwrite=True)
+    rng = np.random.default_rng(0)
+    for shard in range(writer.num_shards):
+        r = writer.shard_range(shard)
+        m = len(r)
+        crops = np.stack([[sample_view(0, i, v, *source.load(i).size[::-1]).as_array() for v in range(V)] for i in r])
+        writer.write_shard(shard, {
+            "crop": crops, "feat": rng.standard_normal((m, V, L, C), dtype=np.float32),
+            "feat_mean": rng.standard_normal((m, V, C), dtype=np.float32),
+            "feat_std": np.ones((m, V, C), np.float32),
+            "attn": rng.standard_normal((m, V, k + 1, H, L), dtype=np.float32) * 3,
+            "topk_idx": np.stack([[rng.permutation(L)[:k] for _ in range(V)] for _ in range(m)]),
+            "valid": np.ones(m, np.uint8), "label": np.zeros(m, np.int64)})
+    writer.finalize({})
+
+
+def bench_loader(url: str, args, render: bool, workers: int) -> float:
+    """Views/s over one epoch of the chunk-aware loader, targets only or targets + rendered views."""
+    from tec_pipeline.train_data import cache_image_source, epoch_loader
+
+    reader = open_cache(url)
+    source = cache_image_source(reader) if render else None
+    make = CachedBatches(reader, source, args.img_size, args.k + 1, buffer_shards=2, render=render)
+    order = epoch_order(reader_shards(reader), None, 0, 0, 2)
+    plan = plan_epoch(order, view_indices(order, 0, 0, reader.views, "cycle"), args.batch)
+    start, views = time.perf_counter(), 0
+    for batch in epoch_loader(plan, make, 0, workers):
+        views += len(batch["index"])
+    return views / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- 3. data wait in training
+def bench_training(url: str, args, out: Path) -> dict:
+    from stages.train import TrainConfig, run_train
+
+    cfg = Config(seed=0, output=str(out))
+    cfg.model = replace(cfg.model, arch=ViTArch(name=args.arch))
+    cfg.targets = replace(cfg.targets, source="cache", k=args.k)
+    cfg.data = replace(cfg.data, img_size=args.img_size, batch_size=args.batch, num_workers=args.workers)
+    cfg.cache = replace(cfg.cache, path=url)
+    cfg.train = TrainConfig(max_steps=args.train_steps, checkpoint_every=10**9)
+    run_train(cfg)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][1:]  # first: start-up
+    return {"data_wait_fraction": statistics.mean(r["data_wait"] for r in records),
+            "train_images_per_s": statistics.mean(r["images_per_s"] for r in records),
+            "train_steps_measured": len(records)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="vit_base_patch16_224", help="new model (timm name)")
+    p.add_argument("--base-arch", default="vit_base_patch16_224", help="base model (timm name)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--k", type=int, default=15)
+    p.add_argument("--steps", type=int, default=5, help="measured steps per variant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--images", type=int, default=256, help="images in the synthetic cache")
+    p.add_argument("--views", type=int, default=1)
+    p.add_argument("--images-per-shard", type=int, default=64)
+    p.add_argument("--feat-dtype", default="int8", choices=("float32", "float16", "int8"))
+    p.add_argument("--attn-dtype", default="uint8", choices=("float32", "float16", "uint8"))
+    p.add_argument("--workers", type=int, default=2, help="loader processes for the full loader and training")
+    p.add_argument("--train-steps", type=int, default=6)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--skip", nargs="*", default=[], choices=("step", "loader", "train"))
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    res: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                 "device": device, "torch_threads": torch.get_num_threads()}
+    if "step" not in args.skip:
+        res["step"] = bench_step(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if "loader" not in args.skip or "train" not in args.skip:
+            base = load_base_model(ViTArch(name=args.base_arch), None, img_size=args.img_size)
+            L, C, H = base.patch_embed.num_patches, base.embed_dim, base.blocks[-1].attn.num_heads
+            source = make_images(tmp / "images", args.images)
+            make_cache(str(tmp / "cache.zarr"), source, args, L, C, H)
+        if "loader" not in args.skip:
+            res["loader"] = {"targets_only_views_s_0w": bench_loader(str(tmp / "cache.zarr"), args, False, 0),
+                             "full_views_s_0w": bench_loader(str(tmp / "cache.zarr"), args, True, 0),
+                             f"full_views_s_{args.workers}w": bench_loader(str(tmp / "cache.zarr"), args, True, args.workers)}
+        if "train" not in args.skip:
+            res["train"] = bench_training(str(tmp / "cache.zarr"), args, tmp / "run")
+    print_table(res)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2))
+
+
+def print_table(res: dict) -> None:
+    s = res["settings"]
+    print(f"\nstage-two benchmark on {res['device']} ({res['torch_threads']} threads): new {s['arch']}, "
+          f"base {s['base_arch']}, {s['img_size']}px, batch {s['batch']}")
+    rows = []
+    if "step" in res:
+        r = res["step"]
+        rows += [("step from cache (s)", r["cache_step_s"]), ("step online (s)", r["online_step_s"]),
+                 ("  base forward + targets (s)", r["base_targets_s"]), ("online / cache", r["online_over_cache"]),
+                 ("base share of online step", r["base_share_of_online"])]
+    for k, v in res.get("loader", {}).items():
+        rows.append((f"loader {k.replace('_', ' ')}", v))
+    for k, v in res.get("train", {}).items():
+        rows.append((f"training {k.replace('_', ' ')}", v))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
