@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -31,7 +32,7 @@ from tec_pipeline.step import tec_losses
 from tec_pipeline.targets import compute_targets
 from tec_pipeline.train_data import (
     CachedBatches, OnlineBatches, TargetReader, TargetSpec, attention_rows, base_spec, batch_targets, cache_image_source,
-    cache_spec, check_request, epoch_loader, epoch_order, mask_noise, open_image_source, plan_epoch,
+    cache_spec, check_cache_base, check_request, epoch_loader, epoch_order, mask_noise, open_image_source, plan_epoch,
     reader_shards, uniform_shards, valid_mask, view_indices,
 )
 from tec_pipeline.views import normalize
@@ -75,6 +76,7 @@ class DataPipeline:
     views: int
     make_batch: object
     base: Optional[torch.nn.Module] = None
+    meta: Optional[dict] = None  # the cache's metadata (cached runs)
 
 
 def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] = None) -> DataPipeline:
@@ -93,8 +95,9 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
             raise UserError(f"cache.path={cfg.cache.path}: the cache is incomplete (finish stage one first)")
         source = cache_image_source(reader, d.path) if render else None
         make = CachedBatches(reader, source, d.img_size, rows, _buffer_shards(cfg), render)
+        check_cache_base(reader.meta, cfg.base.checkpoint)
         return DataPipeline("cache", cache_spec(reader.meta), reader_shards(reader), valid_mask(reader),
-                            reader.views, make)
+                            reader.views, make, meta=reader.meta)
     source = open_image_source(d.kind, d.path)
     shards = uniform_shards(len(source), cfg.cache.images_per_shard)  # same order as a cache of this config
     make = OnlineBatches(source, d.img_size, cfg.seed, (d.scale_min, d.scale_max))
@@ -311,25 +314,65 @@ def _check_finite(values: dict[str, float], step: int, ckpt: Path, last_saved: i
         raise UserError(f"step {step + 1}: non-finite loss ({terms}); training stopped, {kept}")
 
 
-def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
-              reader: Optional[TargetReader] = None) -> dict:
-    """Train (or resume) one run into ``cfg.output``; returns the last step's losses and the paths.
+class Meter:
+    """Loss terms of the current optimizer step, and throughput / data wait since the last record."""
 
-    `stop_after` ends the process after that many optimizer steps in total, as an
-    interruption would (a checkpoint is saved); ``--resume`` then continues the same schedule.
-    `reader` is an already opened cache to use instead of ``cache.path``.
-    """
-    ts = train_settings(cfg)
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.start, self.waited, self.images = time.perf_counter(), 0.0, 0
+
+    def add(self, values: dict[str, float], images: int, accum: int) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v / accum  # mean over the accumulated micro-batches
+        self.images += images
+
+    def record(self, step: int, epoch: float, lr: float) -> dict:
+        elapsed = time.perf_counter() - self.start
+        rec = {"step": step, "epoch": epoch, "lr": lr, **self.sums,
+               "images_per_s": self.images / elapsed, "data_wait": self.waited / elapsed}
+        self.start, self.waited, self.images = time.perf_counter(), 0.0, 0
+        return rec
+
+
+@dataclass
+class Run:
+    """Everything a training run holds while it trains."""
+
+    cfg: Config
+    settings: TrainConfig
+    accelerator: Accelerator
+    data: DataPipeline
+    model: torch.nn.Module  # as prepared by accelerate
+    inner: TECModel
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    kwargs: dict
+    ckpt_path: Path
+    step: int = 0
+    last_saved: int = -1
+
+
+def _run_dir(cfg: Config, resume: bool) -> Path:
     run_dir = Path(cfg.output)
-    ckpt_path = run_dir / CHECKPOINT
-    if ckpt_path.exists() and not resume:
+    ckpt = run_dir / CHECKPOINT
+    if ckpt.exists() and not resume:
         raise UserError(f"output={run_dir} already holds a run; pass --resume to continue it or choose another output")
-    if resume and not ckpt_path.exists():
+    if resume and not ckpt.exists():
         raise UserError(f"--resume: output={run_dir} has no checkpoint to continue from")
     run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
-    accelerator = Accelerator(mixed_precision=cfg.optim.mixed_precision, gradient_accumulation_steps=cfg.optim.accum_steps,
-                              log_with=_tracker(), project_dir=str(run_dir))
+
+def _accelerator(cfg: Config, run_dir: Path) -> Accelerator:
+    try:
+        return Accelerator(mixed_precision=cfg.optim.mixed_precision, gradient_accumulation_steps=cfg.optim.accum_steps,
+                           log_with=_tracker(), project_dir=str(run_dir))
+    except ValueError as err:  # e.g. fp16 without a GPU
+        raise UserError(f"optim.mixed_precision={cfg.optim.mixed_precision}: {str(err).splitlines()[0]}") from None
+
+
+def setup_run(cfg: Config, accelerator: Accelerator, run_dir: Path, reader: Optional[TargetReader]) -> Run:
+    """Targets, model (checked against what the targets can serve), AdamW groups and schedule."""
     data = open_data(cfg, reader=reader)
     t = effective_targets(cfg)
     kwargs = model_kwargs(cfg, data.spec)
@@ -340,90 +383,122 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
     check_request(data.spec, img_size=cfg.data.img_size, num_patches=model.encoder.patch_embed.num_patches,
                   k=t.k, attention=t.attention, what="the cache" if data.source == "cache" else "the base model")
     if _setting(cfg, "model.init_from_base", False):
-        if not cfg.base.checkpoint:
+        # a cached run may name no base: the cache records the checkpoint it was made with
+        checkpoint = cfg.base.checkpoint or ((data.meta or {}).get("base") or {}).get("checkpoint")
+        if not checkpoint:
             raise UserError("model.init_from_base=true needs base.checkpoint (the base model's weights)")
-        init_from_base(model, cfg.base.checkpoint)
+        init_from_base(model, checkpoint)
+    settings = train_settings(cfg)
     usable = int(data.valid.sum()) if data.valid is not None else sum(len(r) for r in data.shards)
-    schedule = make_schedule(cfg, usable, accelerator.num_processes, ts.max_steps)
+    schedule = make_schedule(cfg, usable, accelerator.num_processes, settings.max_steps)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=schedule.lr, betas=(o.beta1, o.beta2))
-    inner = model
-    model, optimizer = accelerator.prepare(model, optimizer)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
     if data.base is not None:
         data.base.to(accelerator.device)
+    return Run(cfg, settings, accelerator, data, prepared, model, optimizer, schedule, kwargs, run_dir / CHECKPOINT)
 
-    step, last_saved = 0, -1
-    if resume:
-        state = load_checkpoint(ckpt_path)
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if accelerator.scaler is not None and state["scaler"] is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        step = last_saved = int(state["step"])
-    if accelerator.is_main_process:
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        if not resume:
-            counts = count_parameters(inner)
-            (run_dir / "params.json").write_text(json.dumps(counts, indent=2))
-    accelerator.init_trackers("tec", config=_scalars(cfg))
-    log = RunLog(run_dir, accelerator, step)
-    forward = _Forward(model, inner)
-    patch = inner.encoder.patch_embed.patch_size[0]
-    accum, mode = o.accum_steps, _setting(cfg, "data.view_mode", "cycle")
-    end = min(schedule.total_steps, stop_after) if stop_after is not None else schedule.total_steps
 
-    bar = tqdm(total=schedule.total_steps, initial=step, desc=f"train {data.source}", unit="step",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    sums: dict[str, float] = {}
-    window_start, waited, images_seen = time.perf_counter(), 0.0, 0
-    last: dict = {}
-    micro = step * accum
-    while step < end:
-        epoch, start = divmod(micro, schedule.batches_per_epoch)
-        order = epoch_order(data.shards, data.valid, cfg.seed, epoch, _buffer_shards(cfg))
-        plan = plan_epoch(order, view_indices(order, cfg.seed, epoch, data.views, mode), cfg.data.batch_size,
-                          accelerator.num_processes, accelerator.process_index, schedule.batches_per_epoch)
-        loader = epoch_loader(plan, data.make_batch, start, cfg.data.num_workers, torch.cuda.is_available())
+def restore(run: Run) -> None:
+    """Continue from the run's checkpoint: weights, AdamW moments, loss scaler, RNG, step."""
+    state = load_checkpoint(run.ckpt_path)
+    run.accelerator.unwrap_model(run.model).load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.accelerator.scaler is not None and state["scaler"] is not None:
+        run.accelerator.scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    run.step = run.last_saved = int(state["step"])
+
+
+def epoch_batches(run: Run, micro: int):
+    """The loader of the epoch that micro-batch `micro` falls in, started at that batch."""
+    cfg, acc, schedule = run.cfg, run.accelerator, run.schedule
+    epoch, start = divmod(micro, schedule.batches_per_epoch)
+    order = epoch_order(run.data.shards, run.data.valid, cfg.seed, epoch, _buffer_shards(cfg))
+    views = view_indices(order, cfg.seed, epoch, run.data.views, _setting(cfg, "data.view_mode", "cycle"))
+    plan = plan_epoch(order, views, cfg.data.batch_size, acc.num_processes, acc.process_index,
+                      schedule.batches_per_epoch)
+    return epoch_loader(plan, run.data.make_batch, start, cfg.data.num_workers, torch.cuda.is_available())
+
+
+def micro_step(run: Run, batch: dict, micro: int) -> dict[str, float]:
+    """Forward, finite check, backward; the prepared optimizer steps once per accumulation cycle."""
+    forward = _Forward(run.model, run.inner)
+    with run.accelerator.accumulate(run.model):
+        losses = step_losses(run.data, forward, batch, run.cfg, micro, run.accelerator,
+                             run.inner.encoder.patch_embed.patch_size[0])
+        values = {k: v.item() for k, v in losses.items()}
+        _check_finite(values, run.step, run.ckpt_path, run.last_saved)
+        run.accelerator.backward(losses["loss"])
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return values
+
+
+def train_until(run: Run, end: int, log: RunLog, bar) -> dict:
+    """Optimizer steps until `end`: lr per iteration, logs, periodic atomic checkpoints."""
+    accum, meter, last = run.cfg.optim.accum_steps, Meter(), {}
+    micro = run.step * accum
+    while run.step < end:
         fetch = time.perf_counter()
-        for batch in loader:
-            waited += time.perf_counter() - fetch
+        for batch in epoch_batches(run, micro):
+            meter.waited += time.perf_counter() - fetch
             if micro % accum == 0:
-                set_lr(optimizer, schedule.lr_at(step, o.min_lr))
-            with accelerator.accumulate(model):
-                losses = step_losses(data, forward, batch, cfg, micro, accelerator, patch)
-                values = {k: v.item() for k, v in losses.items()}
-                _check_finite(values, step, ckpt_path, last_saved)
-                accelerator.backward(losses["loss"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                set_lr(run.optimizer, run.schedule.lr_at(run.step, run.cfg.optim.min_lr))
+            values = micro_step(run, batch, micro)
             micro += 1
-            images_seen += batch["images"].shape[0] * accelerator.num_processes
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v / accum
+            meter.add(values, batch["images"].shape[0] * run.accelerator.num_processes, accum)
             if micro % accum == 0:
-                step += 1
-                if step % ts.log_every == 0 or step == end:
-                    elapsed = time.perf_counter() - window_start
-                    last = {"step": step, "epoch": micro / schedule.batches_per_epoch,
-                            "lr": optimizer.param_groups[0]["lr"], **sums,
-                            "images_per_s": images_seen / elapsed, "data_wait": waited / elapsed}
+                run.step += 1
+                if run.step % run.settings.log_every == 0 or run.step == end:
+                    last = meter.record(run.step, micro / run.schedule.batches_per_epoch,
+                                        run.optimizer.param_groups[0]["lr"])
                     log.write(last)
-                    bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{last['lr']:.2e}", img_s=f"{last['images_per_s']:.1f}")
-                    window_start, waited, images_seen = time.perf_counter(), 0.0, 0
-                sums = {}
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                    img_s=f"{last['images_per_s']:.1f}")
+                meter.sums = {}
                 bar.update(1)
-                if step % ts.checkpoint_every == 0 or step == end:
-                    save_state(ckpt_path, accelerator, model, optimizer, step, kwargs, cfg, schedule)
-                    last_saved = step
-                if step >= end:
+                if run.step % run.settings.checkpoint_every == 0 or run.step == end:
+                    save_state(run.ckpt_path, run.accelerator, run.model, run.optimizer, run.step, run.kwargs,
+                               run.cfg, run.schedule)
+                    run.last_saved = run.step
+                if run.step >= end:
                     break
             fetch = time.perf_counter()
-    bar.close()
-    accelerator.end_training()
-    last = last or log.last()  # a resumed run that had already finished
-    return {"step": step, "losses": {k: v for k, v in last.items() if k.startswith("loss")},
-            "output": str(run_dir), "checkpoint": str(ckpt_path), "finished": step >= schedule.total_steps}
+    return last
+
+
+def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
+              reader: Optional[TargetReader] = None) -> dict:
+    """Train (or resume) one run into ``cfg.output``; returns the last step's losses and the paths.
+
+    `stop_after` ends the process after that many optimizer steps in total, as an
+    interruption would (a checkpoint is saved); ``--resume`` then continues the same schedule.
+    `reader` is an already opened cache to use instead of ``cache.path``.
+    """
+    run_dir = _run_dir(cfg, resume)
+    accelerator = _accelerator(cfg, run_dir)
+    try:
+        run = setup_run(cfg, accelerator, run_dir, reader)
+        if resume:
+            restore(run)
+        if accelerator.is_main_process:
+            (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            (run_dir / "params.json").write_text(json.dumps(count_parameters(run.inner), indent=2))
+        accelerator.init_trackers("tec", config=_scalars(cfg))
+        log = RunLog(run_dir, accelerator, run.step)
+        total = run.schedule.total_steps
+        end = min(total, stop_after) if stop_after is not None else total
+        with tqdm(total=total, initial=run.step, desc=f"train {run.data.source}", unit="step",
+                  disable=not accelerator.is_local_main_process, dynamic_ncols=True) as bar:
+            last = train_until(run, end, log, bar) or log.last()  # log.last(): resumed an already finished run
+    finally:
+        accelerator.end_training()
+        # Let a later run in this process pick another mixed precision (ablations, tests):
+        # accelerate keeps its state process-wide otherwise.
+        AcceleratorState._reset_state()
+    return {"step": run.step, "losses": {k: v for k, v in last.items() if k.startswith("loss")},
+            "output": str(run_dir), "checkpoint": str(run.ckpt_path), "finished": run.step >= total}
 
 
 # ---------------------------------------------------------------- ablations (Tab. 6)

@@ -99,6 +99,18 @@ def check_request(spec: TargetSpec, *, img_size: int, num_patches: int, k: int, 
         raise CacheMismatchError(f"targets.attention={attention} but {what} holds no attention target")
 
 
+def check_cache_base(meta: dict, checkpoint: Optional[str]) -> None:
+    """A given ``base.checkpoint`` must be the one the cache was made with (same SHA-256)."""
+    recorded = (meta.get("identity", {}).get("base") or {}).get("checkpoint_sha256")
+    if not checkpoint or not recorded:
+        return
+    from .models.base import file_sha256
+
+    if file_sha256(checkpoint) != recorded:
+        raise CacheMismatchError(f"base.checkpoint={checkpoint} is not the base model the cache was made with "
+                                 f"(SHA-256 differs)")
+
+
 def attention_rows(attention: str, k: int) -> int:
     """How many of the stored attention rows a run needs: cls + k (topk), cls (cls_only), none."""
     return {"topk": k + 1, "cls_only": 1, "none": 0}[attention]

@@ -22,7 +22,7 @@ from tec_pipeline.pixels import patchify, pixel_targets
 from tec_pipeline.schedule import lr_at, param_groups, scaled_lr
 from tec_pipeline.models.tec import TECModel
 from tec_pipeline.train_data import (
-    CachedBatches, MemoryCache, ShardBuffer, build_memory_cache, epoch_order, mask_noise, plan_epoch,
+    CachedBatches, MemoryCache, build_memory_cache, epoch_order, mask_noise, plan_epoch,
     uniform_shards, view_indices,
 )
 from tec_pipeline.views import render_view, sample_view
@@ -275,3 +275,22 @@ def test_pixels_run_needs_no_cache_and_no_base(world, tmp_path):
     kwargs = load_checkpoint(tmp_path / "mae" / CHECKPOINT)["model_kwargs"]
     assert kwargs["feat_dim"] == 8 * 8 * 3 and kwargs["attn_dim"] == 0
     assert not kwargs["input_adapter"] and not kwargs["encoder_adapter"]
+
+
+def test_a_cache_made_with_another_base_is_refused(world, tmp_path):
+    other = tmp_path / "other.pth"
+    torch.manual_seed(5)
+    torch.save(load_base_model(BASE, None).state_dict(), other)
+    cfg = tiny_config(world, tmp_path / "run")
+    cfg.base = replace(cfg.base, checkpoint=str(other))
+    cfg.cache = replace(cfg.cache, path=world["zarr_float32"])
+    with pytest.raises(UserError, match="is not the base model the cache was made with"):
+        run_train(cfg)
+
+
+def test_mixed_precision_runs_after_full_precision_in_one_process(world, tmp_path):
+    """bf16 autocast through accelerate; accelerate's process-wide state is reset between runs."""
+    cfg = tiny_config(world, tmp_path / "bf16", max_steps=2)
+    cfg.optim = replace(cfg.optim, mixed_precision="bf16")
+    summary = run_train(cfg, reader=world["f32"])
+    assert summary["step"] == 2 and np.isfinite(summary["losses"]["loss"])
