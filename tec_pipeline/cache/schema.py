@@ -16,8 +16,10 @@ import json
 import os
 import posixpath
 import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import fsspec
 import numpy as np
@@ -40,6 +42,9 @@ LAYOUT_KEYS = ("store", "num_images", "views", "num_patches", "feat_dim", "heads
                "images_per_shard", "feat_dtype", "attn_dtype", "zstd_level", "store_images",
                "max_part_bytes")
 DEFAULT_MAX_PART_BYTES = 256 * 2**20  # webdataset: tar parts of at most ~256 MiB
+# zstd (numcodecs releases the GIL while compressing) runs on a few threads: a writer has to
+# keep up with a GPU's ~1,000+ views/s, and one core compresses only a few hundred.
+WRITE_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
 
 # Arrays indexed [image, view, ...] ("per view") and [image] ("per image").
 VIEW_ARRAYS = ("crop", "feat", "feat_mean", "feat_std", "attn", "topk_idx")
@@ -196,6 +201,14 @@ def join(*parts: str) -> str:
     return posixpath.join(*parts)
 
 
+def parallel_map(fn: Callable, items: Sequence, threads: int = WRITE_THREADS) -> list:
+    """``[fn(x) for x in items]`` on a few threads, results in order (so bytes stay deterministic)."""
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(fn, items))
+
+
 def fsync_paths(paths: list[str]) -> None:
     """Make local files and their directories durable (data first, then the names)."""
     dirs = set()
@@ -267,3 +280,35 @@ def read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, dict]:
             marker = read_json(fs, path)
             markers[int(marker["shard"])] = marker
     return markers
+
+
+class RangeReader:
+    """Byte-range reads: ``os.pread`` on a small LRU of open descriptors for local files (an
+    fsspec ``cat_file`` costs an open + close per call), ``fs.cat_file`` elsewhere."""
+
+    def __init__(self, fs, max_open: int = 64):
+        self.fs, self.local, self.max_open = fs, is_local(fs), max_open
+        self._fds: OrderedDict[str, int] = OrderedDict()
+
+    def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        if not self.local:
+            return self.fs.cat_file(path, start, end)
+        fd = self._fds.pop(path, None)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            while len(self._fds) >= self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
+        self._fds[path] = fd
+        if start is None:
+            start, end = 0, os.fstat(fd).st_size
+        return os.pread(fd, end - start, start)
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass

@@ -32,7 +32,7 @@ from numcodecs import Zstd
 
 from . import codecs
 from .base import CacheReader, CacheWriter
-from .schema import CacheCorruptError, array_specs, join, write_atomic
+from .schema import CacheCorruptError, RangeReader, array_specs, join, parallel_map, write_atomic
 
 _TAR_BLOCK = 512
 _JSON_FIELDS = ("valid", "label")
@@ -132,6 +132,7 @@ class WdsWriter(CacheWriter):
         limit = int(self.meta["max_part_bytes"])
         files: dict[str, int] = {}
         part: list = []
+        size = 0
 
         def flush() -> None:
             data = _tar_bytes(part)
@@ -139,12 +140,15 @@ class WdsWriter(CacheWriter):
             write_atomic(self.fs, join(self.root, rel), data)
             files[rel] = len(data)
 
-        for local, image in enumerate(self.shard_range(shard)):
-            sample = self._sample(image, local, enc, images)
-            if part and _tar_size(part) + _tar_size(sample) > limit:
+        rng = self.shard_range(shard)
+        samples = parallel_map(lambda local: self._sample(rng[local], local, enc, images), range(len(rng)))
+        for sample in samples:
+            sample_size = _tar_size(sample)
+            if part and size + sample_size > limit:
                 flush()
-                part = []
+                part, size = [], 0
             part.extend(sample)
+            size += sample_size
         flush()
         return files
 
@@ -158,6 +162,7 @@ class WdsReader(CacheReader):
 
     def _reset_caches(self) -> None:
         self._index = lru_cache(maxsize=self._index_cache_shards)(self._load_index)
+        self._files = RangeReader(self.fs)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_index_cache_shards": self._index_cache_shards}
@@ -178,7 +183,7 @@ class WdsReader(CacheReader):
 
     def _cat(self, shard: int, path: str, start: int | None = None, end: int | None = None) -> bytes:
         try:
-            return self.fs.cat_file(path, start, end)
+            return self._files.read(path, start, end)
         except FileNotFoundError:
             raise self._fail(shard, f"file {path} is missing") from None
 

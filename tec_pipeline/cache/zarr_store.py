@@ -27,8 +27,6 @@ pairs, crc-checked) and then reads and decodes exactly one chunk per array.
 from __future__ import annotations
 
 import json
-import os
-from collections import OrderedDict
 from functools import lru_cache
 
 import google_crc32c
@@ -39,7 +37,10 @@ from numcodecs.zstd import decompress as zstd_decompress
 from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError
 
-from .schema import IMAGE_ARRAYS, ArraySpec, CacheCorruptError, array_specs, is_local, join, read_json, write_atomic
+from .schema import (
+    IMAGE_ARRAYS, ArraySpec, CacheCorruptError, RangeReader, array_specs, is_local, join, parallel_map, read_json,
+    write_atomic,
+)
 from .base import CacheReader, CacheWriter
 
 MAX_UINT_64 = 2**64 - 1
@@ -130,11 +131,11 @@ def encode_shard(arr: np.ndarray, grid: tuple[int, ...], zstd: Zstd) -> bytes:
     lead = arr.shape[:2] if len(grid) > 1 else arr.shape[:1]
     arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
     index = np.full((int(np.prod(grid)), 2), MAX_UINT_64, dtype="<u8")
-    frames, offset = [], 0
-    for pos in np.ndindex(*lead):
-        frame = zstd.encode(arr[pos].tobytes())
+    positions = list(np.ndindex(*lead))
+    frames = parallel_map(lambda pos: zstd.encode(arr[pos + (...,)]), positions)
+    offset = 0
+    for pos, frame in zip(positions, frames):
         index[np.ravel_multi_index(pos, grid[:len(lead)])] = (offset, len(frame))
-        frames.append(frame)
         offset += len(frame)
     body = index.tobytes()
     return b"".join(frames) + body + np.uint32(google_crc32c.value(body)).tobytes()
@@ -168,35 +169,6 @@ class _ArrayLayout:
         return local_image * self.grid[1] + view if self.per_view else local_image
 
 
-class _Files:
-    """Byte-range reads: ``os.pread`` on a small LRU of open descriptors for local files (an
-    fsspec ``cat_file`` costs an open + close per call), ``fs.cat_file`` elsewhere."""
-
-    def __init__(self, fs, max_open: int = 64):
-        self.fs, self.local, self.max_open = fs, is_local(fs), max_open
-        self._fds: OrderedDict[str, int] = OrderedDict()
-
-    def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
-        if not self.local:
-            return self.fs.cat_file(path, start, end)
-        fd = self._fds.pop(path, None)
-        if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            while len(self._fds) >= self.max_open:
-                os.close(self._fds.popitem(last=False)[1])
-        self._fds[path] = fd
-        if start is None:
-            start, end = 0, os.fstat(fd).st_size
-        return os.pread(fd, end - start, start)
-
-    def close(self) -> None:
-        while self._fds:
-            os.close(self._fds.popitem()[1])
-
-    def __del__(self):
-        self.close()
-
-
 class ZarrReader(CacheReader):
     """Reads shard files directly (one request per array per shard, or per view); see module doc.
 
@@ -212,7 +184,7 @@ class ZarrReader(CacheReader):
         super().__init__(url, fs, root, doc)
 
     def _reset_caches(self) -> None:
-        self._files = _Files(self.fs)
+        self._files = RangeReader(self.fs)
         self._index = lru_cache(maxsize=self._index_cache_shards * len(self._layouts))(self._load_index)
         self._image_tables: dict[int, dict[str, np.ndarray]] = {}
 
