@@ -294,3 +294,37 @@ def test_mixed_precision_runs_after_full_precision_in_one_process(world, tmp_pat
     cfg.optim = replace(cfg.optim, mixed_precision="bf16")
     summary = run_train(cfg, reader=world["f32"])
     assert summary["step"] == 2 and np.isfinite(summary["losses"]["loss"])
+
+
+def test_loader_workers_keep_the_batch_order(world):
+    """Worker w makes batches w, w+W, ...; the DataLoader's round-robin gives the order of 0 workers."""
+    from tec_pipeline.train_data import epoch_loader
+
+    order = epoch_order(uniform_shards(N_IMAGES, PER_SHARD), None, 0, 0, 2)
+    plan = plan_epoch(order, view_indices(order, 0, 0, VIEWS, "random"), 4)
+    make = CachedBatches(world["f32"], world["source"], 32, attn_rows=4, buffer_shards=2)
+    serial = list(epoch_loader(plan, make, 1, 0))
+    parallel = list(epoch_loader(plan, make, 1, 2))
+    assert len(serial) == len(parallel) == len(plan) - 1
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["images"], b["images"])
+        assert torch.equal(a["attn"], b["attn"])
+
+
+def test_views_come_from_images_stored_in_a_webdataset_cache(world, tmp_path):
+    """A cache with store_images needs no image folder: views render from its bytes, bit-identical."""
+    from tec_pipeline.cache.store import open_cache
+    from tec_pipeline.train_data import cache_image_source
+
+    cfg = tiny_config(world, tmp_path / "unused")
+    cfg.cache = replace(cfg.cache, path=str(tmp_path / "wds"), store="webdataset", store_images=True)
+    run_cache_targets(cfg)
+    reader = open_cache(cfg.cache.path)
+    source = cache_image_source(reader, data_path="")
+    make = CachedBatches(reader, source, 32, attn_rows=4, buffer_shards=1)
+    images, views = np.array([5, 2, 9]), np.array([1, 0, 1])
+    batch = make(images, views)
+    for j, (i, v) in enumerate(zip(images, views)):
+        picture = world["source"].load(int(i))
+        crop = sample_view(0, int(i), int(v), picture.size[1], picture.size[0])
+        assert torch.equal(batch["images"][j], render_view(picture, crop, 32))
