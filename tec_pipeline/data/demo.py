@@ -32,12 +32,14 @@ from PIL import Image
 from ..errors import UserError
 
 FORMAT = "tec-pipeline-demo-digits"
-RENDERER_VERSION = 1  # bump when rendering changes: old builds then no longer match
+RENDERER_VERSION = 2  # bump when rendering changes: old builds then no longer match
 IMG_SIZE = 32
 TEST_FRACTION = 0.2  # of the source digits of each class
 NUM_CLASSES = 10
 SPLITS = ("train", "test")
 MANIFEST = "manifest.json"
+# First word of every seed: which draw it is, so no two draws ever share a stream.
+_SPLIT, _ASSIGN, _RENDER = 1, 2, 3
 
 
 class DemoDataError(UserError):
@@ -71,7 +73,7 @@ def load_ingredients() -> tuple[np.ndarray, np.ndarray, list[Image.Image]]:
 
 def split_sources(labels: np.ndarray, seed: int, test_fraction: float = TEST_FRACTION) -> dict[str, np.ndarray]:
     """Source-digit indices per split, stratified by class, disjoint, each sorted."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5917]))
+    rng = np.random.default_rng(np.random.SeedSequence([_SPLIT, seed]))
     test = []
     for c in range(NUM_CLASSES):
         members = np.flatnonzero(labels == c)
@@ -85,7 +87,7 @@ def split_sources(labels: np.ndarray, seed: int, test_fraction: float = TEST_FRA
 def assign_sources(sources: np.ndarray, n_images: int, seed: int, split_code: int) -> np.ndarray:
     """The source digit of each image: whole passes over a shuffled order, so every source
     digit of the split is rendered ceil or floor(n_images / len(sources)) times."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, split_code, 0xA55]))
+    rng = np.random.default_rng(np.random.SeedSequence([_ASSIGN, seed, split_code]))
     passes = -(-n_images // len(sources))
     order = np.concatenate([rng.permutation(sources) for _ in range(passes)])
     return order[:n_images]
@@ -184,7 +186,7 @@ def render_image(settings: DemoSettings, split: str, index: int, source: int, sp
                  glyphs: np.ndarray, photos: list[Image.Image]) -> np.ndarray:
     """Image `index` of `split`: its own generator, its clutter drawn from the same split only
     (a test digit's strokes never appear in training images)."""
-    rng = np.random.default_rng(np.random.SeedSequence([settings.seed, SPLITS.index(split), index]))
+    rng = np.random.default_rng(np.random.SeedSequence([_RENDER, settings.seed, SPLITS.index(split), index]))
     n = nuisances(settings.difficulty)
     others = [glyphs[int(i)] for i in rng.choice(split_sources, size=int(rng.poisson(n.clutter)))]
     return render_digit(glyphs[source], others, photos, n, rng, settings.img_size)
