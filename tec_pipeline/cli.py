@@ -87,6 +87,32 @@ def verify(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
     raise typer.Exit(0 if ok else 1)
 
 
+@app.command("eval")
+def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
+                                             help="NAME=CHECKPOINT; repeat. A tec-pipeline export needs no --arch."),
+             train_dir: Path = typer.Option(..., help="Labelled ImageFolder to fit k-NN and the linear probe on."),
+             test_dir: Path = typer.Option(..., help="Labelled ImageFolder to score on."),
+             arch: Optional[str] = typer.Option(None, help="timm architecture of checkpoints that do not record one."),
+             pool: str = typer.Option("cls", help="cls token or mean of patch tokens."),
+             img_size: Optional[int] = typer.Option(None, help="Encoder image size (default: the architecture's)."),
+             k: int = typer.Option(20, help="Neighbours of the weighted k-NN."),
+             probe_c: float = typer.Option(0.01, help="Inverse L2 strength of the linear probe."),
+             out: Optional[Path] = typer.Option(None, help="Write the table as JSON here.")):
+    """Frozen-feature k-NN and linear-probe accuracy, with the raw-pixel and random-init floors."""
+    from .evaluate import run_eval
+
+    if pool not in ("cls", "mean"):
+        _fail(f"--pool '{pool}': expected cls or mean")
+    pairs = []
+    for item in model:
+        name, sep, checkpoint = item.partition("=")
+        if not sep or not name or not checkpoint:
+            _fail(f"--model '{item}' is not of the form NAME=CHECKPOINT")
+        pairs.append((name, arch, checkpoint))
+    _run(run_eval, pairs, train_dir, test_dir, pool=pool, img_size=img_size, output=out, k=k, probe_C=probe_c,
+         echo=typer.echo)
+
+
 def main() -> None:
     app()
 
