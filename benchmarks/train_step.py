@@ -31,6 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stages.train import TrainConfig, run_train  # noqa: E402
 from tec_pipeline.cache.store import create_cache, open_cache  # noqa: E402
 from tec_pipeline.config import Config, TargetConfig, ViTArch  # noqa: E402
 from tec_pipeline.data.sources import ImageFolderSource  # noqa: E402
@@ -40,7 +41,7 @@ from tec_pipeline.schedule import param_groups  # noqa: E402
 from tec_pipeline.step import tec_losses  # noqa: E402
 from tec_pipeline.targets import compute_targets  # noqa: E402
 from tec_pipeline.train_data import (  # noqa: E402
-    CachedBatches, epoch_order, plan_epoch, reader_shards, view_indices,
+    CachedBatches, cache_image_source, epoch_loader, epoch_order, plan_epoch, reader_shards, view_indices,
 )
 from tec_pipeline.views import normalize, sample_view  # noqa: E402
 
@@ -123,8 +124,6 @@ def make_cache(url: str, source: ImageFolderSource, args, L: int, C: int, H: int
 
 def bench_loader(url: str, args, render: bool, workers: int) -> float:
     """Views/s over one epoch of the chunk-aware loader, targets only or targets + rendered views."""
-    from tec_pipeline.train_data import cache_image_source, epoch_loader
-
     reader = open_cache(url)
     source = cache_image_source(reader) if render else None
     make = CachedBatches(reader, source, args.img_size, args.k + 1, buffer_shards=2, render=render)
@@ -138,8 +137,6 @@ def bench_loader(url: str, args, render: bool, workers: int) -> float:
 
 # ---------------------------------------------------------------- 3. data wait in training
 def bench_training(url: str, args, out: Path) -> dict:
-    from stages.train import TrainConfig, run_train
-
     cfg = Config(seed=0, output=str(out))
     cfg.model = replace(cfg.model, arch=ViTArch(name=args.arch))
     cfg.targets = replace(cfg.targets, source="cache", k=args.k)
@@ -180,6 +177,7 @@ def main() -> None:
                  "device": device, "torch_threads": torch.get_num_threads()}
     if "step" not in args.skip:
         res["step"] = bench_step(args)
+        print("step:", json.dumps(res["step"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "loader" not in args.skip or "train" not in args.skip:
@@ -191,6 +189,7 @@ def main() -> None:
             res["loader"] = {"targets_only_views_s_0w": bench_loader(str(tmp / "cache.zarr"), args, False, 0),
                              "full_views_s_0w": bench_loader(str(tmp / "cache.zarr"), args, True, 0),
                              f"full_views_s_{args.workers}w": bench_loader(str(tmp / "cache.zarr"), args, True, args.workers)}
+            print("loader:", json.dumps(res["loader"]), flush=True)
         if "train" not in args.skip:
             res["train"] = bench_training(str(tmp / "cache.zarr"), args, tmp / "run")
     print_table(res)
