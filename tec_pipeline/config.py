@@ -64,6 +64,8 @@ class ModelConfig:
     decoder_depth: int = 2
     decoder_heads: int = 16
     mask_ratio: float = 0.75
+    init_from_base: bool = False  # Tab. 6d: start the encoder from the base weights (needs base.checkpoint)
+    init_checkpoint: Optional[str] = None  # start the whole model from a run's checkpoint (e.g. the control)
 
 
 @dataclass
@@ -79,6 +81,8 @@ class DataConfig:
     batch_size: int = 64
     num_workers: int = 2
     on_bad_image: str = "error"  # error | skip
+    view_mode: str = "cycle"  # training: epoch e uses view e mod V (cycle) or a seeded random view (random)
+    buffer_shards: int = 4  # training: decoded cache shards held for shuffling
 
 
 @dataclass
@@ -94,6 +98,15 @@ class OptimConfig:
     min_lr: float = 0.0
     accum_steps: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings of stage two."""
+
+    max_steps: Optional[int] = None  # optimizer steps of the whole schedule (default: epochs x steps per epoch)
+    log_every: int = 1  # optimizer steps between log records (JSONL, trackers, progress bar)
+    checkpoint_every: int = 1000  # optimizer steps between checkpoints (one at the end too)
 
 
 @dataclass
@@ -121,6 +134,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
@@ -130,6 +144,7 @@ _CHOICES = {
     "targets.attention": ("topk", "cls_only", "none"),
     "data.kind": ("imagefolder", "webdataset", "demo"),
     "data.on_bad_image": ("error", "skip"),
+    "data.view_mode": ("cycle", "random"),
     "optim.mixed_precision": ("no", "bf16", "fp16"),
     "cache.store": ("zarr", "webdataset"),
     "cache.feat_dtype": ("float32", "float16", "int8"),
