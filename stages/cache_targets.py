@@ -15,7 +15,7 @@ Orchestration only: the pieces live in the library (sources and the view DataLoa
 """
 from __future__ import annotations
 
-import os
+import hashlib
 import queue
 import shutil
 import tempfile
@@ -93,8 +93,6 @@ def check_base(cfg: Config, base) -> None:
 
 def weights_sha256(base) -> str:
     """SHA-256 of the parameters themselves: identifies a random-init base."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, tensor in sorted(base.state_dict().items()):
         h.update(name.encode())
@@ -115,12 +113,16 @@ def cache_meta(cfg: Config, source, base, compute_dtype: Optional[torch.dtype]) 
     ckpt = cfg.base.checkpoint
     ckpt_sha = file_sha256(ckpt) if ckpt else "random-init:" + weights_sha256(base)
     dtype_name = str(compute_dtype).removeprefix("torch.") if compute_dtype else "float32"
+    fingerprint = source.fingerprint()  # stats every file of an ImageFolder: once
+    # Keys mirror the config, so a refused rerun names the setting to change ("data.views").
     identity = {
         "base": {"arch": arch, "checkpoint_sha256": ckpt_sha},
-        "seed": cfg.seed, "img_size": d.img_size, "views": d.views, "scale": [d.scale_min, d.scale_max],
-        "last_layers": cfg.targets.last_layers, "k_max": c.k_max,
-        "dataset": {"fingerprint": source.fingerprint(), "num_images": len(source)},
-        "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "compute_dtype": dtype_name, "store": c.store,
+        "seed": cfg.seed,
+        "data": {"img_size": d.img_size, "views": d.views, "scale_min": d.scale_min, "scale_max": d.scale_max,
+                 "fingerprint": fingerprint, "num_images": len(source)},
+        "targets": {"last_layers": cfg.targets.last_layers},
+        "cache": {"k_max": c.k_max, "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "store": c.store},
+        "compute_dtype": dtype_name,
     }
     return {
         "store": c.store, "num_images": len(source), "views": d.views,
@@ -129,7 +131,7 @@ def cache_meta(cfg: Config, source, base, compute_dtype: Optional[torch.dtype]) 
         "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "zstd_level": c.zstd_level,
         "store_images": c.store_images, "identity": identity,
         "source": {"kind": d.kind, "path": source_location(d.kind, d.path), "num_images": len(source),
-                   "fingerprint": source.fingerprint()},
+                   "fingerprint": fingerprint},
         "base": {"arch": arch, "checkpoint": str(Path(ckpt).absolute()) if ckpt else None,
                  "checkpoint_sha256": ckpt_sha, "patch_size": base.patch_embed.patch_size[0],
                  "embed_dim": base.embed_dim, "depth": len(base.blocks), "num_heads": base.blocks[-1].attn.num_heads},
@@ -176,7 +178,8 @@ class ShardBuffer:
             self.data["valid"] = np.zeros(n, np.uint8)
             self.data["label"] = np.full(n, -1, np.int64)
         for name, arr in targets.items():
-            self.data[name][rows] = np.where(valid.reshape(-1, *[1] * (arr.ndim - 1)), arr, 0)  # skipped: zeros
+            self.data[name][rows] = arr
+            self.data[name][rows[~valid]] = 0  # a skipped image's rows are zeros (store contract)
         self.data["crop"][rows] = batch["crops"].numpy()
         self.data["valid"][rows] = valid
         self.data["label"][rows] = batch["label"].numpy()

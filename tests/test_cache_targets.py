@@ -110,10 +110,10 @@ def test_workers_give_the_same_arrays(reference, images):
 def test_config_mismatch_is_refused_and_overwrite_replaces(reference, images):
     url = "memory://mismatch.zarr"
     run_cache_targets(config(url, images))
-    with pytest.raises(UserError, match="views") as err:
+    with pytest.raises(UserError, match="made with data.views=2, this run has 3") as err:
         run_cache_targets(config(url, images, "data.views=3"))
     assert "\n" not in str(err.value) and "--overwrite" in str(err.value)
-    with pytest.raises(UserError, match="scale=.0.2, 1.0.*this run has .0.5, 1.0"):
+    with pytest.raises(UserError, match="data.scale_min=0.2, this run has 0.5"):
         run_cache_targets(config(url, images, "data.scale_min=0.5"))
     summary = run_cache_targets(config(url, images, "data.views=3"), overwrite=True)
     assert summary["views"] == 3 * NUM_IMAGES and open_cache(url).views == 3
@@ -301,3 +301,23 @@ def test_webdataset_source_into_webdataset_store(images, tmp_path):
     assert reader.is_complete() and reader.image_bytes(3) == files[3].read_bytes()
     assert arrays(url)["label"].tolist() == [int(p.parent.name[1]) for p in files]
     assert verify_cache(url, sample=3)
+
+
+def test_checkpoint_is_recorded_and_checked_by_verify(images, tmp_path, capsys):
+    import torch
+
+    from tec_pipeline.config import ViTArch
+    from tec_pipeline.models.base import build_vit, file_sha256
+
+    arch = ViTArch("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    ckpt = tmp_path / "base.pth"
+    torch.save({"model": build_vit(arch).state_dict()}, ckpt)  # MAE layout
+    url = "memory://ckpt.zarr"
+    run_cache_targets(config(url, images, f"base.checkpoint={ckpt}"), overwrite=True)
+    meta = open_cache(url).meta
+    assert meta["base"]["checkpoint"] == str(ckpt) and meta["base"]["checkpoint_sha256"] == file_sha256(ckpt)
+    assert verify_cache(url, sample=2)
+    torch.save({"model": build_vit(arch).state_dict()}, ckpt)  # other weights, same path
+    capsys.readouterr()
+    assert not verify_cache(url, sample=2)
+    assert "FAIL base weights differ" in capsys.readouterr().out

@@ -124,6 +124,8 @@ def test_demo_kind_reads_the_train_split(tmp_path):
     noise().save(tmp_path / "train" / "a" / "x.png")
     src = open_source(DataConfig(kind="demo", path=str(tmp_path)))
     assert len(src) == 1 and src.name(0) == "a/x.png"
+    with pytest.raises(SourceError, match="no demo data"):
+        open_source_at("demo", str(tmp_path / "train"))
 
 
 # ----------------------------------------------------------------------------- webdataset
