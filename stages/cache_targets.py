@@ -530,6 +530,10 @@ def existing_cache_note(url: str, meta: dict) -> str:
     return "complete" if reader.is_complete() else f"resume: {reader.num_shards - missing} of {reader.num_shards} shards done"
 
 
+def duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def print_estimate(est: dict, url: str) -> None:
     per = est["seconds_per_view"]
     free = "n/a (not a local path)" if est["free_bytes"] is None else f"{est['free_bytes'] / 1e9:.2f} GB"
@@ -538,7 +542,7 @@ def print_estimate(est: dict, url: str) -> None:
     if est["free_bytes"] is not None and est["free_bytes"] < est["total_bytes"]:
         print(f"dry run: WARNING: not enough free space ({est['total_bytes'] / 1e9:.3f} GB needed)")
     print(f"dry run: measured per view: decode+render {per['load'] * 1e3:.2f} ms, forward {per['compute'] * 1e3:.2f} ms, "
-          f"encode+write {per['write'] * 1e3:.2f} ms; estimated {est['est_seconds'] / 60:.1f} min; "
+          f"encode+write {per['write'] * 1e3:.2f} ms; estimated {duration(est['est_seconds'])}; "
           f"existing cache: {est['existing']}; nothing written")
 
 
@@ -578,9 +582,11 @@ def verify_cache(url: str, sample: int = 8, seed: int = 0) -> bool:
         return False
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base.to(device)
-    for image, view in sample_views(reader, missing, sample, seed):
-        ok &= verify_view(reader, source, base, device, image, view)
-    return ok
+    picks = sample_views(reader, missing, sample, seed)
+    good = sum(verify_view(reader, source, base, device, image, view) for image, view in picks)
+    print(f"verify: {good} of {len(picks)} sampled views match within tolerance; "
+          f"cache {'OK' if ok and good == len(picks) else 'FAILED'}")
+    return ok and good == len(picks)
 
 
 def check_files(reader) -> bool:
