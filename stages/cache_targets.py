@@ -56,7 +56,7 @@ def check_settings(cfg: Config) -> None:
         (d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1"),
         (d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0"),
         (c.images_per_shard >= 1, f"cache.images_per_shard={c.images_per_shard}: must be >= 1"),
-        (c.k_max >= 0, f"cache.k_max={c.k_max}: must be >= 0"),
+        (c.k_max >= 1, f"cache.k_max={c.k_max}: must be >= 1 (k=0, the cls row alone, is a prefix of any cache)"),
         (cfg.targets.last_layers >= 1, f"targets.last_layers={cfg.targets.last_layers}: must be >= 1"),
         (c.zstd_level >= 0, f"cache.zstd_level={c.zstd_level}: must be >= 0"),
     ]
