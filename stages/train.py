@@ -21,7 +21,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from tec_pipeline.config import Config, load_config, to_dict
+from tec_pipeline.config import Config, TrainConfig, load_config, to_dict
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT, atomic_save, build_model, load_checkpoint
 from tec_pipeline.models.base import load_base_model, read_checkpoint
@@ -41,15 +41,6 @@ LOG_FILE = "log.jsonl"
 
 
 # ---------------------------------------------------------------- settings not (yet) in config.py
-@dataclass
-class TrainConfig:
-    """Proposed `Config.train` section; read here with these defaults until config.py has it."""
-
-    max_steps: Optional[int] = None  # optimizer steps of the whole schedule (default: epochs x steps/epoch)
-    log_every: int = 1  # optimizer steps between log records (JSONL, trackers, progress bar)
-    checkpoint_every: int = 1000  # optimizer steps between checkpoints (one at the end too)
-
-
 def _setting(cfg: Config, dotted: str, default):
     """`cfg.<dotted>` if the config has that field, else `default` (fields proposed for config.py)."""
     obj = cfg
@@ -61,7 +52,9 @@ def _setting(cfg: Config, dotted: str, default):
 
 
 def train_settings(cfg: Config) -> TrainConfig:
-    return TrainConfig(**{f: _setting(cfg, f"train.{f}", getattr(TrainConfig(), f)) for f in TrainConfig.__dataclass_fields__})
+    """The run's `TrainConfig`: ``cfg.train`` where present, field by field, else the defaults."""
+    defaults = TrainConfig()
+    return TrainConfig(**{f: _setting(cfg, f"train.{f}", getattr(defaults, f)) for f in TrainConfig.__dataclass_fields__})
 
 
 # ---------------------------------------------------------------- targets and data
