@@ -39,6 +39,12 @@ def channel_normalize(y: Tensor, eps: float = NORM_EPS) -> Tensor:
     return (y - mean) / (var + eps).sqrt()
 
 
+def query_rows(topk_idx: Tensor) -> Tensor:
+    """Query rows of an attention target in the 1+L token axis: cls (0), then the selected patches (+1)."""
+    cls = torch.zeros(topk_idx.shape[0], 1, dtype=topk_idx.dtype, device=topk_idx.device)
+    return torch.cat([cls, topk_idx + 1], dim=1)
+
+
 def select_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Semantic attention target As (Sec. 2.3) from the last block's pre-softmax logits.
 
@@ -51,7 +57,7 @@ def select_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"k={k} must be within 0..{num_patches} (the number of patches)")
     score = logits[:, :, 0, 1:].mean(dim=1)
     topk_idx = score.topk(k, dim=-1, sorted=True).indices
-    rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], dim=1)  # query rows incl. cls
+    rows = query_rows(topk_idx)
     B, H, _, N = logits.shape
     picked = logits.gather(2, rows[:, None, :, None].expand(B, H, k + 1, N))
     return picked[..., 1:].permute(0, 2, 1, 3).contiguous(), topk_idx

@@ -118,3 +118,10 @@ def test_attention_target_prefix_and_modes():
     assert attention_target(t, "none", 3) is None
     with pytest.raises(ValueError, match="k=4 exceeds the k_max=3"):
         attention_target(t, "topk", 4)
+
+
+def test_select_topk_with_k0_keeps_the_cls_row():
+    logits = torch.randn(2, 3, 5, 5)
+    att, idx = select_topk(logits, 0)
+    assert att.shape == (2, 1, 3, 4) and idx.shape == (2, 0)
+    assert torch.equal(att[:, 0], logits[:, :, 0, 1:])

@@ -11,6 +11,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..config import ViTArch
+from ..targets import query_rows
 from .base import build_vit
 from .pos_embed import sincos_2d
 
@@ -204,7 +205,7 @@ class TECModel(nn.Module):
         """Za (B, k+1, H, L): queries [cls; the k selected patches], keys all patches, scale C_base^-0.5."""
         B, N, _ = qk.shape
         q, k = qk.reshape(B, N, 2, self.attn_heads, self.attn_dim // self.attn_heads).unbind(2)
-        rows = torch.cat([torch.zeros_like(topk_idx[:, :1]), topk_idx + 1], dim=1)
+        rows = query_rows(topk_idx)
         q = q.gather(1, rows[:, :, None, None].expand(-1, -1, *q.shape[2:]))
         logits = torch.einsum("bqhd,bnhd->bqhn", q, k) * self.attn_dim**-0.5
         return logits[..., 1:]
