@@ -160,6 +160,33 @@ def init_from_base(model: TECModel, checkpoint: str) -> int:
     return copied
 
 
+def init_from_checkpoint(model: TECModel, path: str) -> None:
+    """Start the whole model (encoder, adapters, decoder) from another run's weights.
+
+    `path` is a run's checkpoint.pt or a .safetensors of the model's state dict (as
+    `demo-base` ships); used by the demo's control to continue the base's own MAE run.
+    """
+    if not Path(path).is_file():
+        raise UserError(f"model.init_checkpoint={path}: file not found")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = load_checkpoint(Path(path)).get("model")
+        if state is None:
+            raise UserError(f"model.init_checkpoint={path}: not a tec-pipeline training checkpoint")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape mismatch
+        reason = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), "shape mismatch")
+        raise UserError(f"model.init_checkpoint={path}: does not fit this model ({reason})") from None
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise UserError(f"model.init_checkpoint={path}: does not fit this model ({'missing' if missing else 'unexpected'} "
+                        f"'{first}')")
+
+
 # ---------------------------------------------------------------- schedule
 @dataclass(frozen=True)
 class Schedule:
@@ -381,6 +408,8 @@ def setup_run(cfg: Config, accelerator: Accelerator, run_dir: Path, reader: Opti
         if not checkpoint:
             raise UserError("model.init_from_base=true needs base.checkpoint (the base model's weights)")
         init_from_base(model, checkpoint)
+    if cfg.model.init_checkpoint:
+        init_from_checkpoint(model, cfg.model.init_checkpoint)
     settings = train_settings(cfg)
     usable = int(data.valid.sum()) if data.valid is not None else sum(len(r) for r in data.shards)
     schedule = make_schedule(cfg, usable, accelerator.num_processes, settings.max_steps)

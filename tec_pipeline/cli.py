@@ -113,6 +113,26 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
          echo=typer.echo)
 
 
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the run's cache, models, table and pictures go."),
+         seed: int = typer.Option(0, help="Seed of the cache views, masks and initialisation (TEC and control)."),
+         second_round: bool = typer.Option(False, "--second-round", help="Also train TEC from the exported TEC (Tab. 7)."),
+         overrides: Optional[List[str]] = OverridesArg):
+    """The main job on the built-in demo: cache-targets, train TEC and the control, evaluate against the base."""
+    from stages.demo import run_demo
+
+    _run(run_demo, out, seed=seed, second_round=second_round, overrides=overrides or [])
+
+
+@app.command("demo-base")
+def demo_base(out: Path = typer.Option(Path("assets/demo_base"), help="Where the base's encoder and model go."),
+              overrides: Optional[List[str]] = OverridesArg):
+    """Train the demo's MAE base with this pipeline (configs/demo_base.yaml) and export it."""
+    from stages.demo import make_demo_base
+
+    _run(make_demo_base, out, overrides=overrides or [])
+
+
 def main() -> None:
     app()
 

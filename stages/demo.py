@@ -1,0 +1,192 @@
+"""The default run: a CPU-sized TEC experiment that shows whether the new model surpasses its base.
+
+Orchestration only. On the built-in demo digits (`tec_pipeline.data.demo`) and a small MAE base
+made by this pipeline (`configs/demo_base.yaml`, shipped under `assets/demo_base/`):
+
+1. build the data (once), 2. cache the base's targets (stage one), 3. train TEC from the cache
+(stage two), 4. train the control: the base's own MAE run continued for as many steps as TEC
+trains (the fair "just train longer"), 5. export both, 6. evaluate random-init, pixels, base,
+control and TEC the same way (k-NN and linear probe), 7. draw the pictures, and print one table
+with the wall time of every stage and the cache size.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator, Optional
+
+from tec_pipeline.config import Config, load_config
+from tec_pipeline.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+BASE_CONFIG = REPO / "configs" / "demo_base.yaml"
+BASE_DIR = REPO / "assets" / "demo_base"
+
+
+class Timer:
+    """Wall time per named stage, in order."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            yield
+        finally:
+            self.stages[name] = time.perf_counter() - start
+
+
+def demo_configs(out: Path, seed: int, overrides: list[str]) -> tuple[Config, Config]:
+    """(TEC config, control config) of one demo run under `out`, the seed applied to both."""
+    base_ckpt = BASE_DIR / "encoder.safetensors"
+    if not base_ckpt.is_file():
+        raise UserError(f"{base_ckpt}: the demo base model is missing; make it with `bash scripts/make_demo_base.sh`")
+    common = [f"seed={seed}"]
+    tec = load_config(DEMO_CONFIG, [*common, f"output={out / 'tec'}", f"base.checkpoint={base_ckpt}",
+                                    f"cache.path={out / 'cache.zarr'}", *overrides])
+    control = load_config(BASE_CONFIG, [*common, f"output={out / 'control'}",
+                                        f"model.init_checkpoint={BASE_DIR / 'model.safetensors'}",
+                                        f"data.path={tec.data.path}"])
+    return tec, control
+
+
+def tec_steps(cfg: Config) -> int:
+    """Optimizer steps of the TEC run, read back from its log; the control trains as many."""
+    with open(Path(cfg.output) / "log.jsonl") as f:
+        return max(json.loads(line)["step"] for line in f if line.strip())
+
+
+def _train_and_export(cfg: Config) -> Path:
+    from stages.train import run_train
+    from tec_pipeline.export import CHECKPOINT, export_run
+
+    run_train(cfg, resume=(Path(cfg.output) / CHECKPOINT).exists())
+    return export_run(cfg.output)
+
+
+def _pictures(tec: Config, out: Path, tec_encoder: Path) -> list[Path]:
+    import torch
+
+    from tec_pipeline.data.sources import ImageFolderSource
+    from tec_pipeline.models.base import load_base_model
+    from tec_pipeline.viz import plot_attention, plot_loss_curves
+    from tec_pipeline.views import normalize
+
+    curves = plot_loss_curves({"tec": Path(tec.output) / "log.jsonl", "control": out / "control" / "log.jsonl"},
+                              out / "loss_curves.png")
+    test = ImageFolderSource(Path(tec.data.path) / "test")
+    images = normalize(torch.stack([torch.from_numpy(__import__("numpy").array(test.load(i))).permute(2, 0, 1)
+                                    for i in range(0, len(test), max(1, len(test) // 6))][:6]))
+    base = load_base_model(None, tec.base.checkpoint)
+    new = load_base_model(None, tec_encoder)
+    attention = plot_attention(base, new, images, tec.targets.k, tec.targets.tau, out / "attention.png")
+    return [curves, attention]
+
+
+def verdict(rows: list[dict]) -> str:
+    """Whether TEC beats both the base and the control, in k-NN and in linear-probe accuracy."""
+    by = {r["name"]: r for r in rows}
+    wins = {m: all(by["tec"][m] > by[o][m] for o in ("base", "control")) for m in ("knn", "linear")}
+    if all(wins.values()):
+        return "TEC beats the base and the control in k-NN and linear-probe accuracy."
+    lost = ", ".join(m for m, won in wins.items() if not won)
+    return f"TEC does NOT beat both the base and the control in: {lost}."
+
+
+def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = False,
+             overrides: Optional[list[str]] = None) -> dict:
+    """The main job: data, cache, TEC, control, export, eval, pictures; returns the report."""
+    from stages.cache_targets import run_cache_targets
+    from tec_pipeline.cache.store import open_cache
+    from tec_pipeline.data.demo import build_demo_data
+    from tec_pipeline.evaluate import format_table, run_eval
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tec, control = demo_configs(out, seed, list(overrides or []))
+    timer = Timer()
+    with timer.stage("data"):
+        root = Path(tec.data.path)
+        build_demo_data(root, **_demo_data_settings())
+    with timer.stage("cache-targets"):
+        run_cache_targets(tec)
+    with timer.stage("train TEC"):
+        tec_encoder = _train_and_export(tec)
+    with timer.stage("train control"):
+        control = replace(control, train=replace(control.train, max_steps=tec_steps(tec)))
+        control_encoder = _train_and_export(control)
+    models = [("base", None, tec.base.checkpoint), ("control", None, str(control_encoder)),
+              ("tec", None, str(tec_encoder))]
+    if second_round:
+        with timer.stage("second round"):
+            models.append(("tec-round2", None, str(_second_round(tec, tec_encoder, out))))
+    with timer.stage("eval"):
+        rows = run_eval(models, root / "train", root / "test", pool="cls", output=out / "eval.json",
+                        seed=seed, echo=lambda *a: None)
+    with timer.stage("pictures"):
+        pictures = _pictures(tec, out, tec_encoder)
+    report = {"seed": seed, "rows": rows, "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
+              "tec_steps": tec_steps(tec), "pictures": [str(p) for p in pictures], "verdict": verdict(rows)}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(rows))
+    print(format_stages(timer.stages, report["cache_bytes"]))
+    print(report["verdict"])
+    return report
+
+
+def make_demo_base(out: str | Path = BASE_DIR, overrides: Optional[list[str]] = None) -> dict:
+    """Train the demo's MAE base (`configs/demo_base.yaml`) and write what the demo starts from.
+
+    `out/encoder.safetensors` is the base (a tec-pipeline export); `out/model.safetensors` holds
+    the whole MAE model (encoder + decoder) so the control can continue its own objective;
+    `out/base.json` records config, steps, final loss and wall time.
+    """
+    from safetensors.torch import save_file
+
+    from stages.train import run_train
+    from tec_pipeline.config import to_dict
+    from tec_pipeline.data.demo import build_demo_data
+    from tec_pipeline.export import CHECKPOINT, export_run, load_checkpoint
+
+    out = Path(out)
+    cfg = load_config(BASE_CONFIG, list(overrides or []))
+    start = time.perf_counter()
+    build_demo_data(cfg.data.path, **_demo_data_settings())
+    summary = run_train(cfg, resume=(Path(cfg.output) / CHECKPOINT).exists())
+    out.mkdir(parents=True, exist_ok=True)
+    export_run(cfg.output, out / "encoder.safetensors")
+    state = load_checkpoint(Path(cfg.output) / CHECKPOINT)["model"]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    record = {"command": "tec-pipeline demo-base " + " ".join(overrides or []), "config": to_dict(cfg),
+              "steps": summary["step"], "losses": summary["losses"], "wall_s": round(time.perf_counter() - start, 1)}
+    (out / "base.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _second_round(tec: Config, tec_encoder: Path, out: Path) -> Path:
+    """Tab. 7: the exported TEC model becomes the base of a new cache and a new TEC run."""
+    from stages.cache_targets import run_cache_targets
+
+    cfg = replace(tec, output=str(out / "round2"), base=replace(tec.base, checkpoint=str(tec_encoder)),
+                  cache=replace(tec.cache, path=str(out / "round2_cache.zarr")))
+    run_cache_targets(cfg)
+    return _train_and_export(cfg)
+
+
+def _demo_data_settings() -> dict:
+    """The demo set's size and difficulty, from `configs/demo.yaml`'s neighbour keys."""
+    return {"train_size": 5000, "test_size": 1000, "difficulty": 0.5, "seed": 0}
+
+
+def format_stages(stages: dict[str, float], cache_bytes: int) -> str:
+    lines = [f"{'stage':<16}{'wall s':>9}"] + [f"{name:<16}{sec:>9.1f}" for name, sec in stages.items()]
+    lines.append(f"{'total':<16}{sum(stages.values()):>9.1f}")
+    lines.append(f"cache size: {cache_bytes / 1e6:.1f} MB")
+    return "\n".join(lines)
