@@ -133,6 +133,47 @@ def demo_base(out: Path = typer.Option(Path("assets/demo_base"), help="Where the
     _run(make_demo_base, out, overrides=overrides or [])
 
 
+@app.command()
+def ablate(items: List[str] = typer.Argument(..., metavar="CONFIGS",
+                                             help="Ablation YAMLs, or a directory of them (its *.yaml, sorted), "
+                                                  "e.g. configs/ablations; then dotted overrides (key=value) applied to every run."),
+           cache: str = typer.Option(..., "--cache", help="The one stage-one cache every run reads (path or fsspec URL)."),
+           config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                                 help="Full config each ablation YAML is layered on (e.g. configs/vitb_mae_in1k.yaml)."),
+           output: Path = typer.Option(Path("runs/ablations"), "--output", "-o",
+                                       help="Each run goes to OUTPUT/<yaml stem> and resumes there.")):
+    """Tab. 6 ablations: train one run per YAML from the same cache, then print a table of final losses.
+
+    Layers, last wins: --config, the ablation YAML, cache.path=CACHE and targets.source=cache, the overrides.
+
+    A row the cache cannot serve (e.g. targets.k > k_max) is marked refused and the others still run; the exit status is then 1.
+    """
+    paths: list[Path] = []
+    overrides: list[str] = []
+    for item in items:
+        p = Path(item)
+        if "=" in item and not p.exists():
+            overrides.append(item)
+        elif p.is_dir():
+            found = sorted(p.glob("*.yaml"))
+            if not found:
+                _fail(f"{p}: no *.yaml ablation configs in this directory")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            _fail(f"{item}: ablation config not found (expected a YAML, a directory of them, or key=value)")
+    if not paths:
+        _fail("no ablation configs given (e.g. configs/ablations)")
+    _load(config, overrides)  # a bad --config or override: one line naming the key, before any run starts
+    if "://" not in cache and not Path(cache).exists():
+        _fail(f"--cache {cache}: not found (run cache-targets first)")
+    from stages.train import run_ablations
+
+    rows = _run(run_ablations, paths, cache, overrides, config, str(output))
+    raise typer.Exit(0 if all(r["status"] == "done" for r in rows) else 1)
+
+
 def main() -> None:
     app()
 
