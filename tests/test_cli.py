@@ -1,0 +1,166 @@
+"""The `tec-pipeline` command line: help of every command, one-line errors, and `ablate` end to end."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tec_pipeline.cli import app
+
+# Wide enough that rich never wraps an option name in the help panels.
+RUNNER = CliRunner(env={"COLUMNS": "200", "TERMINAL_WIDTH": "200", "NO_COLOR": "1"})
+
+# The options (or argument names) a user looks for in each command's --help.
+KEY_OPTIONS = {
+    "cache-targets": ["--config", "--overwrite", "--dry-run", "OVERRIDES"],
+    "train": ["--config", "--resume", "OVERRIDES"],
+    "export": ["RUN", "--out"],
+    "inspect": ["CACHE"],
+    "verify": ["CACHE", "--sample", "--seed"],
+    "eval": ["--model", "--train-dir", "--test-dir", "--arch", "--pool", "--out"],
+    "demo": ["--out", "--seed", "--second-round"],
+    "demo-base": ["--out"],
+    "ablate": ["CONFIGS", "--cache", "--config", "--output"],
+}
+
+TINY_BASE = ["base.arch.name=vit_tiny_patch16_224", "base.arch.patch_size=8", "base.arch.embed_dim=32",
+             "base.arch.depth=2", "base.arch.num_heads=2"]
+TINY_MODEL = ["model.arch.name=vit_tiny_patch16_224", "model.arch.img_size=32", "model.arch.patch_size=8",
+              "model.arch.embed_dim=32", "model.arch.depth=3", "model.arch.num_heads=2", "model.decoder_dim=32",
+              "model.decoder_heads=2", "model.decoder_depth=1", "data.img_size=32", "data.batch_size=4",
+              "optim.epochs=1", "optim.blr=0.05"]
+
+
+def invoke(*args: str):
+    return RUNNER.invoke(app, [str(a) for a in args])
+
+
+def command_names() -> list[str]:
+    return [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- help
+def test_every_command_is_listed_in_the_top_help():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for name in command_names():
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("name", command_names())
+def test_help_of_every_command_mentions_its_key_options(name):
+    result = invoke(name, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.stdout and name in result.stdout
+    for option in KEY_OPTIONS.get(name, []):
+        assert option.lower() in result.stdout.lower(), (name, option)
+
+
+def test_every_documented_command_exists():
+    assert set(KEY_OPTIONS) <= set(command_names())
+
+
+# ----------------------------------------------------------------------------- one-line errors
+@pytest.mark.parametrize("command", ["cache-targets", "train"])
+@pytest.mark.parametrize("override, key", [("targets.kk=3", "targets.kk"), ("optim.epochs=many", "optim.epochs"),
+                                           ("cache.feat_dtype=int4", "cache.feat_dtype")])
+def test_bad_override_is_one_stderr_line_naming_the_key(command, override, key):
+    result = invoke(command, override)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def test_ablate_checks_overrides_before_any_run(tmp_path):
+    result = invoke("ablate", "configs/ablations", "--cache", tmp_path, "targets.kk=3")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "targets.kk" in lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["ablate", "no/such.yaml", "--cache", "."], "no/such.yaml"),
+    (["ablate", "configs/ablations", "--cache", "no/such/cache.zarr"], "--cache"),
+    (["ablate", "targets.k=3", "--cache", "."], "no ablation configs"),
+])
+def test_ablate_bad_paths_are_one_line(args, needle):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("model", ["foo", "=ckpt.pt", "name="])
+def test_eval_malformed_model_exits_2(model, tmp_path):
+    result = invoke("eval", "--model", model, "--train-dir", tmp_path, "--test-dir", tmp_path)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "NAME=CHECKPOINT" in lines[0] and model in lines[0]
+
+
+# ----------------------------------------------------------------------------- ablate end to end
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """12 small pictures and a stage-one cache of them from a random-init tiny base, made by the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+    cache = root / "cache.zarr"
+    result = invoke("cache-targets", *TINY_BASE, f"data.path={images}", "data.img_size=32", "data.views=1",
+                    "data.batch_size=12", "data.num_workers=0", f"cache.path={cache}", "cache.k_max=3",
+                    "cache.images_per_shard=4")
+    assert result.exit_code == 0, result.output
+    return {"images": images, "cache": cache, "root": root}
+
+
+def _ablation_dir(root: Path) -> Path:
+    folder = root / "ablations"
+    folder.mkdir(exist_ok=True)
+    (folder / "x1_full.yaml").write_text("# Tab. 6(a) tiny full TEC\ntargets: {norm: patch, attention: topk, k: 3}\n"
+                                         "model: {input_adapter: true, encoder_adapter: true}\n")
+    (folder / "x2_feature_only.yaml").write_text("# Tab. 6(a) tiny patch-norm feature only\n"
+                                                 "targets: {norm: patch, attention: none}\n"
+                                                 "model: {input_adapter: false, encoder_adapter: false}\n")
+    (folder / "notes.txt").write_text("not an ablation")
+    return folder
+
+
+def test_ablate_directory_prints_a_table_with_both_rows(tiny_cache, tmp_path):
+    folder = _ablation_dir(tmp_path)
+    out = tmp_path / "runs"
+    args = ["ablate", folder, "--cache", tiny_cache["cache"], "--output", out, *TINY_MODEL,
+            f"data.path={tiny_cache['images']}", "data.num_workers=0"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("x")}
+    assert list(rows) == ["x1_full", "x2_feature_only"]  # sorted, notes.txt ignored
+    head = next(line for line in result.stdout.splitlines() if line.startswith("ablation"))
+    assert all(col in head for col in ("steps", "loss", "L_fea", "L_att"))
+    assert rows["x1_full"].split()[-4:-3] == ["3"]  # 12 images / batch 4, one epoch
+    assert all(np.isfinite(float(v)) for v in rows["x1_full"].split()[-3:])
+    assert rows["x2_feature_only"].split()[-1] == "-"  # no attention target
+    assert (out / "x1_full" / "checkpoint.pt").exists() and (out / "x2_feature_only" / "checkpoint.pt").exists()
+
+    # A row the cache cannot serve is refused, the finished one is read back, and the status says so.
+    (folder / "x3_k_too_big.yaml").write_text("# Tab. 6(f) k beyond the cache\ntargets: {attention: topk, k: 8}\n")
+    again = invoke("ablate", folder / "x1_full.yaml", folder / "x3_k_too_big.yaml", *args[2:])
+    assert again.exit_code == 1, again.output
+    lines = {line.split()[0]: line for line in again.stdout.splitlines() if line.startswith("x")}
+    assert lines["x1_full"] == rows["x1_full"]
+    assert "refused: targets.k=8 exceeds the cache's k_max=3" in lines["x3_k_too_big"]
