@@ -59,7 +59,7 @@ def bare_loop(cfg) -> float:
     """Views/s of the DataLoader + base forward alone, output discarded."""
     source = open_source(cfg.data)
     base = load_base(cfg.base.arch, cfg.base.checkpoint, cfg.data.img_size, cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as run_cache_targets (accelerate)
     base.to(device)
     dtype = compute_dtype_for(device)
     dataset = ViewDataset(source, cfg.seed, cfg.data.views, cfg.data.img_size, (cfg.data.scale_min, cfg.data.scale_max))
@@ -120,8 +120,16 @@ def main() -> None:
     p.add_argument("--attn-dtype", default="float16")
     p.add_argument("--rss-images", default="1000,5000", help="two image counts for the peak-RSS check ('' to skip)")
     p.add_argument("--rss-shard", type=int, default=256)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda if available (bf16 autocast there, as cache-targets); cpu hides the GPUs")
     p.add_argument("--out", type=Path, default=Path("cache_targets_bench.json"))
     args = p.parse_args()
+    if args.device == "cpu":
+        import os
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA initialises, so accelerate picks the CPU too
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch sees no CUDA GPU")
     result: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": platform.platform(),
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads"}
     with tempfile.TemporaryDirectory(prefix="tec-bench-") as tmp:

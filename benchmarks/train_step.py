@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,13 +48,20 @@ from tec_pipeline.views import normalize, sample_view  # noqa: E402
 
 
 # ---------------------------------------------------------------- 1. step time
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_steps(fn, steps: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
+    _sync()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return times
 
@@ -61,26 +69,31 @@ def time_steps(fn, steps: int, warmup: int) -> list[float]:
 def bench_step(args) -> dict:
     """Median seconds per step: cached targets vs online (base in the loop)."""
     torch.manual_seed(0)
-    base = load_base_model(ViTArch(name=args.base_arch), None, img_size=args.img_size)
+    device = torch.device(args.device)
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else nullcontext
+    base = load_base_model(ViTArch(name=args.base_arch), None, img_size=args.img_size).to(device)
     C, H = base.embed_dim, base.blocks[-1].attn.num_heads
-    model = TECModel(ViTArch(name=args.arch, img_size=args.img_size), feat_dim=C, attn_dim=C, attn_heads=H)
+    model = TECModel(ViTArch(name=args.arch, img_size=args.img_size), feat_dim=C, attn_dim=C, attn_heads=H).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-    images = normalize(torch.randint(0, 256, (args.batch, 3, args.img_size, args.img_size), dtype=torch.uint8))
+    images = normalize(torch.randint(0, 256, (args.batch, 3, args.img_size, args.img_size), dtype=torch.uint8)).to(device)
     cfg = TargetConfig(k=args.k)
-    cached = compute_targets(base, images, cfg.last_layers, args.k)
+    with torch.no_grad(), amp():
+        cached = compute_targets(base, images, cfg.last_layers, args.k)
+
+    def targets_now():
+        with torch.no_grad(), amp():  # as stage two's online mode: base forward without grad
+            return compute_targets(base, images, cfg.last_layers, args.k)
 
     def update(targets) -> None:
-        losses = tec_losses(model, images, targets, cfg)
+        with amp():
+            losses = tec_losses(model, images, targets, cfg)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
 
-    def base_only() -> None:
-        compute_targets(base, images, cfg.last_layers, args.k)
-
     t_cache = time_steps(lambda: update(cached), args.steps, args.warmup)
-    t_online = time_steps(lambda: update(compute_targets(base, images, cfg.last_layers, args.k)), args.steps, args.warmup)
-    t_base = time_steps(base_only, args.steps, 1)
+    t_online = time_steps(lambda: update(targets_now()), args.steps, args.warmup)
+    t_base = time_steps(targets_now, args.steps, 1)
     med = statistics.median
     return {"cache_step_s": med(t_cache), "online_step_s": med(t_online), "base_targets_s": med(t_base),
             "online_over_cache": med(t_online) / med(t_cache), "base_share_of_online": med(t_base) / med(t_online)}
@@ -142,6 +155,7 @@ def bench_training(url: str, args, out: Path) -> dict:
     cfg.targets = replace(cfg.targets, source="cache", k=args.k)
     cfg.data = replace(cfg.data, img_size=args.img_size, batch_size=args.batch, num_workers=args.workers)
     cfg.cache = replace(cfg.cache, path=url)
+    cfg.optim = replace(cfg.optim, mixed_precision="bf16" if args.precision == "bf16" else "no")
     cfg.train = TrainConfig(max_steps=args.train_steps, checkpoint_every=10**9)
     run_train(cfg)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][1:]  # first: start-up
@@ -167,12 +181,19 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="loader processes for the full loader and training")
     p.add_argument("--train-steps", type=int, default=6)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda if available; cpu hides the GPUs (also from the training part)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="autocast of the step parts and training (auto: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--skip", nargs="*", default=[], choices=("step", "loader", "train"))
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    args.device = pick_device(args.device)
+    if args.precision == "auto":
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     res: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                  "device": device, "torch_threads": torch.get_num_threads()}
     if "step" not in args.skip:
@@ -197,10 +218,22 @@ def main() -> None:
         args.out.write_text(json.dumps(res, indent=2))
 
 
+def pick_device(choice: str) -> str:
+    """`auto` -> cuda if available; `cuda` without a GPU stops here; `cpu` hides the GPUs from torch."""
+    import os
+
+    if choice == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA initialises: run_train's Accelerator stays on CPU too
+        return "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch sees no CUDA GPU")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def print_table(res: dict) -> None:
     s = res["settings"]
     print(f"\nstage-two benchmark on {res['device']} ({res['torch_threads']} threads): new {s['arch']}, "
-          f"base {s['base_arch']}, {s['img_size']}px, batch {s['batch']}")
+          f"base {s['base_arch']}, {s['img_size']}px, batch {s['batch']}, {s.get('precision', 'fp32')}")
     rows = []
     if "step" in res:
         r = res["step"]
