@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# One-GPU benchmark of both stages, ViT-B/16 at 224 px, bf16 autocast; prints ONE table.
+#
+#   stage one: views/s of `cache-targets` (DataLoader + base forward + target enhancement + shard
+#              encode + write, int8/uint8 storage) over synthetic JPEGs in a temp dir, against the
+#              bare DataLoader + base forward loop on the same data (benchmarks/cache_targets.py);
+#   stage two: seconds per TEC step with targets from the cache vs online (base forward in the
+#              step), loader views/s and training data wait (benchmarks/train_step.py).
+#
+# Usage:  bash benchmarks/gpu.sh              # needs one CUDA GPU; about 4-6 minutes, hard limit 8
+#         bash benchmarks/gpu.sh --dry        # print the commands, run nothing
+#         bash benchmarks/gpu.sh --cpu-smoke  # the same pipeline with tiny models on the CPU (script check)
+# JSON goes to $OUT if set, else benchmarks/results/ (smoke runs: a temp dir unless $OUT is set).
+# PYTHON picks the interpreter (default .venv/bin/python, else python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=gpu
+case "${1:-}" in
+  "") ;;
+  --dry) MODE=dry ;;
+  --cpu-smoke) MODE=smoke ;;
+  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+  *) echo "error: unknown argument '$1' (expected --dry, --cpu-smoke or nothing)" >&2; exit 2 ;;
+esac
+
+PY=${PYTHON:-}
+if [[ -z "$PY" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+
+if [[ -n "${OUT:-}" ]]; then RES=$OUT
+elif [[ $MODE == smoke ]]; then RES=$(mktemp -d -t tec-gpu-smoke-XXXX)
+else RES=benchmarks/results
+fi
+mkdir -p "$RES"
+LOG=$RES/gpu_bench.log
+
+if [[ $MODE == smoke ]]; then
+  # Tiny and on the CPU: proves the script, the flags and the table, not the speed.
+  STAGE1=("$PY" benchmarks/cache_targets.py --device cpu --arch vit_tiny_patch16_224 --img-size 64 --images 16
+          --views 2 --batch 8 --workers 0 --shard 8 --k-max 5 --feat-dtype int8 --attn-dtype uint8 --rss-images ""
+          --out "$RES/gpu_cache_targets.json")
+  STAGE2=("$PY" benchmarks/train_step.py --device cpu --arch vit_tiny_patch16_224 --base-arch vit_tiny_patch16_224
+          --img-size 64 --batch 4 --k 5 --steps 2 --warmup 1 --images 16 --images-per-shard 8 --workers 0
+          --train-steps 3 --out "$RES/gpu_train_step.json")
+  LIMIT1=120; LIMIT2=120
+else
+  # ViT-B/16 base, 1024 images x 2 views = 2048 views per pass (3 passes: bare, cache-targets, bare).
+  STAGE1=("$PY" benchmarks/cache_targets.py --device cuda --arch vit_base_patch16_224 --img-size 224 --images 1024
+          --views 2 --batch 256 --workers 12 --shard 256 --k-max 15 --feat-dtype int8 --attn-dtype uint8
+          --rss-images "" --out "$RES/gpu_cache_targets.json")
+  # ViT-B/16 new model + ViT-B/16 base, per-GPU batch 256 (the configs use 512 = 4096 / 8 GPUs; 256 keeps
+  # the online variant's memory safe on one card), bf16; 1024-image synthetic int8/uint8 cache.
+  STAGE2=("$PY" benchmarks/train_step.py --device cuda --precision bf16 --arch vit_base_patch16_224
+          --base-arch vit_base_patch16_224 --img-size 224 --batch 256 --k 15 --steps 10 --warmup 3 --images 1024
+          --images-per-shard 256 --workers 12 --train-steps 12 --out "$RES/gpu_train_step.json")
+  LIMIT1=210; LIMIT2=240
+fi
+
+if [[ $MODE == dry ]]; then
+  printf "%q " "${STAGE1[@]}"; echo
+  printf "%q " "${STAGE2[@]}"; echo
+  exit 0
+fi
+
+if [[ $MODE == gpu ]]; then
+  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "error: benchmarks/gpu.sh needs a CUDA GPU and $PY's torch sees none (nvidia-smi: $(command -v nvidia-smi >/dev/null && nvidia-smi -L 2>&1 | head -1 || echo 'not found')); use --cpu-smoke to check the script on a CPU" >&2
+    exit 2
+  fi
+fi
+
+run() {  # run LIMIT NAME CMD...: output to the log; on failure show its tail and stop
+  local limit=$1 name=$2; shift 2
+  echo "== $name: $*" >>"$LOG"
+  if ! timeout "$limit" "$@" >>"$LOG" 2>&1; then
+    echo "error: $name failed or ran past ${limit}s; last lines of $LOG:" >&2
+    tail -n 20 "$LOG" >&2
+    exit 1
+  fi
+}
+
+: >"$LOG"
+start=$SECONDS
+run "$LIMIT1" "stage one" "${STAGE1[@]}"
+run "$LIMIT2" "stage two" "${STAGE2[@]}"
+
+"$PY" - "$RES" "$((SECONDS - start))" <<'EOF'
+import json, sys
+from pathlib import Path
+
+res, seconds = Path(sys.argv[1]), int(sys.argv[2])
+s1 = json.loads((res / "gpu_cache_targets.json").read_text())
+s2 = json.loads((res / "gpu_train_step.json").read_text())
+a1, t1, a2 = s1["args"], s1["throughput"], s2["settings"]
+rows = [
+    ("stage one", f"bare DataLoader + base forward ({a1['arch']}, batch {a1['batch']})", t1["bare_views_per_s"], "views/s"),
+    ("stage one", "cache-targets, excl. setup", t1["cache_views_per_s"], "views/s"),
+    ("stage one", "cache-targets efficiency (cache / bare)", t1["efficiency"], ""),
+    ("stage one", f"bytes per view ({a1['feat_dtype']}/{a1['attn_dtype']})", t1["bytes_per_view"] / 1e3, "KB"),
+    ("stage one", "writer MB/s while writing", t1["write_mb_per_s"], "MB/s"),
+]
+if "step" in s2:
+    st = s2["step"]
+    rows += [
+        ("stage two", f"step from cache ({a2['arch']}, batch {a2['batch']}, {a2['precision']})", st["cache_step_s"], "s"),
+        ("stage two", f"step online (base {a2['base_arch']} in the step)", st["online_step_s"], "s"),
+        ("stage two", "  base forward + targets alone", st["base_targets_s"], "s"),
+        ("stage two", "online / cache", st["online_over_cache"], ""),
+    ]
+for k, v in s2.get("loader", {}).items():
+    rows.append(("stage two", f"loader {k.replace('_', ' ')}", v, "views/s"))
+for k, v in s2.get("train", {}).items():
+    rows.append(("stage two", f"training {k.replace('_', ' ')}", v, ""))
+print(f"TEC benchmark on {s1['device']} ({seconds} s; logs and JSON in {res})")
+w = max(len(r[1]) for r in rows)
+print(f"{'stage':<10} {'measure':<{w}} {'value':>12} unit")
+print("-" * (w + 30))
+for stage, name, value, unit in rows:
+    print(f"{stage:<10} {name:<{w}} {value:>12.3f} {unit}")
+summary = {"seconds": seconds, "device": s1["device"], "rows": [dict(zip(("stage", "measure", "value", "unit"), r)) for r in rows]}
+(res / "gpu_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+EOF
