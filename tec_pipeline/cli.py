@@ -99,8 +99,6 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
              probe_c: float = typer.Option(0.01, help="Inverse L2 strength of the linear probe."),
              out: Optional[Path] = typer.Option(None, help="Write the table as JSON here.")):
     """Frozen-feature k-NN and linear-probe accuracy, with the raw-pixel and random-init floors."""
-    from .evaluate import run_eval
-
     if pool not in ("cls", "mean"):
         _fail(f"--pool '{pool}': expected cls or mean")
     pairs = []
@@ -109,6 +107,8 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
         if not sep or not name or not checkpoint:
             _fail(f"--model '{item}' is not of the form NAME=CHECKPOINT")
         pairs.append((name, arch, checkpoint))
+    from .evaluate import run_eval  # after the checks: a typo costs no torch import
+
     _run(run_eval, pairs, train_dir, test_dir, pool=pool, img_size=img_size, output=out, k=k, probe_C=probe_c,
          echo=typer.echo)
 
