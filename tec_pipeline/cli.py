@@ -124,6 +124,16 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the run's cache
     _run(run_demo, out, seed=seed, second_round=second_round, overrides=overrides or [])
 
 
+@app.command("demo-seeds")
+def demo_seeds(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds to run; repeat the option."),
+               out: Path = typer.Option(Path("runs/demo_seeds"), help="One sub-folder per seed, and seeds.json."),
+               overrides: Optional[List[str]] = OverridesArg):
+    """The demo over several seeds: mean and spread of k-NN and linear accuracy per model."""
+    from stages.demo import run_demo_seeds
+
+    _run(run_demo_seeds, list(seeds), out, overrides=overrides or [])
+
+
 @app.command("demo-base")
 def demo_base(out: Path = typer.Option(Path("assets/demo_base"), help="Where the base's encoder and model go."),
               overrides: Optional[List[str]] = OverridesArg):

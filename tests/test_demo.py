@@ -1,0 +1,35 @@
+"""The demo's verdict and its seed summary (the runs themselves are the README's main job)."""
+import json
+
+import pytest
+
+from stages.demo import format_stages, run_demo_seeds, verdict
+
+
+def rows(tec_knn, tec_lin):
+    return [{"name": "pixels", "knn": 0.35, "linear": 0.2}, {"name": "base", "knn": 0.4, "linear": 0.3},
+            {"name": "control", "knn": 0.42, "linear": 0.31}, {"name": "tec", "knn": tec_knn, "linear": tec_lin}]
+
+
+@pytest.mark.parametrize("knn,lin,expected", [(0.5, 0.4, "TEC beats"), (0.41, 0.4, "NOT beat both the base and the "
+                                              "control in: knn"), (0.5, 0.305, "in: linear")])
+def test_verdict_needs_both_metrics_above_base_and_control(knn, lin, expected):
+    assert expected in verdict(rows(knn, lin))
+
+
+def test_seed_summary_reads_finished_seeds(tmp_path, capsys):
+    for seed, (knn, lin) in enumerate([(0.5, 0.4), (0.6, 0.5), (0.41, 0.2)]):
+        (tmp_path / f"seed{seed}").mkdir()
+        report = {"rows": rows(knn, lin), "wall_s": {"a": 1.0}, "verdict": verdict(rows(knn, lin))}
+        (tmp_path / f"seed{seed}" / "report.json").write_text(json.dumps(report))
+    result = run_demo_seeds([0, 1, 2], tmp_path)
+    assert result["summary"]["tec"]["knn"]["mean"] == pytest.approx(0.5033333, abs=1e-6)
+    assert result["summary"]["tec"]["knn"]["std"] == pytest.approx(0.0776030, abs=1e-6)  # population std
+    assert result["tec_wins"] == "2/3"
+    assert json.loads((tmp_path / "seeds.json").read_text())["tec_wins"] == "2/3"
+    assert "2/3 seeds" in capsys.readouterr().out
+
+
+def test_stage_table_totals():
+    text = format_stages({"cache-targets": 10.0, "train TEC": 20.5}, 2_500_000)
+    assert "total" in text and "30.5" in text and "2.5 MB" in text
