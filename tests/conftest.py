@@ -1,11 +1,9 @@
-import os
-
 import pytest
 import torch
 
-# Two xdist workers on two cores: one intra-op thread each avoids oversubscription.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# Tiny models run fastest on one intra-op thread, and two xdist workers on two cores must not
+# oversubscribe them (OpenMP spin-waits then slow every process many times over).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -28,14 +28,6 @@ TINY = ["model.arch.name=vit_tiny_patch16_224", "model.arch.img_size=32", "model
         "data.num_workers=0", "optim.epochs=1", "optim.blr=0.05"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ablate")

@@ -24,14 +24,6 @@ BASE = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim
 NEW = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A short online run (random-init base) with both adapters, trained a few steps."""

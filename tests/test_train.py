@@ -32,15 +32,6 @@ NEW = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=
 N_IMAGES, VIEWS, K_MAX, PER_SHARD = 16, 2, 5, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and leaves the other core to other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_images(root: Path, n: int = N_IMAGES) -> Path:
     """Random RGB images of a few sizes (so crops differ), in two class folders."""
     rng = np.random.default_rng(0)
