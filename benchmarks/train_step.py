@@ -5,9 +5,11 @@ Measures, on whatever device is here (CPU by default):
 1. **step time**: one TEC step (new-model forward, both losses, backward, AdamW) with the
    targets read from memory (what the cache gives) vs. online (base forward + target
    enhancement + the same step). Default: ViT-B/16 new model + ViT-B/16 base at 224, batch 8.
-2. **loader alone**: views/s of the cache reader (targets only: `CachedBatches(render=False)`)
-   and of the full loader (targets + JPEG decode + crop/resize render), over a synthetic
-   zarr cache of the same shapes written through the store API.
+2. **loader alone**: views/s of the cache reader (targets only: `CachedBatches(render=False)`,
+   batches in the stored dtypes as training gets them; and the same plus dequantizing to
+   float32 on the CPU, `batch_targets`) and of the full loader (targets + JPEG decode +
+   crop/resize render), over a synthetic zarr cache of the same shapes written through the
+   store API.
 3. **data wait**: the fraction of a short `run_train` spent waiting for the loader
    (from its log.jsonl), with `--workers` loader processes.
 
@@ -42,7 +44,8 @@ from tec_pipeline.schedule import param_groups  # noqa: E402
 from tec_pipeline.step import tec_losses  # noqa: E402
 from tec_pipeline.targets import compute_targets  # noqa: E402
 from tec_pipeline.train_data import (  # noqa: E402
-    CachedBatches, cache_image_source, epoch_loader, epoch_order, plan_epoch, reader_shards, view_indices,
+    CachedBatches, batch_targets, cache_image_source, epoch_loader, epoch_order, plan_epoch, reader_shards,
+    view_indices,
 )
 from tec_pipeline.views import normalize, sample_view  # noqa: E402
 
@@ -135,8 +138,11 @@ def make_cache(url: str, source: ImageFolderSource, args, L: int, C: int, H: int
     writer.finalize({})
 
 
-def bench_loader(url: str, args, render: bool, workers: int) -> float:
-    """Views/s over one epoch of the chunk-aware loader, targets only or targets + rendered views."""
+def bench_loader(url: str, args, render: bool, workers: int, dequantize: bool = False) -> float:
+    """Views/s over one epoch of the chunk-aware loader, targets only or targets + rendered views.
+
+    Batches carry the targets in their stored dtypes (training dequantizes them on the compute
+    device); `dequantize` adds that step here, on the CPU (`batch_targets(batch, "cpu")`)."""
     reader = open_cache(url)
     source = cache_image_source(reader) if render else None
     make = CachedBatches(reader, source, args.img_size, args.k + 1, buffer_shards=2, render=render)
@@ -144,6 +150,8 @@ def bench_loader(url: str, args, render: bool, workers: int) -> float:
     plan = plan_epoch(order, view_indices(order, 0, 0, reader.views, "cycle"), args.batch)
     start, views = time.perf_counter(), 0
     for batch in epoch_loader(plan, make, 0, workers):
+        if dequantize:
+            batch_targets(batch, "cpu")
         views += len(batch["index"])
     return views / (time.perf_counter() - start)
 
@@ -208,6 +216,8 @@ def main() -> None:
             make_cache(str(tmp / "cache.zarr"), source, args, L, C, H)
         if "loader" not in args.skip:
             res["loader"] = {"targets_only_views_s_0w": bench_loader(str(tmp / "cache.zarr"), args, False, 0),
+                             "targets_cpu_float32_views_s_0w": bench_loader(str(tmp / "cache.zarr"), args, False, 0,
+                                                                            dequantize=True),
                              "full_views_s_0w": bench_loader(str(tmp / "cache.zarr"), args, True, 0),
                              f"full_views_s_{args.workers}w": bench_loader(str(tmp / "cache.zarr"), args, True, args.workers)}
             print("loader:", json.dumps(res["loader"]), flush=True)

@@ -4,7 +4,9 @@ A view is rendered from its source image and its crop parameters with `views.ren
 the one renderer stage one used, so the pixels are bit-identical to those the base model
 saw. Targets come from one of three sources:
 
-* ``cache``  - the stage-one cache, read a whole shard at a time (`ShardBuffer`);
+* ``cache``  - the stage-one cache, read a whole shard at a time (`ShardBuffer`); batches carry
+  the stored dtypes (int8 / uint8 / float16) and are dequantized on the compute device
+  (`batch_targets`);
 * ``online`` - the base model in the loop (targets computed on the batch, `targets.compute_targets`);
 * ``pixels`` - MAE's per-patch normalized pixels (`pixels.pixel_targets`), no base model.
 
@@ -27,6 +29,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .cache.base import ShardTargets
+from .cache.codecs import ATTN_STEP
 from .data.sources import BadImageError, ImageSource, decode_rgb
 from .errors import UserError
 from .targets import Targets
@@ -199,9 +203,13 @@ def reader_shards(reader: TargetReader) -> list[range]:
 
 
 class ShardBuffer:
-    """The last few decoded shards, so a batch costs no per-sample decompression.
+    """The last few opened shards, so a batch costs no per-sample file reads.
 
-    Only the attention rows a run needs are kept (any k <= k_max is a prefix).
+    Targets stay in their stored dtypes (int8 feat + float16 steps, uint8 attention, float16
+    or float32; see `codecs`): `get` returns them compact and `dequantize_targets` turns a
+    batch into float32 on the compute device. Readers with ``open_shard`` (the cache stores)
+    decode only the views a batch takes; other readers (`MemoryCache`) are read whole with
+    ``read_shard``. Only the attention rows a run needs are returned (any k <= k_max is a prefix).
     """
 
     FIELDS = ("feat", "feat_mean", "feat_std", "attn", "topk_idx")
@@ -210,19 +218,16 @@ class ShardBuffer:
         self.reader, self.capacity, self.attn_rows = reader, max(capacity, 1), attn_rows
         shards = reader_shards(reader)
         self.shard_of = np.concatenate([np.full(len(r), s, dtype=np.int64) for s, r in enumerate(shards)])
-        self.starts = [r.start for r in shards]
-        self.buffer: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        self.decoded = 0  # shards decoded so far (tests check chunk-awareness with it)
+        self.starts = np.asarray([r.start for r in shards], dtype=np.int64)
+        self.buffer: OrderedDict[int, ShardTargets] = OrderedDict()
+        self.decoded = 0  # shards opened so far (tests check chunk-awareness with it)
 
-    def _shard(self, shard: int) -> dict[str, np.ndarray]:
+    def _shard(self, shard: int) -> ShardTargets:
         if shard in self.buffer:
             self.buffer.move_to_end(shard)
             return self.buffer[shard]
-        data = self.reader.read_shard(shard)
-        rows = max(self.attn_rows, 1)  # keep the cls row at least: cheap, and keeps shapes regular
-        kept = {name: data[name] for name in (*self.FIELDS, "crop")}
-        kept["attn"] = np.ascontiguousarray(kept["attn"][:, :, :rows])
-        kept["topk_idx"] = np.ascontiguousarray(kept["topk_idx"][:, :, : max(self.attn_rows - 1, 0)])
+        opener = getattr(self.reader, "open_shard", None)
+        kept = opener(shard) if opener is not None else ShardTargets(self.reader.read_shard(shard))
         self.buffer[shard] = kept
         self.decoded += 1
         while len(self.buffer) > self.capacity:
@@ -230,15 +235,24 @@ class ShardBuffer:
         return kept
 
     def get(self, images: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
-        """Targets and crop params of (image, view) pairs, stacked: feat (B, L, C), attn (B, rows, H, L), ..."""
-        out: dict[str, list] = {name: [] for name in (*self.FIELDS, "crop")}
-        for image, view in zip(images.tolist(), views.tolist()):
-            shard = int(self.shard_of[image])
+        """Targets and crop params of (image, view) pairs, stacked, in their stored dtypes:
+        crop (B, 5), feat (B, L, C) [+ feat_step (B, C) for int8], feat_mean / feat_std (B, C),
+        attn (B, rows, H, L), topk_idx (B, rows - 1)."""
+        images, views = np.asarray(images, dtype=np.int64), np.asarray(views, dtype=np.int64)
+        rows = max(self.attn_rows, 1)  # keep the cls row at least: cheap, and keeps shapes regular
+        shards = self.shard_of[images]
+        local = images - self.starts[shards]
+        order = list(dict.fromkeys(shards.tolist()))  # shards in first-use order
+        if len(order) == 1:
+            return self._shard(order[0]).take(local, views, rows)
+        out: Optional[dict[str, np.ndarray]] = None
+        for shard in order:  # each shard writes its views straight into the batch arrays
             data = self._shard(shard)
-            i = image - self.starts[shard]
-            for name, values in out.items():
-                values.append(data[name][i, view])
-        return {name: np.stack(v) for name, v in out.items()}
+            if out is None:
+                out = {name: np.empty((len(images),) + shape, dtype) for name, (dtype, shape) in data.fields(rows).items()}
+            sel = np.flatnonzero(shards == shard)
+            data.take(local[sel], views[sel], rows, out, sel)
+        return out
 
 
 # ---------------------------------------------------------------- source images
@@ -292,13 +306,17 @@ def render_batch(source: ImageSource, images: np.ndarray, crops: np.ndarray, siz
 
 
 class CachedBatches:
-    """Batches from a cache: targets from the shard buffer, views re-rendered from the cached crops."""
+    """Batches from a cache: targets from the shard buffer in their stored dtypes (turn them into
+    float32 with `batch_targets`), views re-rendered from the cached crops."""
 
     def __init__(self, reader: TargetReader, source: Optional[ImageSource], img_size: int, attn_rows: int,
                  buffer_shards: int, render: bool = True):
         self.reader, self.source, self.img_size, self.render = reader, source, img_size, render
         self.attn_rows, self.capacity = attn_rows, 2 * buffer_shards  # a batch can straddle two windows
         self.buffer: Optional[ShardBuffer] = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "buffer": None}  # a loader worker opens its own shards
 
     def __call__(self, images: np.ndarray, views: np.ndarray) -> dict[str, Tensor]:
         if self.buffer is None:  # built lazily: each loader worker keeps its own buffer
@@ -368,9 +386,34 @@ def mask_noise(seed: int, micro_step: int, batch: int, num_patches: int, process
     return torch.rand(batch, num_patches, generator=generator)
 
 
+def dequantize_targets(feat: Tensor, feat_mean: Tensor, feat_std: Tensor, attn: Tensor, topk_idx: Tensor,
+                       feat_step: Optional[Tensor] = None) -> Targets:
+    """float32 `Targets` from a cached batch in its stored dtypes, computed where the tensors are.
+
+    * ``feat`` int8 ``q`` (B, L, C) with ``feat_step`` float16 ``s`` (B, C):
+      ``feat = float32(q) * float32(s)[:, None, :]`` (`codecs.decode_feat_int8`);
+    * ``attn`` uint8 ``u``: ``attn = float32(u) * float32(-0.1)``, the logits minus their row max
+      (`codecs.decode_attn_uint8`);
+    * float16 arrays are widened to float32, float32 ones kept; ``topk_idx`` becomes int64.
+
+    Every widening is exact and each product is one correctly rounded float32 multiply, as in
+    `codecs.decode`'s numpy math, so the values are bit-identical to ``read_shard``'s.
+    """
+    if feat.dtype == torch.int8:
+        if feat_step is None:
+            raise ValueError("int8 features need their feat_step")
+        feat = feat.float() * feat_step.float()[:, None, :]
+    if attn.dtype == torch.uint8:
+        attn = attn.float() * float(np.float32(-ATTN_STEP))  # the float32 step, exactly
+    return Targets(feat=feat.float(), feat_mean=feat_mean.float(), feat_std=feat_std.float(), attn=attn.float(),
+                   topk_idx=topk_idx.long())
+
+
 def batch_targets(batch: dict[str, Tensor], device: torch.device | str) -> Targets:
-    """The cached targets of a batch as `targets.Targets` on `device`."""
-    return Targets(**{name: batch[name].to(device, non_blocking=True) for name in ShardBuffer.FIELDS})
+    """The cached targets of a batch as float32 `targets.Targets` on `device`: the compact
+    stored dtypes travel to the device and are dequantized there (`dequantize_targets`)."""
+    names = ShardBuffer.FIELDS + (("feat_step",) if "feat_step" in batch else ())
+    return dequantize_targets(**{name: batch[name].to(device, non_blocking=True) for name in names})
 
 
 

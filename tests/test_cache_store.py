@@ -295,12 +295,63 @@ def test_zarr_damage_is_detected_and_names_the_shard(damage, tmp_path):
         _flip_byte(fs, path, fs.size(path) - 10)
     else:
         fs.rm(path)
-    for read in (lambda r: r.read_shard(1), lambda r: r.read_view(2, 0)):  # image 2 view 0: the first chunk
+    reads = (lambda r: r.read_shard(1), lambda r: r.read_view(2, 0),  # image 2 view 0: the first chunk
+             lambda r: r.open_shard(1).take(np.array([0]), np.array([0]), K + 1))  # training: same chunk
+    for read in reads:
         with pytest.raises(CacheCorruptError, match="shard 1"):
             read(open_cache(url))
     open_cache(url).read_shard(0)  # other shards are fine
-    if damage == "chunk":  # read_view touches only its own chunk
+    if damage == "chunk":  # read_view and a batch touch only their own chunks
         open_cache(url).read_view(3, 1)
+        open_cache(url).open_shard(1).take(np.array([1, 0]), np.array([1, 1]), K + 1)
+
+
+def test_zarr_damaged_small_chunk_is_named(tmp_path):
+    """Back-to-back chunks are decoded in one zstd call; a damaged one is still found and named."""
+    url = str(tmp_path / "c")
+    w = create_cache(url, make_meta("zarr", "int8", "uint8"))
+    write_shards(w, make_targets())
+    w.finalize({})
+    fs, root = fsspec.core.url_to_fs(url)
+    _flip_byte(fs, f"{root}/feat_mean/c/1/0/0", 20)  # inside the first chunk's frame
+    for read in (lambda r: r.read_shard(1), lambda r: r.open_shard(1)):
+        with pytest.raises(CacheCorruptError, match=r"shard 1: 'feat_mean' chunk \(0, 0\)"):
+            read(open_cache(url))
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("feat_dtype, attn_dtype", [("int8", "uint8"), ("float16", "float16"),
+                                                    ("float32", "float32"), ("int8", "float16")])
+def test_open_shard_keeps_stored_dtypes_and_dequantizes_bit_identically(store, feat_dtype, attn_dtype, tmp_path):
+    """Training's compact path (``open_shard`` + ``dequantize_targets``) gives the float32
+    values of ``read_shard`` bit for bit, for every storage dtype and attention-row prefix."""
+    import torch
+
+    from tec_pipeline.train_data import dequantize_targets
+
+    url = str(tmp_path / "c")
+    w = create_cache(url, make_meta(store, feat_dtype, attn_dtype))
+    write_shards(w, make_targets())
+    w.finalize({})
+    reader = open_cache(url)
+    bits = lambda a: np.ascontiguousarray(a).view(np.uint32)  # noqa: E731
+    for shard in range(reader.num_shards):
+        ref = reader.read_shard(shard)
+        n = len(reader.shard_range(shard))
+        local, views = np.repeat(np.arange(n), V)[::-1].copy(), np.tile(np.arange(V), n)[::-1].copy()
+        for rows in (K + 1, 2, 1):
+            got = reader.open_shard(shard).take(local, views, rows)
+            assert got["feat"].dtype == {"int8": np.int8, "float16": np.float16, "float32": np.float32}[feat_dtype]
+            assert got["attn"].dtype == {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}[attn_dtype]
+            t = dequantize_targets(**{k: torch.from_numpy(v) for k, v in got.items() if k != "crop"})
+            for name in ("feat", "feat_mean", "feat_std", "attn"):
+                want = ref[name][local, views]
+                want = want[:, :rows] if name == "attn" else want
+                assert getattr(t, name).dtype == torch.float32, name
+                np.testing.assert_array_equal(bits(getattr(t, name).numpy()), bits(want), err_msg=name)
+            np.testing.assert_array_equal(t.topk_idx.numpy(), ref["topk_idx"][local, views, :rows - 1])
+            assert t.topk_idx.dtype == torch.int64
+            np.testing.assert_array_equal(got["crop"], ref["crop"][local, views])
 
 
 @pytest.mark.parametrize("damage", ["member", "missing"])

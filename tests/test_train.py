@@ -127,6 +127,45 @@ def test_cached_batches_read_whole_shards_and_render_bit_identical(world):
             assert torch.equal(batch["feat"][j], torch.from_numpy(cache.arrays["feat"][i, v]))
 
 
+@pytest.mark.parametrize("dtypes", [("float32", "float32"), ("float16", "float16"), ("int8", "uint8")])
+def test_compact_cached_batches_give_the_float32_targets_of_read_shard(world, tmp_path, dtypes):
+    """Batches keep the stored dtypes (int8 + steps / uint8 / float16); `batch_targets`
+    dequantizes them to exactly, bit for bit, the float32 values `read_shard` decodes."""
+    from tec_pipeline.cache.store import open_cache
+    from tec_pipeline.train_data import batch_targets
+
+    feat_dtype, attn_dtype = dtypes
+    url = world.get(f"zarr_{feat_dtype}")
+    if url is None:
+        cfg = tiny_config(world, tmp_path / "unused")
+        cfg.cache = replace(cfg.cache, path=str(tmp_path / "c.zarr"), feat_dtype=feat_dtype, attn_dtype=attn_dtype)
+        run_cache_targets(cfg)
+        url = cfg.cache.path
+    reader = open_cache(url)
+    whole = [reader.read_shard(s) for s in range(reader.num_shards)]
+    ref = {name: np.concatenate([w[name] for w in whole]) for name in whole[0]}
+    order = epoch_order(uniform_shards(N_IMAGES, PER_SHARD), None, 0, 0, buffer_shards=2)
+    plan = plan_epoch(order, view_indices(order, 0, 0, VIEWS, "random"), 4)
+    rows = 3
+    make = CachedBatches(reader, None, 32, attn_rows=rows, buffer_shards=1, render=False)  # batches straddle shards
+    stored = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8, "uint8": torch.uint8}
+    bits = lambda a: np.ascontiguousarray(a).view(np.uint32)  # noqa: E731  compare float32 bit patterns
+    for images, views in zip(plan.images, plan.views):
+        batch = make(images, views)
+        assert batch["feat"].dtype == stored[feat_dtype] and batch["attn"].dtype == stored[attn_dtype]
+        assert ("feat_step" in batch) == (feat_dtype == "int8")
+        t = batch_targets(batch, "cpu")
+        for name in ("feat", "feat_mean", "feat_std", "attn"):
+            got = getattr(t, name)
+            want = ref[name][images, views]
+            want = want[:, :rows] if name == "attn" else want
+            assert got.dtype == torch.float32 and got.shape == want.shape, name
+            assert np.array_equal(bits(got.numpy()), bits(want)), name
+        assert t.topk_idx.dtype == torch.int64
+        assert np.array_equal(t.topk_idx.numpy(), ref["topk_idx"][images, views, :rows - 1])
+        assert np.array_equal(batch["crop"].numpy(), ref["crop"][images, views])
+
+
 def test_invalid_images_are_skipped(world):
     arrays = dict(world["f32"].arrays)
     arrays["valid"] = arrays["valid"].copy()

@@ -26,6 +26,46 @@ from .schema import (
 from ..errors import UserError
 
 FLOAT_KEYS = ("feat", "feat_mean", "feat_std", "attn")
+TARGET_KEYS = ("crop", "feat", "feat_step", "feat_mean", "feat_std", "attn", "topk_idx")  # what training reads
+
+
+class ShardTargets:
+    """One shard's training targets kept in their **stored** dtypes (int8 / float16 / uint8 /
+    int16 ...), from which ``take`` gathers the views of a batch.
+
+    ``arrays`` are ``[n, views, ...]`` as ``_read_encoded`` returns them (or already decoded
+    float32 arrays: then the batch is float32). Dequantization is left to the consumer
+    (``train_data.dequantize_targets``, once per batch on the compute device), so a shard in
+    memory costs its stored size, not 4x it in float32.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = {name: arrays[name] for name in TARGET_KEYS if name in arrays}
+
+    def _rows(self, name: str, a: np.ndarray, attn_rows: int) -> np.ndarray:
+        if name == "attn":
+            return a[:, :, :attn_rows]
+        if name == "topk_idx":
+            return a[:, :, :max(attn_rows - 1, 0)]
+        return a
+
+    def fields(self, attn_rows: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """(dtype, per-view shape) of each array ``take`` returns."""
+        return {name: (a.dtype, self._rows(name, a, attn_rows).shape[2:]) for name, a in self.arrays.items()}
+
+    def take(self, local: np.ndarray, views: np.ndarray, attn_rows: int,
+             out: dict[str, np.ndarray] | None = None, at: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Views ``(local[j], views[j])`` stacked on a new leading batch dim: ``attn`` keeps its
+        first ``attn_rows`` query rows, ``topk_idx`` its first ``attn_rows - 1`` ranks.
+
+        With ``out`` (arrays shaped by ``fields``) view j is written to ``out[name][at[j]]``
+        instead, so the views of a batch spread over several shards land in one array."""
+        if out is None:
+            return {name: np.ascontiguousarray(self._rows(name, a, attn_rows)[local, views])
+                    for name, a in self.arrays.items()}
+        for name, a in self.arrays.items():
+            out[name][at] = self._rows(name, a, attn_rows)[local, views]
+        return out
 
 
 def new_document(meta: dict) -> dict:
@@ -244,6 +284,13 @@ class CacheReader:
         self._marker(shard)
         enc = self._read_encoded(shard)
         return codecs.decode(enc, self.meta["feat_dtype"], self.meta["attn_dtype"])
+
+    def open_shard(self, shard: int) -> ShardTargets:
+        """A shard's training targets (``TARGET_KEYS``) in their stored dtypes, for training
+        batches (``ShardTargets.take``); same checks as ``read_shard``. Stores may defer decoding
+        until views are taken."""
+        self._marker(shard)
+        return ShardTargets(self._read_encoded(shard))
 
     def read_view(self, image: int, view: int) -> dict[str, np.ndarray]:
         """One view of one image, decoded as in ``read_shard`` without the leading dims."""
