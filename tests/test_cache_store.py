@@ -281,13 +281,18 @@ def _flip_byte(fs, path: str, pos: int) -> None:
     fs.pipe_file(path, bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["chunk", "index", "missing"])
-def test_zarr_damage_is_detected_and_names_the_shard(damage, tmp_path):
+def _finished_cache(tmp_path, store: str):
+    """A complete int8/uint8 cache on local disk: (url, its fsspec filesystem, root path)."""
     url = str(tmp_path / "c")
-    w = create_cache(url, make_meta("zarr", "int8", "uint8"))
+    w = create_cache(url, make_meta(store, "int8", "uint8"))
     write_shards(w, make_targets())
     w.finalize({})
-    fs, root = fsspec.core.url_to_fs(url)
+    return (url, *fsspec.core.url_to_fs(url))
+
+
+@pytest.mark.parametrize("damage", ["chunk", "index", "missing"])
+def test_zarr_damage_is_detected_and_names_the_shard(damage, tmp_path):
+    url, fs, root = _finished_cache(tmp_path, "zarr")
     path = f"{root}/attn/c/1/0/0/0/0"
     if damage == "chunk":
         _flip_byte(fs, path, 20)
@@ -308,11 +313,7 @@ def test_zarr_damage_is_detected_and_names_the_shard(damage, tmp_path):
 
 def test_zarr_damaged_small_chunk_is_named(tmp_path):
     """Back-to-back chunks are decoded in one zstd call; a damaged one is still found and named."""
-    url = str(tmp_path / "c")
-    w = create_cache(url, make_meta("zarr", "int8", "uint8"))
-    write_shards(w, make_targets())
-    w.finalize({})
-    fs, root = fsspec.core.url_to_fs(url)
+    url, fs, root = _finished_cache(tmp_path, "zarr")
     _flip_byte(fs, f"{root}/feat_mean/c/1/0/0", 20)  # inside the first chunk's frame
     for read in (lambda r: r.read_shard(1), lambda r: r.open_shard(1)):
         with pytest.raises(CacheCorruptError, match=r"shard 1: 'feat_mean' chunk \(0, 0\)"):
@@ -356,11 +357,7 @@ def test_open_shard_keeps_stored_dtypes_and_dequantizes_bit_identically(store, f
 
 @pytest.mark.parametrize("damage", ["member", "missing"])
 def test_webdataset_damage_is_detected_and_names_the_shard(damage, tmp_path):
-    url = str(tmp_path / "c")
-    w = create_cache(url, make_meta("webdataset", "int8", "uint8"))
-    write_shards(w, make_targets())
-    w.finalize({})
-    fs, root = fsspec.core.url_to_fs(url)
+    url, fs, root = _finished_cache(tmp_path, "webdataset")
     path = f"{root}/shard-00001-000.tar"
     if damage == "member":
         _flip_byte(fs, path, 512 + 40)  # inside the first member's zstd frame
