@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
@@ -31,16 +32,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache.base import ShardTargets
 from .cache.codecs import ATTN_STEP
+from .cache.schema import CacheMismatchError  # the one error for a cache that cannot serve a request
 from .data.sources import BadImageError, ImageSource, decode_rgb
 from .errors import UserError
 from .targets import Targets
 from .views import ViewParams, render_view, sample_view
 
 VIEW_MODES = ("cycle", "random")
-
-
-class CacheMismatchError(UserError):
-    """The training config asks for something the cache cannot serve; one line naming the setting."""
 
 
 class TargetReader(Protocol):
@@ -110,6 +108,9 @@ def check_cache_base(meta: dict, checkpoint: Optional[str]) -> None:
         return
     from .models.base import file_sha256
 
+    if not Path(checkpoint).is_file():
+        raise CacheMismatchError(f"base.checkpoint={checkpoint}: file not found (training from a cache needs no base; "
+                                 "leave base.checkpoint empty or point it at the cache's base)")
     if file_sha256(checkpoint) != recorded:
         raise CacheMismatchError(f"base.checkpoint={checkpoint} is not the base model the cache was made with "
                                  f"(SHA-256 differs)")

@@ -358,3 +358,11 @@ def test_views_come_from_images_stored_in_a_webdataset_cache(world, tmp_path):
         picture = world["source"].load(int(i))
         crop = sample_view(0, int(i), int(v), picture.size[1], picture.size[0])
         assert torch.equal(batch["images"][j], render_view(picture, crop, 32))
+
+
+def test_missing_base_checkpoint_for_a_cached_run_is_one_clear_error():
+    from tec_pipeline.train_data import CacheMismatchError, check_cache_base
+
+    meta = {"identity": {"base": {"checkpoint_sha256": "ab" * 32}}}
+    with pytest.raises(CacheMismatchError, match="base.checkpoint=nope.safetensors: file not found"):
+        check_cache_base(meta, "nope.safetensors")
