@@ -65,12 +65,13 @@ def tec_steps(cfg: Config) -> int:
         return max(json.loads(line)["step"] for line in f if line.strip())
 
 
-def _train_and_export(cfg: Config) -> Path:
+def _train_and_export(cfg: Config, out: Optional[Path] = None) -> tuple[dict, Path]:
+    """Train (a finished or interrupted run is resumed) and export the encoder; (summary, export)."""
     from stages.train import run_train
     from tec_pipeline.export import CHECKPOINT, export_run
 
-    run_train(cfg, resume=(Path(cfg.output) / CHECKPOINT).exists())
-    return export_run(cfg.output)
+    summary = run_train(cfg, resume=(Path(cfg.output) / CHECKPOINT).exists())
+    return summary, export_run(cfg.output, out)
 
 
 def _pictures(tec: Config, out: Path, tec_encoder: Path, count: int = 6) -> list[Path]:
@@ -122,10 +123,10 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     with timer.stage("cache-targets"):
         run_cache_targets(tec)
     with timer.stage("train TEC"):
-        tec_encoder = _train_and_export(tec)
+        _, tec_encoder = _train_and_export(tec)
     with timer.stage("train control"):
         control = replace(control, train=replace(control.train, max_steps=tec_steps(tec)))
-        control_encoder = _train_and_export(control)
+        _, control_encoder = _train_and_export(control)
     models = [("base", None, tec.base.checkpoint), ("control", None, str(control_encoder)),
               ("tec", None, str(tec_encoder))]
     if second_round:
@@ -154,18 +155,15 @@ def make_demo_base(out: str | Path = BASE_DIR, overrides: Optional[list[str]] = 
     """
     from safetensors.torch import save_file
 
-    from stages.train import run_train
     from tec_pipeline.config import to_dict
     from tec_pipeline.data.demo import build_demo_data
-    from tec_pipeline.export import CHECKPOINT, export_run, load_checkpoint
+    from tec_pipeline.export import CHECKPOINT, load_checkpoint
 
     out = Path(out)
     cfg = load_config(BASE_CONFIG, list(overrides or []))
     start = time.perf_counter()
     build_demo_data(cfg.data.path, **_demo_data_settings())
-    summary = run_train(cfg, resume=(Path(cfg.output) / CHECKPOINT).exists())
-    out.mkdir(parents=True, exist_ok=True)
-    export_run(cfg.output, out / "encoder.safetensors")
+    summary, _ = _train_and_export(cfg, out / "encoder.safetensors")
     state = load_checkpoint(Path(cfg.output) / CHECKPOINT)["model"]
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
     record = {"command": "tec-pipeline demo-base " + " ".join(overrides or []), "config": to_dict(cfg),
@@ -181,7 +179,7 @@ def _second_round(tec: Config, tec_encoder: Path, out: Path) -> Path:
     cfg = replace(tec, output=str(out / "round2"), base=replace(tec.base, checkpoint=str(tec_encoder)),
                   cache=replace(tec.cache, path=str(out / "round2_cache.zarr")))
     run_cache_targets(cfg)
-    return _train_and_export(cfg)
+    return _train_and_export(cfg)[1]
 
 
 def _demo_data_settings() -> dict:
