@@ -40,23 +40,6 @@ from tec_pipeline.views import normalize
 LOG_FILE = "log.jsonl"
 
 
-# ---------------------------------------------------------------- settings not (yet) in config.py
-def _setting(cfg: Config, dotted: str, default):
-    """`cfg.<dotted>` if the config has that field, else `default` (fields proposed for config.py)."""
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return default
-    return obj
-
-
-def train_settings(cfg: Config) -> TrainConfig:
-    """The run's `TrainConfig`: ``cfg.train`` where present, field by field, else the defaults."""
-    defaults = TrainConfig()
-    return TrainConfig(**{f: _setting(cfg, f"train.{f}", getattr(defaults, f)) for f in TrainConfig.__dataclass_fields__})
-
-
 # ---------------------------------------------------------------- targets and data
 @dataclass
 class DataPipeline:
@@ -87,7 +70,7 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
         if not reader.is_complete():
             raise UserError(f"cache.path={cfg.cache.path}: the cache is incomplete (finish stage one first)")
         source = cache_image_source(reader, d.path) if render else None
-        make = CachedBatches(reader, source, d.img_size, rows, _buffer_shards(cfg), render)
+        make = CachedBatches(reader, source, d.img_size, rows, cfg.data.buffer_shards, render)
         check_cache_base(reader.meta, cfg.base.checkpoint)
         return DataPipeline("cache", cache_spec(reader.meta), reader_shards(reader), valid_mask(reader),
                             reader.views, make, meta=reader.meta)
@@ -100,10 +83,6 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
     patch = _patch_size(cfg)
     L = (d.img_size // patch) ** 2
     return DataPipeline("pixels", TargetSpec(d.img_size, L, pixel_feat_dim(patch), 0, 0), shards, None, d.views, make)
-
-
-def _buffer_shards(cfg: Config) -> int:
-    return _setting(cfg, "data.buffer_shards", 4)
 
 
 def _patch_size(cfg: Config) -> int:
@@ -402,7 +381,7 @@ def setup_run(cfg: Config, accelerator: Accelerator, run_dir: Path, reader: Opti
     model = build_model(kwargs)
     check_request(data.spec, img_size=cfg.data.img_size, num_patches=model.encoder.patch_embed.num_patches,
                   k=t.k, attention=t.attention, what="the cache" if data.source == "cache" else "the base model")
-    if _setting(cfg, "model.init_from_base", False):
+    if cfg.model.init_from_base:
         # a cached run may name no base: the cache records the checkpoint it was made with
         checkpoint = cfg.base.checkpoint or ((data.meta or {}).get("base") or {}).get("checkpoint")
         if not checkpoint:
@@ -410,7 +389,7 @@ def setup_run(cfg: Config, accelerator: Accelerator, run_dir: Path, reader: Opti
         init_from_base(model, checkpoint)
     if cfg.model.init_checkpoint:
         init_from_checkpoint(model, cfg.model.init_checkpoint)
-    settings = train_settings(cfg)
+    settings = cfg.train
     usable = int(data.valid.sum()) if data.valid is not None else sum(len(r) for r in data.shards)
     schedule = make_schedule(cfg, usable, accelerator.num_processes, settings.max_steps)
     o = cfg.optim
@@ -436,8 +415,8 @@ def epoch_batches(run: Run, micro: int):
     """The loader of the epoch that micro-batch `micro` falls in, started at that batch."""
     cfg, acc, schedule = run.cfg, run.accelerator, run.schedule
     epoch, start = divmod(micro, schedule.batches_per_epoch)
-    order = epoch_order(run.data.shards, run.data.valid, cfg.seed, epoch, _buffer_shards(cfg))
-    views = view_indices(order, cfg.seed, epoch, run.data.views, _setting(cfg, "data.view_mode", "cycle"))
+    order = epoch_order(run.data.shards, run.data.valid, cfg.seed, epoch, cfg.data.buffer_shards)
+    views = view_indices(order, cfg.seed, epoch, run.data.views, cfg.data.view_mode)
     plan = plan_epoch(order, views, cfg.data.batch_size, acc.num_processes, acc.process_index,
                       schedule.batches_per_epoch)
     return epoch_loader(plan, run.data.make_batch, start, cfg.data.num_workers, torch.cuda.is_available())

@@ -21,7 +21,6 @@ from tec_pipeline.views import normalize
 
 ABLATIONS = Path(__file__).resolve().parents[1] / "configs" / "ablations"
 BASE = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-PROPOSED = ("model.init_from_base",)  # fields proposed for config.py (see stages/train.py TrainConfig)
 TINY = ["model.arch.name=vit_tiny_patch16_224", "model.arch.img_size=32", "model.arch.patch_size=8",
         "model.arch.embed_dim=32", "model.arch.depth=3", "model.arch.num_heads=2", "model.decoder_dim=32",
         "model.decoder_heads=2", "model.decoder_depth=1", "data.img_size=32", "data.batch_size=4",
@@ -51,9 +50,8 @@ def test_one_yaml_per_tab6_row_each_loads():
         assert f.read_text().startswith(f"# Tab. 6({f.name[0]})"), f.name
         overrides = ablation_overrides(f)
         seen.add(tuple(overrides))
-        usable = [o for o in overrides if o.split("=")[0] not in PROPOSED]
-        cfg = load_config(None, usable)
-        for o in usable:
+        cfg = load_config(None, overrides)
+        for o in overrides:
             key, value = o.split("=", 1)
             node = cfg
             for part in key.split("."):

@@ -75,7 +75,7 @@ def tiny_config(world, out: Path, source: str = "cache", **train) -> Config:
     cfg.data = replace(cfg.data, path=str(world["images"]), img_size=32, views=VIEWS, batch_size=4, num_workers=0)
     cfg.optim = replace(cfg.optim, blr=0.05, epochs=2, warmup_epochs=1)
     cfg.cache = replace(cfg.cache, images_per_shard=PER_SHARD, k_max=K_MAX)
-    cfg.train = TrainConfig(**{"log_every": 1, "checkpoint_every": 100, **train})  # proposed section
+    cfg.train = TrainConfig(**{"log_every": 1, "checkpoint_every": 100, **train})
     return cfg
 
 
