@@ -32,7 +32,7 @@ from tec_pipeline.step import tec_losses
 from tec_pipeline.targets import compute_targets
 from tec_pipeline.train_data import (
     CachedBatches, OnlineBatches, TargetReader, TargetSpec, attention_rows, base_spec, batch_targets, cache_image_source,
-    cache_spec, check_cache_base, check_request, epoch_loader, epoch_order, mask_noise, open_image_source, plan_epoch,
+    cache_spec, check_cache_base, check_request, epoch_loader, epoch_order, first_sample, mask_noise, open_image_source, plan_epoch,
     reader_shards, uniform_shards, valid_mask, view_indices,
 )
 from tec_pipeline.views import normalize
@@ -269,7 +269,8 @@ def step_losses(data: DataPipeline, forward: _Forward, batch: dict, cfg: Config,
             targets = compute_targets(data.base, images, t.last_layers, k)
     else:
         targets = pixel_targets(images, patch)
-    noise = mask_noise(cfg.seed, micro_step, images.shape[0], data.spec.num_patches, accelerator.process_index)
+    start = first_sample(micro_step, images.shape[0], accelerator.num_processes, accelerator.process_index)
+    noise = mask_noise(cfg.seed, start, images.shape[0], data.spec.num_patches)
     return tec_losses(forward, images, targets, t, cfg.model.mask_ratio, noise.to(device))
 
 
@@ -422,13 +423,22 @@ def epoch_batches(run: Run, micro: int):
     return epoch_loader(plan, run.data.make_batch, start, cfg.data.num_workers, torch.cuda.is_available())
 
 
+def logged_losses(accelerator: Accelerator, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each loss term as a float, averaged over processes: the log shows the global batch's loss,
+    and every process sees the same values (so all stop together on a non-finite one)."""
+    stacked = torch.stack([v.detach().float() for v in losses.values()])
+    if accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked, reduction="mean")
+    return dict(zip(losses, stacked.tolist()))
+
+
 def micro_step(run: Run, batch: dict, micro: int) -> dict[str, float]:
     """Forward, finite check, backward; the prepared optimizer steps once per accumulation cycle."""
     forward = _Forward(run.model, run.inner)
     with run.accelerator.accumulate(run.model):
         losses = step_losses(run.data, forward, batch, run.cfg, micro, run.accelerator,
                              run.inner.encoder.patch_embed.patch_size[0])
-        values = {k: v.item() for k, v in losses.items()}
+        values = logged_losses(run.accelerator, losses)
         _check_finite(values, run.step, run.ckpt_path, run.last_saved)
         run.accelerator.backward(losses["loss"])
         run.optimizer.step()

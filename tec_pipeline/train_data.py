@@ -377,14 +377,25 @@ def epoch_loader(plan: EpochPlan, make_batch: Callable, start: int, num_workers:
                       pin_memory=pin_memory, prefetch_factor=2 if workers else None)
 
 
-def mask_noise(seed: int, micro_step: int, batch: int, num_patches: int, process_index: int = 0) -> Tensor:
-    """Uniform masking noise (B, L) from a generator seeded by (seed, step, process), on the CPU.
+def mask_noise(seed: int, first_sample: int, batch: int, num_patches: int) -> Tensor:
+    """Uniform masking noise (B, L) on the CPU: row r from a generator seeded by
+    (seed, first_sample + r), the sample's position in the run's stream of samples.
 
-    The masks depend on nothing else, so a cached, an online and a resumed run mask alike.
+    The masks depend on nothing else, so a cached, an online and a resumed run mask alike, and
+    so do 1 process x batch 2B, 1 process x batch B x 2 accumulation steps and 2 processes x
+    batch B: the same effective batch gets the same masks however it is split.
     """
-    key = np.random.SeedSequence([seed, micro_step, process_index, 0x3A5C]).generate_state(1, np.uint64)[0]
-    generator = torch.Generator().manual_seed(int(key >> np.uint64(1)))
-    return torch.rand(batch, num_patches, generator=generator)
+    rows = []
+    for sample in range(first_sample, first_sample + batch):
+        key = np.random.SeedSequence([seed, sample, 0x3A5C]).generate_state(1, np.uint64)[0]
+        rows.append(torch.rand(num_patches, generator=torch.Generator().manual_seed(int(key >> np.uint64(1)))))
+    return torch.stack(rows)
+
+
+def first_sample(micro_step: int, batch: int, num_processes: int = 1, process_index: int = 0) -> int:
+    """Position of a micro-batch's first sample in the run's sample stream, as `plan_epoch`
+    lays batches out: micro-batch j of process p holds samples j*B*P + p*B ... + B - 1."""
+    return (micro_step * num_processes + process_index) * batch
 
 
 def dequantize_targets(feat: Tensor, feat_mean: Tensor, feat_std: Tensor, attn: Tensor, topk_idx: Tensor,

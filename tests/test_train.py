@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import socket
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +26,7 @@ from tec_pipeline.pixels import patchify, pixel_targets
 from tec_pipeline.schedule import lr_at, param_groups, scaled_lr
 from tec_pipeline.models.tec import TECModel
 from tec_pipeline.train_data import (
-    CachedBatches, MemoryCache, build_memory_cache, epoch_order, mask_noise, plan_epoch,
+    CachedBatches, MemoryCache, build_memory_cache, epoch_order, first_sample, mask_noise, plan_epoch,
     uniform_shards, view_indices,
 )
 from tec_pipeline.views import render_view, sample_view
@@ -177,13 +181,16 @@ def test_invalid_images_are_skipped(world):
     assert 0 not in order and 5 not in order and len(order) == N_IMAGES - 2
 
 
-def test_mask_noise_depends_on_seed_and_step_only():
+def test_mask_noise_depends_on_seed_and_sample_only():
     a = mask_noise(0, 7, 4, 16)
     assert torch.equal(a, mask_noise(0, 7, 4, 16))
     assert not torch.equal(a, mask_noise(0, 8, 4, 16)) and not torch.equal(a, mask_noise(1, 7, 4, 16))
+    assert torch.equal(mask_noise(0, 5, 4, 16)[2:], mask_noise(0, 7, 2, 16))  # row r is sample first + r
+    # Micro-batch j of process p starts at (j * P + p) * B: batch 8 = 2 x 4 (accumulated) = 2 processes x 4.
+    assert [first_sample(j, 4) for j in range(4)] == [0, 4, 8, 12]
+    assert [first_sample(j, 4, 2, p) for j in range(2) for p in range(2)] == [0, 4, 8, 12]
 
 
-# ---------------------------------------------------------------- schedule (Tab. 8)
 def test_lr_schedule_warmup_then_half_cosine():
     assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
     lr = [lr_at(s, 100, 10, 1.0, 0.1) for s in range(100)]
@@ -245,6 +252,72 @@ def test_cached_and_online_runs_give_the_same_losses(world, tmp_path):
     assert rel32.max() <= 1e-6, rel32.max()
     assert rel16.max() <= 1e-3, rel16.max()
     assert rel16.max() > 0  # float16 storage really was lossy: the comparison can fail
+
+
+def _train_rank(rank: int, world_size: int, port: int, cfg: Config) -> None:
+    """One process of a 2-process gloo training run, set up the way `accelerate launch` / torchrun do."""
+    code = 1
+    try:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          ACCELERATE_USE_CPU="true")  # what `accelerate launch --cpu` sets: gloo
+        from accelerate.state import AcceleratorState
+
+        # forked from a process whose single-process accelerate state is set
+        AcceleratorState._reset_state(reset_partial_state=True)
+        torch.set_num_threads(1)
+        run_train(cfg)
+        code = 0
+    except BaseException:
+        traceback.print_exc()  # the child's error, in the test's captured output
+    finally:
+        os._exit(code)
+
+
+def without_key_biases(name: str, value: torch.Tensor) -> torch.Tensor:
+    """`value` with its key-bias entries zeroed. A key bias adds q.b to every logit of a softmax
+    row, so its true gradient is zero; AdamW turns the rounding noise left there into lr-sized
+    steps, which differ with the summation order (accumulated or all-reduced gradients)."""
+    value = value.clone()
+    if name.endswith("attn.qkv.bias"):  # [q | k | v]
+        third = len(value) // 3
+        value[third:2 * third] = 0
+    elif name == "attn_branch.head.bias":  # [q | k] of the attention-logit head
+        value[len(value) // 2:] = 0
+    return value
+
+
+def test_one_effective_batch_split_by_accumulation_or_processes_gives_the_same_weights(world, tmp_path):
+    """batch 8 = batch 4 x 2 accumulation steps = 2 processes x batch 4: same data, masks, lr, weights."""
+    def config(name: str, batch: int, accum: int) -> Config:
+        cfg = tiny_config(world, tmp_path / name, max_steps=3)
+        cfg.cache = replace(cfg.cache, path=world["zarr_float32"])
+        cfg.data = replace(cfg.data, batch_size=batch)
+        cfg.optim = replace(cfg.optim, accum_steps=accum)
+        return cfg
+
+    run_train(config("whole", 8, 1))
+    run_train(config("accumulated", 4, 2))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")  # children share the imported torch
+    procs = [ctx.Process(target=_train_rank, args=(r, 2, port, config("processes", 4, 1))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    assert [p.exitcode for p in procs] == [0, 0]
+
+    whole = load_checkpoint(tmp_path / "whole" / CHECKPOINT)
+    for name in ("accumulated", "processes"):
+        other = load_checkpoint(tmp_path / name / CHECKPOINT)
+        assert other["step"] == whole["step"] == 3
+        assert [r["loss"] for r in read_log(tmp_path / name)] == pytest.approx(
+            [r["loss"] for r in read_log(tmp_path / "whole")], rel=1e-5)
+        for key, value in whole["model"].items():
+            torch.testing.assert_close(without_key_biases(key, other["model"][key]), without_key_biases(key, value),
+                                       rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(world, tmp_path, monkeypatch):
