@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 
 from tec_pipeline.config import Config, load_config
 from tec_pipeline.errors import UserError
+from tec_pipeline.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -49,7 +50,7 @@ def demo_configs(out: Path, seed: int, overrides: list[str], base_dir: Path = BA
     """(TEC config, control config) of one demo run under `out`, the seed applied to both."""
     base_ckpt = base_dir / "encoder.safetensors"
     if not base_ckpt.is_file():
-        raise UserError(f"{base_ckpt}: the demo base model is missing; make it with `bash scripts/make_demo_base.sh`")
+        raise UserError(f"{base_ckpt}: the demo base model is missing; make it with `tec-pipeline demo-base`")
     common = [f"seed={seed}"]
     tec = load_config(DEMO_CONFIG, [*common, f"output={out / 'tec'}", f"base.checkpoint={base_ckpt}",
                                     f"cache.path={out / 'cache.zarr'}", *overrides])
@@ -139,7 +140,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
         pictures = _pictures(tec, out, tec_encoder)
     report = {"seed": seed, "rows": rows, "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
               "tec_steps": tec_steps(tec), "pictures": [str(p) for p in pictures], "verdict": verdict(rows)}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "report.json", report)
     print(format_table(rows))
     print(format_stages(timer.stages, report["cache_bytes"]))
     print(report["verdict"])
@@ -168,7 +169,7 @@ def make_demo_base(out: str | Path = BASE_DIR, overrides: Optional[list[str]] = 
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
     record = {"command": "tec-pipeline demo-base " + " ".join(overrides or []), "config": to_dict(cfg),
               "steps": summary["step"], "losses": summary["losses"], "wall_s": round(time.perf_counter() - start, 1)}
-    (out / "base.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out / "base.json", record)
     return record
 
 
@@ -219,7 +220,7 @@ def run_demo_seeds(seeds: list[int], out: str | Path = "runs/demo_seeds", overri
     wins = sum(rep["verdict"].startswith("TEC beats") for rep in reports)
     result = {"seeds": seeds, "summary": summary, "tec_wins": f"{wins}/{len(seeds)}",
               "wall_s": [sum(rep["wall_s"].values()) for rep in reports]}
-    (out / "seeds.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "seeds.json", result)
     print(f"{'model':<12}{'k-NN mean +- std':>20}{'linear mean +- std':>22}")
     for name, m in summary.items():
         print(f"{name:<12}{m['knn']['mean']:>12.3f} +- {m['knn']['std']:.3f}{m['linear']['mean']:>14.3f} +- "

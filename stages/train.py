@@ -218,14 +218,10 @@ class RunLog:
 
 
 def _tracker() -> Optional[str]:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        try:
-            import tensorboardX  # noqa: F401
-        except ImportError:
-            return None
-    return "tensorboard"
+    """accelerate's TensorBoard tracker when either TensorBoard package is installed."""
+    from importlib.util import find_spec
+
+    return "tensorboard" if find_spec("tensorboard") or find_spec("tensorboardX") else None
 
 
 def _scalars(cfg: Config) -> dict:

@@ -96,7 +96,9 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
              pool: str = typer.Option("cls", help="cls token or mean of patch tokens."),
              img_size: Optional[int] = typer.Option(None, help="Encoder image size (default: the architecture's)."),
              k: int = typer.Option(20, help="Neighbours of the weighted k-NN."),
-             probe_c: float = typer.Option(0.01, help="Inverse L2 strength of the linear probe."),
+             probe_c: Optional[float] = typer.Option(
+                 None, help="Inverse L2 strength of the linear probe (default: chosen per model from "
+                            "1e-3..1 on a held-out fifth of the training set)."),
              out: Optional[Path] = typer.Option(None, help="Write the table as JSON here.")):
     """Frozen-feature k-NN and linear-probe accuracy, with the raw-pixel and random-init floors."""
     if pool not in ("cls", "mean"):

@@ -11,8 +11,6 @@ only the floors make that visible.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
@@ -29,12 +27,15 @@ from torch import Tensor
 from .config import ViTArch
 from .data.sources import ImageFolderSource
 from .errors import UserError
+from .files import write_json
 from .views import normalize
 
 Pool = Literal["cls", "mean"]
 PIXELS = "pixels"
 RANDOM = "random-init"
 PIXEL_SIZE = 32  # raw-pixel floor resolution: the tiny-images baseline, bounded memory at 224 px
+PROBE_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the linear probe's inverse regularization, chosen per model
+VAL_FRACTION = 0.2  # of the training set, held out to choose C
 
 
 class EvalError(UserError):
@@ -162,17 +163,10 @@ def knn_accuracy(train_X: np.ndarray, train_y: np.ndarray, test_X: np.ndarray, t
     return float(np.mean(knn_predict(train_X, train_y, test_X, k, T, num_classes) == np.asarray(test_y)))
 
 
-def linear_probe_accuracy(train_X: np.ndarray, train_y: np.ndarray, test_X: np.ndarray, test_y: np.ndarray,
-                          C: float = 0.01, max_iter: int = 1000) -> float:
-    """Top-1 accuracy of multinomial logistic regression (scikit-learn, lbfgs: deterministic)
-    on features standardized with the training set's statistics.
-
-    Fixed settings rather than a sweep: the probe compares models, it does not tune them.
-    C=0.01 is a compromise measured on the demo set (5,000 train images): the 3,072-dim
-    pixel floor overfits as C grows (22% at C=3e-4, 18% at 1e-2, 14% at 1e-1, converged),
-    while 128-dim encoder features prefer weaker regularization. float32 halves the solver's
-    time; an unconverged fit (past `max_iter`) is kept rather than failing the run.
-    """
+def fit_probe(X: np.ndarray, y: np.ndarray, C: float, max_iter: int = 1000):
+    """Multinomial logistic regression (scikit-learn, lbfgs: deterministic) on features
+    standardized with the fitting set's statistics. float32 halves the solver's time; an
+    unconverged fit (past `max_iter`) is kept rather than failing the run."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -181,7 +175,42 @@ def linear_probe_accuracy(train_X: np.ndarray, train_y: np.ndarray, test_X: np.n
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        probe.fit(np.asarray(train_X, dtype=np.float32), train_y)
+        probe.fit(np.asarray(X, dtype=np.float32), y)
+    return probe
+
+
+def probe_split(y: np.ndarray, groups: Optional[np.ndarray] = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) indices: a seeded fifth held out, by whole groups when `groups` is given,
+    else stratified by label."""
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit
+
+    if groups is not None:
+        return next(GroupShuffleSplit(1, test_size=VAL_FRACTION, random_state=seed).split(y, y, groups))
+    return next(StratifiedShuffleSplit(1, test_size=VAL_FRACTION, random_state=seed).split(y, y))
+
+
+def choose_probe_C(train_X: np.ndarray, train_y: np.ndarray, groups: Optional[np.ndarray] = None,
+                   Cs: Sequence[float] = PROBE_CS, max_iter: int = 1000, seed: int = 0) -> float:
+    """The C of `Cs` whose probe, fitted on the training set less a held-out fifth, is most
+    accurate on that fifth (ties: the smaller C).
+
+    Each feature set gets its own regularization, as a swept learning rate in the linear
+    protocols of MAE and DINO: the 3,072-dim pixel floor overfits as C grows while 128-dim
+    encoder features want weak regularization, so one fixed C favours one side. With
+    `groups` (the demo's source digit of each image) the held-out fifth shares no group with
+    the rest, as the test split shares no source digit with training; otherwise it is
+    stratified by label. The test set is never looked at.
+    """
+    X, y = np.asarray(train_X, dtype=np.float32), np.asarray(train_y)
+    fit, val = probe_split(y, groups, seed)
+    scores = [fit_probe(X[fit], y[fit], C, max_iter).score(X[val], y[val]) for C in Cs]
+    return float(Cs[int(np.argmax(scores))])
+
+
+def linear_probe_accuracy(train_X: np.ndarray, train_y: np.ndarray, test_X: np.ndarray, test_y: np.ndarray,
+                          C: float = 0.01, max_iter: int = 1000) -> float:
+    """Top-1 accuracy of the probe (`fit_probe`) fitted on the whole training set with `C`."""
+    probe = fit_probe(train_X, train_y, C, max_iter)
     return float(probe.score(np.asarray(test_X, dtype=np.float32), test_y))
 
 
@@ -193,14 +222,16 @@ Model = Union[VisionTransformer, Literal["pixels"]]
 
 def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir: str | Path, pool: Pool = "cls",
                     k: int = 20, T: float = 0.07, batch_size: int = 128, device: str | torch.device = "cpu",
-                    floors: bool = True, seed: int = 0, pixel_size: int = PIXEL_SIZE, probe_C: float = 0.01,
-                    log=None) -> list[dict]:
-    """One row {name, knn, linear, dim} per model, floors first.
+                    floors: bool = True, seed: int = 0, pixel_size: int = PIXEL_SIZE,
+                    probe_C: Optional[float] = None, log=None) -> list[dict]:
+    """One row {name, knn, linear, probe_C, dim} per model, floors first.
 
     With `floors`, "pixels" and "random-init" (same architecture as the first encoder,
-    see `random_init_like`) are added unless already present. `log` (a print-like
-    callable) hears which model is being evaluated.
+    see `random_init_like`) are added unless already present. `probe_C` None chooses the
+    probe's C per model (`choose_probe_C`, grouped by source digit on a demo build). `log`
+    (a print-like callable) hears which model is being evaluated.
     """
+    from .data.demo import source_groups
     models = dict(models)
     if floors:
         encoders = [m for m in models.values() if not isinstance(m, str)]
@@ -211,6 +242,7 @@ def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir
             extra[RANDOM] = random_init_like(encoders[0], seed)
         models = {**extra, **models}
     classes = sorted(set(labelled_folder(train_dir).classes) | set(labelled_folder(test_dir).classes))
+    groups = source_groups(labelled_folder(train_dir))
     rows = []
     for name, model in models.items():
         if log is not None:
@@ -222,17 +254,18 @@ def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir
         else:
             (Xtr, ytr), (Xte, yte) = (extract_features(model, d, pool, batch_size, device, classes)
                                       for d in (train_dir, test_dir))
+        C = probe_C if probe_C is not None else choose_probe_C(Xtr, ytr, groups, seed=seed)
         rows.append({"name": name, "knn": knn_accuracy(Xtr, ytr, Xte, yte, k, T),
-                     "linear": linear_probe_accuracy(Xtr, ytr, Xte, yte, C=probe_C), "dim": int(Xtr.shape[1])})
+                     "linear": linear_probe_accuracy(Xtr, ytr, Xte, yte, C=C), "probe_C": C, "dim": int(Xtr.shape[1])})
     return rows
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """A plain-text table: model, feature dim, k-NN and linear top-1 in percent."""
+    """A plain-text table: model, feature dim, k-NN and linear top-1 in percent, the probe's C."""
     width = max([len("model")] + [len(r["name"]) for r in rows])
-    lines = [f"{'model':<{width}}  {'dim':>6}  {'k-NN':>6}  {'linear':>6}"]
-    lines += [f"{r['name']:<{width}}  {r['dim']:>6}  {100 * r['knn']:>5.1f}%  {100 * r['linear']:>5.1f}%"
-              for r in rows]
+    lines = [f"{'model':<{width}}  {'dim':>6}  {'k-NN':>6}  {'linear':>6}  {'C':>6}"]
+    lines += [f"{r['name']:<{width}}  {r['dim']:>6}  {100 * r['knn']:>5.1f}%  {100 * r['linear']:>5.1f}%  "
+              f"{r.get('probe_C', float('nan')):>6.0e}" for r in rows]
     return "\n".join(lines)
 
 
@@ -244,7 +277,7 @@ def run_eval(models: Sequence[tuple[str, Optional[Union[ViTArch, str]], Optional
              train_dir: str | Path, test_dir: str | Path, pool: Pool = "cls", img_size: int | None = None,
              output: str | Path | None = None, k: int = 20, T: float = 0.07, batch_size: int = 128,
              device: str | torch.device = "cpu", floors: bool = True, seed: int = 0,
-             pixel_size: int = PIXEL_SIZE, probe_C: float = 0.01, echo=print) -> list[dict]:
+             pixel_size: int = PIXEL_SIZE, probe_C: Optional[float] = None, echo=print) -> list[dict]:
     """The `eval` command: load (name, arch, checkpoint) triples with `load_base_model`
     (arch None: recorded in an export; checkpoint None: random init), evaluate them with the
     floors, print the table and write it with its settings as JSON to `output`."""
@@ -255,16 +288,12 @@ def run_eval(models: Sequence[tuple[str, Optional[Union[ViTArch, str]], Optional
                            pixel_size, probe_C, log=echo)
     echo(format_table(rows))
     if output is not None:
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
         report = {
             "train_dir": str(train_dir), "test_dir": str(test_dir), "pool": pool, "k": k, "T": T,
-            "img_size": img_size, "pixel_size": pixel_size, "probe_C": probe_C, "seed": seed,
+            "img_size": img_size, "pixel_size": pixel_size, "probe_C": probe_C, "probe_Cs": list(PROBE_CS), "seed": seed,
             "models": [{"name": n, "arch": _plain(a), "checkpoint": None if c is None else str(c)}
                        for n, a, c in models],
             "rows": rows,
         }
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, output)
+        write_json(output, report)
     return rows

@@ -9,7 +9,6 @@ accepts as the base model of a next TEC round (Tab. 7).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from .config import ViTArch
 from .errors import UserError
+from .files import atomic_path
 from .models.base import EXPORT_FORMAT
 from .models.tec import TECModel
 
@@ -29,13 +29,8 @@ EXPORT_NAME = "encoder.safetensors"
 # ---------------------------------------------------------------- checkpoints
 def atomic_save(obj: Any, path: Path) -> None:
     """`torch.save` to a temporary name, fsync, rename: a half-written file never looks complete."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -68,11 +63,9 @@ def export_model(model: TECModel, arch: ViTArch, out: Path) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     meta = {"format": EXPORT_FORMAT, "arch": json.dumps(asdict(arch))}
-    save_file(encoder_state(model.float().eval()), str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(encoder_state(model.float().eval()), str(tmp), metadata=meta)
     return out
 
 

@@ -53,6 +53,21 @@ def test_class_folder_is_the_source_digits_label(built):
             assert int(source.classes[source.label(j)]) == int(folder) == target[images["source"][index]]
 
 
+def test_source_groups_follow_the_reader_order(built, tmp_path):
+    root, manifest = built
+    target = load_digits().target
+    for split in ("train", "test"):
+        source = ImageFolderSource(root / split)
+        groups = demo.source_groups(source)
+        assert len(groups) == len(source) and set(groups) <= set(manifest["source_digits"][split])
+        assert [int(target[g]) for g in groups] == [int(source.classes[l]) for l in source.labels]
+        for j in range(len(source)):
+            assert groups[j] == manifest["images"][split]["source"][int(Path(source.name(j)).stem)]
+    (tmp_path / "plain" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain" / "a" / "x.png")
+    assert demo.source_groups(ImageFolderSource(tmp_path / "plain")) is None  # not a demo build
+
+
 def test_split_by_source_digit(built):
     _, manifest = built
     train, test = (set(manifest["source_digits"][s]) for s in ("train", "test"))

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from tec_pipeline.config import ViTArch
-from tec_pipeline.evaluate import (EvalError, evaluate_models, extract_features, format_table, knn_accuracy,
-                                   knn_predict, linear_probe_accuracy, pixel_features, random_init_like, run_eval)
+from tec_pipeline.evaluate import (PROBE_CS, EvalError, choose_probe_C, evaluate_models, extract_features,
+                                   format_table, knn_accuracy, knn_predict, linear_probe_accuracy, pixel_features,
+                                   probe_split, random_init_like, run_eval)
 from tec_pipeline.models.base import build_vit
 
 TINY_VIT = ViTArch(name="vit_base_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -75,6 +76,30 @@ def test_linear_probe_separable_is_high_and_shuffled_is_low():
     assert linear_probe_accuracy(Xtr, ytr, Xte, yte) >= 0.95
     rng = np.random.default_rng(4)
     assert linear_probe_accuracy(Xtr, rng.permutation(ytr), Xte, yte) < 0.6
+
+
+def test_probe_split_holds_out_whole_groups_or_a_stratified_fifth():
+    y = np.repeat(np.arange(5), 40)
+    groups = np.arange(200) // 4  # 50 groups of 4 (e.g. renderings of one source digit)
+    fit, val = probe_split(y, groups, seed=0)
+    assert len(fit) + len(val) == 200 and not set(fit) & set(val)
+    assert not set(groups[fit]) & set(groups[val])  # no group on both sides
+    assert len(val) == 40  # 10 of the 50 groups
+    fit, val = probe_split(y, None, seed=0)
+    assert np.bincount(y[val]).tolist() == [8] * 5  # a fifth of every class
+    assert not np.array_equal(probe_split(y, groups, seed=1)[1], probe_split(y, groups, seed=0)[1])
+
+
+def test_probe_C_is_chosen_on_held_out_data():
+    """Many noise dimensions and few samples: weak regularization overfits the noise, so the
+    held-out fifth prefers a small C; few clean dimensions prefer the largest."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 150)
+    X = rng.normal(0, 1, (150, 2000)).astype(np.float32)
+    X[:, 0] += 0.8 * (2 * y - 1)
+    assert choose_probe_C(X, y) <= 1e-3
+    Xc, yc = blobs(60, 3, 4, 1.0, seed=1)  # touching blobs in 4 dims: nothing to overfit
+    assert choose_probe_C(Xc, yc) == PROBE_CS[-1]
 
 
 def write_folder(root: Path, per_class: dict[str, int], seed: int, size: int = 32) -> Path:
@@ -147,7 +172,7 @@ def test_evaluate_models_adds_floors_and_runs(folders, vit):
     assert [r["name"] for r in rows] == ["pixels", "random-init", "model"]
     assert [r["dim"] for r in rows] == [3 * 32 * 32, 32, 32]
     for r in rows:
-        assert set(r) == {"name", "knn", "linear", "dim"}
+        assert set(r) == {"name", "knn", "linear", "probe_C", "dim"} and r["probe_C"] in PROBE_CS
         assert 0.0 <= r["knn"] <= 1.0 and 0.0 <= r["linear"] <= 1.0
     assert rows[0]["knn"] == 1.0  # colours separate the classes: the pixel floor sees it
     table = format_table(rows)

@@ -192,6 +192,18 @@ def render_image(settings: DemoSettings, split: str, index: int, source: int, sp
     return render_digit(glyphs[source], others, photos, n, rng, settings.img_size)
 
 
+def source_groups(source) -> np.ndarray | None:
+    """The source digit of each image of `source` (an ImageFolderSource over the train or test
+    folder of a demo build), in its order; None for any other folder. A probe that holds out
+    part of the training set groups by it, as the demo's splits do."""
+    root, split = Path(source.root).parent, Path(source.root).name
+    manifest = read_manifest(root)
+    if manifest is None or manifest.get("format") != FORMAT or split not in SPLITS:
+        return None
+    sources = manifest["images"][split]["source"]
+    return np.asarray([sources[int(Path(f).stem)] for f in source.files], dtype=np.int64)
+
+
 # ---------------------------------------------------------------- the build
 
 
