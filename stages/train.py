@@ -11,6 +11,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,7 +33,7 @@ from tec_pipeline.step import tec_losses
 from tec_pipeline.targets import compute_targets
 from tec_pipeline.train_data import (
     CachedBatches, OnlineBatches, TargetReader, TargetSpec, attention_rows, base_spec, batch_targets, cache_image_source,
-    cache_spec, check_cache_base, check_request, epoch_loader, epoch_order, first_sample, mask_noise, open_image_source, plan_epoch,
+    cache_spec, check_cache_base, check_request, epoch_loader, epoch_order, mask_noise, open_image_source, plan_epoch,
     reader_shards, uniform_shards, valid_mask, view_indices,
 )
 from tec_pipeline.views import normalize
@@ -249,8 +250,8 @@ class _Forward:
         return self.prepared(*args, **kwargs)
 
 
-def step_losses(data: DataPipeline, forward: _Forward, batch: dict, cfg: Config, micro_step: int,
-                accelerator: Accelerator, patch: int) -> dict[str, torch.Tensor]:
+def step_losses(data: DataPipeline, forward: _Forward, batch: dict, cfg: Config, accelerator: Accelerator,
+                patch: int) -> dict[str, torch.Tensor]:
     """The losses of one micro-batch: targets from the cache, the base model or pixels, then Eq. 3 + 4."""
     device = accelerator.device
     images = normalize(batch["images"].to(device, non_blocking=True))
@@ -265,9 +266,8 @@ def step_losses(data: DataPipeline, forward: _Forward, batch: dict, cfg: Config,
             targets = compute_targets(data.base, images, t.last_layers, k)
     else:
         targets = pixel_targets(images, patch)
-    start = first_sample(micro_step, images.shape[0], accelerator.num_processes, accelerator.process_index)
-    noise = mask_noise(cfg.seed, start, images.shape[0], data.spec.num_patches)
-    return tec_losses(forward, images, targets, t, cfg.model.mask_ratio, noise.to(device))
+    noise = batch["mask_noise"].to(device, non_blocking=True)
+    return tec_losses(forward, images, targets, t, cfg.model.mask_ratio, noise)
 
 
 def _rng_state() -> dict:
@@ -415,8 +415,9 @@ def epoch_batches(run: Run, micro: int):
     order = epoch_order(run.data.shards, run.data.valid, cfg.seed, epoch, cfg.data.buffer_shards)
     views = view_indices(order, cfg.seed, epoch, run.data.views, cfg.data.view_mode)
     plan = plan_epoch(order, views, cfg.data.batch_size, acc.num_processes, acc.process_index,
-                      schedule.batches_per_epoch)
-    return epoch_loader(plan, run.data.make_batch, start, cfg.data.num_workers, torch.cuda.is_available())
+                      schedule.batches_per_epoch, first_micro=epoch * schedule.batches_per_epoch)
+    masks = partial(mask_noise, cfg.seed, batch=cfg.data.batch_size, num_patches=run.data.spec.num_patches)
+    return epoch_loader(plan, run.data.make_batch, start, cfg.data.num_workers, torch.cuda.is_available(), masks)
 
 
 def logged_losses(accelerator: Accelerator, losses: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -428,11 +429,11 @@ def logged_losses(accelerator: Accelerator, losses: dict[str, torch.Tensor]) -> 
     return dict(zip(losses, stacked.tolist()))
 
 
-def micro_step(run: Run, batch: dict, micro: int) -> dict[str, float]:
+def micro_step(run: Run, batch: dict) -> dict[str, float]:
     """Forward, finite check, backward; the prepared optimizer steps once per accumulation cycle."""
     forward = _Forward(run.model, run.inner)
     with run.accelerator.accumulate(run.model):
-        losses = step_losses(run.data, forward, batch, run.cfg, micro, run.accelerator,
+        losses = step_losses(run.data, forward, batch, run.cfg, run.accelerator,
                              run.inner.encoder.patch_embed.patch_size[0])
         values = logged_losses(run.accelerator, losses)
         _check_finite(values, run.step, run.ckpt_path, run.last_saved)
@@ -452,7 +453,7 @@ def train_until(run: Run, end: int, log: RunLog, bar) -> dict:
             meter.waited += time.perf_counter() - fetch
             if micro % accum == 0:
                 set_lr(run.optimizer, run.schedule.lr_at(run.step, run.cfg.optim.min_lr))
-            values = micro_step(run, batch, micro)
+            values = micro_step(run, batch)
             micro += 1
             meter.add(values, batch["images"].shape[0] * run.accelerator.num_processes, accum)
             if micro % accum == 0:

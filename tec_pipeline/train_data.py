@@ -158,25 +158,30 @@ def view_indices(images: np.ndarray, seed: int, epoch: int, views: int, mode: st
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """The batches of one epoch for one process: image and view indices per batch."""
+    """The batches of one epoch for one process: image and view indices per batch, and where
+    each batch starts in the run's sample stream (which fixes its masks, `mask_noise`)."""
 
     images: np.ndarray  # (num_batches, batch_size)
     views: np.ndarray  # (num_batches, batch_size)
+    first_samples: np.ndarray  # (num_batches,)
 
     def __len__(self) -> int:
         return len(self.images)
 
 
 def plan_epoch(order: np.ndarray, views: np.ndarray, batch_size: int, num_processes: int = 1,
-               process_index: int = 0, max_batches: Optional[int] = None) -> EpochPlan:
+               process_index: int = 0, max_batches: Optional[int] = None, first_micro: int = 0) -> EpochPlan:
     """Cut the epoch order into global batches (drop the last partial one, keep at most
-    `max_batches`, so an epoch holds whole accumulation cycles); keep this process' slice."""
+    `max_batches`, so an epoch holds whole accumulation cycles); keep this process' slice.
+    `first_micro` is the run's micro-step count before this epoch."""
     global_batch = batch_size * num_processes
     n = len(order) // global_batch
     n = n if max_batches is None else min(n, max_batches)
     imgs = order[: n * global_batch].reshape(n, num_processes, batch_size)[:, process_index]
     vws = views[: n * global_batch].reshape(n, num_processes, batch_size)[:, process_index]
-    return EpochPlan(images=np.ascontiguousarray(imgs), views=np.ascontiguousarray(vws))
+    starts = first_sample(np.arange(first_micro, first_micro + n, dtype=np.int64), batch_size, num_processes,
+                          process_index)
+    return EpochPlan(images=np.ascontiguousarray(imgs), views=np.ascontiguousarray(vws), first_samples=starts)
 
 
 def batches_per_epoch(num_images: int, batch_size: int, num_processes: int = 1) -> int:
@@ -353,8 +358,9 @@ class EpochBatches(IterableDataset):
     depend on the number of workers.
     """
 
-    def __init__(self, plan: EpochPlan, make_batch: Callable[[np.ndarray, np.ndarray], dict], start: int = 0):
-        self.plan, self.make_batch, self.start = plan, make_batch, start
+    def __init__(self, plan: EpochPlan, make_batch: Callable[[np.ndarray, np.ndarray], dict], start: int = 0,
+                 masks: Optional[Callable[[int], Tensor]] = None):
+        self.plan, self.make_batch, self.start, self.masks = plan, make_batch, start, masks
 
     def __len__(self) -> int:
         return max(len(self.plan) - self.start, 0)
@@ -366,14 +372,17 @@ class EpochBatches(IterableDataset):
             batch = self.make_batch(self.plan.images[b], self.plan.views[b])
             batch["index"] = torch.from_numpy(self.plan.images[b].copy())
             batch["view"] = torch.from_numpy(self.plan.views[b].copy())
+            if self.masks is not None:  # drawn here, in the loader workers, off the step's path
+                batch["mask_noise"] = self.masks(int(self.plan.first_samples[b]))
             yield batch
 
 
 def epoch_loader(plan: EpochPlan, make_batch: Callable, start: int, num_workers: int,
-                 pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over one epoch's batches (already collated by `make_batch`)."""
+                 pin_memory: bool = False, masks: Optional[Callable[[int], Tensor]] = None) -> DataLoader:
+    """A DataLoader over one epoch's batches (already collated by `make_batch`); with `masks`
+    (first sample -> noise), each batch also carries its "mask_noise"."""
     workers = min(num_workers, max(len(plan) - start, 0))
-    return DataLoader(EpochBatches(plan, make_batch, start), batch_size=None, num_workers=workers,
+    return DataLoader(EpochBatches(plan, make_batch, start, masks), batch_size=None, num_workers=workers,
                       pin_memory=pin_memory, prefetch_factor=2 if workers else None)
 
 
@@ -392,7 +401,8 @@ def mask_noise(seed: int, first_sample: int, batch: int, num_patches: int) -> Te
     return torch.stack(rows)
 
 
-def first_sample(micro_step: int, batch: int, num_processes: int = 1, process_index: int = 0) -> int:
+def first_sample(micro_step: int | np.ndarray, batch: int, num_processes: int = 1,
+                 process_index: int = 0) -> int | np.ndarray:
     """Position of a micro-batch's first sample in the run's sample stream, as `plan_epoch`
     lays batches out: micro-batch j of process p holds samples j*B*P + p*B ... + B - 1."""
     return (micro_step * num_processes + process_index) * batch

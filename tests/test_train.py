@@ -7,6 +7,7 @@ import os
 import socket
 import traceback
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -404,14 +405,18 @@ def test_loader_workers_keep_the_batch_order(world):
     from tec_pipeline.train_data import epoch_loader
 
     order = epoch_order(uniform_shards(N_IMAGES, PER_SHARD), None, 0, 0, 2)
-    plan = plan_epoch(order, view_indices(order, 0, 0, VIEWS, "random"), 4)
+    plan = plan_epoch(order, view_indices(order, 0, 0, VIEWS, "random"), 4, first_micro=10)
+    assert plan.first_samples.tolist() == [first_sample(10 + j, 4) for j in range(len(plan))]
     make = CachedBatches(world["f32"], world["source"], 32, attn_rows=4, buffer_shards=2)
-    serial = list(epoch_loader(plan, make, 1, 0))
-    parallel = list(epoch_loader(plan, make, 1, 2))
+    masks = partial(mask_noise, 0, batch=4, num_patches=16)
+    serial = list(epoch_loader(plan, make, 1, 0, masks=masks))
+    parallel = list(epoch_loader(plan, make, 1, 2, masks=masks))
     assert len(serial) == len(parallel) == len(plan) - 1
-    for a, b in zip(serial, parallel):
+    for j, (a, b) in enumerate(zip(serial, parallel), start=1):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["images"], b["images"])
         assert torch.equal(a["attn"], b["attn"])
+        # Each batch's masks are those of its place in the run, whichever worker drew them.
+        assert torch.equal(b["mask_noise"], mask_noise(0, first_sample(10 + j, 4), 4, 16))
 
 
 def test_views_come_from_images_stored_in_a_webdataset_cache(world, tmp_path):
