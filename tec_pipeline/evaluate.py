@@ -241,8 +241,9 @@ def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir
         if encoders and RANDOM not in models:
             extra[RANDOM] = random_init_like(encoders[0], seed)
         models = {**extra, **models}
-    classes = sorted(set(labelled_folder(train_dir).classes) | set(labelled_folder(test_dir).classes))
-    groups = source_groups(labelled_folder(train_dir))
+    train_source = labelled_folder(train_dir)
+    classes = sorted(set(train_source.classes) | set(labelled_folder(test_dir).classes))
+    groups = source_groups(train_source)
     rows = []
     for name, model in models.items():
         if log is not None:
