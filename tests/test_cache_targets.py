@@ -7,10 +7,8 @@ same decoded arrays.
 from __future__ import annotations
 
 import io
-import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -22,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import run_as_ranks
 from stages.cache_targets import own_shards, run_cache_targets, verify_cache
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.config import load_config
@@ -246,36 +245,9 @@ def test_shards_split_into_contiguous_ranges():
     assert [list(own_shards(1, r, 3)) for r in range(3)] == [[0], [], []]
 
 
-def _rank_main(rank: int, world: int, port: int, args: list[str]) -> None:
-    """One process of a 2-process gloo run, set up the way `accelerate launch` / torchrun do."""
-    code = 1
-    try:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                          OMP_NUM_THREADS="1")
-        import torch
-        from accelerate import PartialState
-
-        PartialState._reset_state()  # forked from a process whose single-process state is set
-        torch.set_num_threads(1)
-        run_cache_targets(load_config(None, args))
-        code = 0
-    finally:
-        os._exit(code)
-
-
 def test_two_processes_give_the_same_arrays(reference, images, tmp_path):
     url = tmp_path / "two.zarr"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")  # children share the imported torch: no 10 s re-import
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, overrides(url, images))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert run_as_ranks(run_cache_targets, load_config(None, overrides(url, images)), timeout=120) == [0, 0]
     reader = open_cache(str(url))
     assert reader.is_complete() and reader.doc["summary"]["processes"] == 2
     assert_same(arrays(url), reference[2])

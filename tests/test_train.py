@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
-import socket
-import traceback
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -15,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import run_as_ranks
 from stages import train as train_stage
 from stages.cache_targets import run_cache_targets
 from stages.train import TrainConfig, run_train
@@ -255,26 +252,6 @@ def test_cached_and_online_runs_give_the_same_losses(world, tmp_path):
     assert rel16.max() > 0  # float16 storage really was lossy: the comparison can fail
 
 
-def _train_rank(rank: int, world_size: int, port: int, cfg: Config) -> None:
-    """One process of a 2-process gloo training run, set up the way `accelerate launch` / torchrun do."""
-    code = 1
-    try:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                          LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                          ACCELERATE_USE_CPU="true")  # what `accelerate launch --cpu` sets: gloo
-        from accelerate.state import AcceleratorState
-
-        # forked from a process whose single-process accelerate state is set
-        AcceleratorState._reset_state(reset_partial_state=True)
-        torch.set_num_threads(1)
-        run_train(cfg)
-        code = 0
-    except BaseException:
-        traceback.print_exc()  # the child's error, in the test's captured output
-    finally:
-        os._exit(code)
-
-
 def without_key_biases(name: str, value: torch.Tensor) -> torch.Tensor:
     """`value` with its key-bias entries zeroed. A key bias adds q.b to every logit of a softmax
     row, so its true gradient is zero; AdamW turns the rounding noise left there into lr-sized
@@ -299,16 +276,7 @@ def test_one_effective_batch_split_by_accumulation_or_processes_gives_the_same_w
 
     run_train(config("whole", 8, 1))
     run_train(config("accumulated", 4, 2))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")  # children share the imported torch
-    procs = [ctx.Process(target=_train_rank, args=(r, 2, port, config("processes", 4, 1))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert run_as_ranks(run_train, config("processes", 4, 1)) == [0, 0]
 
     whole = load_checkpoint(tmp_path / "whole" / CHECKPOINT)
     for name in ("accumulated", "processes"):
