@@ -22,10 +22,12 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from tec_pipeline.cache.schema import first_difference, flatten, short_value
 from tec_pipeline.config import Config, TrainConfig, load_config, to_dict
 from tec_pipeline.errors import UserError
+from tec_pipeline.files import write_json
 from tec_pipeline.export import CHECKPOINT, atomic_save, build_model, load_checkpoint
-from tec_pipeline.models.base import load_base_model, read_checkpoint
+from tec_pipeline.models.base import file_sha256, load_base_model, read_checkpoint
 from tec_pipeline.models.tec import TECModel, count_parameters
 from tec_pipeline.pixels import pixel_feat_dim, pixel_targets
 from tec_pipeline.schedule import lr_at, param_groups, scaled_lr, set_lr
@@ -39,6 +41,11 @@ from tec_pipeline.train_data import (
 from tec_pipeline.views import normalize
 
 LOG_FILE = "log.jsonl"
+IDENTITY_FILE = "identity.json"
+# What a resume may change: where the run logs and writes, how fast it loads, and where its
+# data lies (the data's identity is compared by content instead).
+RESUMABLE_CHANGES = ("output", "train.log_every", "train.checkpoint_every", "data.num_workers", "data.path",
+                     "cache.path")
 
 
 # ---------------------------------------------------------------- targets and data
@@ -54,6 +61,7 @@ class DataPipeline:
     make_batch: object
     base: Optional[torch.nn.Module] = None
     meta: Optional[dict] = None  # the cache's metadata (cached runs)
+    identity: object = None  # what the data is: the cache's identity, else the image folder's fingerprint
 
 
 def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] = None) -> DataPipeline:
@@ -74,16 +82,18 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
         make = CachedBatches(reader, source, d.img_size, rows, cfg.data.buffer_shards, render)
         check_cache_base(reader.meta, cfg.base.checkpoint)
         return DataPipeline("cache", cache_spec(reader.meta), reader_shards(reader), valid_mask(reader),
-                            reader.views, make, meta=reader.meta)
+                            reader.views, make, meta=reader.meta, identity=reader.meta.get("identity"))
     source = open_image_source(d.kind, d.path)
     shards = uniform_shards(len(source), cfg.cache.images_per_shard)  # same order as a cache of this config
     make = OnlineBatches(source, d.img_size, cfg.seed, (d.scale_min, d.scale_max))
     if t.source == "online":
         base = load_base_model(cfg.base.arch, cfg.base.checkpoint, img_size=d.img_size)
-        return DataPipeline("online", base_spec(base, d.img_size), shards, None, d.views, make, base)
+        return DataPipeline("online", base_spec(base, d.img_size), shards, None, d.views, make, base,
+                            identity=source.fingerprint())
     patch = _patch_size(cfg)
     L = (d.img_size // patch) ** 2
-    return DataPipeline("pixels", TargetSpec(d.img_size, L, pixel_feat_dim(patch), 0, 0), shards, None, d.views, make)
+    return DataPipeline("pixels", TargetSpec(d.img_size, L, pixel_feat_dim(patch), 0, 0), shards, None, d.views, make,
+                        identity=source.fingerprint())
 
 
 def _patch_size(cfg: Config) -> int:
@@ -359,6 +369,32 @@ def _run_dir(cfg: Config, resume: bool) -> Path:
     return run_dir
 
 
+def run_identity(cfg: Config, data: DataPipeline) -> dict:
+    """What a run's weights depend on: its config less `RESUMABLE_CHANGES`, the data it reads
+    (`DataPipeline.identity`, so a rebuilt cache or image folder at the same path counts) and
+    the checkpoints it starts from, by content."""
+    config = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}
+    starts = {name: file_sha256(path) for name, path in
+              (("base.checkpoint", cfg.base.checkpoint), ("model.init_checkpoint", cfg.model.init_checkpoint))
+              if path and Path(path).is_file()}
+    # through JSON, as it is stored: tuples become lists, so a resume compares like with like
+    return json.loads(json.dumps({"config": config, "data": data.identity, "checkpoint_sha256": starts}))
+
+
+def check_resumable(run_dir: Path, identity: dict) -> None:
+    """Refuse, naming the first differing setting, to continue a run whose config, data or
+    starting weights have changed: its schedule and weights would silently mix two runs."""
+    path = run_dir / IDENTITY_FILE
+    if not path.is_file():  # a run from before identities were recorded: nothing to compare
+        return
+    diff = first_difference(json.loads(path.read_text()), identity)
+    if diff is not None:
+        key, was, now = diff
+        key = key.removeprefix("config.")
+        raise UserError(f"output={run_dir} was trained with {key}={short_value(was, now)}, this run has "
+                        f"{short_value(now, was)}; resume with the same settings and data, or choose another output")
+
+
 def _accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     try:
         return Accelerator(mixed_precision=cfg.optim.mixed_precision, gradient_accumulation_steps=cfg.optim.accum_steps,
@@ -488,9 +524,12 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
     accelerator = _accelerator(cfg, run_dir)
     try:
         run = setup_run(cfg, accelerator, run_dir, reader)
+        identity = run_identity(cfg, run.data)
         if resume:
+            check_resumable(run_dir, identity)
             restore(run)
         if accelerator.is_main_process:
+            write_json(run_dir / IDENTITY_FILE, identity)
             (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
             (run_dir / "params.json").write_text(json.dumps(count_parameters(run.inner), indent=2))
         accelerator.init_trackers("tec", config=_scalars(cfg))

@@ -233,6 +233,38 @@ def test_resume_ends_with_the_same_weights(world, tmp_path):
     assert log_a[0]["lr"] == 0 and log_a[4]["lr"] > 0  # per-iteration warmup over the first epoch
 
 
+def test_resume_refuses_a_changed_run_and_allows_a_quieter_log(world, tmp_path):
+    """A resume that would mix two runs (another schedule, another cache) is refused with one
+    line naming the setting; logging and checkpoint cadence may change."""
+    part = tiny_config(world, tmp_path / "r", checkpoint_every=2)
+    part.cache = replace(part.cache, path=world["zarr_float32"])
+    run_train(part, stop_after=2)
+    longer = replace(part, optim=replace(part.optim, epochs=3))
+    with pytest.raises(UserError, match=r"trained with optim\.epochs=2, this run has 3") as err:
+        run_train(longer, resume=True)
+    assert "\n" not in str(err.value)
+    other_cache = replace(part, cache=replace(part.cache, path=world["zarr_float16"]))
+    with pytest.raises(UserError, match=r"data\.cache\.attn_dtype=float32, this run has float16"):
+        run_train(other_cache, resume=True)
+    quieter = replace(part, train=replace(part.train, log_every=4, checkpoint_every=3))
+    assert run_train(quieter, resume=True)["step"] == 8
+
+
+def test_resume_refuses_changed_images(world, tmp_path):
+    """An image folder rebuilt at the same path is other data: its fingerprint differs."""
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(world["images"], images)
+    cfg = tiny_config(world, tmp_path / "r", source="pixels")
+    cfg.data = replace(cfg.data, path=str(images))
+    run_train(cfg, stop_after=1)
+    first = sorted(p for p in images.rglob("*") if p.is_file())[0]
+    first.write_bytes(first.read_bytes() + b"\0")  # another file size: another dataset
+    with pytest.raises(UserError, match=r"trained with data="):
+        run_train(cfg, resume=True)
+
+
 def test_cached_and_online_runs_give_the_same_losses(world, tmp_path):
     """Stage-one zarr caches (float32 / float16 storage) against the base model in the loop."""
     steps = 20

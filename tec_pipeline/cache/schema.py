@@ -151,7 +151,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _short(value: Any, other: Any) -> str:
+def short_value(value: Any, other: Any) -> str:
     """A value for a one-line message: long strings cut to 12 characters + '..' unless
     cutting would hide the difference."""
     text, other_text = str(value), str(other)
@@ -180,7 +180,7 @@ def check_same_cache(url: str, old_meta: dict, new_meta: dict) -> None:
     if diff is not None:
         key, was, now = diff
         raise CacheMismatchError(
-            f"cache {url} was made with {key}={_short(was, now)}, this run has {_short(now, was)}; "
+            f"cache {url} was made with {key}={short_value(was, now)}, this run has {short_value(now, was)}; "
             "use --overwrite to replace it")
 
 
