@@ -1,4 +1,5 @@
 """The demo set: deterministic bytes, right labels, split by source digit, 32x32 RGB."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,28 @@ def test_the_digit_is_drawn():
     assert np.abs(a - b)[8:24, 8:24].mean() > 20
 
 
+def test_the_knob_moves_every_nuisance_one_way():
+    """Harder never eases a nuisance; geometry fills the first half, texture and clutter the second."""
+    knobs = [demo.nuisances(d) for d in np.linspace(0, 1, 11)]
+    for easy, hard in zip(knobs, knobs[1:]):
+        assert hard.min_scale <= easy.min_scale and hard.min_opacity <= easy.min_opacity
+        assert hard.jitter >= easy.jitter and hard.slant >= easy.slant and hard.noise >= easy.noise
+        assert hard.clutter >= easy.clutter and hard.texture >= easy.texture
+    default = demo.nuisances(0.5)
+    assert default.jitter == 1.0 and default.texture == 0.0 and default.clutter == 0.0
+    assert demo.nuisances(1.0).texture == 1.0
+
+
+def test_background_texture_scales_about_the_crop_mean():
+    _, _, photos = demo.load_ingredients()
+    full = demo.background(photos, np.random.default_rng(3), 32, texture=1.0)
+    flat = demo.background(photos, np.random.default_rng(3), 32, texture=0.0)
+    half = demo.background(photos, np.random.default_rng(3), 32, texture=0.5)
+    mean = full.reshape(-1, 3).mean(0)
+    assert full.std() > 0.02 and np.allclose(flat, mean, atol=1e-6)
+    np.testing.assert_allclose(half, (full + flat) / 2, atol=1e-6)
+
+
 def test_reuse_refuse_overwrite(built, tmp_path):
     root = tmp_path / "d"
     build_demo_data(root, seed=0, **TINY)
@@ -136,6 +159,20 @@ def test_reuse_refuse_overwrite(built, tmp_path):
     assert manifest["settings"]["seed"] == 1
     assert len(all_bytes(root)) == TINY["train_size"] + TINY["test_size"] + 1
     assert not (root / ".partial").exists()
+
+
+def test_a_build_by_an_older_renderer_is_replaced(tmp_path):
+    """Its images can never match the current renderer's: rebuilt, not refused, not reused."""
+    root = tmp_path / "d"
+    build_demo_data(root, seed=0, **TINY)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["settings"]["renderer_version"] = demo.RENDERER_VERSION - 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    stale = next((root / "train").rglob("*.png"))
+    stale.write_bytes(b"old")
+    rebuilt = build_demo_data(root, seed=0, **TINY)
+    assert rebuilt["settings"]["renderer_version"] == demo.RENDERER_VERSION
+    assert stale.read_bytes() != b"old"
 
 
 def test_refuses_a_folder_that_is_not_a_demo_build(tmp_path):
