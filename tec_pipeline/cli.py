@@ -98,7 +98,7 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
              k: int = typer.Option(20, help="Neighbours of the weighted k-NN."),
              probe_c: Optional[float] = typer.Option(
                  None, help="Inverse L2 strength of the linear probe (default: chosen per model from "
-                            "1e-3..1 on a held-out fifth of the training set)."),
+                            "1e-4..1 on a held-out fifth of the training set)."),
              out: Optional[Path] = typer.Option(None, help="Write the table as JSON here.")):
     """Frozen-feature k-NN and linear-probe accuracy, with the raw-pixel and random-init floors."""
     if pool not in ("cls", "mean"):
