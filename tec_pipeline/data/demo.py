@@ -108,7 +108,7 @@ def background(photos: list[Image.Image], rng: np.random.Generator, size: int, t
     bg = np.asarray(crop, dtype=np.float32) / 255.0
     bg = bg[:, ::-1] if rng.random() < 0.5 else bg
     mean = bg.reshape(-1, 3).mean(0)
-    return (mean + np.float32(texture) * (bg - mean)).astype(np.float32)
+    return mean + np.float32(texture) * (bg - mean)  # float32, a new array: the caller may draw on it
 
 
 def glyph_mask(glyph: np.ndarray, height: int, width: int, angle: float) -> np.ndarray:
@@ -159,7 +159,7 @@ def nuisances(difficulty: float) -> Nuisances:
     Geometry comes first and texture last because photo texture is what an MAE base of the
     demo's size spends its CPU budget on: on flat backgrounds it learns digit features well
     above the raw-pixel floor in the linear probe; on full photo texture it does not (README,
-    "The demo data"). Difficulty 1 keeps renderer 2's difficulty 1."""
+    "Why the data changed"). Difficulty 1 keeps renderer 2's difficulty 1."""
     d = float(difficulty)
     g, t = min(1.0, 2.0 * d), max(0.0, 2.0 * d - 1.0)  # the geometric half, the texture half
     return Nuisances(min_scale=0.9 - 0.45 * g - 0.15 * t, jitter=g, slant=30.0 * g + 5.0 * t,
@@ -170,7 +170,7 @@ def nuisances(difficulty: float) -> Nuisances:
 def render_digit(glyph: np.ndarray, clutter_glyphs: list[np.ndarray], photos: list[Image.Image],
                  n: Nuisances, rng: np.random.Generator, size: int = IMG_SIZE) -> np.ndarray:
     """One demo image (size, size, 3) uint8: `glyph` over a photo crop, over `clutter_glyphs`."""
-    canvas = background(photos, rng, size, n.texture).copy()
+    canvas = background(photos, rng, size, n.texture)
     # Clutter first, under the digit and fainter than it: partial strokes of other digits.
     for other in clutter_glyphs:
         s = int(rng.integers(size // 3, size // 2 + 1))
