@@ -372,10 +372,12 @@ def _run_dir(cfg: Config, resume: bool) -> Path:
 def run_identity(cfg: Config, data: DataPipeline) -> dict:
     """What a run's weights depend on: its config less `RESUMABLE_CHANGES`, the data it reads
     (`DataPipeline.identity`, so a rebuilt cache or image folder at the same path counts) and
-    the checkpoints it starts from, by content."""
+    the checkpoints it starts from, by content. A cached run's base is already in the cache's
+    identity (and `check_cache_base` holds base.checkpoint to it), so it is not hashed again."""
     config = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}
+    base = None if data.source == "cache" else cfg.base.checkpoint
     starts = {name: file_sha256(path) for name, path in
-              (("base.checkpoint", cfg.base.checkpoint), ("model.init_checkpoint", cfg.model.init_checkpoint))
+              (("base.checkpoint", base), ("model.init_checkpoint", cfg.model.init_checkpoint))
               if path and Path(path).is_file()}
     # through JSON, as it is stored: tuples become lists, so a resume compares like with like
     return json.loads(json.dumps({"config": config, "data": data.identity, "checkpoint_sha256": starts}))
@@ -530,8 +532,8 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
             restore(run)
         if accelerator.is_main_process:
             write_json(run_dir / IDENTITY_FILE, identity)
-            (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-            (run_dir / "params.json").write_text(json.dumps(count_parameters(run.inner), indent=2))
+            write_json(run_dir / "config.json", to_dict(cfg))
+            write_json(run_dir / "params.json", count_parameters(run.inner))
         accelerator.init_trackers("tec", config=_scalars(cfg))
         log = RunLog(run_dir, accelerator, run.step)
         total = run.schedule.total_steps
