@@ -106,9 +106,19 @@ def verdict(rows: list[dict]) -> str:
     return f"TEC does NOT beat both the base and the control in: {lost}."
 
 
+def report_name(split: str) -> str:
+    """report.json for the test split; report_val.json for the validation split, beside it, so
+    that tuning on one run folder never overwrites (or is read back as) the test report."""
+    return "report.json" if split == "test" else f"report_{split}.json"
+
+
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = False,
-             overrides: Optional[list[str]] = None, base_dir: str | Path = BASE_DIR) -> dict:
-    """The main job: data, cache, TEC, control, export, eval, pictures; returns the report."""
+             overrides: Optional[list[str]] = None, base_dir: str | Path = BASE_DIR, split: str = "test") -> dict:
+    """The main job: data, cache, TEC, control, export, eval, pictures; returns the report.
+
+    `split` "val" scores on a held-out fifth of the training digits (`evaluate_models`)
+    instead of the test digits: what to compare when choosing a setting.
+    """
     from stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
     from tec_pipeline.data.demo import build_demo_data
@@ -134,13 +144,14 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
         with timer.stage("second round"):
             models.append(("tec-round2", None, str(_second_round(tec, tec_encoder, out))))
     with timer.stage("eval"):
-        rows = run_eval(models, root / "train", root / "test", pool=EVAL_POOL, output=out / "eval.json",
-                        seed=seed, echo=lambda *a: None)
+        rows = run_eval(models, root / "train", root / "test", pool=EVAL_POOL,
+                        output=out / report_name(split).replace("report", "eval"), seed=seed, echo=lambda *a: None,
+                        split=split)
     with timer.stage("pictures"):
         pictures = _pictures(tec, out, tec_encoder)
-    report = {"seed": seed, "rows": rows, "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
+    report = {"seed": seed, "split": split, "rows": rows, "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
               "tec_steps": tec_steps(tec), "pictures": [str(p) for p in pictures], "verdict": verdict(rows)}
-    write_json(out / "report.json", report)
+    write_json(out / report_name(split), report)
     print(format_table(rows))
     print(format_stages(timer.stages, report["cache_bytes"]))
     print(report["verdict"])
@@ -198,29 +209,30 @@ def format_stages(stages: dict[str, float], cache_bytes: int) -> str:
     return "\n".join(lines)
 
 
-def _report_or_run(out: Path, seed: int, overrides: Optional[list[str]]) -> dict:
+def _report_or_run(out: Path, seed: int, overrides: Optional[list[str]], split: str) -> dict:
     """A finished seed's report is read back (seeds can run in parallel processes), else the demo runs."""
-    report = out / "report.json"
+    report = out / report_name(split)
     if report.is_file():
         return json.loads(report.read_text())
-    return run_demo(out, seed=seed, overrides=overrides)
+    return run_demo(out, seed=seed, overrides=overrides, split=split)
 
 
-def run_demo_seeds(seeds: list[int], out: str | Path = "runs/demo_seeds", overrides: Optional[list[str]] = None) -> dict:
+def run_demo_seeds(seeds: list[int], out: str | Path = "runs/demo_seeds", overrides: Optional[list[str]] = None,
+                   split: str = "test") -> dict:
     """The demo once per seed (views, masks, initialisation), then mean and spread per model."""
     import numpy as np
 
     out = Path(out)
-    reports = [_report_or_run(out / f"seed{s}", s, overrides) for s in seeds]
+    reports = [_report_or_run(out / f"seed{s}", s, overrides, split) for s in seeds]
     summary = {}
     for name in [r["name"] for r in reports[0]["rows"]]:
         rows = [next(r for r in rep["rows"] if r["name"] == name) for rep in reports]
         summary[name] = {m: {"mean": float(np.mean([r[m] for r in rows])), "std": float(np.std([r[m] for r in rows])),
                              "values": [r[m] for r in rows]} for m in ("knn", "linear")}
     wins = sum(rep["verdict"].startswith("TEC beats") for rep in reports)
-    result = {"seeds": seeds, "summary": summary, "tec_wins": f"{wins}/{len(seeds)}",
+    result = {"seeds": seeds, "split": split, "summary": summary, "tec_wins": f"{wins}/{len(seeds)}",
               "wall_s": [sum(rep["wall_s"].values()) for rep in reports]}
-    write_json(out / "seeds.json", result)
+    write_json(out / report_name(split).replace("report", "seeds"), result)
     print(f"{'model':<12}{'k-NN mean +- std':>20}{'linear mean +- std':>22}")
     for name, m in summary.items():
         print(f"{name:<12}{m['knn']['mean']:>12.3f} +- {m['knn']['std']:.3f}{m['linear']['mean']:>14.3f} +- "

@@ -11,6 +11,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see configs/).")
 OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. model.arch.depth=6 targets.k=9.")
+VAL_HELP = ("Score on a held-out fifth of the training digits (whole source digits), not the test split: "
+            "what to compare when choosing a setting. Writes report_val.json beside report.json.")
+
+
+def _split(val: bool) -> str:
+    return "val" if val else "test"
 
 
 def _load(config: Optional[Path], overrides: Optional[List[str]]):
@@ -91,7 +97,9 @@ def verify(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
 def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
                                              help="NAME=CHECKPOINT; repeat. A tec-pipeline export needs no --arch."),
              train_dir: Path = typer.Option(..., help="Labelled ImageFolder to fit k-NN and the linear probe on."),
-             test_dir: Path = typer.Option(..., help="Labelled ImageFolder to score on."),
+             test_dir: Optional[Path] = typer.Option(None, help="Labelled ImageFolder to score on (not with --val)."),
+             val: bool = typer.Option(False, "--val", help="Score on a held-out fifth of --train-dir (whole source "
+                                                           "digits on the demo) instead: the split to tune on."),
              arch: Optional[str] = typer.Option(None, help="timm architecture of checkpoints that do not record one."),
              pool: str = typer.Option("cls", help="cls token or mean of patch tokens."),
              img_size: Optional[int] = typer.Option(None, help="Encoder image size (default: the architecture's)."),
@@ -103,6 +111,8 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
     """Frozen-feature k-NN and linear-probe accuracy, with the raw-pixel and random-init floors."""
     if pool not in ("cls", "mean"):
         _fail(f"--pool '{pool}': expected cls or mean")
+    if (test_dir is None) != val:
+        _fail("give --test-dir to score on a test split, or --val to score on a held-out fifth of --train-dir")
     pairs = []
     for item in model:
         name, sep, checkpoint = item.partition("=")
@@ -112,28 +122,30 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
     from .evaluate import run_eval  # after the checks: a typo costs no torch import
 
     _run(run_eval, pairs, train_dir, test_dir, pool=pool, img_size=img_size, output=out, k=k, probe_C=probe_c,
-         echo=typer.echo)
+         echo=typer.echo, split=_split(val))
 
 
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the run's cache, models, table and pictures go."),
          seed: int = typer.Option(0, help="Seed of the cache views, masks and initialisation (TEC and control)."),
          second_round: bool = typer.Option(False, "--second-round", help="Also train TEC from the exported TEC (Tab. 7)."),
+         val: bool = typer.Option(False, "--val", help=VAL_HELP),
          overrides: Optional[List[str]] = OverridesArg):
     """The main job on the built-in demo: cache-targets, train TEC and the control, evaluate against the base."""
     from stages.demo import run_demo
 
-    _run(run_demo, out, seed=seed, second_round=second_round, overrides=overrides or [])
+    _run(run_demo, out, seed=seed, second_round=second_round, overrides=overrides or [], split=_split(val))
 
 
 @app.command("demo-seeds")
 def demo_seeds(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds to run; repeat the option."),
                out: Path = typer.Option(Path("runs/demo_seeds"), help="One sub-folder per seed, and seeds.json."),
+               val: bool = typer.Option(False, "--val", help=VAL_HELP),
                overrides: Optional[List[str]] = OverridesArg):
     """The demo over several seeds: mean and spread of k-NN and linear accuracy per model."""
     from stages.demo import run_demo_seeds
 
-    _run(run_demo_seeds, list(seeds), out, overrides=overrides or [])
+    _run(run_demo_seeds, list(seeds), out, overrides=overrides or [], split=_split(val))
 
 
 @app.command("demo-base")

@@ -218,20 +218,47 @@ def linear_probe_accuracy(train_X: np.ndarray, train_y: np.ndarray, test_X: np.n
 
 
 Model = Union[VisionTransformer, Literal["pixels"]]
+Split = Literal["test", "val"]
+SPLITS = ("test", "val")
 
 
-def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir: str | Path, pool: Pool = "cls",
-                    k: int = 20, T: float = 0.07, batch_size: int = 128, device: str | torch.device = "cpu",
-                    floors: bool = True, seed: int = 0, pixel_size: int = PIXEL_SIZE,
-                    probe_C: Optional[float] = None, log=None) -> list[dict]:
+def model_features(model: Model, folder: str | Path, pool: Pool, batch_size: int, device: str | torch.device,
+                   classes: Sequence[str], pixel_size: int = PIXEL_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) of a labelled folder: the raw-pixel floor for "pixels", else frozen encoder features."""
+    if isinstance(model, str):
+        return pixel_features(folder, pixel_size, classes=classes)
+    return extract_features(model, folder, pool, batch_size, device, classes)
+
+
+def held_out(X: np.ndarray, y: np.ndarray, groups: Optional[np.ndarray]) -> tuple[tuple, tuple, Optional[np.ndarray]]:
+    """The validation split of a training set: ((X_fit, y_fit), (X_val, y_val), groups_fit).
+
+    The fifth `probe_split` holds out with seed 0, by whole source digits on a demo build, so a
+    hyperparameter chosen on it never saw the test split, nor a source digit it is scored on.
+    """
+    fit, val = probe_split(y, groups, seed=0)
+    return (X[fit], y[fit]), (X[val], y[val]), None if groups is None else groups[fit]
+
+
+def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir: Optional[str | Path],
+                    pool: Pool = "cls", k: int = 20, T: float = 0.07, batch_size: int = 128,
+                    device: str | torch.device = "cpu", floors: bool = True, seed: int = 0,
+                    pixel_size: int = PIXEL_SIZE, probe_C: Optional[float] = None, log=None,
+                    split: Split = "test") -> list[dict]:
     """One row {name, knn, linear, probe_C, dim} per model, floors first.
 
     With `floors`, "pixels" and "random-init" (same architecture as the first encoder,
     see `random_init_like`) are added unless already present. `probe_C` None chooses the
-    probe's C per model (`choose_probe_C`, grouped by source digit on a demo build). `log`
-    (a print-like callable) hears which model is being evaluated.
+    probe's C per model (`choose_probe_C`, grouped by source digit on a demo build). `split`
+    "val" fits on four fifths of `train_dir` and scores on the fifth `held_out` (`test_dir`
+    is not read): the split to tune on. `log` (a print-like callable) hears which model is
+    being evaluated.
     """
     from .data.demo import source_groups
+    if split not in SPLITS:
+        raise EvalError(f"split must be one of {SPLITS}, got '{split}'")
+    if split == "test" and test_dir is None:
+        raise EvalError("scoring on the test split needs a test folder")
     models = dict(models)
     if floors:
         encoders = [m for m in models.values() if not isinstance(m, str)]
@@ -242,22 +269,25 @@ def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir
             extra[RANDOM] = random_init_like(encoders[0], seed)
         models = {**extra, **models}
     train_source = labelled_folder(train_dir)
-    classes = sorted(set(train_source.classes) | set(labelled_folder(test_dir).classes))
+    test_classes = labelled_folder(test_dir).classes if split == "test" else []
+    classes = sorted(set(train_source.classes) | set(test_classes))
     groups = source_groups(train_source)
+    unknown = [f"model '{n}': unknown model '{m}'" for n, m in models.items() if isinstance(m, str) and m != PIXELS]
+    if unknown:
+        raise EvalError(f"{unknown[0]} (an encoder or '{PIXELS}')")
     rows = []
     for name, model in models.items():
         if log is not None:
             log(f"evaluating {name}")
-        if isinstance(model, str):
-            if model != PIXELS:
-                raise EvalError(f"model '{name}': unknown model '{model}' (an encoder or '{PIXELS}')")
-            (Xtr, ytr), (Xte, yte) = (pixel_features(d, pixel_size, classes=classes) for d in (train_dir, test_dir))
+        Xtr, ytr = model_features(model, train_dir, pool, batch_size, device, classes, pixel_size)
+        fit_groups = groups
+        if split == "val":
+            (Xtr, ytr), (Xte, yte), fit_groups = held_out(Xtr, ytr, groups)
         else:
-            (Xtr, ytr), (Xte, yte) = (extract_features(model, d, pool, batch_size, device, classes)
-                                      for d in (train_dir, test_dir))
+            Xte, yte = model_features(model, test_dir, pool, batch_size, device, classes, pixel_size)
         # One held-out fifth for every model and every run (split seed 0), so that a model's
         # number does not move with the seed of the run that evaluates it.
-        C = probe_C if probe_C is not None else choose_probe_C(Xtr, ytr, groups)
+        C = probe_C if probe_C is not None else choose_probe_C(Xtr, ytr, fit_groups)
         rows.append({"name": name, "knn": knn_accuracy(Xtr, ytr, Xte, yte, k, T),
                      "linear": linear_probe_accuracy(Xtr, ytr, Xte, yte, C=C), "probe_C": C, "dim": int(Xtr.shape[1])})
     return rows
@@ -277,22 +307,25 @@ def _plain(arch) -> object:
 
 
 def run_eval(models: Sequence[tuple[str, Optional[Union[ViTArch, str]], Optional[str | Path]]],
-             train_dir: str | Path, test_dir: str | Path, pool: Pool = "cls", img_size: int | None = None,
+             train_dir: str | Path, test_dir: Optional[str | Path], pool: Pool = "cls", img_size: int | None = None,
              output: str | Path | None = None, k: int = 20, T: float = 0.07, batch_size: int = 128,
              device: str | torch.device = "cpu", floors: bool = True, seed: int = 0,
-             pixel_size: int = PIXEL_SIZE, probe_C: Optional[float] = None, echo=print) -> list[dict]:
+             pixel_size: int = PIXEL_SIZE, probe_C: Optional[float] = None, echo=print,
+             split: Split = "test") -> list[dict]:
     """The `eval` command: load (name, arch, checkpoint) triples with `load_base_model`
     (arch None: recorded in an export; checkpoint None: random init), evaluate them with the
-    floors, print the table and write it with its settings as JSON to `output`."""
+    floors on `split` (`evaluate_models`), print the table and write it with its settings as
+    JSON to `output`."""
     from .models.base import load_base_model
 
     encoders = {name: load_base_model(arch, checkpoint, img_size) for name, arch, checkpoint in models}
     rows = evaluate_models(encoders, train_dir, test_dir, pool, k, T, batch_size, device, floors, seed,
-                           pixel_size, probe_C, log=echo)
+                           pixel_size, probe_C, log=echo, split=split)
     echo(format_table(rows))
     if output is not None:
         report = {
-            "train_dir": str(train_dir), "test_dir": str(test_dir), "pool": pool, "k": k, "T": T,
+            "split": split, "train_dir": str(train_dir), "test_dir": None if split == "val" else str(test_dir),
+            "pool": pool, "k": k, "T": T,
             "img_size": img_size, "pixel_size": pixel_size, "probe_C": probe_C, "probe_Cs": list(PROBE_CS), "seed": seed,
             "models": [{"name": n, "arch": _plain(a), "checkpoint": None if c is None else str(c)}
                        for n, a, c in models],

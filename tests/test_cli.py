@@ -20,8 +20,9 @@ KEY_OPTIONS = {
     "export": ["RUN", "--out"],
     "inspect": ["CACHE"],
     "verify": ["CACHE", "--sample", "--seed"],
-    "eval": ["--model", "--train-dir", "--test-dir", "--arch", "--pool", "--out"],
-    "demo": ["--out", "--seed", "--second-round"],
+    "eval": ["--model", "--train-dir", "--test-dir", "--val", "--arch", "--pool", "--out"],
+    "demo": ["--out", "--seed", "--second-round", "--val"],
+    "demo-seeds": ["--seed", "--out", "--val"],
     "demo-base": ["--out"],
     "ablate": ["CONFIGS", "--cache", "--config", "--output"],
 }
@@ -100,6 +101,14 @@ def test_eval_malformed_model_exits_2(model, tmp_path):
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "NAME=CHECKPOINT" in lines[0] and model in lines[0]
+
+
+@pytest.mark.parametrize("split", [[], ["--test-dir", "t", "--val"]])
+def test_eval_needs_exactly_one_of_test_dir_and_val(split, tmp_path):
+    result = invoke("eval", "--model", "a=b.pth", "--train-dir", tmp_path, *split)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--test-dir" in lines[0] and "--val" in lines[0]
 
 
 # ----------------------------------------------------------------------------- ablate end to end

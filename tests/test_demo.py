@@ -30,6 +30,17 @@ def test_seed_summary_reads_finished_seeds(tmp_path, capsys):
     assert "2/3 seeds" in capsys.readouterr().out
 
 
+def test_seed_summary_of_the_val_split_reads_only_val_reports(tmp_path):
+    """A folder tuned with --val holds both reports; each summary reads its own split."""
+    (tmp_path / "seed0").mkdir()
+    for name, knn in (("report.json", 0.5), ("report_val.json", 0.3)):
+        report = {"rows": rows(knn, 0.4), "wall_s": {"a": 1.0}, "verdict": verdict(rows(knn, 0.4))}
+        (tmp_path / "seed0" / name).write_text(json.dumps(report))
+    assert run_demo_seeds([0], tmp_path, split="val")["summary"]["tec"]["knn"]["mean"] == 0.3
+    assert json.loads((tmp_path / "seeds_val.json").read_text())["split"] == "val"
+    assert run_demo_seeds([0], tmp_path)["summary"]["tec"]["knn"]["mean"] == 0.5
+
+
 def test_stage_table_totals():
     text = format_stages({"cache-targets": 10.0, "train TEC": 20.5}, 2_500_000)
     assert "total" in text and "30.5" in text and "2.5 MB" in text

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from tec_pipeline.config import ViTArch
+from tec_pipeline.data.demo import build_demo_data, source_groups
 from tec_pipeline.evaluate import (PROBE_CS, EvalError, choose_probe_C, evaluate_models, extract_features,
-                                   format_table, knn_accuracy, knn_predict, linear_probe_accuracy, pixel_features,
-                                   probe_split, random_init_like, run_eval)
+                                   format_table, knn_accuracy, knn_predict, labelled_folder, linear_probe_accuracy,
+                                   pixel_features, probe_split, random_init_like, run_eval)
 from tec_pipeline.models.base import build_vit
 
 TINY_VIT = ViTArch(name="vit_base_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -193,6 +194,31 @@ def test_run_eval_loads_checkpoints_and_writes_json(folders, vit, tmp_path):
     # The checkpoint was really loaded: its features equal the in-memory model's.
     direct = evaluate_models({"tiny": vit}, *folders, pool="mean", k=3, floors=False)
     assert direct[0] == rows[2]
+
+
+def test_val_split_scores_held_out_source_digits_and_never_reads_the_test_folder(tmp_path, vit):
+    root = tmp_path / "demo"
+    build_demo_data(root, train_size=80, test_size=10, difficulty=0.5, seed=0)
+    train, missing = root / "train", tmp_path / "no" / "test"
+    ckpt, out = tmp_path / "vit.pth", tmp_path / "val.json"
+    torch.save(vit.state_dict(), ckpt)
+    rows = run_eval([("tiny", TINY_VIT, ckpt)], train, missing, pool="mean", k=1, probe_C=0.1, output=out,
+                    echo=lambda *a: None, split="val")
+    by = {r["name"]: r for r in rows}
+    # Scored on renderings of digits the fit part never saw: 1-NN on pixels cannot find the
+    # image itself (it would score 100% if the scored images were among the fitted ones).
+    assert by["pixels"]["knn"] < 0.9
+    # The same numbers the slow way: whole-folder features, the held-out fifth by source digit.
+    X, y = extract_features(vit, train, pool="mean")
+    groups = source_groups(labelled_folder(train))
+    fit, val = probe_split(y, groups, seed=0)
+    assert not set(groups[fit]) & set(groups[val]) and 8 <= len(val) <= 24
+    assert by["tiny"]["knn"] == knn_accuracy(X[fit], y[fit], X[val], y[val], k=1)
+    assert by["tiny"]["linear"] == linear_probe_accuracy(X[fit], y[fit], X[val], y[val], C=0.1)
+    report = json.loads(out.read_text())
+    assert report["split"] == "val" and report["test_dir"] is None
+    with pytest.raises(EvalError, match="test folder"):
+        evaluate_models({"tiny": vit}, train, None)
 
 
 def test_unlabelled_folder_is_refused(tmp_path, vit):
