@@ -385,11 +385,16 @@ def run_identity(cfg: Config, data: DataPipeline) -> dict:
 
 def check_resumable(run_dir: Path, identity: dict) -> None:
     """Refuse, naming the first differing setting, to continue a run whose config, data or
-    starting weights have changed: its schedule and weights would silently mix two runs."""
+    starting weights have changed: its schedule and weights would silently mix two runs.
+
+    Only what both identities record is compared: one written by another version of this
+    code may record more or less (e.g. the base's hash, since dropped for cached runs), and
+    that alone says nothing about the run.
+    """
     path = run_dir / IDENTITY_FILE
     if not path.is_file():  # a run from before identities were recorded: nothing to compare
         return
-    diff = first_difference(json.loads(path.read_text()), identity)
+    diff = first_difference(json.loads(path.read_text()), identity, shared_only=True)
     if diff is not None:
         key, was, now = diff
         key = key.removeprefix("config.")

@@ -246,6 +246,13 @@ def test_resume_refuses_a_changed_run_and_allows_a_quieter_log(world, tmp_path):
     other_cache = replace(part, cache=replace(part.cache, path=world["zarr_float16"]))
     with pytest.raises(UserError, match=r"data\.cache\.attn_dtype=float32, this run has float16"):
         run_train(other_cache, resume=True)
+    # An identity written by another version of this code records more or less: only what both
+    # record is compared, so an upgrade alone does not strand a run.
+    path = tmp_path / "r" / "identity.json"
+    stored = json.loads(path.read_text())
+    stored["checkpoint_sha256"]["base.checkpoint"] = "ab" * 32
+    del stored["config"]["optim.warmup_epochs"]
+    path.write_text(json.dumps(stored))
     quieter = replace(part, train=replace(part.train, log_every=4, checkpoint_every=3))
     assert run_train(quieter, resume=True)["step"] == 8
 

@@ -160,10 +160,11 @@ def short_value(value: Any, other: Any) -> str:
     return text
 
 
-def first_difference(old: dict, new: dict) -> tuple[str, Any, Any] | None:
-    """The first key (dotted, sorted) whose value differs between two nested dicts."""
+def first_difference(old: dict, new: dict, shared_only: bool = False) -> tuple[str, Any, Any] | None:
+    """The first key (dotted, sorted) whose value differs between two nested dicts; with
+    `shared_only`, keys only one of them holds are not compared."""
     a, b = flatten(old), flatten(new)
-    for key in sorted(set(a) | set(b)):
+    for key in sorted(set(a) & set(b) if shared_only else set(a) | set(b)):
         if a.get(key, "<missing>") != b.get(key, "<missing>"):
             return key, a.get(key, "<missing>"), b.get(key, "<missing>")
     return None
