@@ -106,10 +106,10 @@ def verdict(rows: list[dict]) -> str:
     return f"TEC does NOT beat both the base and the control in: {lost}."
 
 
-def report_name(split: str) -> str:
-    """report.json for the test split; report_val.json for the validation split, beside it, so
-    that tuning on one run folder never overwrites (or is read back as) the test report."""
-    return "report.json" if split == "test" else f"report_{split}.json"
+def split_file(stem: str, split: str) -> str:
+    """`stem`.json for the test split, `stem`_val.json for the validation split beside it, so
+    that tuning in a run folder never overwrites (or is read back as) a test result."""
+    return f"{stem}.json" if split == "test" else f"{stem}_{split}.json"
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = False,
@@ -145,13 +145,13 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
             models.append(("tec-round2", None, str(_second_round(tec, tec_encoder, out))))
     with timer.stage("eval"):
         rows = run_eval(models, root / "train", root / "test", pool=EVAL_POOL,
-                        output=out / report_name(split).replace("report", "eval"), seed=seed, echo=lambda *a: None,
+                        output=out / split_file("eval", split), seed=seed, echo=lambda *a: None,
                         split=split)
     with timer.stage("pictures"):
         pictures = _pictures(tec, out, tec_encoder)
     report = {"seed": seed, "split": split, "rows": rows, "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
               "tec_steps": tec_steps(tec), "pictures": [str(p) for p in pictures], "verdict": verdict(rows)}
-    write_json(out / report_name(split), report)
+    write_json(out / split_file("report", split), report)
     print(format_table(rows))
     print(format_stages(timer.stages, report["cache_bytes"]))
     print(report["verdict"])
@@ -211,7 +211,7 @@ def format_stages(stages: dict[str, float], cache_bytes: int) -> str:
 
 def _report_or_run(out: Path, seed: int, overrides: Optional[list[str]], split: str) -> dict:
     """A finished seed's report is read back (seeds can run in parallel processes), else the demo runs."""
-    report = out / report_name(split)
+    report = out / split_file("report", split)
     if report.is_file():
         return json.loads(report.read_text())
     return run_demo(out, seed=seed, overrides=overrides, split=split)
@@ -232,7 +232,7 @@ def run_demo_seeds(seeds: list[int], out: str | Path = "runs/demo_seeds", overri
     wins = sum(rep["verdict"].startswith("TEC beats") for rep in reports)
     result = {"seeds": seeds, "split": split, "summary": summary, "tec_wins": f"{wins}/{len(seeds)}",
               "wall_s": [sum(rep["wall_s"].values()) for rep in reports]}
-    write_json(out / report_name(split).replace("report", "seeds"), result)
+    write_json(out / split_file("seeds", split), result)
     print(f"{'model':<12}{'k-NN mean +- std':>20}{'linear mean +- std':>22}")
     for name, m in summary.items():
         print(f"{name:<12}{m['knn']['mean']:>12.3f} +- {m['knn']['std']:.3f}{m['linear']['mean']:>14.3f} +- "
