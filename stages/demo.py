@@ -149,7 +149,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
                         split=split)
     with timer.stage("pictures"):
         pictures = _pictures(tec, out, tec_encoder)
-    report = {"seed": seed, "split": split, "rows": rows, "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
+    report = {"seed": seed, "split": split, "overrides": list(overrides or []), "rows": rows, "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
               "tec_steps": tec_steps(tec), "pictures": [str(p) for p in pictures], "verdict": verdict(rows)}
     write_json(out / split_file("report", split), report)
     print(format_table(rows))
@@ -210,11 +210,19 @@ def format_stages(stages: dict[str, float], cache_bytes: int) -> str:
 
 
 def _report_or_run(out: Path, seed: int, overrides: Optional[list[str]], split: str) -> dict:
-    """A finished seed's report is read back (seeds can run in parallel processes), else the demo runs."""
-    report = out / split_file("report", split)
-    if report.is_file():
-        return json.loads(report.read_text())
-    return run_demo(out, seed=seed, overrides=overrides, split=split)
+    """A finished seed's report is read back (seeds can run in parallel processes), else the demo runs.
+
+    A report made with other overrides is refused: averaging it would mix two settings.
+    """
+    path = out / split_file("report", split)
+    if not path.is_file():
+        return run_demo(out, seed=seed, overrides=overrides, split=split)
+    report = json.loads(path.read_text())
+    was, now = report.get("overrides", list(overrides or [])), list(overrides or [])
+    if was != now:
+        raise UserError(f"{path} was made with overrides {was or 'none'}, this summary asks for {now or 'none'}; "
+                        "give the same overrides or another --out")
+    return report
 
 
 def run_demo_seeds(seeds: list[int], out: str | Path = "runs/demo_seeds", overrides: Optional[list[str]] = None,

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from stages.demo import format_stages, run_demo_seeds, verdict
+from tec_pipeline.errors import UserError
 
 
 def rows(tec_knn, tec_lin):
@@ -39,6 +40,15 @@ def test_seed_summary_of_the_val_split_reads_only_val_reports(tmp_path):
     assert run_demo_seeds([0], tmp_path, split="val")["summary"]["tec"]["knn"]["mean"] == 0.3
     assert json.loads((tmp_path / "seeds_val.json").read_text())["split"] == "val"
     assert run_demo_seeds([0], tmp_path)["summary"]["tec"]["knn"]["mean"] == 0.5
+
+
+def test_seed_summary_refuses_a_report_made_with_other_overrides(tmp_path):
+    (tmp_path / "seed0").mkdir()
+    report = {"rows": rows(0.5, 0.4), "wall_s": {"a": 1.0}, "verdict": "", "overrides": ["targets.k=8"]}
+    (tmp_path / "seed0" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(UserError, match=r"overrides \['targets.k=8'\], this summary asks for none"):
+        run_demo_seeds([0], tmp_path)
+    assert run_demo_seeds([0], tmp_path, overrides=["targets.k=8"])["summary"]["tec"]["knn"]["mean"] == 0.5
 
 
 def test_stage_table_totals():
