@@ -112,6 +112,23 @@ def split_file(stem: str, split: str) -> str:
     return f"{stem}.json" if split == "test" else f"{stem}_{split}.json"
 
 
+def margins(rows: list[dict]) -> dict:
+    """TEC's margin over the base and over the control per metric, with its 95% interval over
+    the scored images (`paired_difference`): whether a win is larger than test-set noise."""
+    from tec_pipeline.evaluate import paired_difference
+
+    by = {r["name"]: r for r in rows}
+    return {other: {m: paired_difference(by["tec"]["hits"][m], by[other]["hits"][m]) for m in ("knn", "linear")}
+            for other in ("base", "control")}
+
+
+def format_margins(found: dict) -> str:
+    names = {"knn": "k-NN", "linear": "linear"}
+    return "\n".join(f"TEC - {other:<8}" + "   ".join(
+        f"{names[m]} {100 * d['diff']:+.1f} (95% CI {100 * d['low']:+.1f} to {100 * d['high']:+.1f})"
+        for m, d in per.items()) for other, per in found.items())
+
+
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = False,
              overrides: Optional[list[str]] = None, base_dir: str | Path = BASE_DIR, split: str = "test") -> dict:
     """The main job: data, cache, TEC, control, export, eval, pictures; returns the report.
@@ -149,12 +166,13 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
                         split=split)
     with timer.stage("pictures"):
         pictures = _pictures(tec, out, tec_encoder)
-    report = {"seed": seed, "split": split, "overrides": list(overrides or []), "rows": rows, "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
+    report = {"seed": seed, "split": split, "overrides": list(overrides or []), "rows": rows, "margins": margins(rows), "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
               "tec_steps": tec_steps(tec), "pictures": [str(p) for p in pictures], "verdict": verdict(rows)}
     write_json(out / split_file("report", split), report)
     print(format_table(rows))
     print(format_stages(timer.stages, report["cache_bytes"]))
     print(report["verdict"])
+    print(format_margins(report["margins"]))
     return report
 
 

@@ -214,6 +214,35 @@ def linear_probe_accuracy(train_X: np.ndarray, train_y: np.ndarray, test_X: np.n
     return float(probe.score(np.asarray(test_X, dtype=np.float32), test_y))
 
 
+def hit_string(pred: np.ndarray, y: np.ndarray) -> str:
+    """'1' where a prediction is right, '0' where wrong, in the scored folder's order: compact
+    in JSON, and what a paired comparison of two models on the same images needs."""
+    return "".join("1" if ok else "0" for ok in np.asarray(pred) == np.asarray(y))
+
+
+def paired_difference(hits_a: str, hits_b: str, confidence: float = 0.95, resamples: int = 10_000,
+                      seed: int = 0) -> dict:
+    """Accuracy of a minus accuracy of b, scored on the same images, with a percentile-bootstrap
+    confidence interval over those images (scipy.stats.bootstrap, paired resampling).
+
+    This is the test-sampling noise of a margin only: a different training seed moves the
+    margin too, which is what the demo's several seeds measure.
+    """
+    from scipy.stats import bootstrap
+
+    if len(hits_a) != len(hits_b) or not hits_a:
+        raise EvalError(f"paired comparison needs hits on the same images, got {len(hits_a)} and {len(hits_b)}")
+    a = np.frombuffer(hits_a.encode(), np.uint8) - ord("0")
+    b = np.frombuffer(hits_b.encode(), np.uint8) - ord("0")
+    diff = float(a.mean() - b.mean())
+    if np.array_equal(a, b):  # every resample gives 0; scipy would warn about the degenerate case
+        return {"diff": diff, "low": diff, "high": diff}
+    ci = bootstrap((a.astype(np.float64), b.astype(np.float64)), lambda x, y, axis: x.mean(axis) - y.mean(axis),
+                   paired=True, vectorized=True, n_resamples=resamples, confidence_level=confidence,
+                   method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+    return {"diff": diff, "low": float(ci.low), "high": float(ci.high)}
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -245,7 +274,8 @@ def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir
                     device: str | torch.device = "cpu", floors: bool = True, seed: int = 0,
                     pixel_size: int = PIXEL_SIZE, probe_C: Optional[float] = None, log=None,
                     split: Split = "test") -> list[dict]:
-    """One row {name, knn, linear, probe_C, dim} per model, floors first.
+    """One row {name, knn, linear, probe_C, dim, hits} per model, floors first; `hits` holds
+    each metric's `hit_string` over the scored images.
 
     With `floors`, "pixels" and "random-init" (same architecture as the first encoder,
     see `random_init_like`) are added unless already present. `probe_C` None chooses the
@@ -288,8 +318,10 @@ def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir
         # One held-out fifth for every model and every run (split seed 0), so that a model's
         # number does not move with the seed of the run that evaluates it.
         C = probe_C if probe_C is not None else choose_probe_C(Xtr, ytr, fit_groups)
-        rows.append({"name": name, "knn": knn_accuracy(Xtr, ytr, Xte, yte, k, T),
-                     "linear": linear_probe_accuracy(Xtr, ytr, Xte, yte, C=C), "probe_C": C, "dim": int(Xtr.shape[1])})
+        hits = {"knn": hit_string(knn_predict(Xtr, ytr, Xte, k, T, len(classes)), yte),
+                "linear": hit_string(fit_probe(Xtr, ytr, C).predict(np.asarray(Xte, dtype=np.float32)), yte)}
+        rows.append({"name": name, **{m: h.count("1") / len(h) for m, h in hits.items()}, "probe_C": C,
+                     "dim": int(Xtr.shape[1]), "hits": hits})
     return rows
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from stages.demo import format_stages, run_demo_seeds, verdict
+from stages.demo import format_margins, format_stages, margins, run_demo_seeds, verdict
 from tec_pipeline.errors import UserError
 
 
@@ -49,6 +49,23 @@ def test_seed_summary_refuses_a_report_made_with_other_overrides(tmp_path):
     with pytest.raises(UserError, match=r"overrides \['targets.k=8'\], this summary asks for none"):
         run_demo_seeds([0], tmp_path)
     assert run_demo_seeds([0], tmp_path, overrides=["targets.k=8"])["summary"]["tec"]["knn"]["mean"] == 0.5
+
+
+def test_margins_say_whether_a_win_exceeds_test_set_noise():
+    """On 1,000 images: TEC right on 100 more than the base is a margin whose interval excludes 0;
+    right on 3 more than the control (and wrong on 1 it got) is one whose interval includes 0."""
+    n = 1000
+    tec = ["1"] * 400 + ["0"] * 600
+    base = ["1"] * 300 + ["0"] * 700
+    control = ["1"] * 397 + ["0"] * 3 + ["1"] + ["0"] * 599
+    rows = [{"name": name, "hits": {"knn": "".join(h), "linear": "".join(h)}}
+            for name, h in (("base", base), ("control", control), ("tec", tec))]
+    found = margins(rows)
+    assert found["base"]["knn"]["diff"] == pytest.approx(100 / n) and found["base"]["knn"]["low"] > 0
+    assert found["control"]["linear"]["diff"] == pytest.approx(2 / n)
+    assert found["control"]["linear"]["low"] < 0 < found["control"]["linear"]["high"]
+    text = format_margins(found)
+    assert text.splitlines()[0].startswith("TEC - base") and "k-NN +10.0 (95% CI" in text
 
 
 def test_stage_table_totals():

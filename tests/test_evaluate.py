@@ -10,8 +10,9 @@ from PIL import Image
 from tec_pipeline.config import ViTArch
 from tec_pipeline.data.demo import build_demo_data, source_groups
 from tec_pipeline.evaluate import (PROBE_CS, EvalError, choose_probe_C, evaluate_models, extract_features,
-                                   format_table, knn_accuracy, knn_predict, labelled_folder, linear_probe_accuracy,
-                                   pixel_features, probe_split, random_init_like, run_eval)
+                                   format_table, hit_string, knn_accuracy, knn_predict, labelled_folder,
+                                   linear_probe_accuracy, paired_difference, pixel_features, probe_split,
+                                   random_init_like, run_eval)
 from tec_pipeline.models.base import build_vit
 
 TINY_VIT = ViTArch(name="vit_base_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -103,6 +104,38 @@ def test_probe_C_is_chosen_on_held_out_data():
     assert choose_probe_C(Xc, yc) == PROBE_CS[-1]
 
 
+def test_hit_string_marks_right_predictions():
+    assert hit_string(np.array([1, 2, 3, 0]), np.array([1, 0, 3, 3])) == "1010"
+
+
+@pytest.mark.parametrize("n, a_only, b_only", [(2000, 120, 60), (1000, 30, 28), (500, 40, 0)])
+def test_paired_difference_matches_the_normal_approximation(n, a_only, b_only):
+    """Two classifiers that agree except on `a_only` images (only a right) and `b_only` (only b
+    right): the difference of accuracies has variance var(a - b) / n; the bootstrap's 95%
+    interval must match diff +- 1.96 SE, computed the slow way in float64."""
+    rng = np.random.default_rng(n)
+    both = rng.random(n) < 0.4
+    a, b = both.copy(), both.copy()
+    free = np.flatnonzero(~both)
+    a[free[:a_only]] = True
+    b[free[a_only:a_only + b_only]] = True
+    order = rng.permutation(n)
+    a, b = a[order], b[order]
+    got = paired_difference("".join("1" if x else "0" for x in a), "".join("1" if x else "0" for x in b))
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    mean = sum(d) / n
+    se = (sum((x - mean) ** 2 for x in d) / n / n) ** 0.5
+    assert got["diff"] == pytest.approx((a_only - b_only) / n)
+    assert got["low"] == pytest.approx(mean - 1.96 * se, abs=0.15 * 1.96 * se)
+    assert got["high"] == pytest.approx(mean + 1.96 * se, abs=0.15 * 1.96 * se)
+
+
+def test_paired_difference_of_identical_hits_is_zero_and_lengths_must_match():
+    assert paired_difference("0110", "0110") == {"diff": 0.0, "low": 0.0, "high": 0.0}
+    with pytest.raises(EvalError, match="same images"):
+        paired_difference("011", "0110")
+
+
 def write_folder(root: Path, per_class: dict[str, int], seed: int, size: int = 32) -> Path:
     """An ImageFolder whose classes differ in hue (so even cosine on raw pixels separates them)."""
     rng = np.random.default_rng(seed)
@@ -173,8 +206,10 @@ def test_evaluate_models_adds_floors_and_runs(folders, vit):
     assert [r["name"] for r in rows] == ["pixels", "random-init", "model"]
     assert [r["dim"] for r in rows] == [3 * 32 * 32, 32, 32]
     for r in rows:
-        assert set(r) == {"name", "knn", "linear", "probe_C", "dim"} and r["probe_C"] in PROBE_CS
+        assert set(r) == {"name", "knn", "linear", "probe_C", "dim", "hits"} and r["probe_C"] in PROBE_CS
         assert 0.0 <= r["knn"] <= 1.0 and 0.0 <= r["linear"] <= 1.0
+        for metric, hits in r["hits"].items():  # one per test image, and the accuracy is their mean
+            assert len(hits) == 8 and set(hits) <= {"0", "1"} and hits.count("1") / 8 == r[metric]
     assert rows[0]["knn"] == 1.0  # colours separate the classes: the pixel floor sees it
     table = format_table(rows)
     assert "random-init" in table and "100.0%" in table and len(table.splitlines()) == 4
