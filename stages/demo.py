@@ -256,7 +256,11 @@ def run_demo_seeds(seeds: list[int], out: str | Path = "runs/demo_seeds", overri
         summary[name] = {m: {"mean": float(np.mean([r[m] for r in rows])), "std": float(np.std([r[m] for r in rows])),
                              "values": [r[m] for r in rows]} for m in ("knn", "linear")}
     wins = sum(rep["verdict"].startswith("TEC beats") for rep in reports)
+    # Wins whose 95% interval over the scored images excludes 0, counted over every (seed, metric,
+    # opponent); reports written before margins were recorded are left out of the count.
+    margin_list = [d for rep in reports for per in rep.get("margins", {}).values() for d in per.values()]
     result = {"seeds": seeds, "split": split, "summary": summary, "tec_wins": f"{wins}/{len(seeds)}",
+              "clear_margins": f"{sum(d['low'] > 0 for d in margin_list)}/{len(margin_list)}",
               "wall_s": [sum(rep["wall_s"].values()) for rep in reports]}
     write_json(out / split_file("seeds", split), result)
     print(f"{'model':<12}{'k-NN mean +- std':>20}{'linear mean +- std':>22}")
@@ -264,4 +268,9 @@ def run_demo_seeds(seeds: list[int], out: str | Path = "runs/demo_seeds", overri
         print(f"{name:<12}{m['knn']['mean']:>12.3f} +- {m['knn']['std']:.3f}{m['linear']['mean']:>14.3f} +- "
               f"{m['linear']['std']:.3f}")
     print(f"TEC beats base and control in both metrics in {result['tec_wins']} seeds")
+    for seed, rep in zip(seeds, reports):
+        if "margins" in rep:
+            print(f"seed {seed}:\n{format_margins(rep['margins'])}")
+    if margin_list:
+        print(f"margins whose 95% interval over the scored images excludes 0: {result['clear_margins']}")
     return result

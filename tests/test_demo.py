@@ -51,14 +51,15 @@ def test_seed_summary_refuses_a_report_made_with_other_overrides(tmp_path):
     assert run_demo_seeds([0], tmp_path, overrides=["targets.k=8"])["summary"]["tec"]["knn"]["mean"] == 0.5
 
 
-def test_margins_say_whether_a_win_exceeds_test_set_noise():
+def test_margins_say_whether_a_win_exceeds_test_set_noise(tmp_path, capsys):
     """On 1,000 images: TEC right on 100 more than the base is a margin whose interval excludes 0;
     right on 3 more than the control (and wrong on 1 it got) is one whose interval includes 0."""
     n = 1000
     tec = ["1"] * 400 + ["0"] * 600
     base = ["1"] * 300 + ["0"] * 700
     control = ["1"] * 397 + ["0"] * 3 + ["1"] + ["0"] * 599
-    rows = [{"name": name, "hits": {"knn": "".join(h), "linear": "".join(h)}}
+    rows = [{"name": name, "knn": h.count("1") / n, "linear": h.count("1") / n,
+             "hits": {"knn": "".join(h), "linear": "".join(h)}}
             for name, h in (("base", base), ("control", control), ("tec", tec))]
     found = margins(rows)
     assert found["base"]["knn"]["diff"] == pytest.approx(100 / n) and found["base"]["knn"]["low"] > 0
@@ -66,6 +67,11 @@ def test_margins_say_whether_a_win_exceeds_test_set_noise():
     assert found["control"]["linear"]["low"] < 0 < found["control"]["linear"]["high"]
     text = format_margins(found)
     assert text.splitlines()[0].startswith("TEC - base") and "k-NN +10.0 (95% CI" in text
+    (tmp_path / "seed0").mkdir()
+    report = {"rows": rows, "wall_s": {"a": 1.0}, "verdict": "TEC beats ...", "margins": found}
+    (tmp_path / "seed0" / "report.json").write_text(json.dumps(report))
+    assert run_demo_seeds([0], tmp_path)["clear_margins"] == "2/4"  # base: both clear; control: neither
+    assert "excludes 0: 2/4" in capsys.readouterr().out
 
 
 def test_stage_table_totals():
