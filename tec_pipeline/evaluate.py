@@ -238,7 +238,7 @@ def paired_difference(hits_a: str, hits_b: str, confidence: float = 0.95, resamp
     if np.array_equal(a, b):  # every resample gives 0; scipy would warn about the degenerate case
         return {"diff": diff, "low": diff, "high": diff}
     ci = bootstrap((a.astype(np.float64), b.astype(np.float64)), lambda x, y, axis: x.mean(axis) - y.mean(axis),
-                   paired=True, vectorized=True, n_resamples=resamples, confidence_level=confidence,
+                   paired=True, vectorized=True, n_resamples=resamples, batch=1000, confidence_level=confidence,
                    method="percentile", rng=np.random.default_rng(seed)).confidence_interval
     return {"diff": diff, "low": float(ci.low), "high": float(ci.high)}
 
