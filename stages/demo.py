@@ -112,13 +112,14 @@ def split_file(stem: str, split: str) -> str:
     return f"{stem}.json" if split == "test" else f"{stem}_{split}.json"
 
 
-def margins(rows: list[dict]) -> dict:
+def margins(rows: list[dict], groups=None) -> dict:
     """TEC's margin over the base and over the control per metric, with its 95% interval over
-    the scored images (`paired_difference`): whether a win is larger than test-set noise."""
+    the scored images, resampled by source digit when `groups` gives them (`paired_difference`):
+    whether a win is larger than the evaluation set's own noise."""
     from tec_pipeline.evaluate import paired_difference
 
     by = {r["name"]: r for r in rows}
-    return {other: {m: paired_difference(by["tec"]["hits"][m], by[other]["hits"][m]) for m in ("knn", "linear")}
+    return {other: {m: paired_difference(by["tec"]["hits"][m], by[other]["hits"][m], groups) for m in ("knn", "linear")}
             for other in ("base", "control")}
 
 
@@ -139,7 +140,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     from stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
     from tec_pipeline.data.demo import build_demo_data
-    from tec_pipeline.evaluate import format_table, run_eval
+    from tec_pipeline.evaluate import format_table, run_eval, scored_groups
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +167,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
                         split=split)
     with timer.stage("pictures"):
         pictures = _pictures(tec, out, tec_encoder)
-    report = {"seed": seed, "split": split, "overrides": list(overrides or []), "rows": rows, "margins": margins(rows), "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
+    report = {"seed": seed, "split": split, "overrides": list(overrides or []), "rows": rows,
+              "margins": margins(rows, scored_groups(root / "train", root / "test", split)), "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
               "tec_steps": tec_steps(tec), "pictures": [str(p) for p in pictures], "verdict": verdict(rows)}
     write_json(out / split_file("report", split), report)
     print(format_table(rows))

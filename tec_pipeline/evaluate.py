@@ -220,27 +220,48 @@ def hit_string(pred: np.ndarray, y: np.ndarray) -> str:
     return "".join("1" if ok else "0" for ok in np.asarray(pred) == np.asarray(y))
 
 
-def paired_difference(hits_a: str, hits_b: str, confidence: float = 0.95, resamples: int = 10_000,
-                      seed: int = 0) -> dict:
+def paired_difference(hits_a: str, hits_b: str, groups: Optional[np.ndarray] = None, confidence: float = 0.95,
+                      resamples: int = 10_000, seed: int = 0) -> dict:
     """Accuracy of a minus accuracy of b, scored on the same images, with a percentile-bootstrap
-    confidence interval over those images (scipy.stats.bootstrap, paired resampling).
+    confidence interval (scipy.stats.bootstrap, paired resampling).
 
-    This is the test-sampling noise of a margin only: a different training seed moves the
-    margin too, which is what the demo's several seeds measure.
+    With `groups` (the source digit of each scored image on the demo) whole groups are
+    resampled: renderings of one handwritten digit are not independent test cases, and an
+    image-level bootstrap would make the interval too narrow. This is the test-sampling noise
+    of a margin only: a different training seed moves the margin too, which is what the
+    demo's several seeds measure.
     """
     from scipy.stats import bootstrap
 
-    if len(hits_a) != len(hits_b) or not hits_a:
-        raise EvalError(f"paired comparison needs hits on the same images, got {len(hits_a)} and {len(hits_b)}")
-    a = np.frombuffer(hits_a.encode(), np.uint8) - ord("0")
-    b = np.frombuffer(hits_b.encode(), np.uint8) - ord("0")
+    if len(hits_a) != len(hits_b) or not hits_a or (groups is not None and len(groups) != len(hits_a)):
+        raise EvalError(f"paired comparison needs hits on the same images, got {len(hits_a)} and {len(hits_b)}"
+                        + ("" if groups is None else f" and {len(groups)} groups"))
+    a = np.frombuffer(hits_a.encode(), np.uint8).astype(np.float64) - ord("0")
+    b = np.frombuffer(hits_b.encode(), np.uint8).astype(np.float64) - ord("0")
     diff = float(a.mean() - b.mean())
     if np.array_equal(a, b):  # every resample gives 0; scipy would warn about the degenerate case
         return {"diff": diff, "low": diff, "high": diff}
-    ci = bootstrap((a.astype(np.float64), b.astype(np.float64)), lambda x, y, axis: x.mean(axis) - y.mean(axis),
-                   paired=True, vectorized=True, n_resamples=resamples, batch=1000, confidence_level=confidence,
-                   method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+    # Per resampling unit: the summed a - b and the number of images; the statistic is their ratio.
+    if groups is None:
+        units, counts = a - b, np.ones_like(a)
+    else:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        units, counts = np.bincount(inverse, weights=a - b), np.bincount(inverse).astype(np.float64)
+    ci = bootstrap((units, counts), lambda d, c, axis: d.sum(axis) / c.sum(axis), paired=True, vectorized=True,
+                   n_resamples=resamples, batch=1000, confidence_level=confidence, method="percentile",
+                   rng=np.random.default_rng(seed)).confidence_interval
     return {"diff": diff, "low": float(ci.low), "high": float(ci.high)}
+
+
+def scored_groups(train_dir: str | Path, test_dir: Optional[str | Path], split: Split) -> Optional[np.ndarray]:
+    """The source digit of each image `evaluate_models` scores on `split`, in its order; None
+    for folders that are not a demo build."""
+    from .data.demo import source_groups
+    if split == "test":
+        return source_groups(labelled_folder(test_dir))
+    train = labelled_folder(train_dir)
+    groups = source_groups(train)
+    return None if groups is None else groups[probe_split(np.asarray(train.labels), groups, seed=0)[1]]
 
 
 # ---------------------------------------------------------------- tables

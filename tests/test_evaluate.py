@@ -12,7 +12,7 @@ from tec_pipeline.data.demo import build_demo_data, source_groups
 from tec_pipeline.evaluate import (PROBE_CS, EvalError, choose_probe_C, evaluate_models, extract_features,
                                    format_table, hit_string, knn_accuracy, knn_predict, labelled_folder,
                                    linear_probe_accuracy, paired_difference, pixel_features, probe_split,
-                                   random_init_like, run_eval)
+                                   random_init_like, run_eval, scored_groups)
 from tec_pipeline.models.base import build_vit
 
 TINY_VIT = ViTArch(name="vit_base_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -128,6 +128,23 @@ def test_paired_difference_matches_the_normal_approximation(n, a_only, b_only):
     assert got["diff"] == pytest.approx((a_only - b_only) / n)
     assert got["low"] == pytest.approx(mean - 1.96 * se, abs=0.15 * 1.96 * se)
     assert got["high"] == pytest.approx(mean + 1.96 * se, abs=0.15 * 1.96 * se)
+
+
+def test_paired_difference_resamples_whole_groups():
+    """Each image copied 4 times, the copies one group: resampling groups must give exactly the
+    interval of the uncopied images (an image-level bootstrap would halve its width)."""
+    rng = np.random.default_rng(7)
+    a, b = rng.random(300) < 0.5, rng.random(300) < 0.4
+    text = lambda v: "".join("1" if x else "0" for x in v)  # noqa: E731
+    alone = paired_difference(text(a), text(b))
+    groups = np.repeat(rng.permutation(300) + 1000, 4)  # arbitrary ids, in copy order
+    copies = paired_difference(text(np.repeat(a, 4)), text(np.repeat(b, 4)), groups=groups)
+    assert copies["diff"] == pytest.approx(alone["diff"])
+    assert copies["high"] - copies["low"] == pytest.approx(alone["high"] - alone["low"], rel=0.1)
+    ungrouped = paired_difference(text(np.repeat(a, 4)), text(np.repeat(b, 4)))
+    assert ungrouped["high"] - ungrouped["low"] == pytest.approx((alone["high"] - alone["low"]) / 2, rel=0.1)
+    with pytest.raises(EvalError, match="groups"):
+        paired_difference("01", "10", groups=np.arange(3))
 
 
 def test_paired_difference_of_identical_hits_is_zero_and_lengths_must_match():
@@ -248,6 +265,8 @@ def test_val_split_scores_held_out_source_digits_and_never_reads_the_test_folder
     groups = source_groups(labelled_folder(train))
     fit, val = probe_split(y, groups, seed=0)
     assert not set(groups[fit]) & set(groups[val]) and 8 <= len(val) <= 24
+    assert scored_groups(train, None, "val").tolist() == groups[val].tolist()  # the scored images' source digits
+    assert scored_groups(train, root / "test", "test").tolist() == source_groups(labelled_folder(root / "test")).tolist()
     assert by["tiny"]["knn"] == knn_accuracy(X[fit], y[fit], X[val], y[val], k=1)
     assert by["tiny"]["linear"] == linear_probe_accuracy(X[fit], y[fit], X[val], y[val], C=0.1)
     report = json.loads(out.read_text())
