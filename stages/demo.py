@@ -119,8 +119,8 @@ def margins(rows: list[dict], groups=None) -> dict:
     from tec_pipeline.evaluate import paired_difference
 
     by = {r["name"]: r for r in rows}
-    return {other: {m: paired_difference(by["tec"]["hits"][m], by[other]["hits"][m], groups) for m in ("knn", "linear")}
-            for other in ("base", "control")}
+    return {other: {m: paired_difference(by["tec"]["hits"][m], by[other]["hits"][m], groups)
+                    for m in ("knn", "linear")} for other in ("base", "control")}
 
 
 def format_margins(found: dict) -> str:
@@ -168,7 +168,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     with timer.stage("pictures"):
         pictures = _pictures(tec, out, tec_encoder)
     report = {"seed": seed, "split": split, "overrides": list(overrides or []), "rows": rows,
-              "margins": margins(rows, scored_groups(root / "train", root / "test", split)), "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
+              "margins": margins(rows, scored_groups(root / "train", root / "test", split)),
+              "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
               "tec_steps": tec_steps(tec), "pictures": [str(p) for p in pictures], "verdict": verdict(rows)}
     write_json(out / split_file("report", split), report)
     print(format_table(rows))

@@ -266,7 +266,8 @@ def test_val_split_scores_held_out_source_digits_and_never_reads_the_test_folder
     fit, val = probe_split(y, groups, seed=0)
     assert not set(groups[fit]) & set(groups[val]) and 8 <= len(val) <= 24
     assert scored_groups(train, None, "val").tolist() == groups[val].tolist()  # the scored images' source digits
-    assert scored_groups(train, root / "test", "test").tolist() == source_groups(labelled_folder(root / "test")).tolist()
+    test_groups = source_groups(labelled_folder(root / "test"))
+    assert scored_groups(train, root / "test", "test").tolist() == test_groups.tolist()
     assert by["tiny"]["knn"] == knn_accuracy(X[fit], y[fit], X[val], y[val], k=1)
     assert by["tiny"]["linear"] == linear_probe_accuracy(X[fit], y[fit], X[val], y[val], C=0.1)
     report = json.loads(out.read_text())
