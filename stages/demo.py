@@ -238,8 +238,8 @@ def _report_or_run(out: Path, seed: int, overrides: Optional[list[str]], split: 
     path = out / split_file("report", split)
     if not path.is_file():
         return run_demo(out, seed=seed, overrides=overrides, split=split)
-    report = json.loads(path.read_text())
-    was, now = report.get("overrides", list(overrides or [])), list(overrides or [])
+    report, now = json.loads(path.read_text()), list(overrides or [])
+    was = report.get("overrides", now)  # a report from before overrides were recorded: not compared
     if was != now:
         raise UserError(f"{path} was made with overrides {was or 'none'}, this summary asks for {now or 'none'}; "
                         "give the same overrides or another --out")

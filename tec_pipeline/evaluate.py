@@ -189,6 +189,13 @@ def probe_split(y: np.ndarray, groups: Optional[np.ndarray] = None, seed: int = 
     return next(StratifiedShuffleSplit(1, test_size=VAL_FRACTION, random_state=seed).split(y, y))
 
 
+def validation_split(y: np.ndarray, groups: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, val) indices of a training set for `split` "val": the fifth `probe_split` holds
+    out with seed 0, by whole source digits on a demo build, so a hyperparameter chosen on it
+    never saw the test split, nor a source digit it is scored on."""
+    return probe_split(y, groups, seed=0)
+
+
 def choose_probe_C(train_X: np.ndarray, train_y: np.ndarray, groups: Optional[np.ndarray] = None,
                    Cs: Sequence[float] = PROBE_CS, max_iter: int = 1000, seed: int = 0) -> float:
     """The C of `Cs` whose probe, fitted on the training set less a held-out fifth, is most
@@ -261,7 +268,7 @@ def scored_groups(train_dir: str | Path, test_dir: Optional[str | Path], split: 
         return source_groups(labelled_folder(test_dir))
     train = labelled_folder(train_dir)
     groups = source_groups(train)
-    return None if groups is None else groups[probe_split(np.asarray(train.labels), groups, seed=0)[1]]
+    return None if groups is None else groups[validation_split(np.asarray(train.labels), groups)[1]]
 
 
 # ---------------------------------------------------------------- tables
@@ -280,16 +287,6 @@ def model_features(model: Model, folder: str | Path, pool: Pool, batch_size: int
     return extract_features(model, folder, pool, batch_size, device, classes)
 
 
-def held_out(X: np.ndarray, y: np.ndarray, groups: Optional[np.ndarray]) -> tuple[tuple, tuple, Optional[np.ndarray]]:
-    """The validation split of a training set: ((X_fit, y_fit), (X_val, y_val), groups_fit).
-
-    The fifth `probe_split` holds out with seed 0, by whole source digits on a demo build, so a
-    hyperparameter chosen on it never saw the test split, nor a source digit it is scored on.
-    """
-    fit, val = probe_split(y, groups, seed=0)
-    return (X[fit], y[fit]), (X[val], y[val]), None if groups is None else groups[fit]
-
-
 def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir: Optional[str | Path],
                     pool: Pool = "cls", k: int = 20, T: float = 0.07, batch_size: int = 128,
                     device: str | torch.device = "cpu", floors: bool = True, seed: int = 0,
@@ -301,9 +298,9 @@ def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir
     With `floors`, "pixels" and "random-init" (same architecture as the first encoder,
     see `random_init_like`) are added unless already present. `probe_C` None chooses the
     probe's C per model (`choose_probe_C`, grouped by source digit on a demo build). `split`
-    "val" fits on four fifths of `train_dir` and scores on the fifth `held_out` (`test_dir`
-    is not read): the split to tune on. `log` (a print-like callable) hears which model is
-    being evaluated.
+    "val" fits on four fifths of `train_dir` and scores on the fifth `validation_split` holds
+    out (`test_dir` is not read): the split to tune on. `log` (a print-like callable) hears
+    which model is being evaluated.
     """
     from .data.demo import source_groups
     if split not in SPLITS:
@@ -333,7 +330,9 @@ def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir
         Xtr, ytr = model_features(model, train_dir, pool, batch_size, device, classes, pixel_size)
         fit_groups = groups
         if split == "val":
-            (Xtr, ytr), (Xte, yte), fit_groups = held_out(Xtr, ytr, groups)
+            fit, val = validation_split(ytr, groups)
+            (Xtr, ytr), (Xte, yte) = (Xtr[fit], ytr[fit]), (Xtr[val], ytr[val])
+            fit_groups = None if groups is None else groups[fit]
         else:
             Xte, yte = model_features(model, test_dir, pool, batch_size, device, classes, pixel_size)
         # One held-out fifth for every model and every run (split seed 0), so that a model's

@@ -254,8 +254,8 @@ def build_demo_data(root: str | Path, train_size: int = 5000, test_size: int = 1
 
     A build with the same settings is reused as is, one by an older renderer is replaced, any
     other build (or a folder that is not a demo build) is refused with one line unless
-    `overwrite`. The images are written to
-    a temporary folder and moved into place; the manifest, written last, marks completion.
+    `overwrite`. The images are written to a temporary folder and moved into place; the
+    manifest, written last, marks completion.
     """
     if not 0.0 <= difficulty <= 1.0:
         raise DemoDataError(f"demo difficulty must be within 0..1, got {difficulty}")
