@@ -60,7 +60,7 @@ def vit_targets(n: int, views: int, seed: int = 0) -> dict[str, np.ndarray]:
     from sklearn.datasets import load_sample_images
 
     from tec_pipeline.models.base import load_base_model
-    from tec_pipeline.targets import compute_targets
+    from tec_pipeline.base_targets import compute_targets
 
     torch.manual_seed(seed)
     r = np.random.default_rng(seed)

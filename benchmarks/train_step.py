@@ -42,7 +42,7 @@ from tec_pipeline.models.base import load_base_model  # noqa: E402
 from tec_pipeline.models.tec import TECModel  # noqa: E402
 from tec_pipeline.schedule import param_groups  # noqa: E402
 from tec_pipeline.step import tec_losses  # noqa: E402
-from tec_pipeline.targets import compute_targets  # noqa: E402
+from tec_pipeline.base_targets import compute_targets  # noqa: E402
 from tec_pipeline.train_data import (  # noqa: E402
     CachedBatches, batch_targets, cache_image_source, epoch_loader, epoch_order, plan_epoch, reader_shards,
     view_indices,

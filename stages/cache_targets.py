@@ -15,13 +15,11 @@ Orchestration only: the pieces live in the library (sources and the view DataLoa
 """
 from __future__ import annotations
 
-import hashlib
 import queue
 import shutil
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -35,8 +33,7 @@ from tec_pipeline.config import Config, ViTArch
 from tec_pipeline.data import BadImageError, open_source, open_source_at, source_location
 from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader
 from tec_pipeline.errors import UserError
-from tec_pipeline.models.base import file_sha256, load_base_model
-from tec_pipeline.targets import compute_targets
+from tec_pipeline.base_targets import autocast, base_sha256, compute_dtype_for, dtype_name, load_base, view_targets
 from tec_pipeline.views import ViewParams, normalize, render_view, sample_view
 
 WRITE_QUEUE_SHARDS = 1  # shards waiting for the writer: bounds memory at ~3 shard buffers
@@ -65,19 +62,6 @@ def check_settings(cfg: Config) -> None:
             raise UserError(message)
 
 
-def load_base(arch: ViTArch, checkpoint: Optional[str], img_size: int, seed: int):
-    """The frozen base ViT; a random-init base (no checkpoint) is seeded so reruns agree."""
-    if checkpoint is None:
-        torch.manual_seed(seed)
-    try:
-        return load_base_model(arch, checkpoint, img_size=img_size)
-    except UserError:
-        raise
-    except (RuntimeError, ValueError, TypeError) as err:  # timm: unknown name or bad sizes
-        reason = " ".join(str(err).split())
-        raise UserError(f"base.arch.name='{arch.name}': cannot build this ViT ({reason})") from None
-
-
 def check_base(cfg: Config, base) -> None:
     """Settings that need the built base: patch grid, k_max, last_layers."""
     patch = base.patch_embed.patch_size[0]
@@ -91,28 +75,14 @@ def check_base(cfg: Config, base) -> None:
         raise UserError(f"targets.last_layers={cfg.targets.last_layers} exceeds the base depth {len(base.blocks)}")
 
 
-def weights_sha256(base) -> str:
-    """SHA-256 of the parameters themselves: identifies a random-init base."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(base.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def compute_dtype_for(device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast where the hardware is built for it (CUDA); fp32 on CPU (fast enough, exact)."""
-    return torch.bfloat16 if device.type == "cuda" else None
-
-
 def cache_meta(cfg: Config, source, base, compute_dtype: Optional[torch.dtype]) -> dict:
     """Metadata of the cache: layout for the store, `identity` for resume checks, and what
     `verify` needs to rebuild any view (source location, checkpoint path, view settings)."""
     d, c = cfg.data, cfg.cache
     arch = {**asdict(cfg.base.arch), "img_size": d.img_size}
     ckpt = cfg.base.checkpoint
-    ckpt_sha = file_sha256(ckpt) if ckpt else "random-init:" + weights_sha256(base)
-    dtype_name = str(compute_dtype).removeprefix("torch.") if compute_dtype else "float32"
+    ckpt_sha = base_sha256(ckpt, base)
+    precision = dtype_name(compute_dtype)
     fingerprint = source.fingerprint()  # stats every file of an ImageFolder: once
     # Keys mirror the config, so a refused rerun names the setting to change ("data.views").
     identity = {
@@ -122,7 +92,7 @@ def cache_meta(cfg: Config, source, base, compute_dtype: Optional[torch.dtype]) 
                  "fingerprint": fingerprint, "num_images": len(source)},
         "targets": {"last_layers": cfg.targets.last_layers},
         "cache": {"k_max": c.k_max, "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "store": c.store},
-        "compute_dtype": dtype_name,
+        "compute_dtype": precision,
     }
     return {
         "store": c.store, "num_images": len(source), "views": d.views,
@@ -136,25 +106,12 @@ def cache_meta(cfg: Config, source, base, compute_dtype: Optional[torch.dtype]) 
                  "checkpoint_sha256": ckpt_sha, "patch_size": base.patch_embed.patch_size[0],
                  "embed_dim": base.embed_dim, "depth": len(base.blocks), "num_heads": base.blocks[-1].attn.num_heads},
         "seed": cfg.seed, "img_size": d.img_size, "scale": [d.scale_min, d.scale_max],
-        "last_layers": cfg.targets.last_layers, "compute_dtype": dtype_name,
+        "last_layers": cfg.targets.last_layers, "compute_dtype": precision,
         "package_version": tec_pipeline.__version__,
     }
 
 
 # ----------------------------------------------------------------------------- compute
-
-
-def base_targets(base, views: torch.Tensor, last_layers: int, k_max: int, device: torch.device,
-                 compute_dtype: Optional[torch.dtype]) -> dict[str, np.ndarray]:
-    """uint8 views (B, V, 3, S, S) -> targets as float32 / int64 numpy arrays with leading (B, V)."""
-    B, V = views.shape[:2]
-    x = views.flatten(0, 1).to(device, non_blocking=True)
-    amp = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype else nullcontext()
-    with torch.inference_mode(), amp:
-        t = compute_targets(base, normalize(x), last_layers, k_max)
-    out = {name: getattr(t, name).float() for name in ("feat", "feat_mean", "feat_std", "attn")}
-    out["topk_idx"] = t.topk_idx
-    return {name: v.cpu().numpy().reshape(B, V, *v.shape[1:]) for name, v in out.items()}
 
 
 class ShardBuffer:
@@ -350,7 +307,7 @@ def compute_shards(cfg: Config, writer, dataset: ViewDataset, base, device, comp
     try:
         for batch in loader:
             check_bad_images(batch, cfg.data.on_bad_image)
-            targets = base_targets(base, batch["views"], cfg.targets.last_layers, cfg.cache.k_max,
+            targets = view_targets(base, batch["views"], cfg.targets.last_layers, cfg.cache.k_max,
                                    device, compute_dtype)
             shard = int(batch["index"][0]) // cfg.cache.images_per_shard
             if shard not in buffers:
@@ -472,7 +429,7 @@ def dry_run_estimate(cfg: Config, meta: dict, dataset: ViewDataset, base, device
     batch = next(iter(view_loader(dataset, [list(range(n))], num_workers=0)))
     load_s = time.perf_counter() - t0
     check_bad_images(batch, cfg.data.on_bad_image)
-    run = lambda: base_targets(base, batch["views"], cfg.targets.last_layers, cfg.cache.k_max, device, compute_dtype)  # noqa: E731
+    run = lambda: view_targets(base, batch["views"], cfg.targets.last_layers, cfg.cache.k_max, device, compute_dtype)  # noqa: E731
     run()  # warm-up: first-call allocations and kernel selection are not the steady state
     t0 = time.perf_counter()
     targets = run()
@@ -576,7 +533,7 @@ def verify_cache(url: str, sample: int = 8, seed: int = 0) -> bool:
         print(f"FAIL source {meta['source']['path']} changed since the cache was written (fingerprint differs)")
         return False
     base = load_base(ViTArch(**meta["base"]["arch"]), meta["base"]["checkpoint"], meta["img_size"], meta["seed"])
-    sha = file_sha256(meta["base"]["checkpoint"]) if meta["base"]["checkpoint"] else "random-init:" + weights_sha256(base)
+    sha = base_sha256(meta["base"]["checkpoint"], base)
     if sha != meta["base"]["checkpoint_sha256"]:
         print(f"FAIL base weights differ from those that wrote the cache ({meta['base']['checkpoint'] or 'random init'})")
         return False
@@ -639,19 +596,16 @@ def reference_view(base, pixels: torch.Tensor, meta: dict, topk_idx: np.ndarray,
     """The base model's targets for one view; attention rows taken at the *stored* top-k so rows are
     compared like for like even where near-ties rank differently."""
     from tec_pipeline.models.base import base_forward
-    from tec_pipeline.targets import patch_normalize, select_topk
+    from tec_pipeline.targets import enhance, query_rows
 
     dtype = torch.bfloat16 if meta.get("compute_dtype") == "bfloat16" else None
-    amp = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    with torch.inference_mode(), amp:
+    with torch.inference_mode(), autocast(device, dtype):
         out = base_forward(base, normalize(pixels.to(device)), meta["last_layers"])
-    logits = out.logits.float()
-    feat, mean, std = patch_normalize(out.features.float())
-    _, ref_topk = select_topk(logits, int(meta["k_max"]))
-    rows = torch.cat([torch.zeros(1, dtype=torch.long), torch.as_tensor(topk_idx, dtype=torch.long) + 1]).to(device)
-    attn = logits[0][:, rows, 1:].permute(1, 0, 2)  # (k+1, H, L): stored layout
-    return {"feat": feat[0].cpu().numpy(), "feat_mean": mean[0].cpu().numpy(), "feat_std": std[0].cpu().numpy(),
-            "attn": attn.cpu().numpy(), "topk_idx": ref_topk[0].cpu().numpy()}
+    t = enhance(out.features, out.logits, int(meta["k_max"]))
+    rows = query_rows(torch.as_tensor(topk_idx, dtype=torch.long, device=device)[None])[0]
+    attn = out.logits.float()[0][:, rows, 1:].permute(1, 0, 2)  # (k+1, H, L): stored layout
+    ref = {name: getattr(t, name)[0].cpu().numpy() for name in ("feat", "feat_mean", "feat_std", "topk_idx")}
+    return {**ref, "attn": attn.cpu().numpy()}
 
 
 def compare_view(where: str, stored: dict, ref: dict, meta: dict) -> bool:

@@ -22,8 +22,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from tec_pipeline.cache.schema import first_difference, flatten, short_value
-from tec_pipeline.config import Config, TrainConfig, load_config, to_dict
+from tec_pipeline.cache.schema import first_difference, short_value
+from tec_pipeline.config import Config, TrainConfig, flatten, load_config, to_dict
 from tec_pipeline.errors import UserError
 from tec_pipeline.files import write_json
 from tec_pipeline.export import CHECKPOINT, atomic_save, build_model, load_checkpoint
@@ -32,9 +32,10 @@ from tec_pipeline.models.tec import TECModel, count_parameters
 from tec_pipeline.pixels import pixel_feat_dim, pixel_targets
 from tec_pipeline.schedule import lr_at, param_groups, scaled_lr, set_lr
 from tec_pipeline.step import tec_losses
-from tec_pipeline.targets import compute_targets
+from tec_pipeline.targets import attention_rows
+from tec_pipeline.base_targets import compute_targets
 from tec_pipeline.train_data import (
-    CachedBatches, OnlineBatches, TargetReader, TargetSpec, attention_rows, base_spec, batch_targets, cache_image_source,
+    CachedBatches, OnlineBatches, TargetReader, TargetSpec, base_spec, batch_targets, cache_image_source,
     cache_spec, check_cache_base, check_request, epoch_loader, epoch_order, mask_noise, open_image_source, plan_epoch,
     reader_shards, uniform_shards, valid_mask, view_indices,
 )
@@ -237,16 +238,7 @@ def _tracker() -> Optional[str]:
 
 def _scalars(cfg: Config) -> dict:
     """The config flattened to scalars (what TensorBoard's hparams accept)."""
-    flat = {}
-
-    def walk(prefix, node):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-            elif isinstance(v, (int, float, str, bool)):
-                flat[f"{prefix}{k}"] = v
-    walk("", to_dict(cfg))
-    return flat
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if isinstance(v, (int, float, str, bool))}
 
 
 # ---------------------------------------------------------------- the loop
@@ -270,10 +262,7 @@ def step_losses(data: DataPipeline, forward: _Forward, batch: dict, cfg: Config,
         targets = batch_targets(batch, device)
     elif data.source == "online":
         with torch.no_grad(), accelerator.autocast():
-            # At least one patch row: select_topk builds its cls row from the top-k indices,
-            # which are empty at k=0; cls_only then takes the cls row of the k=1 target.
-            k = t.k if t.attention == "topk" else 1
-            targets = compute_targets(data.base, images, t.last_layers, k)
+            targets = compute_targets(data.base, images, t.last_layers, attention_rows(t.attention, t.k) - 1)
     else:
         targets = pixel_targets(images, patch)
     noise = batch["mask_noise"].to(device, non_blocking=True)
@@ -571,16 +560,7 @@ def ablation_overrides(path: Path) -> list[str]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: an ablation file must hold a mapping")
-    out = []
-
-    def walk(prefix: str, node: dict) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(f"{prefix}{key}.", value)
-            else:
-                out.append(f"{prefix}{key}={json.dumps(value) if not isinstance(value, str) else value}")
-    walk("", data)
-    return out
+    return [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in flatten(data).items()]
 
 
 def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader, overrides: Sequence[str] = (),

@@ -111,7 +111,7 @@ class TrainConfig:
 
 @dataclass
 class CacheConfig:
-    """Stage one's output: store kind, storage dtypes and shard size (DESIGN "The cache")."""
+    """Stage one's output: store kind, storage dtypes and shard size (README "Stage one: the target cache")."""
 
     path: str = "cache/default.zarr"  # a local path or an fsspec URL
     store: str = "zarr"  # zarr | webdataset
@@ -194,3 +194,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def to_dict(cfg: Config) -> dict[str, Any]:
     """A plain dict of the config, for metadata, logs and checkpoints."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted key: leaf}, the keys spelled as overrides name them ("data.views")."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -9,7 +9,8 @@ from torch import Tensor
 from .config import TargetConfig
 from .losses import attention_loss, feature_loss
 from .models.tec import TECModel
-from .targets import Targets, attention_target, compute_targets, feature_target
+from .base_targets import compute_targets
+from .targets import Targets, attention_target, feature_target
 
 
 def tec_losses(model: TECModel, images: Tensor, targets: Targets, cfg: TargetConfig,

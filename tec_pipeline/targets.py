@@ -1,12 +1,11 @@
-"""Patch-relation enhanced targets (Sec. 2.3): pure functions, one copy for stage one and online mode."""
+"""Patch-relation enhanced targets (Sec. 2.3): pure functions of the base's outputs, one copy for
+stage one and online mode. Running the base itself is `base_targets.compute_targets`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from .models.base import base_forward
 
 NORM_EPS = 1e-6
 
@@ -63,12 +62,11 @@ def select_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return picked[..., 1:].permute(0, 2, 1, 3).contiguous(), topk_idx
 
 
-@torch.no_grad()
-def compute_targets(base, images: Tensor, last_layers: int = 2, k: int = 15) -> Targets:
-    """Base forward -> patch-normalized features (Eq. 2) and the top-k attention target."""
-    out = base_forward(base, images, last_layers)
-    feat, mean, std = patch_normalize(out.features.float())
-    attn, topk_idx = select_topk(out.logits.float(), k)
+def enhance(features: Tensor, logits: Tensor, k: int) -> Targets:
+    """Base outputs -> enhanced targets: Eq. 2 on the features Y (B, L, C) and the top-k
+    attention target from the last block's logits A (B, H, 1+L, 1+L), both in float32."""
+    feat, mean, std = patch_normalize(features.float())
+    attn, topk_idx = select_topk(logits.float(), k)
     return Targets(feat=feat, feat_mean=mean, feat_std=std, attn=attn, topk_idx=topk_idx)
 
 
@@ -84,13 +82,21 @@ def feature_target(t: Targets, norm: str) -> Tensor:
     raise ValueError(f"targets.norm='{norm}': expected patch, channel or none")
 
 
+def attention_rows(mode: str, k: int) -> int:
+    """Query rows of the stored target As a Tab. 6f mode reads: the cls row and the first k top-k
+    rows (topk), the cls row alone (cls_only, and none, whose reader keeps it so that batch
+    shapes stay regular; it is never used). Any k <= k_max is a prefix of the stored rows."""
+    if mode not in ("topk", "cls_only", "none"):
+        raise ValueError(f"targets.attention='{mode}': expected topk, cls_only or none")
+    return k + 1 if mode == "topk" else 1
+
+
 def attention_target(t: Targets, mode: str, k: int) -> tuple[Tensor, Tensor] | None:
-    """The attention target for a Tab. 6f mode; any k <= k_max is a prefix of the cached rows."""
+    """The attention target (As rows, their top-k indices) for a Tab. 6f mode."""
     if mode == "none":
         return None
+    rows = attention_rows(mode, k)
     k_max = t.topk_idx.shape[1]
-    if mode == "cls_only":
-        k = 0
-    elif k > k_max:
+    if rows - 1 > k_max:
         raise ValueError(f"targets.k={k} exceeds the k_max={k_max} rows available")
-    return t.attn[:, : k + 1], t.topk_idx[:, :k]
+    return t.attn[:, :rows], t.topk_idx[:, :rows - 1]

@@ -116,11 +116,6 @@ def check_cache_base(meta: dict, checkpoint: Optional[str]) -> None:
                                  f"(SHA-256 differs)")
 
 
-def attention_rows(attention: str, k: int) -> int:
-    """How many of the stored attention rows a run needs: cls + k (topk), cls (cls_only), none."""
-    return {"topk": k + 1, "cls_only": 1, "none": 0}[attention]
-
-
 # ---------------------------------------------------------------- data order
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(v) for v in key]))
@@ -245,7 +240,7 @@ class ShardBuffer:
         crop (B, 5), feat (B, L, C) [+ feat_step (B, C) for int8], feat_mean / feat_std (B, C),
         attn (B, rows, H, L), topk_idx (B, rows - 1)."""
         images, views = np.asarray(images, dtype=np.int64), np.asarray(views, dtype=np.int64)
-        rows = max(self.attn_rows, 1)  # keep the cls row at least: cheap, and keeps shapes regular
+        rows = self.attn_rows
         shards = self.shard_of[images]
         local = images - self.starts[shards]
         order = list(dict.fromkeys(shards.tolist()))  # shards in first-use order
@@ -478,7 +473,7 @@ def build_memory_cache(base, source: ImageSource, img_size: int, views: int, see
                        storage: str = "float32", batch_size: int = 16, source_path: str = "") -> MemoryCache:
     """Stage one in memory: every (image, view) rendered, base targets computed (`compute_targets`),
     stored in `storage` precision (float16 storage is rounded through float16)."""
-    from .targets import compute_targets
+    from .base_targets import compute_targets
     from .views import normalize
 
     pairs = [(i, v) for i in range(len(source)) for v in range(views)]

@@ -79,6 +79,14 @@ def render_view(image: Image.Image, p: ViewParams, size: int) -> Tensor:
     return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+def draw_view(image: Image.Image, seed: int, image_index: int, view_index: int, size: int,
+              scale: tuple[float, float] = (0.2, 1.0)) -> tuple[Tensor, ViewParams]:
+    """View `view_index` of a decoded source image: its seeded crop (`sample_view`) rendered at
+    `size` (`render_view`). Returns (pixels (3, size, size) uint8, crop parameters)."""
+    params = sample_view(seed, image_index, view_index, image.height, image.width, scale)
+    return render_view(image, params, size), params
+
+
 def normalize(images: Tensor) -> Tensor:
     """uint8 (B, 3, H, W) -> float32 with ImageNet mean/std; done on the compute device."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)

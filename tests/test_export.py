@@ -18,7 +18,7 @@ from tec_pipeline.config import Config, ViTArch
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT, build_model, export_run, load_checkpoint
 from tec_pipeline.models.base import EXPORT_FORMAT, export_arch, load_base_model
-from tec_pipeline.targets import compute_targets
+from tec_pipeline.base_targets import compute_targets
 
 BASE = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 NEW = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)

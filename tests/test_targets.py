@@ -6,8 +6,9 @@ import torch
 
 from helpers import TINY_BASE
 from tec_pipeline.models.base import base_forward, load_base_model
-from tec_pipeline.targets import (Targets, attention_target, channel_normalize, compute_targets,
-                                  feature_target, patch_normalize, select_topk)
+from tec_pipeline.base_targets import compute_targets
+from tec_pipeline.targets import (Targets, attention_target, channel_normalize, feature_target, patch_normalize,
+                                  select_topk)
 
 
 def test_patch_normalize_matches_loops():

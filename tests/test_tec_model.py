@@ -10,7 +10,7 @@ from tec_pipeline.models.base import load_base_model
 from tec_pipeline.models.pos_embed import sincos_2d
 from tec_pipeline.models.tec import TECModel, count_parameters, random_masking
 from tec_pipeline.step import tec_losses
-from tec_pipeline.targets import compute_targets
+from tec_pipeline.base_targets import compute_targets
 
 VITB = {"encoder": 85_647_360, "input_adapter": 4_722_432, "encoder_adapter": 19_695_104,
         "feat_branch": 789_248, "attn_branch": 1_183_232, "decoder_blocks": 6_304_768, "total": 118_342_144}

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..files import write_bytes
 from . import codecs
 from .schema import (
     DATA_KEYS, FORMAT_VERSION, META_FILE, CacheCorruptError, array_specs, dump_json, join,
-    done_shards, marker_path, num_shards, read_json, read_markers, shard_range, write_atomic,
+    done_shards, marker_path, num_shards, read_json, read_markers, shard_range,
 )
 from ..errors import UserError
 
@@ -168,7 +169,7 @@ class CacheWriter:
                      bytes_per_view=total / (len(rng) * int(self.meta["views"])),
                      invalid=[rng[i] for i in np.flatnonzero(data["valid"] == 0)])
         marker = {"shard": shard, "images": [rng.start, rng.stop], "files": files, "stats": stats}
-        write_atomic(self.fs, marker_path(self.root, shard), dump_json(marker))  # only after the data
+        write_bytes(self.fs, marker_path(self.root, shard), dump_json(marker))  # only after the data
         self._done.add(shard)
         return stats
 
@@ -201,7 +202,7 @@ class CacheWriter:
         doc["shards"] = {str(s): {"images": markers[s]["images"], "files": markers[s]["files"]}
                          for s in range(self.num_shards)}
         doc["complete"] = True
-        write_atomic(self.fs, path, dump_json(doc))
+        write_bytes(self.fs, path, dump_json(doc))
 
 
 class CacheReader:

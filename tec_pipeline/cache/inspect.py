@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from . import codecs
-from .schema import flatten, read_markers
+from ..config import flatten
+from .schema import read_markers
 from .store import open_cache
 
 

@@ -1,6 +1,6 @@
 """Cache schema: metadata checks, array layout, identity comparison, markers and file helpers.
 
-A cache (DESIGN "The cache") is a directory or fsspec URL holding
+A cache (README "Stage one: the target cache") is a directory or fsspec URL holding
 
 - ``tec_cache.json``: format version, ``meta`` (sizes, dtypes, the ``identity`` of the run
   that made it), the per-shard completion listing, the ``complete`` flag and the summary;
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from ..config import flatten
 from ..errors import UserError
 
 FORMAT_VERSION = 1
@@ -140,17 +140,6 @@ def shard_range(meta: dict, shard: int) -> range:
 # ----------------------------------------------------------------------------- identity
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def short_value(value: Any, other: Any) -> str:
     """A value for a one-line message: long strings cut to 12 characters + '..' unless
     cutting would hide the difference."""
@@ -208,44 +197,6 @@ def parallel_map(fn: Callable, items: Sequence, threads: int = WRITE_THREADS) ->
         return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(pool.map(fn, items))
-
-
-def fsync_paths(paths: list[str]) -> None:
-    """Make local files and their directories durable (data first, then the names)."""
-    dirs = set()
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        dirs.add(os.path.dirname(path))
-    for d in sorted(dirs):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write a whole file so that readers see either nothing or all of it.
-
-    Local: temporary name in the same directory, fsync, rename, fsync the directory. Other
-    filesystems: one ``pipe_file`` (object-store PUTs are atomic, and a "rename" there is a
-    copy), which is also atomic for ``memory://``.
-    """
-    if is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_paths([path])
-    else:
-        fs.pipe_file(path, data)
 
 
 def dump_json(obj: Any) -> bytes:

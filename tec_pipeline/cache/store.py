@@ -8,10 +8,11 @@ metadata and identity in ``schema``, storage dtypes and their error in ``codecs`
 from __future__ import annotations
 
 from ..errors import UserError
+from ..files import write_bytes
 from .base import CacheReader, CacheWriter, new_document
 from .schema import (
     FORMAT_VERSION, META_FILE, CacheCorruptError, CacheMismatchError, check_same_cache, dump_json,
-    fs_root, join, normalize_meta, read_json, write_atomic,
+    fs_root, join, normalize_meta, read_json,
 )
 from .wds_store import WdsReader, WdsWriter
 from .zarr_store import ZarrReader, ZarrWriter
@@ -51,7 +52,7 @@ def create_cache(url: str, meta: dict, overwrite: bool = False) -> CacheWriter:
             raise UserError(f"{url} exists and is not a tec-pipeline cache; use --overwrite to replace it")
         fs.rm(root, recursive=True)
     fs.makedirs(root, exist_ok=True)
-    write_atomic(fs, meta_path, dump_json(new_document(meta)))
+    write_bytes(fs, meta_path, dump_json(new_document(meta)))
     return _WRITERS[meta["store"]](url, fs, root, meta)
 
 

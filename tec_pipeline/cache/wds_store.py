@@ -30,9 +30,10 @@ from functools import lru_cache
 import numpy as np
 from numcodecs import Zstd
 
+from ..files import write_bytes
 from . import codecs
 from .base import CacheReader, CacheWriter
-from .schema import CacheCorruptError, RangeReader, array_specs, join, parallel_map, write_atomic
+from .schema import CacheCorruptError, RangeReader, array_specs, join, parallel_map
 
 _TAR_BLOCK = 512
 _JSON_FIELDS = ("valid", "label")
@@ -137,7 +138,7 @@ class WdsWriter(CacheWriter):
         def flush() -> None:
             data = _tar_bytes(part)
             rel = part_name(shard, len(files))
-            write_atomic(self.fs, join(self.root, rel), data)
+            write_bytes(self.fs, join(self.root, rel), data)
             files[rel] = len(data)
 
         rng = self.shard_range(shard)

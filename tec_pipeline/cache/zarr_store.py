@@ -47,9 +47,9 @@ from numcodecs.zstd import decompress as zstd_decompress
 from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError
 
+from ..files import write_bytes
 from .schema import (
     IMAGE_ARRAYS, ArraySpec, CacheCorruptError, RangeReader, array_specs, is_local, join, parallel_map, read_json,
-    write_atomic,
 )
 from .base import TARGET_KEYS, CacheReader, CacheWriter, ShardTargets
 
@@ -125,7 +125,7 @@ class ZarrWriter(CacheWriter):
             grid = tuple(s // c for s, c in zip(shard_shape, chunk))
             data = encode_shard(enc[name], grid, self._zstd)
             rel = shard_key(name, len(arr.shape), shard)
-            write_atomic(self.fs, join(self.root, rel), data)
+            write_bytes(self.fs, join(self.root, rel), data)
             files[rel] = len(data)
         return files
 

@@ -1,7 +1,7 @@
 """Images -> rendered views, for a torch DataLoader whose workers decode and render.
 
 One item is one image with all its V views: the image is decoded once, and the V crops
-come from `views.sample_view(seed, image, view)`, so an item is the same on any worker,
+come from `views.draw_view(seed, image, view)`, so an item is the same on any worker,
 in any order, in any run. Batches never straddle a cache shard, so every run (resumed,
 one process or many) feeds the base model exactly the same batches.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..views import render_view, sample_view
+from ..views import draw_view
 from .sources import BadImageError, ImageSource, decode_rgb
 
 
@@ -40,10 +40,11 @@ class ViewDataset(Dataset):
             # Returned, not raised: a worker's exception reaches the main process as a
             # multi-line traceback, and the run decides (stop or skip) by data.on_bad_image.
             return self._placeholder(index, str(err))
-        params = [sample_view(self.seed, index, v, image.height, image.width, self.scale) for v in range(self.views)]
+        pixels, params = zip(*(draw_view(image, self.seed, index, v, self.img_size, self.scale)
+                               for v in range(self.views)))
         return {
             "index": index,
-            "views": torch.stack([render_view(image, p, self.img_size) for p in params]),
+            "views": torch.stack(pixels),
             "crops": torch.from_numpy(np.stack([p.as_array() for p in params])),
             "valid": True,
             "label": self.source.label(index),
