@@ -34,19 +34,19 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.train import TrainConfig, run_train  # noqa: E402
+from stages.train import run_train  # noqa: E402
 from tec_pipeline.cache.store import create_cache, open_cache  # noqa: E402
-from tec_pipeline.config import Config, TargetConfig, ViTArch  # noqa: E402
+from tec_pipeline.config import Config, TargetConfig, TrainConfig, ViTArch  # noqa: E402
 from tec_pipeline.data.sources import ImageFolderSource  # noqa: E402
 from tec_pipeline.models.base import load_base_model  # noqa: E402
 from tec_pipeline.models.tec import TECModel  # noqa: E402
-from tec_pipeline.schedule import param_groups  # noqa: E402
 from tec_pipeline.step import tec_losses  # noqa: E402
 from tec_pipeline.base_targets import compute_targets  # noqa: E402
-from tec_pipeline.train_data import (  # noqa: E402
-    CachedBatches, batch_targets, cache_image_source, epoch_loader, epoch_order, plan_epoch, reader_shards,
-    view_indices,
+from tec_pipeline.train.batches import (  # noqa: E402
+    CachedBatches, batch_targets, cache_image_source, epoch_loader, reader_shards,
 )
+from tec_pipeline.train.order import epoch_order, plan_epoch, view_indices  # noqa: E402
+from tec_pipeline.train.schedule import param_groups  # noqa: E402
 from tec_pipeline.views import normalize, sample_view  # noqa: E402
 
 
@@ -119,7 +119,8 @@ def make_cache(url: str, source: ImageFolderSource, args, L: int, C: int, H: int
     n, V, k = len(source), args.views, args.k
     meta = {"store": "zarr", "num_images": n, "views": V, "num_patches": L, "feat_dim": C, "heads": H, "k_max": k,
             "images_per_shard": args.images_per_shard, "feat_dtype": args.feat_dtype, "attn_dtype": args.attn_dtype,
-            "zstd_level": 1, "identity": {"img_size": args.img_size, "seed": 0, "benchmark": True},
+            "zstd_level": 1, "img_size": args.img_size,
+            "identity": {"img_size": args.img_size, "seed": 0, "benchmark": True},
             "source": {"kind": "imagefolder", "path": str(source.root), "num_images": n,
                        "fingerprint": source.fingerprint()}}
     writer = create_cache(url, meta, overwrite=True)

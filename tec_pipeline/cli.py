@@ -192,7 +192,7 @@ def ablate(items: List[str] = typer.Argument(..., metavar="CONFIGS",
     _load(config, overrides)  # a bad --config or override: one line naming the key, before any run starts
     if "://" not in cache and not Path(cache).exists():
         _fail(f"--cache {cache}: not found (run cache-targets first)")
-    from stages.train import run_ablations
+    from stages.ablate import run_ablations
 
     rows = _run(run_ablations, paths, cache, overrides, config, str(output))
     raise typer.Exit(0 if all(r["status"] == "done" for r in rows) else 1)

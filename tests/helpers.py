@@ -3,9 +3,15 @@ import multiprocessing
 import os
 import socket
 import traceback
-from typing import Callable
+from typing import Callable, Optional
 
+import numpy as np
+import torch
+
+from tec_pipeline.base_targets import compute_targets
 from tec_pipeline.config import ViTArch
+from tec_pipeline.data.sources import ImageSource
+from tec_pipeline.views import draw_view, normalize
 
 TINY_BASE = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
@@ -52,3 +58,66 @@ def _as_rank(rank: int, world: int, port: int, fn: Callable[..., object], args: 
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+class MemoryCache:
+    """A complete cache held in memory with the `TargetReader` API, for tests that need no files.
+
+    `arrays` hold every field of `read_shard` for all images: crop (N, V, 5), feat (N, V, L, C), ...
+    """
+
+    def __init__(self, meta: dict, arrays: dict[str, np.ndarray]):
+        self.meta, self.arrays = meta, arrays
+        self.num_images, self.views = int(meta["num_images"]), int(meta["views"])
+        self.images_per_shard = int(meta["images_per_shard"])
+        self.num_shards = -(-self.num_images // self.images_per_shard)
+        self.reads = 0  # read_shard calls (tests check chunk-aware reading with it)
+
+    def is_complete(self) -> bool:
+        return True
+
+    def shard_range(self, shard: int) -> range:
+        start = shard * self.images_per_shard
+        return range(start, min(start + self.images_per_shard, self.num_images))
+
+    def read_shard(self, shard: int) -> dict[str, np.ndarray]:
+        self.reads += 1
+        r = self.shard_range(shard)
+        return {name: a[r.start:r.stop].copy() for name, a in self.arrays.items()}
+
+    def read_view(self, image: int, view: int) -> dict[str, np.ndarray]:
+        return {name: (a[image, view] if a.ndim > 1 else a[image]) for name, a in self.arrays.items()}
+
+    def image_bytes(self, image: int) -> Optional[bytes]:
+        return None
+
+
+@torch.no_grad()
+def build_memory_cache(base, source: ImageSource, img_size: int, views: int, seed: int, k_max: int,
+                       images_per_shard: int, last_layers: int = 2, scale: tuple[float, float] = (0.2, 1.0),
+                       storage: str = "float32", batch_size: int = 16, source_path: str = "") -> MemoryCache:
+    """Stage one in memory: every (image, view) rendered, base targets computed (`compute_targets`),
+    stored in `storage` precision (float16 storage is rounded through float16)."""
+    pairs = [(i, v) for i in range(len(source)) for v in range(views)]
+    fields: dict[str, list] = {k: [] for k in ("crop", "feat", "feat_mean", "feat_std", "attn", "topk_idx")}
+    for s in range(0, len(pairs), batch_size):
+        chunk, pictures = pairs[s:s + batch_size], []
+        for i, v in chunk:
+            pixels, crop = draw_view(source.load(i), seed, i, v, img_size, scale)
+            pictures.append(pixels)
+            fields["crop"].append(crop.as_array())
+        t = compute_targets(base, normalize(torch.stack(pictures)), last_layers, k_max)
+        for name in ("feat", "feat_mean", "feat_std", "attn", "topk_idx"):
+            fields[name].extend(getattr(t, name).cpu().numpy())
+    n = len(source)
+    arrays = {name: np.stack(v).reshape(n, views, *np.shape(v[0])) for name, v in fields.items()}
+    for name in ("feat", "feat_mean", "feat_std", "attn"):
+        arrays[name] = arrays[name].astype(storage).astype(np.float32)
+    arrays["valid"] = np.ones(n, dtype=np.uint8)
+    arrays["label"] = np.asarray([source.label(i) if hasattr(source, "label") else -1 for i in range(n)])
+    L, C = arrays["feat"].shape[2:]
+    meta = {"num_images": n, "views": views, "num_patches": L, "feat_dim": C, "heads": arrays["attn"].shape[3],
+            "k_max": k_max, "images_per_shard": images_per_shard, "img_size": img_size,
+            "identity": {"img_size": img_size, "seed": seed, "last_layers": last_layers},
+            "source": {"kind": "imagefolder", "path": source_path}}
+    return MemoryCache(meta, arrays)

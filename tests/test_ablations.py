@@ -10,13 +10,18 @@ import torch
 import yaml
 from PIL import Image
 
-from stages.train import ablation_overrides, init_from_base, model_kwargs, run_ablations
+from helpers import build_memory_cache
+from stages.ablate import run_ablations
 from tec_pipeline.config import Config, ConfigError, ViTArch, load_config
 from tec_pipeline.data.sources import ImageFolderSource
 from tec_pipeline.models.base import base_forward, load_base_model
 from tec_pipeline.models.tec import TECModel
 from tec_pipeline.targets import channel_normalize, feature_target
-from tec_pipeline.train_data import CachedBatches, TargetSpec, batch_targets, build_memory_cache
+from tec_pipeline.train.ablations import ablation_overrides
+from tec_pipeline.train.batches import CachedBatches, batch_targets
+from tec_pipeline.train.checkpoint import init_from_base
+from tec_pipeline.train.pipeline import model_kwargs
+from tec_pipeline.train.spec import TargetSpec
 from tec_pipeline.views import normalize
 
 ABLATIONS = Path(__file__).resolve().parents[1] / "configs" / "ablations"

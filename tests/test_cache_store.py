@@ -328,7 +328,7 @@ def test_open_shard_keeps_stored_dtypes_and_dequantizes_bit_identically(store, f
     values of ``read_shard`` bit for bit, for every storage dtype and attention-row prefix."""
     import torch
 
-    from tec_pipeline.train_data import dequantize_targets
+    from tec_pipeline.train.batches import dequantize_targets
 
     url = str(tmp_path / "c")
     w = create_cache(url, make_meta(store, feat_dtype, attn_dtype))

@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from stages.train import TrainConfig, run_train
-from tec_pipeline.config import Config, ViTArch
+from stages.train import run_train
+from tec_pipeline.config import Config, TrainConfig, ViTArch
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT, build_model, export_run, load_checkpoint
 from tec_pipeline.models.base import EXPORT_FORMAT, export_arch, load_base_model

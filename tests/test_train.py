@@ -11,22 +11,20 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import run_as_ranks
+from helpers import MemoryCache, build_memory_cache, run_as_ranks
 from stages import train as train_stage
 from stages.cache_targets import run_cache_targets
-from stages.train import TrainConfig, run_train
-from tec_pipeline.config import Config, ViTArch
+from stages.train import run_train
+from tec_pipeline.config import Config, TrainConfig, ViTArch
 from tec_pipeline.data.sources import ImageFolderSource
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT, load_checkpoint
 from tec_pipeline.models.base import load_base_model
 from tec_pipeline.pixels import patchify, pixel_targets
-from tec_pipeline.schedule import lr_at, param_groups, scaled_lr
 from tec_pipeline.models.tec import TECModel
-from tec_pipeline.train_data import (
-    CachedBatches, MemoryCache, build_memory_cache, epoch_order, first_sample, mask_noise, plan_epoch,
-    uniform_shards, view_indices,
-)
+from tec_pipeline.train.batches import CachedBatches
+from tec_pipeline.train.order import epoch_order, first_sample, mask_noise, plan_epoch, uniform_shards, view_indices
+from tec_pipeline.train.schedule import lr_at, param_groups, scaled_lr
 from tec_pipeline.views import render_view, sample_view
 
 BASE = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -134,7 +132,7 @@ def test_compact_cached_batches_give_the_float32_targets_of_read_shard(world, tm
     """Batches keep the stored dtypes (int8 + steps / uint8 / float16); `batch_targets`
     dequantizes them to exactly, bit for bit, the float32 values `read_shard` decodes."""
     from tec_pipeline.cache.store import open_cache
-    from tec_pipeline.train_data import batch_targets
+    from tec_pipeline.train.batches import batch_targets
 
     feat_dtype, attn_dtype = dtypes
     url = world.get(f"zarr_{feat_dtype}")
@@ -173,7 +171,7 @@ def test_invalid_images_are_skipped(world):
     arrays["valid"] = arrays["valid"].copy()
     arrays["valid"][[0, 5]] = 0
     cache = MemoryCache(world["f32"].meta, arrays)
-    from tec_pipeline.train_data import valid_mask
+    from tec_pipeline.train.batches import valid_mask
 
     order = epoch_order(uniform_shards(N_IMAGES, PER_SHARD), valid_mask(cache), 0, 0, 2)
     assert 0 not in order and 5 not in order and len(order) == N_IMAGES - 2
@@ -409,7 +407,7 @@ def test_mixed_precision_runs_after_full_precision_in_one_process(world, tmp_pat
 
 def test_loader_workers_keep_the_batch_order(world):
     """Worker w makes batches w, w+W, ...; the DataLoader's round-robin gives the order of 0 workers."""
-    from tec_pipeline.train_data import epoch_loader
+    from tec_pipeline.train.batches import epoch_loader
 
     order = epoch_order(uniform_shards(N_IMAGES, PER_SHARD), None, 0, 0, 2)
     plan = plan_epoch(order, view_indices(order, 0, 0, VIEWS, "random"), 4, first_micro=10)
@@ -429,7 +427,7 @@ def test_loader_workers_keep_the_batch_order(world):
 def test_views_come_from_images_stored_in_a_webdataset_cache(world, tmp_path):
     """A cache with store_images needs no image folder: views render from its bytes, bit-identical."""
     from tec_pipeline.cache.store import open_cache
-    from tec_pipeline.train_data import cache_image_source
+    from tec_pipeline.train.batches import cache_image_source
 
     cfg = tiny_config(world, tmp_path / "unused")
     cfg.cache = replace(cfg.cache, path=str(tmp_path / "wds"), store="webdataset", store_images=True)
@@ -446,7 +444,7 @@ def test_views_come_from_images_stored_in_a_webdataset_cache(world, tmp_path):
 
 
 def test_missing_base_checkpoint_for_a_cached_run_is_one_clear_error():
-    from tec_pipeline.train_data import CacheMismatchError, check_cache_base
+    from tec_pipeline.train.spec import CacheMismatchError, check_cache_base
 
     meta = {"identity": {"base": {"checkpoint_sha256": "ab" * 32}}}
     with pytest.raises(CacheMismatchError, match="base.checkpoint=nope.safetensors: file not found"):

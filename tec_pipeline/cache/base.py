@@ -36,7 +36,7 @@ class ShardTargets:
 
     ``arrays`` are ``[n, views, ...]`` as ``_read_encoded`` returns them (or already decoded
     float32 arrays: then the batch is float32). Dequantization is left to the consumer
-    (``train_data.dequantize_targets``, once per batch on the compute device), so a shard in
+    (``train.batches.dequantize_targets``, once per batch on the compute device), so a shard in
     memory costs its stored size, not 4x it in float32.
     """
 

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 from torch import nn
+
+from ..config import Config
+from ..errors import UserError
 
 # Parameters named like these are tokens or embeddings: no weight decay (MAE / timm convention).
 _NO_DECAY_SUFFIXES = ("token", "pos_embed")
@@ -49,3 +54,31 @@ def set_lr(optimizer, lr: float) -> None:
     """Apply one schedule value to every group (the schedule is per iteration, not per epoch)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Tab. 8 in optimizer steps: lr = blr * effective batch / 256, warmup then cosine."""
+
+    batches_per_epoch: int  # micro-batches per epoch and process (a multiple of accum_steps)
+    steps_per_epoch: int  # optimizer steps per epoch
+    total_steps: int
+    warmup_steps: float
+    lr: float
+    effective_batch: int
+
+    def lr_at(self, step: int, min_lr: float) -> float:
+        return lr_at(step, self.total_steps, self.warmup_steps, self.lr, min_lr)
+
+
+def make_schedule(cfg: Config, usable_images: int, num_processes: int, max_steps: Optional[int]) -> Schedule:
+    """The run's `Schedule`: epochs of whole effective batches (batch x accumulation x processes)."""
+    o, batch = cfg.optim, cfg.data.batch_size
+    effective = batch * o.accum_steps * num_processes
+    steps_per_epoch = usable_images // effective
+    if steps_per_epoch == 0:
+        raise UserError(f"data.batch_size={batch}: {usable_images} usable images make no full effective batch "
+                        f"of {effective} (batch x optim.accum_steps x processes)")
+    total = max_steps if max_steps is not None else o.epochs * steps_per_epoch
+    return Schedule(steps_per_epoch * o.accum_steps, steps_per_epoch, total,
+                    o.warmup_epochs * steps_per_epoch, scaled_lr(o.blr, effective), effective)

@@ -1,0 +1,41 @@
+"""Tab. 6 from one cache: an ablation YAML is a set of dotted overrides layered over a full config,
+and the sweep's result is one table of final losses (README "Stage two: training")."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import flatten
+from ..errors import UserError
+
+
+def ablation_title(path: Path) -> str:
+    """A YAML's first comment line names its Tab. 6 row."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return path.stem
+
+
+def ablation_overrides(path: Path) -> list[str]:
+    """An ablation YAML as dotted overrides, so it layers over a full config (``--config``)."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: an ablation file must hold a mapping")
+    return [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in flatten(data).items()]
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table: row, steps, loss, L_fea, L_att (or why it was refused)."""
+    head = f"{'ablation':<28} {'Tab. 6 row':<40} {'steps':>6} {'loss':>9} {'L_fea':>9} {'L_att':>9}"
+    lines = [head, "-" * len(head)]
+    fmt = lambda v: f"{v:9.4f}" if isinstance(v, float) else f"{'-':>9}"  # noqa: E731
+    for r in rows:
+        if r["status"] != "done":
+            lines.append(f"{r['name']:<28} {r['title'][:40]:<40} {r['status']}")
+        else:
+            lines.append(f"{r['name']:<28} {r['title'][:40]:<40} {r['step']:>6} {fmt(r.get('loss'))} "
+                         f"{fmt(r.get('loss_fea'))} {fmt(r.get('loss_att'))}")
+    return "\n".join(lines)

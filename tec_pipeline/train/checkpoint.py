@@ -1,0 +1,161 @@
+"""A training run's state on disk: full checkpoints and exact resume, the run's identity (what a
+resume may not change), and where its weights start: the base encoder (Tab. 6d "Load") or
+another run's model (README "Stage two: training")."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..cache.schema import first_difference, short_value
+from ..config import Config, flatten, to_dict
+from ..errors import UserError
+from ..export import CHECKPOINT, atomic_save, load_checkpoint
+from ..models.base import file_sha256, read_checkpoint
+from ..models.tec import TECModel
+from .schedule import Schedule
+
+IDENTITY_FILE = "identity.json"
+# What a resume may change: where the run logs and writes, how fast it loads, and where its
+# data lies (the data's identity is compared by content instead).
+RESUMABLE_CHANGES = ("output", "train.log_every", "train.checkpoint_every", "data.num_workers", "data.path",
+                     "cache.path")
+
+
+# ---------------------------------------------------------------- state and resume
+def run_dir(cfg: Config, resume: bool) -> Path:
+    """The run's folder: refused if it already holds a run and `resume` is off, or holds none to resume."""
+    path = Path(cfg.output)
+    ckpt = path / CHECKPOINT
+    if ckpt.exists() and not resume:
+        raise UserError(f"output={path} already holds a run; pass --resume to continue it or choose another output")
+    if resume and not ckpt.exists():
+        raise UserError(f"--resume: output={path} has no checkpoint to continue from")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(path: Path, accelerator, model, optimizer, step: int, kwargs: dict, cfg: Config,
+               schedule: Schedule) -> None:
+    """Full training state, atomically: weights, AdamW moments, loss scaler, RNG, step (= data position)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {
+            "model": accelerator.unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "step": step,  # optimizer steps done; the data position is step x accum micro-batches
+            "rng": rng_state(),
+            "model_kwargs": kwargs,
+            "schedule": asdict(schedule),
+            "config": to_dict(cfg),
+        }
+        atomic_save(state, path)
+
+
+def restore(path: Path, accelerator, model, optimizer) -> int:
+    """Load a checkpoint's weights, AdamW moments, loss scaler and RNG; returns its step."""
+    state = load_checkpoint(path)
+    accelerator.unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if accelerator.scaler is not None and state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------- identity
+def run_identity(cfg: Config, data_identity: object, cached: bool) -> dict:
+    """What a run's weights depend on: its config less `RESUMABLE_CHANGES`, the data it reads
+    (a cache's identity or an image folder's fingerprint, so rebuilt data at the same path
+    counts) and the checkpoints it starts from, by content. A cached run's base is already in
+    the cache's identity (and `spec.check_cache_base` holds base.checkpoint to it), so it is
+    not hashed again."""
+    config = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}
+    base = None if cached else cfg.base.checkpoint
+    starts = {name: file_sha256(path) for name, path in
+              (("base.checkpoint", base), ("model.init_checkpoint", cfg.model.init_checkpoint))
+              if path and Path(path).is_file()}
+    # through JSON, as it is stored: tuples become lists, so a resume compares like with like
+    return json.loads(json.dumps({"config": config, "data": data_identity, "checkpoint_sha256": starts}))
+
+
+def check_resumable(path: Path, identity: dict) -> None:
+    """Refuse, naming the first differing setting, to continue a run whose config, data or
+    starting weights have changed: its schedule and weights would silently mix two runs.
+
+    Only what both identities record is compared: one written by another version of this
+    code may record more or less, and that alone says nothing about the run.
+    """
+    stored = path / IDENTITY_FILE
+    if not stored.is_file():  # a run without a recorded identity: nothing to compare
+        return
+    diff = first_difference(json.loads(stored.read_text()), identity, shared_only=True)
+    if diff is not None:
+        key, was, now = diff
+        key = key.removeprefix("config.")
+        raise UserError(f"output={path} was trained with {key}={short_value(was, now)}, this run has "
+                        f"{short_value(now, was)}; resume with the same settings and data, or choose another output")
+
+
+# ---------------------------------------------------------------- starting weights
+@torch.no_grad()
+def init_from_base(model: TECModel, checkpoint: str) -> int:
+    """Tab. 6(d) "Load": copy the base encoder's weights where names and shapes match.
+
+    The position embedding stays the fixed sin-cos one (it is not trained here).
+    Returns the number of tensors copied.
+    """
+    sd, _, _ = read_checkpoint(checkpoint)
+    copied = 0
+    for name, value in model.encoder.state_dict().items():
+        if name != "pos_embed" and name in sd and tuple(sd[name].shape) == tuple(value.shape):
+            value.copy_(sd[name])
+            copied += 1
+    if copied == 0:
+        raise UserError(f"model.init_from_base: no weight of base.checkpoint={checkpoint} fits the new encoder")
+    return copied
+
+
+def init_from_checkpoint(model: TECModel, path: str) -> None:
+    """Start the whole model (encoder, adapters, decoder) from another run's weights.
+
+    `path` is a run's checkpoint.pt or a .safetensors of the model's state dict (as
+    `demo-base` ships); used by the demo's control to continue the base's own MAE run.
+    """
+    if not Path(path).is_file():
+        raise UserError(f"model.init_checkpoint={path}: file not found")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = load_checkpoint(Path(path)).get("model")
+        if state is None:
+            raise UserError(f"model.init_checkpoint={path}: not a tec-pipeline training checkpoint")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape mismatch
+        reason = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), "shape mismatch")
+        raise UserError(f"model.init_checkpoint={path}: does not fit this model ({reason})") from None
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise UserError(f"model.init_checkpoint={path}: does not fit this model ({'missing' if missing else 'unexpected'} "
+                        f"'{first}')")
