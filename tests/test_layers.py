@@ -1,0 +1,85 @@
+"""The import graph (README "Where things live"): each module imports only its own layer or those
+below it, the library never imports a stage (outside `cli.py`'s command bodies), and enhancement
+(`targets`) never imports a model."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Lowest first; a module's layer is that of the longest prefix naming it.
+LAYERS = [
+    ("tec_pipeline.errors", "tec_pipeline.config", "tec_pipeline.files", "tec_pipeline"),
+    ("tec_pipeline.views", "tec_pipeline.targets", "tec_pipeline.losses", "tec_pipeline.pixels"),
+    ("tec_pipeline.models",),
+    ("tec_pipeline.base_targets", "tec_pipeline.step", "tec_pipeline.data", "tec_pipeline.export"),
+    ("tec_pipeline.cache",),
+    ("tec_pipeline.precompute", "tec_pipeline.train", "tec_pipeline.evaluate", "tec_pipeline.viz"),
+    ("tec_pipeline.cli", "tec_pipeline.__main__"),
+    ("stages",),
+]
+
+
+def layer_of(module: str) -> int:
+    best, rank = "", None
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > len(best):
+                best, rank = name, i
+    if rank is None:
+        raise AssertionError(f"{module}: not in any layer of LAYERS; add it")
+    return rank
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, top_level_only: bool, root: Path = ROOT) -> list[tuple[str, int]]:
+    """(absolute module, line) of every import in `path`; with `top_level_only`, those outside functions."""
+    tree = ast.parse(path.read_text())
+    package = module_name(path, root).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    found = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else []))
+            found.append((name, node.lineno))
+    return [(name, line) for name, line in found if name.split(".")[0] in ("tec_pipeline", "stages")]
+
+
+SOURCES = sorted([*ROOT.glob("tec_pipeline/**/*.py"), *ROOT.glob("stages/*.py")])
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_imports_a_layer_above_it(path):
+    me = module_name(path)
+    # cli.py starts the stages from its command bodies: only its module-level imports count there
+    for name, line in imports(path, top_level_only=me == "tec_pipeline.cli"):
+        assert layer_of(name) <= layer_of(me), f"{path.name}:{line}: {me} (layer {layer_of(me)}) imports {name} " \
+                                               f"(layer {layer_of(name)})"
+
+
+def test_enhancement_never_imports_a_model():
+    assert not [n for n, _ in imports(ROOT / "tec_pipeline" / "targets.py", False) if n.startswith("tec_pipeline.models")]
+
+
+def test_the_check_finds_an_upward_import(tmp_path):
+    """The check itself: a relative import of a model from `targets` and a library import of a stage."""
+    (tmp_path / "tec_pipeline" / "train").mkdir(parents=True)
+    bad = tmp_path / "tec_pipeline" / "targets.py"
+    bad.write_text("from .models.base import base_forward\n")
+    found = imports(bad, False, root=tmp_path)
+    assert found == [("tec_pipeline.models.base", 1)] and layer_of(found[0][0]) > layer_of("tec_pipeline.targets")
+    lazy = tmp_path / "tec_pipeline" / "train" / "batches.py"
+    lazy.write_text("def f():\n    from stages.train import run_train\n")
+    assert imports(lazy, False, root=tmp_path) == [("stages.train", 2)] and not imports(lazy, True, root=tmp_path)
+    assert layer_of("stages.train") > layer_of("tec_pipeline.train.batches")
