@@ -15,10 +15,8 @@ Orchestration only: the pieces live in the library (sources and the view DataLoa
 """
 from __future__ import annotations
 
-import queue
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,10 +31,9 @@ from tec_pipeline.config import Config, ViTArch
 from tec_pipeline.data import BadImageError, open_source, open_source_at, source_location
 from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader
 from tec_pipeline.errors import UserError
+from tec_pipeline.cache.assemble import BackgroundWriter, ShardAssembler
 from tec_pipeline.base_targets import autocast, base_sha256, compute_dtype_for, dtype_name, load_base, view_targets
 from tec_pipeline.views import ViewParams, normalize, render_view, sample_view
-
-WRITE_QUEUE_SHARDS = 1  # shards waiting for the writer: bounds memory at ~3 shard buffers
 
 
 # ----------------------------------------------------------------------------- settings
@@ -109,94 +106,6 @@ def cache_meta(cfg: Config, source, base, compute_dtype: Optional[torch.dtype]) 
         "last_layers": cfg.targets.last_layers, "compute_dtype": precision,
         "package_version": tec_pipeline.__version__,
     }
-
-
-# ----------------------------------------------------------------------------- compute
-
-
-class ShardBuffer:
-    """One shard's arrays, assembled in memory from its batches, then written whole."""
-
-    def __init__(self, shard: int, images: range, keep_raw: bool):
-        self.shard, self.images, self.keep_raw = shard, images, keep_raw
-        self.data: dict[str, np.ndarray] = {}
-        self.raw: list[bytes] = [b""] * len(images)
-        self.filled = 0
-        self.skipped: list[dict] = []
-
-    def add(self, batch: dict, targets: dict[str, np.ndarray]) -> None:
-        rows = batch["index"].numpy() - self.images.start
-        n = len(self.images)
-        valid = batch["valid"].numpy()
-        if not self.data:
-            for name, arr in targets.items():
-                self.data[name] = np.zeros((n, *arr.shape[1:]), arr.dtype)
-            self.data["crop"] = np.zeros((n, *batch["crops"].shape[1:]), np.int32)
-            self.data["valid"] = np.zeros(n, np.uint8)
-            self.data["label"] = np.full(n, -1, np.int64)
-        for name, arr in targets.items():
-            self.data[name][rows] = arr
-            self.data[name][rows[~valid]] = 0  # a skipped image's rows are zeros (store contract)
-        self.data["crop"][rows] = batch["crops"].numpy()
-        self.data["valid"][rows] = valid
-        self.data["label"][rows] = batch["label"].numpy()
-        for row, index, ok, error, raw in zip(rows, batch["index"].tolist(), valid, batch["error"], batch["raw"]):
-            self.raw[row] = raw
-            if not ok:
-                self.skipped.append({"index": index, "error": error})
-        self.filled += len(rows)
-
-    @property
-    def full(self) -> bool:
-        return self.filled == len(self.images)
-
-
-class BackgroundWriter:
-    """Writes whole shards on a thread, fed through a bounded queue (compute/storage overlap)."""
-
-    def __init__(self, writer, maxsize: int = WRITE_QUEUE_SHARDS):
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
-        self.error: Optional[BaseException] = None
-        self.bytes_written = 0
-        self.seconds = 0.0
-        self.thread = threading.Thread(target=self._loop, name="cache-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue  # keep draining so the producer never blocks on a dead writer
-            shard, data, images = item
-            try:
-                start = time.perf_counter()
-                stats = self.writer.write_shard(shard, data, images)
-                self.seconds += time.perf_counter() - start
-                self.bytes_written += int(stats["bytes"])
-            except BaseException as err:  # re-raised in the main thread
-                self.error = err
-
-    def put(self, buf: ShardBuffer) -> None:
-        self._raise()
-        self.queue.put((buf.shard, buf.data, buf.raw if buf.keep_raw else None))
-
-    def close(self) -> None:
-        """Wait for every queued shard to be durable; raise the writer's error if any."""
-        self.stop()
-        self._raise()
-
-    def stop(self) -> None:
-        """End the thread after the queued shards (idempotent; raises nothing)."""
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error
 
 
 # ----------------------------------------------------------------------------- processes
@@ -302,7 +211,7 @@ def compute_shards(cfg: Config, writer, dataset: ViewDataset, base, device, comp
     bar = progress_bar(sum(len(r) for r in ranges), state)
     out = BackgroundWriter(writer)
     skipped: list[dict] = []
-    buffers: dict[int, ShardBuffer] = {}
+    assembling: dict[int, ShardAssembler] = {}
     done_images, t0 = 0, time.perf_counter()
     try:
         for batch in loader:
@@ -310,13 +219,13 @@ def compute_shards(cfg: Config, writer, dataset: ViewDataset, base, device, comp
             targets = view_targets(base, batch["views"], cfg.targets.last_layers, cfg.cache.k_max,
                                    device, compute_dtype)
             shard = int(batch["index"][0]) // cfg.cache.images_per_shard
-            if shard not in buffers:
-                buffers[shard] = ShardBuffer(shard, writer.shard_range(shard), cfg.cache.store_images)
-            buf = buffers[shard]
-            buf.add(batch, targets)
-            if buf.full:
-                out.put(buffers.pop(shard))
-                skipped += buf.skipped
+            if shard not in assembling:
+                assembling[shard] = ShardAssembler(shard, writer.shard_range(shard), cfg.cache.store_images)
+            assembling[shard].add(batch, targets)
+            if assembling[shard].full:
+                full = assembling.pop(shard)
+                out.put(full)
+                skipped += full.skipped
             done_images += len(batch["index"])
             bar.update(len(batch["index"]))
             bar.set_postfix_str(progress_text(done_images * cfg.data.views, out.bytes_written, time.perf_counter() - t0),
@@ -434,14 +343,14 @@ def dry_run_estimate(cfg: Config, meta: dict, dataset: ViewDataset, base, device
     t0 = time.perf_counter()
     targets = run()
     compute_s = time.perf_counter() - t0
-    buf = ShardBuffer(0, range(n), cfg.cache.store_images)
-    buf.add(batch, targets)
+    probe = ShardAssembler(0, range(n), cfg.cache.store_images)
+    probe.add(batch, targets)
     target_dir = local_dir(cfg.cache.path)
     tmp = Path(tempfile.mkdtemp(prefix=".tec-dry-run-", dir=target_dir))
     try:
         writer = create_cache(str(tmp / "probe"), {**meta, "num_images": n, "images_per_shard": n})
         t0 = time.perf_counter()
-        stats = writer.write_shard(0, buf.data, buf.raw if buf.keep_raw else None)
+        stats = writer.write_shard(0, probe.data, probe.raw_images)
         write_s = time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
