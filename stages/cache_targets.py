@@ -22,18 +22,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import tec_pipeline
-from tec_pipeline.config import Config, ViTArch
-from tec_pipeline.data import BadImageError, open_source, open_source_at, source_location
+from tec_pipeline.config import Config
+from tec_pipeline.data import BadImageError, open_source, source_location
 from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader
 from tec_pipeline.errors import UserError
 from tec_pipeline.cache.assemble import BackgroundWriter, ShardAssembler
-from tec_pipeline.base_targets import autocast, base_sha256, compute_dtype_for, dtype_name, load_base, view_targets
-from tec_pipeline.views import ViewParams, normalize, render_view, sample_view
+from tec_pipeline.base_targets import base_sha256, compute_dtype_for, dtype_name, load_base, view_targets
 
 
 # ----------------------------------------------------------------------------- settings
@@ -410,127 +408,3 @@ def print_estimate(est: dict, url: str) -> None:
     print(f"dry run: measured per view: decode+render {per['load'] * 1e3:.2f} ms, forward {per['compute'] * 1e3:.2f} ms, "
           f"encode+write {per['write'] * 1e3:.2f} ms; estimated {duration(est['est_seconds'])}; "
           f"existing cache: {est['existing']}; nothing written")
-
-
-# ----------------------------------------------------------------------------- verify
-
-# Tolerances of a recomputed view against the stored one, by storage dtype. Features: relative
-# RMS of Yf (fp16 rounds to ~3e-4; int8 measured 1.8 %, DESIGN). Attention: KL of the row
-# softmaxes at tau=1.8 (uint8 measured ~1.2e-4). bf16 compute adds its own noise on top.
-FEAT_TOL = {"float32": 1e-3, "float16": 3e-3, "int8": 0.04}
-ATTN_KL_TOL = {"float32": 1e-5, "float16": 1e-4, "uint8": 2e-3}
-BF16_FEAT_TOL, BF16_KL_TOL = 0.05, 1e-2
-TOPK_MIN_OVERLAP = {"float32": 0.9, "bfloat16": 0.5}
-
-
-def verify_cache(url: str, sample: int = 8, seed: int = 0) -> bool:
-    """Re-render `sample` random views from the cache's metadata, recompute them with the base
-    model and compare with what is stored; one line per view, False on any mismatch."""
-    from tec_pipeline.cache.store import open_cache
-
-    reader = open_cache(url)
-    meta = reader.meta
-    if "source" not in meta or "base" not in meta:
-        raise UserError(f"cache {url} has no source/base metadata (not written by cache-targets)")
-    ok = check_files(reader)
-    missing = reader.missing_shards()
-    if missing:
-        print(f"FAIL cache incomplete: {len(missing)} of {reader.num_shards} shards missing (first {missing[:5]})")
-        ok = False
-    source = open_source_at(meta["source"]["kind"], meta["source"]["path"])
-    if source.fingerprint() != meta["source"]["fingerprint"]:
-        print(f"FAIL source {meta['source']['path']} changed since the cache was written (fingerprint differs)")
-        return False
-    base = load_base(ViTArch(**meta["base"]["arch"]), meta["base"]["checkpoint"], meta["img_size"], meta["seed"])
-    sha = base_sha256(meta["base"]["checkpoint"], base)
-    if sha != meta["base"]["checkpoint_sha256"]:
-        print(f"FAIL base weights differ from those that wrote the cache ({meta['base']['checkpoint'] or 'random init'})")
-        return False
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base.to(device)
-    picks = sample_views(reader, missing, sample, seed)
-    good = sum(verify_view(reader, source, base, device, image, view) for image, view in picks)
-    print(f"verify: {good} of {len(picks)} sampled views match within tolerance; "
-          f"cache {'OK' if ok and good == len(picks) else 'FAILED'}")
-    return ok and good == len(picks)
-
-
-def check_files(reader) -> bool:
-    """Every data file recorded for a completed shard exists with its recorded size."""
-    ok = True
-    for shard, info in reader.doc.get("shards", {}).items():
-        for rel, size in info.get("files", {}).items():
-            path = f"{reader.root}/{rel}"
-            actual = reader.fs.size(path) if reader.fs.exists(path) else None
-            if actual != size:
-                state = "missing" if actual is None else f"{actual} bytes, recorded {size}"
-                print(f"FAIL shard {shard}: file {rel} {state}")
-                ok = False
-    return ok
-
-
-def sample_views(reader, missing: list[int], sample: int, seed: int) -> list[tuple[int, int]]:
-    """`sample` distinct (image, view) pairs from the written shards, drawn by `seed`."""
-    images = [i for s in range(reader.num_shards) if s not in missing for i in reader.shard_range(s)]
-    total = len(images) * reader.views
-    picks = np.random.default_rng(seed).choice(total, size=min(sample, total), replace=False)
-    return [(images[p // reader.views], int(p % reader.views)) for p in sorted(picks)]
-
-
-def verify_view(reader, source, base, device, image: int, view: int) -> bool:
-    """Recompute one view and compare; prints one line."""
-    from tec_pipeline.cache.store import CacheCorruptError
-
-    meta = reader.meta
-    where = f"image {image} view {view} ({source.name(image)})"
-    try:
-        stored = reader.read_view(image, view)
-    except CacheCorruptError as err:
-        print(f"FAIL {where}: {err}")
-        return False
-    if not stored["valid"]:
-        print(f"skip {where}: marked skipped (undecodable when the cache was written)")
-        return True
-    picture = source.load(image)
-    params = sample_view(meta["seed"], image, view, picture.height, picture.width, tuple(meta["scale"]))
-    if not np.array_equal(stored["crop"], params.as_array()):
-        print(f"FAIL {where}: stored crop {stored['crop'].tolist()} != drawn crop {params.as_array().tolist()}")
-        return False
-    pixels = render_view(picture, ViewParams.from_array(stored["crop"]), meta["img_size"])[None]
-    ref = reference_view(base, pixels, meta, stored["topk_idx"], device)
-    return compare_view(where, stored, ref, meta)
-
-
-def reference_view(base, pixels: torch.Tensor, meta: dict, topk_idx: np.ndarray, device) -> dict[str, np.ndarray]:
-    """The base model's targets for one view; attention rows taken at the *stored* top-k so rows are
-    compared like for like even where near-ties rank differently."""
-    from tec_pipeline.models.base import base_forward
-    from tec_pipeline.targets import enhance, query_rows
-
-    dtype = torch.bfloat16 if meta.get("compute_dtype") == "bfloat16" else None
-    with torch.inference_mode(), autocast(device, dtype):
-        out = base_forward(base, normalize(pixels.to(device)), meta["last_layers"])
-    t = enhance(out.features, out.logits, int(meta["k_max"]))
-    rows = query_rows(torch.as_tensor(topk_idx, dtype=torch.long, device=device)[None])[0]
-    attn = out.logits.float()[0][:, rows, 1:].permute(1, 0, 2)  # (k+1, H, L): stored layout
-    ref = {name: getattr(t, name)[0].cpu().numpy() for name in ("feat", "feat_mean", "feat_std", "topk_idx")}
-    return {**ref, "attn": attn.cpu().numpy()}
-
-
-def compare_view(where: str, stored: dict, ref: dict, meta: dict) -> bool:
-    """Relative RMS of features, KL of attention rows, top-k overlap, each against its tolerance."""
-    from tec_pipeline.cache.codecs import attn_kl_rows, feat_rel_rms
-
-    bf16 = meta.get("compute_dtype") == "bfloat16"
-    feat_tol = max(FEAT_TOL[meta["feat_dtype"]], BF16_FEAT_TOL if bf16 else 0)
-    kl_tol = max(ATTN_KL_TOL[meta["attn_dtype"]], BF16_KL_TOL if bf16 else 0)
-    raw = lambda t: t["feat"] * t["feat_std"] + t["feat_mean"]  # noqa: E731  Y before Eq. 2
-    feat_err = max(feat_rel_rms(ref["feat"], stored["feat"]), feat_rel_rms(raw(ref), raw(stored)))
-    kl = float(attn_kl_rows(ref["attn"], stored["attn"]).mean()) if ref["attn"].size else 0.0
-    k = len(ref["topk_idx"])
-    overlap = len(set(ref["topk_idx"].tolist()) & set(stored["topk_idx"].tolist())) / k if k else 1.0
-    min_overlap = TOPK_MIN_OVERLAP["bfloat16" if bf16 else "float32"]
-    good = feat_err <= feat_tol and kl <= kl_tol and overlap >= min_overlap
-    print(f"{'ok  ' if good else 'FAIL'} {where}: feat rel-rms {feat_err:.1e} (tol {feat_tol:.0e}), "
-          f"attn KL {kl:.1e} (tol {kl_tol:.0e}), top-k overlap {overlap:.2f} (min {min_overlap})")
-    return good

@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from helpers import run_as_ranks
-from stages.cache_targets import own_shards, run_cache_targets, verify_cache
+from stages.cache_targets import own_shards, run_cache_targets
+from stages.verify import verify_cache
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError
