@@ -29,7 +29,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.cache_targets import compute_dtype_for, load_base, run_cache_targets  # noqa: E402
+from stages.cache_targets import run_cache_targets  # noqa: E402
+from tec_pipeline.base_targets import compute_dtype_for, load_base  # noqa: E402
 from tec_pipeline.config import load_config  # noqa: E402
 from tec_pipeline.data import open_source  # noqa: E402
 from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader  # noqa: E402

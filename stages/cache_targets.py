@@ -1,13 +1,15 @@
 """Stage one, `tec-pipeline cache-targets`: run the frozen base model once over V views of
-every image and write the enhanced targets (Sec. 2.3) with each view's crop to a cache.
+every image and write the enhanced targets (Sec. 2.3) with each view's crop to a cache
+(README "Stage one: the target cache").
 
-Orchestration only: the pieces live in the library (sources and the view DataLoader in
-`tec_pipeline.data`, the forward and Eq. 2 / top-k in `tec_pipeline.targets`, storage in
-`tec_pipeline.cache.store`). What this module adds is the loop around them:
+The driver only: sources and the view DataLoader are `tec_pipeline.data`, the base forward and
+its enhancement (Eq. 2, top-k) `tec_pipeline.base_targets`, shard assembly and the writer thread
+`tec_pipeline.cache.assemble`, storage `tec_pipeline.cache.store`, and settings, processes and
+reports `tec_pipeline.precompute`. What it adds is the loop around them:
 
 - DataLoader workers decode and render; the main thread runs batched base forwards under
   `inference_mode` (bf16 autocast on CUDA, fp32 on CPU); a background thread writes whole
-  shards, so compute and storage overlap (DESIGN: stage one is often disk-bound).
+  shards, so compute and storage overlap.
 - Under `accelerate launch` each process takes a contiguous range of shards; rank 0 creates
   the cache and finalizes it once every process is done.
 - A rerun skips completed shards; batches never straddle shards, so a resumed run feeds the
@@ -15,252 +17,24 @@ Orchestration only: the pieces live in the library (sources and the view DataLoa
 """
 from __future__ import annotations
 
-import queue
-import shutil
-import tempfile
-import threading
 import time
-from dataclasses import asdict
-from pathlib import Path
-from typing import Any, Optional
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-import tec_pipeline
-from tec_pipeline.config import Config, ViTArch
-from tec_pipeline.data import BadImageError, open_source, open_source_at, source_location
+from stages.dry_run import dry_run_estimate
+from tec_pipeline.base_targets import compute_dtype_for, load_base, view_targets
+from tec_pipeline.cache.assemble import BackgroundWriter, ShardAssembler
+from tec_pipeline.config import Config
+from tec_pipeline.data import open_source
 from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader
-from tec_pipeline.errors import UserError
-from tec_pipeline.base_targets import autocast, base_sha256, compute_dtype_for, dtype_name, load_base, view_targets
-from tec_pipeline.views import ViewParams, normalize, render_view, sample_view
-
-WRITE_QUEUE_SHARDS = 1  # shards waiting for the writer: bounds memory at ~3 shard buffers
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-def check_settings(cfg: Config) -> None:
-    """Refuse impossible settings before anything is loaded: one line naming the key."""
-    d, c = cfg.data, cfg.cache
-    rules = [
-        (d.views >= 1, f"data.views={d.views}: need at least one view per image"),
-        (d.img_size >= 1, f"data.img_size={d.img_size}: must be positive"),
-        (0 < d.scale_min <= d.scale_max <= 1, f"data.scale_min={d.scale_min}, data.scale_max={d.scale_max}: "
-                                              "need 0 < scale_min <= scale_max <= 1"),
-        (d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1"),
-        (d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0"),
-        (c.images_per_shard >= 1, f"cache.images_per_shard={c.images_per_shard}: must be >= 1"),
-        (c.k_max >= 1, f"cache.k_max={c.k_max}: must be >= 1 (k=0, the cls row alone, is a prefix of any cache)"),
-        (cfg.targets.last_layers >= 1, f"targets.last_layers={cfg.targets.last_layers}: must be >= 1"),
-        (c.zstd_level >= 0, f"cache.zstd_level={c.zstd_level}: must be >= 0"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise UserError(message)
-
-
-def check_base(cfg: Config, base) -> None:
-    """Settings that need the built base: patch grid, k_max, last_layers."""
-    patch = base.patch_embed.patch_size[0]
-    if cfg.data.img_size % patch:
-        raise UserError(f"data.img_size={cfg.data.img_size} is not divisible by the base patch size {patch}")
-    num_patches = base.patch_embed.num_patches
-    if cfg.cache.k_max > num_patches:
-        raise UserError(f"cache.k_max={cfg.cache.k_max} exceeds the {num_patches} patches of a "
-                        f"{cfg.data.img_size}px image at patch {patch}")
-    if cfg.targets.last_layers > len(base.blocks):
-        raise UserError(f"targets.last_layers={cfg.targets.last_layers} exceeds the base depth {len(base.blocks)}")
-
-
-def cache_meta(cfg: Config, source, base, compute_dtype: Optional[torch.dtype]) -> dict:
-    """Metadata of the cache: layout for the store, `identity` for resume checks, and what
-    `verify` needs to rebuild any view (source location, checkpoint path, view settings)."""
-    d, c = cfg.data, cfg.cache
-    arch = {**asdict(cfg.base.arch), "img_size": d.img_size}
-    ckpt = cfg.base.checkpoint
-    ckpt_sha = base_sha256(ckpt, base)
-    precision = dtype_name(compute_dtype)
-    fingerprint = source.fingerprint()  # stats every file of an ImageFolder: once
-    # Keys mirror the config, so a refused rerun names the setting to change ("data.views").
-    identity = {
-        "base": {"arch": arch, "checkpoint_sha256": ckpt_sha},
-        "seed": cfg.seed,
-        "data": {"img_size": d.img_size, "views": d.views, "scale_min": d.scale_min, "scale_max": d.scale_max,
-                 "fingerprint": fingerprint, "num_images": len(source)},
-        "targets": {"last_layers": cfg.targets.last_layers},
-        "cache": {"k_max": c.k_max, "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "store": c.store},
-        "compute_dtype": precision,
-    }
-    return {
-        "store": c.store, "num_images": len(source), "views": d.views,
-        "num_patches": base.patch_embed.num_patches, "feat_dim": base.embed_dim,
-        "heads": base.blocks[-1].attn.num_heads, "k_max": c.k_max, "images_per_shard": c.images_per_shard,
-        "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "zstd_level": c.zstd_level,
-        "store_images": c.store_images, "identity": identity,
-        "source": {"kind": d.kind, "path": source_location(d.kind, d.path), "num_images": len(source),
-                   "fingerprint": fingerprint},
-        "base": {"arch": arch, "checkpoint": str(Path(ckpt).absolute()) if ckpt else None,
-                 "checkpoint_sha256": ckpt_sha, "patch_size": base.patch_embed.patch_size[0],
-                 "embed_dim": base.embed_dim, "depth": len(base.blocks), "num_heads": base.blocks[-1].attn.num_heads},
-        "seed": cfg.seed, "img_size": d.img_size, "scale": [d.scale_min, d.scale_max],
-        "last_layers": cfg.targets.last_layers, "compute_dtype": precision,
-        "package_version": tec_pipeline.__version__,
-    }
-
-
-# ----------------------------------------------------------------------------- compute
-
-
-class ShardBuffer:
-    """One shard's arrays, assembled in memory from its batches, then written whole."""
-
-    def __init__(self, shard: int, images: range, keep_raw: bool):
-        self.shard, self.images, self.keep_raw = shard, images, keep_raw
-        self.data: dict[str, np.ndarray] = {}
-        self.raw: list[bytes] = [b""] * len(images)
-        self.filled = 0
-        self.skipped: list[dict] = []
-
-    def add(self, batch: dict, targets: dict[str, np.ndarray]) -> None:
-        rows = batch["index"].numpy() - self.images.start
-        n = len(self.images)
-        valid = batch["valid"].numpy()
-        if not self.data:
-            for name, arr in targets.items():
-                self.data[name] = np.zeros((n, *arr.shape[1:]), arr.dtype)
-            self.data["crop"] = np.zeros((n, *batch["crops"].shape[1:]), np.int32)
-            self.data["valid"] = np.zeros(n, np.uint8)
-            self.data["label"] = np.full(n, -1, np.int64)
-        for name, arr in targets.items():
-            self.data[name][rows] = arr
-            self.data[name][rows[~valid]] = 0  # a skipped image's rows are zeros (store contract)
-        self.data["crop"][rows] = batch["crops"].numpy()
-        self.data["valid"][rows] = valid
-        self.data["label"][rows] = batch["label"].numpy()
-        for row, index, ok, error, raw in zip(rows, batch["index"].tolist(), valid, batch["error"], batch["raw"]):
-            self.raw[row] = raw
-            if not ok:
-                self.skipped.append({"index": index, "error": error})
-        self.filled += len(rows)
-
-    @property
-    def full(self) -> bool:
-        return self.filled == len(self.images)
-
-
-class BackgroundWriter:
-    """Writes whole shards on a thread, fed through a bounded queue (compute/storage overlap)."""
-
-    def __init__(self, writer, maxsize: int = WRITE_QUEUE_SHARDS):
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
-        self.error: Optional[BaseException] = None
-        self.bytes_written = 0
-        self.seconds = 0.0
-        self.thread = threading.Thread(target=self._loop, name="cache-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue  # keep draining so the producer never blocks on a dead writer
-            shard, data, images = item
-            try:
-                start = time.perf_counter()
-                stats = self.writer.write_shard(shard, data, images)
-                self.seconds += time.perf_counter() - start
-                self.bytes_written += int(stats["bytes"])
-            except BaseException as err:  # re-raised in the main thread
-                self.error = err
-
-    def put(self, buf: ShardBuffer) -> None:
-        self._raise()
-        self.queue.put((buf.shard, buf.data, buf.raw if buf.keep_raw else None))
-
-    def close(self) -> None:
-        """Wait for every queued shard to be durable; raise the writer's error if any."""
-        self.stop()
-        self._raise()
-
-    def stop(self) -> None:
-        """End the thread after the queued shards (idempotent; raises nothing)."""
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-def process_state():
-    """accelerate's PartialState; on a machine without CUDA it must be told to use CPU
-    (gloo), or a multi-process launch would quietly run as independent single processes."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def own_shards(num_shards: int, rank: int, world: int) -> range:
-    """This process's contiguous part of `num_shards` shards (shard-aligned: no file has two writers)."""
-    per, extra = divmod(num_shards, world)
-    start = rank * per + min(rank, extra)
-    return range(start, start + per + (rank < extra))
-
-
-def _broadcast(obj: Any, state) -> Any:
-    """Rank 0's `obj` on every process."""
-    if state.num_processes == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(obj: Any, state) -> list:
-    """Every process's `obj`, in rank order."""
-    if state.num_processes == 1:
-        return [obj]
-    out: list = [None] * state.num_processes
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def open_for_writing(url: str, meta: dict, overwrite: bool, state):
-    """Rank 0 creates (or checks and reopens) the cache; the others reopen it afterwards.
-    A refusal on rank 0 is sent to every process so none waits forever."""
-    from tec_pipeline.cache.store import create_cache
-
-    writer, error = None, None
-    if state.is_main_process:
-        try:
-            writer = create_cache(url, meta, overwrite=overwrite)
-        except UserError as err:
-            error = str(err)
-            if state.num_processes == 1:
-                raise
-    error = _broadcast(error, state)
-    if error is not None:
-        raise UserError(error)
-    if not state.is_main_process:
-        writer = create_cache(url, meta, overwrite=False)
-    return writer
-
-
-# ----------------------------------------------------------------------------- the run
+from tec_pipeline.precompute.processes import gather, open_for_writing, process_state, split_pending
+from tec_pipeline.precompute.settings import cache_meta, check_base, check_settings, images_per_batch
+from tec_pipeline.precompute.summary import (
+    check_bad_images, finish_cache, merge_summaries, print_summary, progress_bar, progress_text,
+)
 
 
 def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = False) -> dict:
-    """Stage one. Returns the run summary (images, views, skipped, bytes, wall time)."""
+    """Stage one. Returns the run summary (images, views, skipped, bytes, wall time), or with
+    `dry_run` the estimate of `stages.dry_run` (nothing written)."""
     start = time.perf_counter()
     check_settings(cfg)
     state = process_state()
@@ -276,15 +50,10 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     if dry_run:
         return dry_run_estimate(cfg, meta, dataset, base, device, compute_dtype, state)
     writer = open_for_writing(cfg.cache.path, meta, overwrite, state)
-    # Rank 0 lists the shards still to do and every process takes a contiguous slice of that
-    # list, so a resumed run is balanced too. Decided once, before anyone writes.
-    pending = _broadcast([s for s in range(writer.num_shards) if not writer.is_done(s)]
-                         if state.is_main_process else None, state)
-    mine = [pending[i] for i in own_shards(len(pending), state.process_index, state.num_processes)]
+    pending, mine = split_pending(writer, state)
     local = compute_shards(cfg, writer, dataset, base, device, compute_dtype, mine, state)
     state.wait_for_everyone()
-    runs = _gather(local, state)
-    summary = merge_summaries(runs, meta, time.perf_counter() - start, source)
+    summary = merge_summaries(gather(local, state), meta, time.perf_counter() - start)
     if state.is_main_process:
         summary = finish_cache(cfg.cache.path, writer, summary, len(pending), source)
         print_summary(summary, cfg.cache.path)
@@ -295,28 +64,27 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
 def compute_shards(cfg: Config, writer, dataset: ViewDataset, base, device, compute_dtype,
                    shards: list[int], state) -> dict:
     """Compute and write `shards` (this process's pending ones); returns this run's counts."""
-    per_batch = max(1, cfg.data.batch_size // cfg.data.views)  # data.batch_size counts views
     ranges = [writer.shard_range(s) for s in shards]
-    loader = view_loader(dataset, shard_batches(ranges, per_batch), cfg.data.num_workers,
+    loader = view_loader(dataset, shard_batches(ranges, images_per_batch(cfg)), cfg.data.num_workers,
                          pin_memory=device.type == "cuda")
     bar = progress_bar(sum(len(r) for r in ranges), state)
     out = BackgroundWriter(writer)
+    assembling: dict[int, ShardAssembler] = {}  # shard -> its arrays so far
     skipped: list[dict] = []
-    buffers: dict[int, ShardBuffer] = {}
     done_images, t0 = 0, time.perf_counter()
     try:
-        for batch in loader:
+        for batch in loader:  # views (B, V, 3, S, S) uint8 of B images of one shard
             check_bad_images(batch, cfg.data.on_bad_image)
             targets = view_targets(base, batch["views"], cfg.targets.last_layers, cfg.cache.k_max,
                                    device, compute_dtype)
             shard = int(batch["index"][0]) // cfg.cache.images_per_shard
-            if shard not in buffers:
-                buffers[shard] = ShardBuffer(shard, writer.shard_range(shard), cfg.cache.store_images)
-            buf = buffers[shard]
-            buf.add(batch, targets)
-            if buf.full:
-                out.put(buffers.pop(shard))
-                skipped += buf.skipped
+            if shard not in assembling:
+                assembling[shard] = ShardAssembler(shard, writer.shard_range(shard), cfg.cache.store_images)
+            assembling[shard].add(batch, targets)
+            if assembling[shard].full:
+                full = assembling.pop(shard)
+                out.put(full)
+                skipped += full.skipped
             done_images += len(batch["index"])
             bar.update(len(batch["index"]))
             bar.set_postfix_str(progress_text(done_images * cfg.data.views, out.bytes_written, time.perf_counter() - t0),
@@ -330,298 +98,3 @@ def compute_shards(cfg: Config, writer, dataset: ViewDataset, base, device, comp
     return {"images": done_images, "views": done_images * cfg.data.views, "bytes": out.bytes_written,
             "skipped": skipped, "write_seconds": out.seconds, "shards": len(shards),
             "loop_seconds": time.perf_counter() - t0}
-
-
-def check_bad_images(batch: dict, on_bad_image: str) -> None:
-    """data.on_bad_image=error: stop at the first undecodable image, naming it."""
-    if on_bad_image == "error":
-        for ok, error in zip(batch["valid"].tolist(), batch["error"]):
-            if not ok:
-                raise BadImageError(f"{error} (set data.on_bad_image=skip to skip such files)")
-
-
-def progress_bar(total: int, state) -> tqdm:
-    """Images/s and ETA from tqdm; views/s and write MB/s go in the postfix. Rank 0 only."""
-    desc = "cache-targets" if state.num_processes == 1 else f"cache-targets [rank 0 of {state.num_processes}]"
-    return tqdm(total=total, unit="img", desc=desc, disable=not state.is_main_process or total == 0,
-                dynamic_ncols=True)
-
-
-def progress_text(views: int, nbytes: int, seconds: float) -> str:
-    """The postfix: what storage sees, since stage one is often disk-bound (DESIGN)."""
-    seconds = max(seconds, 1e-9)
-    return f"{views / seconds:.1f} views/s, {nbytes / 1e6:.1f} MB, {nbytes / 1e6 / seconds:.1f} MB/s"
-
-
-def merge_summaries(runs: list[dict], meta: dict, wall: float, source) -> dict:
-    """One summary from every process's counts (this run only)."""
-    images = sum(r["images"] for r in runs)
-    views = sum(r["views"] for r in runs)
-    nbytes = sum(r["bytes"] for r in runs)
-    skipped = sorted((s for r in runs for s in r["skipped"]), key=lambda s: s["index"])
-    return {"images": images, "views": views, "skipped": skipped, "bytes": nbytes, "wall_seconds": round(wall, 3),
-            "bytes_per_view": nbytes / views if views else 0.0, "processes": len(runs),
-            "num_images": meta["num_images"], "total_views": meta["num_images"] * meta["views"],
-            "write_seconds": round(sum(r["write_seconds"] for r in runs), 3),
-            "loop_seconds": round(max(r["loop_seconds"] for r in runs), 3)}  # data + forward + writes, no setup
-
-
-def finish_cache(url: str, writer, summary: dict, pending: int, source) -> dict:
-    """Rank 0: record the summary and mark the cache complete (the store refuses while a shard
-    is missing). A rerun over a complete cache computes nothing and leaves it as it was."""
-    from tec_pipeline.cache.store import open_cache
-
-    if pending == 0 and open_cache(url).is_complete():
-        summary["already_complete"] = True
-        return summary
-    summary["skipped"] = sorted(summary["skipped"] + earlier_skips(url, summary["skipped"], source),
-                                key=lambda s: s["index"])
-    writer.finalize(summary)
-    return summary
-
-
-def earlier_skips(url: str, now: list[dict], source) -> list[dict]:
-    """Images skipped by an earlier, interrupted run: each shard's completion marker lists them."""
-    from tec_pipeline.cache.schema import fs_root, read_markers
-
-    seen = {s["index"] for s in now}
-    fs, root = fs_root(url)
-    indices = sorted(i for m in read_markers(fs, root).values() for i in m["stats"].get("invalid", []) if i not in seen)
-    return [{"index": i, "name": source.name(i), "error": "skipped by an earlier run of this cache"} for i in indices]
-
-
-def print_summary(summary: dict, url: str) -> None:
-    """The final line, then one line per skipped file."""
-    if summary.get("already_complete"):
-        print(f"cache-targets: {url} is already complete ({summary['num_images']} images); nothing to do")
-        return
-    print(f"cache-targets: {summary['images']} images, {summary['views']} views, {len(summary['skipped'])} skipped, "
-          f"{summary['bytes'] / 1e6:.2f} MB, {summary['wall_seconds']:.1f} s, "
-          f"{summary['bytes_per_view'] / 1e3:.1f} KB/view -> {url}")
-    for item in summary["skipped"]:
-        print(f"  skipped {item.get('name', item['index'])}: {item['error']}")
-
-
-# ----------------------------------------------------------------------------- dry run
-
-
-def local_dir(url: str) -> Optional[Path]:
-    """The nearest existing local directory at or above a cache path; None for remote URLs."""
-    from tec_pipeline.cache.schema import fs_root, is_local
-
-    fs, root = fs_root(url)
-    if not is_local(fs):
-        return None
-    path = Path(root)
-    while not path.exists():
-        path = path.parent
-    return path if path.is_dir() else path.parent
-
-
-def dry_run_estimate(cfg: Config, meta: dict, dataset: ViewDataset, base, device, compute_dtype, state) -> dict:
-    """Measure one batch (decode + render, base forward) and one encode + durable write of it to a
-    throw-away cache on the target filesystem (local) or in a temp dir, then extrapolate:
-    bytes/view, total size, free space, time. Leaves nothing behind."""
-    from tec_pipeline.cache.store import create_cache
-
-    n = min(max(1, cfg.data.batch_size // cfg.data.views), meta["num_images"])
-    t0 = time.perf_counter()
-    batch = next(iter(view_loader(dataset, [list(range(n))], num_workers=0)))
-    load_s = time.perf_counter() - t0
-    check_bad_images(batch, cfg.data.on_bad_image)
-    run = lambda: view_targets(base, batch["views"], cfg.targets.last_layers, cfg.cache.k_max, device, compute_dtype)  # noqa: E731
-    run()  # warm-up: first-call allocations and kernel selection are not the steady state
-    t0 = time.perf_counter()
-    targets = run()
-    compute_s = time.perf_counter() - t0
-    buf = ShardBuffer(0, range(n), cfg.cache.store_images)
-    buf.add(batch, targets)
-    target_dir = local_dir(cfg.cache.path)
-    tmp = Path(tempfile.mkdtemp(prefix=".tec-dry-run-", dir=target_dir))
-    try:
-        writer = create_cache(str(tmp / "probe"), {**meta, "num_images": n, "images_per_shard": n})
-        t0 = time.perf_counter()
-        stats = writer.write_shard(0, buf.data, buf.raw if buf.keep_raw else None)
-        write_s = time.perf_counter() - t0
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    views = n * cfg.data.views
-    est = {
-        "dry_run": True, "bytes_per_view": stats["bytes"] / views,
-        "total_views": meta["num_images"] * meta["views"],
-        "free_bytes": shutil.disk_usage(target_dir).free if target_dir else None,
-        "seconds_per_view": {"load": load_s / views, "compute": compute_s / views, "write": write_s / views},
-        "quantization": {k: v for k, v in stats.items() if "rel_rms" in k or "kl" in k},
-    }
-    est["total_bytes"] = est["bytes_per_view"] * est["total_views"]
-    est["est_seconds"] = estimated_seconds(est["seconds_per_view"], cfg.data.num_workers) * \
-        est["total_views"] / state.num_processes
-    est["existing"] = existing_cache_note(cfg.cache.path, meta)
-    if state.is_main_process:
-        print_estimate(est, cfg.cache.path)
-    return est
-
-
-def estimated_seconds(per_view: dict, num_workers: int) -> float:
-    """Seconds per view of the pipelined run: workers decode in parallel with the forward, and the
-    writer thread overlaps both, so the slowest stage sets the pace."""
-    if num_workers == 0:
-        return max(per_view["load"] + per_view["compute"], per_view["write"])
-    return max(per_view["load"] / num_workers, per_view["compute"], per_view["write"])
-
-
-def existing_cache_note(url: str, meta: dict) -> str:
-    """What a real run would do with what is already at `url` (read-only)."""
-    from tec_pipeline.cache.schema import check_same_cache
-    from tec_pipeline.cache.store import open_cache
-
-    try:
-        reader = open_cache(url)
-    except UserError:
-        return "none"
-    try:
-        check_same_cache(url, reader.meta, meta)
-    except UserError as err:
-        return f"refused without --overwrite: {err}"
-    missing = len(reader.missing_shards())
-    return "complete" if reader.is_complete() else f"resume: {reader.num_shards - missing} of {reader.num_shards} shards done"
-
-
-def duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def print_estimate(est: dict, url: str) -> None:
-    per = est["seconds_per_view"]
-    free = "n/a (not a local path)" if est["free_bytes"] is None else f"{est['free_bytes'] / 1e9:.2f} GB"
-    print(f"dry run: {est['bytes_per_view'] / 1e3:.1f} KB/view x {est['total_views']} views = "
-          f"{est['total_bytes'] / 1e9:.3f} GB at {url}; free space {free}")
-    if est["free_bytes"] is not None and est["free_bytes"] < est["total_bytes"]:
-        print(f"dry run: WARNING: not enough free space ({est['total_bytes'] / 1e9:.3f} GB needed)")
-    print(f"dry run: measured per view: decode+render {per['load'] * 1e3:.2f} ms, forward {per['compute'] * 1e3:.2f} ms, "
-          f"encode+write {per['write'] * 1e3:.2f} ms; estimated {duration(est['est_seconds'])}; "
-          f"existing cache: {est['existing']}; nothing written")
-
-
-# ----------------------------------------------------------------------------- verify
-
-# Tolerances of a recomputed view against the stored one, by storage dtype. Features: relative
-# RMS of Yf (fp16 rounds to ~3e-4; int8 measured 1.8 %, DESIGN). Attention: KL of the row
-# softmaxes at tau=1.8 (uint8 measured ~1.2e-4). bf16 compute adds its own noise on top.
-FEAT_TOL = {"float32": 1e-3, "float16": 3e-3, "int8": 0.04}
-ATTN_KL_TOL = {"float32": 1e-5, "float16": 1e-4, "uint8": 2e-3}
-BF16_FEAT_TOL, BF16_KL_TOL = 0.05, 1e-2
-TOPK_MIN_OVERLAP = {"float32": 0.9, "bfloat16": 0.5}
-
-
-def verify_cache(url: str, sample: int = 8, seed: int = 0) -> bool:
-    """Re-render `sample` random views from the cache's metadata, recompute them with the base
-    model and compare with what is stored; one line per view, False on any mismatch."""
-    from tec_pipeline.cache.store import open_cache
-
-    reader = open_cache(url)
-    meta = reader.meta
-    if "source" not in meta or "base" not in meta:
-        raise UserError(f"cache {url} has no source/base metadata (not written by cache-targets)")
-    ok = check_files(reader)
-    missing = reader.missing_shards()
-    if missing:
-        print(f"FAIL cache incomplete: {len(missing)} of {reader.num_shards} shards missing (first {missing[:5]})")
-        ok = False
-    source = open_source_at(meta["source"]["kind"], meta["source"]["path"])
-    if source.fingerprint() != meta["source"]["fingerprint"]:
-        print(f"FAIL source {meta['source']['path']} changed since the cache was written (fingerprint differs)")
-        return False
-    base = load_base(ViTArch(**meta["base"]["arch"]), meta["base"]["checkpoint"], meta["img_size"], meta["seed"])
-    sha = base_sha256(meta["base"]["checkpoint"], base)
-    if sha != meta["base"]["checkpoint_sha256"]:
-        print(f"FAIL base weights differ from those that wrote the cache ({meta['base']['checkpoint'] or 'random init'})")
-        return False
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base.to(device)
-    picks = sample_views(reader, missing, sample, seed)
-    good = sum(verify_view(reader, source, base, device, image, view) for image, view in picks)
-    print(f"verify: {good} of {len(picks)} sampled views match within tolerance; "
-          f"cache {'OK' if ok and good == len(picks) else 'FAILED'}")
-    return ok and good == len(picks)
-
-
-def check_files(reader) -> bool:
-    """Every data file recorded for a completed shard exists with its recorded size."""
-    ok = True
-    for shard, info in reader.doc.get("shards", {}).items():
-        for rel, size in info.get("files", {}).items():
-            path = f"{reader.root}/{rel}"
-            actual = reader.fs.size(path) if reader.fs.exists(path) else None
-            if actual != size:
-                state = "missing" if actual is None else f"{actual} bytes, recorded {size}"
-                print(f"FAIL shard {shard}: file {rel} {state}")
-                ok = False
-    return ok
-
-
-def sample_views(reader, missing: list[int], sample: int, seed: int) -> list[tuple[int, int]]:
-    """`sample` distinct (image, view) pairs from the written shards, drawn by `seed`."""
-    images = [i for s in range(reader.num_shards) if s not in missing for i in reader.shard_range(s)]
-    total = len(images) * reader.views
-    picks = np.random.default_rng(seed).choice(total, size=min(sample, total), replace=False)
-    return [(images[p // reader.views], int(p % reader.views)) for p in sorted(picks)]
-
-
-def verify_view(reader, source, base, device, image: int, view: int) -> bool:
-    """Recompute one view and compare; prints one line."""
-    from tec_pipeline.cache.store import CacheCorruptError
-
-    meta = reader.meta
-    where = f"image {image} view {view} ({source.name(image)})"
-    try:
-        stored = reader.read_view(image, view)
-    except CacheCorruptError as err:
-        print(f"FAIL {where}: {err}")
-        return False
-    if not stored["valid"]:
-        print(f"skip {where}: marked skipped (undecodable when the cache was written)")
-        return True
-    picture = source.load(image)
-    params = sample_view(meta["seed"], image, view, picture.height, picture.width, tuple(meta["scale"]))
-    if not np.array_equal(stored["crop"], params.as_array()):
-        print(f"FAIL {where}: stored crop {stored['crop'].tolist()} != drawn crop {params.as_array().tolist()}")
-        return False
-    pixels = render_view(picture, ViewParams.from_array(stored["crop"]), meta["img_size"])[None]
-    ref = reference_view(base, pixels, meta, stored["topk_idx"], device)
-    return compare_view(where, stored, ref, meta)
-
-
-def reference_view(base, pixels: torch.Tensor, meta: dict, topk_idx: np.ndarray, device) -> dict[str, np.ndarray]:
-    """The base model's targets for one view; attention rows taken at the *stored* top-k so rows are
-    compared like for like even where near-ties rank differently."""
-    from tec_pipeline.models.base import base_forward
-    from tec_pipeline.targets import enhance, query_rows
-
-    dtype = torch.bfloat16 if meta.get("compute_dtype") == "bfloat16" else None
-    with torch.inference_mode(), autocast(device, dtype):
-        out = base_forward(base, normalize(pixels.to(device)), meta["last_layers"])
-    t = enhance(out.features, out.logits, int(meta["k_max"]))
-    rows = query_rows(torch.as_tensor(topk_idx, dtype=torch.long, device=device)[None])[0]
-    attn = out.logits.float()[0][:, rows, 1:].permute(1, 0, 2)  # (k+1, H, L): stored layout
-    ref = {name: getattr(t, name)[0].cpu().numpy() for name in ("feat", "feat_mean", "feat_std", "topk_idx")}
-    return {**ref, "attn": attn.cpu().numpy()}
-
-
-def compare_view(where: str, stored: dict, ref: dict, meta: dict) -> bool:
-    """Relative RMS of features, KL of attention rows, top-k overlap, each against its tolerance."""
-    from tec_pipeline.cache.codecs import attn_kl_rows, feat_rel_rms
-
-    bf16 = meta.get("compute_dtype") == "bfloat16"
-    feat_tol = max(FEAT_TOL[meta["feat_dtype"]], BF16_FEAT_TOL if bf16 else 0)
-    kl_tol = max(ATTN_KL_TOL[meta["attn_dtype"]], BF16_KL_TOL if bf16 else 0)
-    raw = lambda t: t["feat"] * t["feat_std"] + t["feat_mean"]  # noqa: E731  Y before Eq. 2
-    feat_err = max(feat_rel_rms(ref["feat"], stored["feat"]), feat_rel_rms(raw(ref), raw(stored)))
-    kl = float(attn_kl_rows(ref["attn"], stored["attn"]).mean()) if ref["attn"].size else 0.0
-    k = len(ref["topk_idx"])
-    overlap = len(set(ref["topk_idx"].tolist()) & set(stored["topk_idx"].tolist())) / k if k else 1.0
-    min_overlap = TOPK_MIN_OVERLAP["bfloat16" if bf16 else "float32"]
-    good = feat_err <= feat_tol and kl <= kl_tol and overlap >= min_overlap
-    print(f"{'ok  ' if good else 'FAIL'} {where}: feat rel-rms {feat_err:.1e} (tol {feat_tol:.0e}), "
-          f"attn KL {kl:.1e} (tol {kl_tol:.0e}), top-k overlap {overlap:.2f} (min {min_overlap})")
-    return good

@@ -87,7 +87,7 @@ def verify(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
            sample: int = typer.Option(8, "--sample", help="Views to re-render and recompute."),
            seed: int = typer.Option(0, help="Which views are sampled.")):
     """Recompute a random sample of views with the base model and compare with the cache."""
-    from stages.cache_targets import verify_cache
+    from stages.verify import verify_cache
 
     ok = _run(verify_cache, cache, sample=sample, seed=seed)
     raise typer.Exit(0 if ok else 1)

@@ -21,10 +21,12 @@ import pytest
 from PIL import Image
 
 from helpers import run_as_ranks
-from stages.cache_targets import own_shards, run_cache_targets, verify_cache
+from stages.cache_targets import run_cache_targets
+from stages.verify import verify_cache
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError
+from tec_pipeline.precompute.processes import own_shards
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 10

@@ -1,8 +1,9 @@
 """Storage dtypes of the targets and the measured error of the lossy ones.
 
-Measured in DESIGN ("Storage facts"): for ViT-B/16 at k=15, int8 features with a per
-(view, channel) step and uint8 attention after subtracting each row's max stay within the
-goal of <= 160 KB per view, feature relative RMS <= 2 % and attention KL <= 1e-3.
+For ViT-B/16 at k=15, int8 features with a per (view, channel) step and uint8 attention after
+subtracting each row's max stay within the goal of <= 160 KB per view, feature relative RMS
+<= 2 % and attention KL <= 1e-3 (measured: README "Benchmarks (measured; the machine is said
+with each table)", bytes per view).
 
 - ``feat`` int8: step ``s = max(1/16, absmax_c / 127)`` per (image, view, channel), stored
   float16 as ``feat_step``; ``q = clip(round(x / s), -127, 127)``. The patch-normalized target
@@ -169,8 +170,9 @@ def feat_rel_rms(ref: np.ndarray, approx: np.ndarray) -> float:
     return float(np.sqrt(err / den)) if den > 0 else float(np.sqrt(err))
 
 
-def sample_views(valid: np.ndarray, views: int, limit: int = ERROR_SAMPLE_VIEWS) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``limit`` (image, view) pairs of valid images, evenly spread and deterministic."""
+def error_sample_views(valid: np.ndarray, views: int, limit: int = ERROR_SAMPLE_VIEWS) -> tuple[np.ndarray, np.ndarray]:
+    """The views the quantization error is measured on: up to ``limit`` (image, view) pairs of
+    valid images, evenly spread over the shard and deterministic."""
     pairs = np.array([(i, v) for i in np.flatnonzero(valid) for v in range(views)], dtype=np.int64).reshape(-1, 2)
     if len(pairs) == 0:
         return pairs[:, 0], pairs[:, 1]
@@ -187,7 +189,7 @@ def quantization_error(data: dict[str, np.ndarray], enc: dict[str, np.ndarray], 
     ``attn_kl`` (mean over rows of KL at tau = 1.8), ``error_views``. float32 stores are exact
     and report 0 without measuring.
     """
-    img, view = sample_views(data["valid"], data["feat"].shape[1], limit)
+    img, view = error_sample_views(data["valid"], data["feat"].shape[1], limit)
     stats = {"error_views": int(len(img)), "feat_sq_err": 0.0, "feat_sq_ref": 0.0, "feat_rel_rms": 0.0,
              "attn_kl_sum": 0.0, "attn_rows": 0, "attn_kl": 0.0}
     if len(img) == 0:

@@ -105,7 +105,7 @@ def array_specs(meta: dict) -> dict[str, ArraySpec]:
     (float16, ~1.5 KB/view at C=768); mean/std follow the feature precision (float16 unless
     float32 is asked for: 3 KB instead of 6 KB per view); top-k indices fit int16.
     """
-    V, L, C, H, k = (int(meta[x]) for x in ("views", "num_patches", "feat_dim", "heads", "k_max"))
+    L, C, H, k = (int(meta[x]) for x in ("num_patches", "feat_dim", "heads", "k_max"))
     feat_dtype, attn_dtype = meta["feat_dtype"], meta["attn_dtype"]
     stat_dtype = "float32" if feat_dtype == "float32" else "float16"
     specs = [
@@ -120,7 +120,6 @@ def array_specs(meta: dict) -> dict[str, ArraySpec]:
     ]
     if feat_dtype == "int8":
         specs.insert(2, ArraySpec("feat_step", (C,), "float16"))
-    del V
     return {s.name: s for s in specs}
 
 

@@ -19,7 +19,8 @@ more time per shard on this machine (0.66 s vs 0.12 s for 64 ViT-B views), and w
 the file ourselves makes it one atomic, fsynced file (temporary name + rename).
 
 Reading likewise bypasses zarr's per-call machinery, which costs ~2.5 ms per array per call
-and has no shard-index cache (DESIGN "Storage facts"). The format is checked against each
+and has no shard-index cache (the reader's measured views/s: README "Benchmarks (measured; the
+machine is said with each table)", stage two). The format is checked against each
 array's ``zarr.json`` when a reader opens: ``read_shard`` reads each array's shard file in one
 request and decodes its chunks; ``read_view`` keeps an LRU of shard indexes (offset/length
 pairs, crc-checked) and then reads and decodes exactly one chunk per array.

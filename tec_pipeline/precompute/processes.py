@@ -1,0 +1,73 @@
+"""Stage one under ``accelerate launch``: every process computes its own contiguous range of
+shards (no file ever has two writers); rank 0 creates the cache and, once everyone is done,
+finalizes it. With one process each helper here is the identity or a plain call.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..cache.store import create_cache
+from ..errors import UserError
+
+
+def process_state():
+    """accelerate's PartialState; on a machine without CUDA it must be told to use CPU
+    (gloo), or a multi-process launch would quietly run as independent single processes."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def own_shards(num_shards: int, rank: int, world: int) -> range:
+    """This process's contiguous part of `num_shards` shards (shard-aligned: no file has two writers)."""
+    per, extra = divmod(num_shards, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (rank < extra))
+
+
+def broadcast(obj: Any, state) -> Any:
+    """Rank 0's `obj` on every process."""
+    if state.num_processes == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj: Any, state) -> list:
+    """Every process's `obj`, in rank order."""
+    if state.num_processes == 1:
+        return [obj]
+    out: list = [None] * state.num_processes
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def open_for_writing(url: str, meta: dict, overwrite: bool, state):
+    """Rank 0 creates (or checks and reopens) the cache; the others reopen it afterwards.
+    A refusal on rank 0 is sent to every process so none waits forever."""
+    writer, error = None, None
+    if state.is_main_process:
+        try:
+            writer = create_cache(url, meta, overwrite=overwrite)
+        except UserError as err:
+            error = str(err)
+            if state.num_processes == 1:
+                raise
+    error = broadcast(error, state)
+    if error is not None:
+        raise UserError(error)
+    if not state.is_main_process:
+        writer = create_cache(url, meta, overwrite=False)
+    return writer
+
+
+def split_pending(writer, state) -> tuple[list[int], list[int]]:
+    """(every shard still to do, this process's contiguous slice of them). Rank 0 lists them once,
+    before anyone writes, and the slices are of that list, so a resumed run is balanced too."""
+    pending = broadcast([s for s in range(writer.num_shards) if not writer.is_done(s)]
+                        if state.is_main_process else None, state)
+    mine = [pending[i] for i in own_shards(len(pending), state.process_index, state.num_processes)]
+    return pending, mine

@@ -1,0 +1,94 @@
+"""Stage one's settings: refused before anything is computed, then recorded in the cache.
+
+The metadata a cache carries has three readers: the store (its layout), a rerun (``identity``:
+what must match to resume rather than refuse) and ``verify`` (where the source and the
+checkpoint are, and how views were drawn, so that any view can be rebuilt).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import __version__
+from ..base_targets import base_sha256, dtype_name
+from ..config import Config
+from ..data import source_location
+from ..errors import UserError
+
+
+def check_settings(cfg: Config) -> None:
+    """Refuse impossible settings before anything is loaded: one line naming the key."""
+    d, c = cfg.data, cfg.cache
+    rules = [
+        (d.views >= 1, f"data.views={d.views}: need at least one view per image"),
+        (d.img_size >= 1, f"data.img_size={d.img_size}: must be positive"),
+        (0 < d.scale_min <= d.scale_max <= 1, f"data.scale_min={d.scale_min}, data.scale_max={d.scale_max}: "
+                                              "need 0 < scale_min <= scale_max <= 1"),
+        (d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1"),
+        (d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0"),
+        (c.images_per_shard >= 1, f"cache.images_per_shard={c.images_per_shard}: must be >= 1"),
+        (c.k_max >= 1, f"cache.k_max={c.k_max}: must be >= 1 (k=0, the cls row alone, is a prefix of any cache)"),
+        (cfg.targets.last_layers >= 1, f"targets.last_layers={cfg.targets.last_layers}: must be >= 1"),
+        (c.zstd_level >= 0, f"cache.zstd_level={c.zstd_level}: must be >= 0"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
+
+
+def check_base(cfg: Config, base) -> None:
+    """Settings that need the built base: patch grid, k_max, last_layers."""
+    patch = base.patch_embed.patch_size[0]
+    if cfg.data.img_size % patch:
+        raise UserError(f"data.img_size={cfg.data.img_size} is not divisible by the base patch size {patch}")
+    num_patches = base.patch_embed.num_patches
+    if cfg.cache.k_max > num_patches:
+        raise UserError(f"cache.k_max={cfg.cache.k_max} exceeds the {num_patches} patches of a "
+                        f"{cfg.data.img_size}px image at patch {patch}")
+    if cfg.targets.last_layers > len(base.blocks):
+        raise UserError(f"targets.last_layers={cfg.targets.last_layers} exceeds the base depth {len(base.blocks)}")
+
+
+def images_per_batch(cfg: Config) -> int:
+    """Images in one base forward: stage one's data.batch_size counts views (README "Where we
+    departed from DESIGN.md, and why"), and all views of an image go in the same batch."""
+    return max(1, cfg.data.batch_size // cfg.data.views)
+
+
+def cache_meta(cfg: Config, source, base, compute_dtype: Optional[torch.dtype]) -> dict:
+    """Metadata of the cache: layout for the store, `identity` for resume checks, and what
+    `verify` needs to rebuild any view (source location, checkpoint path, view settings)."""
+    d, c = cfg.data, cfg.cache
+    arch = {**asdict(cfg.base.arch), "img_size": d.img_size}
+    ckpt = cfg.base.checkpoint
+    ckpt_sha = base_sha256(ckpt, base)
+    precision = dtype_name(compute_dtype)
+    fingerprint = source.fingerprint()  # stats every file of an ImageFolder: once
+    # Keys mirror the config, so a refused rerun names the setting to change ("data.views").
+    identity = {
+        "base": {"arch": arch, "checkpoint_sha256": ckpt_sha},
+        "seed": cfg.seed,
+        "data": {"img_size": d.img_size, "views": d.views, "scale_min": d.scale_min, "scale_max": d.scale_max,
+                 "fingerprint": fingerprint, "num_images": len(source)},
+        "targets": {"last_layers": cfg.targets.last_layers},
+        "cache": {"k_max": c.k_max, "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "store": c.store},
+        "compute_dtype": precision,
+    }
+    return {
+        "store": c.store, "num_images": len(source), "views": d.views,
+        "num_patches": base.patch_embed.num_patches, "feat_dim": base.embed_dim,
+        "heads": base.blocks[-1].attn.num_heads, "k_max": c.k_max, "images_per_shard": c.images_per_shard,
+        "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "zstd_level": c.zstd_level,
+        "store_images": c.store_images, "identity": identity,
+        "source": {"kind": d.kind, "path": source_location(d.kind, d.path), "num_images": len(source),
+                   "fingerprint": fingerprint},
+        "base": {"arch": arch, "checkpoint": str(Path(ckpt).absolute()) if ckpt else None,
+                 "checkpoint_sha256": ckpt_sha, "patch_size": base.patch_embed.patch_size[0],
+                 "embed_dim": base.embed_dim, "depth": len(base.blocks), "num_heads": base.blocks[-1].attn.num_heads},
+        "seed": cfg.seed, "img_size": d.img_size, "scale": [d.scale_min, d.scale_max],
+        "last_layers": cfg.targets.last_layers, "compute_dtype": precision,
+        "package_version": __version__,
+    }

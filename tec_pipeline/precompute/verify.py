@@ -1,0 +1,104 @@
+"""Checking a written cache against the base model: which views to recompute, how to recompute
+one exactly as stage one did, and how close it must come to what is stored.
+
+A view is rebuilt from the cache's metadata alone: the source image, the seeded crop of
+(seed, image, view) (which must equal the stored crop) and the base at the recorded weights.
+Its targets then differ from the stored ones only by the storage dtypes' rounding and, for a
+bf16 cache, the bf16 compute noise; the tolerances below bound each.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..base_targets import autocast
+from ..cache.codecs import attn_kl_rows, feat_rel_rms
+from ..cache.store import CacheCorruptError
+from ..models.base import base_forward
+from ..targets import enhance, query_rows
+from ..views import draw_view, normalize
+
+# Tolerances of a recomputed view against the stored one, by storage dtype. Features: relative
+# RMS of Yf (fp16 rounds to ~3e-4; int8 measured 1.8 %). Attention: KL of the row softmaxes at
+# tau=1.8 (uint8 measured ~1.2e-4). Both measured in README "Benchmarks (measured; the machine
+# is said with each table)". bf16 compute adds its own noise on top.
+FEAT_TOL = {"float32": 1e-3, "float16": 3e-3, "int8": 0.04}
+ATTN_KL_TOL = {"float32": 1e-5, "float16": 1e-4, "uint8": 2e-3}
+BF16_FEAT_TOL, BF16_KL_TOL = 0.05, 1e-2
+TOPK_MIN_OVERLAP = {"float32": 0.9, "bfloat16": 0.5}
+
+
+def check_files(reader) -> bool:
+    """Every data file recorded for a completed shard exists with its recorded size."""
+    ok = True
+    for shard, info in reader.doc.get("shards", {}).items():
+        for rel, size in info.get("files", {}).items():
+            path = f"{reader.root}/{rel}"
+            actual = reader.fs.size(path) if reader.fs.exists(path) else None
+            if actual != size:
+                state = "missing" if actual is None else f"{actual} bytes, recorded {size}"
+                print(f"FAIL shard {shard}: file {rel} {state}")
+                ok = False
+    return ok
+
+
+def pick_views(reader, missing: list[int], sample: int, seed: int) -> list[tuple[int, int]]:
+    """The views to recompute: `sample` distinct (image, view) pairs of the written shards, drawn by `seed`."""
+    images = [i for s in range(reader.num_shards) if s not in missing for i in reader.shard_range(s)]
+    total = len(images) * reader.views
+    picks = np.random.default_rng(seed).choice(total, size=min(sample, total), replace=False)
+    return [(images[p // reader.views], int(p % reader.views)) for p in sorted(picks)]
+
+
+def verify_view(reader, source, base, device, image: int, view: int) -> bool:
+    """Recompute one view and compare; prints one line."""
+    meta = reader.meta
+    where = f"image {image} view {view} ({source.name(image)})"
+    try:
+        stored = reader.read_view(image, view)
+    except CacheCorruptError as err:
+        print(f"FAIL {where}: {err}")
+        return False
+    if not stored["valid"]:
+        print(f"skip {where}: marked skipped (undecodable when the cache was written)")
+        return True
+    pixels, params = draw_view(source.load(image), meta["seed"], image, view, meta["img_size"], tuple(meta["scale"]))
+    if not np.array_equal(stored["crop"], params.as_array()):
+        print(f"FAIL {where}: stored crop {stored['crop'].tolist()} != drawn crop {params.as_array().tolist()}")
+        return False
+    ref = reference_view(base, pixels[None], meta, stored["topk_idx"], device)  # the drawn crop is the stored one
+    return compare_view(where, stored, ref, meta)
+
+
+def reference_view(base, pixels: torch.Tensor, meta: dict, topk_idx: np.ndarray, device) -> dict[str, np.ndarray]:
+    """The base model's targets for one view (pixels (1, 3, S, S) uint8); attention rows taken at
+    the *stored* top-k so rows are compared like for like even where near-ties rank differently."""
+    dtype = torch.bfloat16 if meta.get("compute_dtype") == "bfloat16" else None
+    with torch.inference_mode(), autocast(device, dtype):
+        out = base_forward(base, normalize(pixels.to(device)), meta["last_layers"])
+    t = enhance(out.features, out.logits, int(meta["k_max"]))
+    rows = query_rows(torch.as_tensor(topk_idx, dtype=torch.long, device=device)[None])[0]
+    attn = out.logits.float()[0][:, rows, 1:].permute(1, 0, 2)  # (k+1, H, L): stored layout
+    ref = {name: getattr(t, name)[0].cpu().numpy() for name in ("feat", "feat_mean", "feat_std", "topk_idx")}
+    return {**ref, "attn": attn.cpu().numpy()}
+
+
+def raw_features(t: dict[str, np.ndarray]) -> np.ndarray:
+    """Y before Eq. 2, (L, C) from the stored Yf and its per-channel mean and std."""
+    return t["feat"] * t["feat_std"] + t["feat_mean"]
+
+
+def compare_view(where: str, stored: dict, ref: dict, meta: dict) -> bool:
+    """Relative RMS of features, KL of attention rows, top-k overlap, each against its tolerance."""
+    bf16 = meta.get("compute_dtype") == "bfloat16"
+    feat_tol = max(FEAT_TOL[meta["feat_dtype"]], BF16_FEAT_TOL if bf16 else 0)
+    kl_tol = max(ATTN_KL_TOL[meta["attn_dtype"]], BF16_KL_TOL if bf16 else 0)
+    feat_err = max(feat_rel_rms(ref["feat"], stored["feat"]), feat_rel_rms(raw_features(ref), raw_features(stored)))
+    kl = float(attn_kl_rows(ref["attn"], stored["attn"]).mean()) if ref["attn"].size else 0.0
+    k = len(ref["topk_idx"])
+    overlap = len(set(ref["topk_idx"].tolist()) & set(stored["topk_idx"].tolist())) / k if k else 1.0
+    min_overlap = TOPK_MIN_OVERLAP["bfloat16" if bf16 else "float32"]
+    good = feat_err <= feat_tol and kl <= kl_tol and overlap >= min_overlap
+    print(f"{'ok  ' if good else 'FAIL'} {where}: feat rel-rms {feat_err:.1e} (tol {feat_tol:.0e}), "
+          f"attn KL {kl:.1e} (tol {kl_tol:.0e}), top-k overlap {overlap:.2f} (min {min_overlap})")
+    return good
