@@ -6,7 +6,7 @@ ViT-B/16 at 224 (L=196, C=768, H=12, k=15). Two kinds of targets:
   enhancement) on crops of scikit-learn's sample photographs; its attention logits are
   nearly uniform, so this is the easy case for the attention codec;
 - ``gauss``: patch-normalized Gaussian features with 1 % outlier channels (x20) and Gaussian
-  logits of std 2.5: the worst case of DESIGN's "Storage facts".
+  logits of std 2.5: the worst case (README "Benchmarks", bytes per view).
 
 For each (store, feat dtype, attn dtype) it writes a cache, then reports bytes per view
 (data files only), write and read speed (``read_shard`` over all shards, ``read_view`` over

@@ -1,4 +1,4 @@
-"""Create, resume and open target caches (DESIGN "The cache"): the API stage one and training use.
+"""Create, resume and open target caches (README "Stage one: the target cache"): the API stage one and training use.
 
 ``create_cache`` makes a new cache or reopens one made by the same configuration (its
 ``identity``) so that a restarted run skips completed shards; ``open_cache`` reads one.
