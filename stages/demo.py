@@ -116,7 +116,7 @@ def margins(rows: list[dict], groups=None) -> dict:
     """TEC's margin over the base and over the control per metric, with its 95% interval over
     the scored images, resampled by source digit when `groups` gives them (`paired_difference`):
     whether a win is larger than the evaluation set's own noise."""
-    from tec_pipeline.evaluate import paired_difference
+    from tec_pipeline.evaluate.statistics import paired_difference
 
     by = {r["name"]: r for r in rows}
     return {other: {m: paired_difference(by["tec"]["hits"][m], by[other]["hits"][m], groups)
@@ -140,7 +140,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     from stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
     from tec_pipeline.data.demo import build_demo_data
-    from tec_pipeline.evaluate import format_table, run_eval, scored_groups
+    from tec_pipeline.evaluate.report import format_table, run_eval, scored_groups
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

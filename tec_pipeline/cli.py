@@ -119,7 +119,7 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
         if not sep or not name or not checkpoint:
             _fail(f"--model '{item}' is not of the form NAME=CHECKPOINT")
         pairs.append((name, arch, checkpoint))
-    from .evaluate import run_eval  # after the checks: a typo costs no torch import
+    from .evaluate.report import run_eval  # after the checks: a typo costs no torch import
 
     _run(run_eval, pairs, train_dir, test_dir, pool=pool, img_size=img_size, output=out, k=k, probe_C=probe_c,
          echo=typer.echo, split=_split(val))

@@ -9,10 +9,12 @@ from PIL import Image
 
 from tec_pipeline.config import ViTArch
 from tec_pipeline.data.demo import build_demo_data, source_groups
-from tec_pipeline.evaluate import (PROBE_CS, EvalError, choose_probe_C, evaluate_models, extract_features,
-                                   format_table, hit_string, knn_accuracy, knn_predict, labelled_folder,
-                                   linear_probe_accuracy, paired_difference, pixel_features, probe_split,
-                                   random_init_like, run_eval, scored_groups)
+from tec_pipeline.evaluate.errors import EvalError
+from tec_pipeline.evaluate.features import extract_features, labelled_folder, pixel_features, random_init_like
+from tec_pipeline.evaluate.protocols import (PROBE_CS, choose_probe_C, knn_accuracy, knn_predict,
+                                             linear_probe_accuracy, probe_split)
+from tec_pipeline.evaluate.report import evaluate_models, format_table, run_eval, scored_groups
+from tec_pipeline.evaluate.statistics import hit_string, paired_difference
 from tec_pipeline.models.base import build_vit
 
 TINY_VIT = ViTArch(name="vit_base_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
