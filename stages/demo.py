@@ -139,7 +139,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     """
     from stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
-    from tec_pipeline.data.demo import build_demo_data
+    from tec_pipeline.data.demo import build_demo_data, source_groups
+    from tec_pipeline.evaluate.features import labelled_folder
     from tec_pipeline.evaluate.report import format_table, run_eval, scored_groups
 
     out = Path(out)
@@ -162,13 +163,15 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
         with timer.stage("second round"):
             models.append(("tec-round2", None, str(_second_round(tec, tec_encoder, out))))
     with timer.stage("eval"):
+        train, test = labelled_folder(root / "train"), labelled_folder(root / "test")
+        train_groups = source_groups(train)
         rows = run_eval(models, root / "train", root / "test", pool=EVAL_POOL,
                         output=out / split_file("eval", split), seed=seed, echo=lambda *a: None,
-                        split=split)
+                        split=split, train_groups=train_groups)
     with timer.stage("pictures"):
         pictures = _pictures(tec, out, tec_encoder)
     report = {"seed": seed, "split": split, "overrides": list(overrides or []), "rows": rows,
-              "margins": margins(rows, scored_groups(root / "train", root / "test", split)),
+              "margins": margins(rows, scored_groups(split, train.labels, train_groups, source_groups(test))),
               "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
               "tec_steps": tec_steps(tec), "pictures": [str(p) for p in pictures], "verdict": verdict(rows)}
     write_json(out / split_file("report", split), report)

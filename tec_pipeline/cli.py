@@ -33,6 +33,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _demo_groups(train_dir: Path):
+    """The source digit of each training image of a demo build, None for any other folder: on a
+    demo build the probe's held-out fifth and --val hold out whole source digits, as its test
+    split does."""
+    from .data.demo import source_groups
+    from .evaluate.features import labelled_folder
+
+    return source_groups(labelled_folder(train_dir))
+
+
 def _run(fn, *args, **kwargs):
     """Call a stage; the user-facing errors of this package become one red line and exit 2."""
     from .errors import UserError
@@ -122,7 +132,7 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
     from .evaluate.report import run_eval  # after the checks: a typo costs no torch import
 
     _run(run_eval, pairs, train_dir, test_dir, pool=pool, img_size=img_size, output=out, k=k, probe_C=probe_c,
-         echo=typer.echo, split=_split(val))
+         echo=typer.echo, split=_split(val), train_groups=_run(_demo_groups, train_dir))
 
 
 @app.command()

@@ -56,6 +56,16 @@ def check_models(models: Mapping[str, Model]) -> None:
         raise EvalError(f"{unknown[0]} (an encoder or '{PIXELS}')")
 
 
+def checked_groups(groups: Optional[np.ndarray], train: ImageFolderSource) -> Optional[np.ndarray]:
+    """`groups` as an array of one group per training image, in the folder's order (None: no grouping)."""
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    if len(groups) != len(train):
+        raise EvalError(f"{train.root}: {len(groups)} groups given for its {len(train)} images")
+    return groups
+
+
 def evaluated_classes(train: ImageFolderSource, test_dir: Optional[str | Path]) -> list[str]:
     """The class-folder names of the training folder and the scored test folder, sorted: one
     label space for both, so a class missing from one side keeps its label on the other."""
@@ -93,22 +103,23 @@ def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir
                     pool: Pool = "cls", k: int = 20, T: float = 0.07, batch_size: int = 128,
                     device: str | torch.device = "cpu", floors: bool = True, seed: int = 0,
                     pixel_size: int = PIXEL_SIZE, probe_C: Optional[float] = None, log=None,
-                    split: Split = "test") -> list[dict]:
+                    split: Split = "test", train_groups: Optional[np.ndarray] = None) -> list[dict]:
     """One row {name, knn, linear, probe_C, dim, hits} per model, floors first; `hits` holds
     each metric's `hit_string` over the scored images.
 
     With `floors`, "pixels" and "random-init" are added unless already present (`with_floors`).
-    `probe_C` None chooses the probe's C per model (`choose_probe_C`, grouped by source digit
-    on a demo build). `split` "val" fits on four fifths of `train_dir` and scores on the fifth
-    `validation_split` holds out (`test_dir` is not read). `log` (a print-like callable)
-    hears which model is being evaluated.
+    `probe_C` None chooses the probe's C per model (`choose_probe_C`). `split` "val" fits on
+    four fifths of `train_dir` and scores on the fifth `validation_split` holds out (`test_dir`
+    is not read). `train_groups` gives the group of each image of `train_dir`, in its order
+    (e.g. the source digit of each image of a demo build): the probe's held-out fifth and the
+    "val" fifth then hold out whole groups; None stratifies them by label. `log` (a print-like
+    callable) hears which model is being evaluated.
     """
-    from ..data.demo import source_groups
     check_split(split, test_dir)
     models = with_floors(models, seed) if floors else dict(models)
     train = labelled_folder(train_dir)
     classes = evaluated_classes(train, test_dir if split == "test" else None)
-    groups = source_groups(train)
+    groups = checked_groups(train_groups, train)
     check_models(models)
     rows = []
     for name, model in models.items():
@@ -121,15 +132,18 @@ def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir
     return rows
 
 
-def scored_groups(train_dir: str | Path, test_dir: Optional[str | Path], split: Split) -> Optional[np.ndarray]:
-    """The source digit of each image `evaluate_models` scores on `split`, in its order; None
-    for folders that are not a demo build."""
-    from ..data.demo import source_groups
+def scored_groups(split: Split, train_labels: Sequence[int], train_groups: Optional[np.ndarray],
+                  test_groups: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The group of each image `evaluate_models` scores on `split`, in its order: what
+    `paired_difference` resamples. From the groups of the test images, or for "val" those of
+    the training images (with their labels) that `validation_split` holds out; None where the
+    scored images have none."""
     if split == "test":
-        return source_groups(labelled_folder(test_dir))
-    train = labelled_folder(train_dir)
-    groups = source_groups(train)
-    return None if groups is None else groups[validation_split(np.asarray(train.labels), groups)[1]]
+        return None if test_groups is None else np.asarray(test_groups)
+    if train_groups is None:
+        return None
+    train_groups = np.asarray(train_groups)
+    return train_groups[validation_split(np.asarray(train_labels), train_groups)[1]]
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -151,16 +165,16 @@ def run_eval(models: Sequence[tuple[str, Optional[Union[ViTArch, str]], Optional
              output: str | Path | None = None, k: int = 20, T: float = 0.07, batch_size: int = 128,
              device: str | torch.device = "cpu", floors: bool = True, seed: int = 0,
              pixel_size: int = PIXEL_SIZE, probe_C: Optional[float] = None, echo=print,
-             split: Split = "test") -> list[dict]:
+             split: Split = "test", train_groups: Optional[np.ndarray] = None) -> list[dict]:
     """The `eval` command: load (name, arch, checkpoint) triples with `load_base_model`
     (arch None: recorded in an export; checkpoint None: random init), evaluate them with the
-    floors on `split` (`evaluate_models`), print the table and write it with its settings as
-    JSON to `output`."""
+    floors on `split`, held out by `train_groups` where given (`evaluate_models`), print the
+    table and write it with its settings as JSON to `output`."""
     from ..models.base import load_base_model
 
     encoders = {name: load_base_model(arch, checkpoint, img_size) for name, arch, checkpoint in models}
     rows = evaluate_models(encoders, train_dir, test_dir, pool, k, T, batch_size, device, floors, seed,
-                           pixel_size, probe_C, log=echo, split=split)
+                           pixel_size, probe_C, log=echo, split=split, train_groups=train_groups)
     echo(format_table(rows))
     if output is not None:
         report = {
