@@ -153,7 +153,7 @@ def demo_seeds(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds 
                val: bool = typer.Option(False, "--val", help=VAL_HELP),
                overrides: Optional[List[str]] = OverridesArg):
     """The demo over several seeds: mean and spread of k-NN and linear accuracy per model."""
-    from stages.demo import run_demo_seeds
+    from stages.demo_seeds import run_demo_seeds
 
     _run(run_demo_seeds, list(seeds), out, overrides=overrides or [], split=_split(val))
 
@@ -162,7 +162,7 @@ def demo_seeds(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds 
 def demo_base(out: Path = typer.Option(Path("assets/demo_base"), help="Where the base's encoder and model go."),
               overrides: Optional[List[str]] = OverridesArg):
     """Train the demo's MAE base with this pipeline (configs/demo_base.yaml) and export it."""
-    from stages.demo import make_demo_base
+    from stages.demo_base import make_demo_base
 
     _run(make_demo_base, out, overrides=overrides or [])
 
