@@ -145,8 +145,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     with timer.stage("pictures"):
         pictures = _pictures(tec, out, tec_encoder)
     report = {"seed": seed, "split": split, "overrides": list(overrides or []), "rows": rows,
-              "margins": margins(rows, scored),
-              "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
+              "margins": margins(rows, scored), "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
               "tec_steps": tec_steps(tec), "pictures": [str(p) for p in pictures], "verdict": verdict(rows)}
     write_json(out / split_file("report", split), report)
     print(format_report(report))
