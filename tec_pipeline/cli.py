@@ -33,6 +33,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _demo_groups(train_dir: Path):
+    """The source digit of each training image of a demo build, None for any other folder: on a
+    demo build the probe's held-out fifth and --val hold out whole source digits, as its test
+    split does."""
+    from .data.demo import source_groups
+    from .evaluate.features import labelled_folder
+
+    return source_groups(labelled_folder(train_dir))
+
+
 def _run(fn, *args, **kwargs):
     """Call a stage; the user-facing errors of this package become one red line and exit 2."""
     from .errors import UserError
@@ -119,10 +129,10 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
         if not sep or not name or not checkpoint:
             _fail(f"--model '{item}' is not of the form NAME=CHECKPOINT")
         pairs.append((name, arch, checkpoint))
-    from .evaluate import run_eval  # after the checks: a typo costs no torch import
+    from .evaluate.report import run_eval  # after the checks: a typo costs no torch import
 
     _run(run_eval, pairs, train_dir, test_dir, pool=pool, img_size=img_size, output=out, k=k, probe_C=probe_c,
-         echo=typer.echo, split=_split(val))
+         echo=typer.echo, split=_split(val), train_groups=_run(_demo_groups, train_dir))
 
 
 @app.command()
@@ -143,7 +153,7 @@ def demo_seeds(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds 
                val: bool = typer.Option(False, "--val", help=VAL_HELP),
                overrides: Optional[List[str]] = OverridesArg):
     """The demo over several seeds: mean and spread of k-NN and linear accuracy per model."""
-    from stages.demo import run_demo_seeds
+    from stages.demo_seeds import run_demo_seeds
 
     _run(run_demo_seeds, list(seeds), out, overrides=overrides or [], split=_split(val))
 
@@ -152,7 +162,7 @@ def demo_seeds(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds 
 def demo_base(out: Path = typer.Option(Path("assets/demo_base"), help="Where the base's encoder and model go."),
               overrides: Optional[List[str]] = OverridesArg):
     """Train the demo's MAE base with this pipeline (configs/demo_base.yaml) and export it."""
-    from stages.demo import make_demo_base
+    from stages.demo_base import make_demo_base
 
     _run(make_demo_base, out, overrides=overrides or [])
 

@@ -111,6 +111,26 @@ def test_eval_needs_exactly_one_of_test_dir_and_val(split, tmp_path):
     assert len(lines) == 1 and "--test-dir" in lines[0] and "--val" in lines[0]
 
 
+def test_eval_holds_out_whole_source_digits_on_a_demo_build_only(tmp_path, monkeypatch):
+    """The command looks up each training image's source digit on a demo build and hands it to
+    `run_eval`; a copy of the same folder outside the build has none."""
+    import shutil
+
+    from tec_pipeline.data.demo import build_demo_data, source_groups
+    from tec_pipeline.evaluate import report
+    from tec_pipeline.evaluate.features import labelled_folder
+
+    seen = []
+    monkeypatch.setattr(report, "run_eval", lambda *args, **kwargs: seen.append(kwargs["train_groups"]))
+    build_demo_data(tmp_path / "demo", train_size=20, test_size=5)
+    shutil.copytree(tmp_path / "demo" / "train", tmp_path / "plain")
+    for train in (tmp_path / "demo" / "train", tmp_path / "plain"):
+        result = invoke("eval", "--model", "a=b.pth", "--train-dir", train, "--val")
+        assert result.exit_code == 0, result.output
+    assert seen[0].tolist() == source_groups(labelled_folder(tmp_path / "demo" / "train")).tolist()
+    assert len(seen[0]) == 20 and seen[1] is None
+
+
 # ----------------------------------------------------------------------------- ablate end to end
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):

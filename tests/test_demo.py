@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from stages.demo import format_margins, format_stages, margins, run_demo_seeds, verdict
+from stages.demo_seeds import run_demo_seeds
+from tec_pipeline.demo_report import format_margins, format_report, format_stages, margins, verdict
 from tec_pipeline.errors import UserError
 
 
@@ -77,3 +78,15 @@ def test_margins_say_whether_a_win_exceeds_test_set_noise(tmp_path, capsys):
 def test_stage_table_totals():
     text = format_stages({"cache-targets": 10.0, "train TEC": 20.5}, 2_500_000)
     assert "total" in text and "30.5" in text and "2.5 MB" in text
+
+
+def test_a_run_prints_its_table_stages_verdict_and_margins():
+    hits = {"knn": "1100", "linear": "1010"}
+    table = [{"name": name, "knn": 0.5, "linear": 0.5, "probe_C": 0.01, "dim": 8, "hits": hits}
+             for name in ("base", "control", "tec")]
+    report = {"rows": table, "wall_s": {"eval": 2.0}, "cache_bytes": 1_000_000, "verdict": verdict(table),
+              "margins": margins(table)}
+    lines = format_report(report).splitlines()
+    assert lines[0].split() == ["model", "dim", "k-NN", "linear", "C"] and lines[3].startswith("tec")
+    assert lines[4].split() == ["stage", "wall", "s"] and "1.0 MB" in lines[7]
+    assert lines[8] == report["verdict"] and lines[9].startswith("TEC - base") and len(lines) == 11

@@ -173,6 +173,11 @@ def test_a_build_by_an_older_renderer_is_replaced(tmp_path):
     rebuilt = build_demo_data(root, seed=0, **TINY)
     assert rebuilt["settings"]["renderer_version"] == demo.RENDERER_VERSION
     assert stale.read_bytes() != b"old"
+    # One by a newer renderer is not this code's to redraw: refused like other settings.
+    manifest["settings"]["renderer_version"] = demo.RENDERER_VERSION + 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DemoDataError, match="other settings"):
+        build_demo_data(root, seed=0, **TINY)
 
 
 def test_refuses_a_folder_that_is_not_a_demo_build(tmp_path):

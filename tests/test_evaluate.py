@@ -9,10 +9,12 @@ from PIL import Image
 
 from tec_pipeline.config import ViTArch
 from tec_pipeline.data.demo import build_demo_data, source_groups
-from tec_pipeline.evaluate import (PROBE_CS, EvalError, choose_probe_C, evaluate_models, extract_features,
-                                   format_table, hit_string, knn_accuracy, knn_predict, labelled_folder,
-                                   linear_probe_accuracy, paired_difference, pixel_features, probe_split,
-                                   random_init_like, run_eval, scored_groups)
+from tec_pipeline.evaluate.errors import EvalError
+from tec_pipeline.evaluate.features import extract_features, labelled_folder, pixel_features, random_init_like
+from tec_pipeline.evaluate.protocols import (PROBE_CS, choose_probe_C, knn_accuracy, knn_predict,
+                                             linear_probe_accuracy, probe_split)
+from tec_pipeline.evaluate.report import evaluate_models, format_table, run_eval, scored_groups
+from tec_pipeline.evaluate.statistics import hit_string, paired_difference
 from tec_pipeline.models.base import build_vit
 
 TINY_VIT = ViTArch(name="vit_base_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -254,26 +256,30 @@ def test_val_split_scores_held_out_source_digits_and_never_reads_the_test_folder
     train, missing = root / "train", tmp_path / "no" / "test"
     ckpt, out = tmp_path / "vit.pth", tmp_path / "val.json"
     torch.save(vit.state_dict(), ckpt)
+    groups = source_groups(labelled_folder(train))
     rows = run_eval([("tiny", TINY_VIT, ckpt)], train, missing, pool="mean", k=1, probe_C=0.1, output=out,
-                    echo=lambda *a: None, split="val")
+                    echo=lambda *a: None, split="val", train_groups=groups)
     by = {r["name"]: r for r in rows}
     # Scored on renderings of digits the fit part never saw: 1-NN on pixels cannot find the
     # image itself (it would score 100% if the scored images were among the fitted ones).
     assert by["pixels"]["knn"] < 0.9
     # The same numbers the slow way: whole-folder features, the held-out fifth by source digit.
     X, y = extract_features(vit, train, pool="mean")
-    groups = source_groups(labelled_folder(train))
     fit, val = probe_split(y, groups, seed=0)
     assert not set(groups[fit]) & set(groups[val]) and 8 <= len(val) <= 24
-    assert scored_groups(train, None, "val").tolist() == groups[val].tolist()  # the scored images' source digits
+    # The scored images' source digits, for the margins' bootstrap.
+    assert scored_groups("val", y, groups, None).tolist() == groups[val].tolist()
     test_groups = source_groups(labelled_folder(root / "test"))
-    assert scored_groups(train, root / "test", "test").tolist() == test_groups.tolist()
+    assert scored_groups("test", y, groups, test_groups).tolist() == test_groups.tolist()
+    assert scored_groups("val", y, None, test_groups) is None
     assert by["tiny"]["knn"] == knn_accuracy(X[fit], y[fit], X[val], y[val], k=1)
     assert by["tiny"]["linear"] == linear_probe_accuracy(X[fit], y[fit], X[val], y[val], C=0.1)
     report = json.loads(out.read_text())
     assert report["split"] == "val" and report["test_dir"] is None
     with pytest.raises(EvalError, match="test folder"):
         evaluate_models({"tiny": vit}, train, None)
+    with pytest.raises(EvalError, match="3 groups given for its 80 images"):
+        evaluate_models({"tiny": vit}, train, None, split="val", train_groups=groups[:3])
 
 
 def test_unlabelled_folder_is_refused(tmp_path, vit):

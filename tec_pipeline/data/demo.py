@@ -1,8 +1,8 @@
 """The built-in demo set: MNIST-M-like digits made from what scikit-learn ships.
 
-DESIGN, "The default that runs anywhere": no network, so the data of the demo run is
-rendered locally from scikit-learn's 1,797 handwritten digits (8x8 grey) composited over
-random crops of its two sample photographs (china.jpg, flower.jpg). Every image is a
+README, "The default run (`bash scripts/demo.sh`)": no network, so the data of the demo
+run is rendered locally from scikit-learn's 1,797 handwritten digits (8x8 grey) composited
+over random crops of its two sample photographs (china.jpg, flower.jpg). Every image is a
 32x32 RGB picture of one source digit in a random colour, size, position and slant,
 over a background cut from a photo (its flat colour at the default difficulty, its texture
 and stroke fragments of other digits as clutter at higher ones).
@@ -242,8 +242,12 @@ def _write_split(tmp: Path, settings: DemoSettings, split: str, sources: np.ndar
                                      optimize=False, compress_level=6)
 
 
-def _older_renderer(manifest: dict | None) -> bool:
-    """A complete demo build by an older renderer: stale by construction, so it is replaced."""
+def _built_by_an_older_renderer(manifest: dict | None) -> bool:
+    """Whether `manifest` marks a complete demo build by an older renderer, which is replaced
+    even without `overwrite`: it is derived data, redrawn from what scikit-learn ships at no
+    loss, and the demo cannot use it (its images are not what the settings now render), while
+    the demo command has no overwrite switch. A build by a newer renderer is refused like any
+    build with other settings."""
     return (manifest is not None and manifest.get("format") == FORMAT
             and manifest.get("settings", {}).get("renderer_version", 0) < RENDERER_VERSION)
 
@@ -267,7 +271,7 @@ def build_demo_data(root: str | Path, train_size: int = 5000, test_size: int = 1
     if manifest is not None and manifest.get("settings") == asdict(settings) and not overwrite:
         return manifest
     occupied = manifest is not None or any((root / s).exists() for s in SPLITS)
-    if occupied and not overwrite and not _older_renderer(manifest):
+    if occupied and not overwrite and not _built_by_an_older_renderer(manifest):
         if manifest is not None:
             raise DemoDataError(f"{root}: demo data built with other settings ({manifest.get('settings')}); "
                                 f"pass overwrite to rebuild with {asdict(settings)}")
