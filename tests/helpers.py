@@ -3,10 +3,12 @@ import multiprocessing
 import os
 import socket
 import traceback
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from tec_pipeline.base_targets import compute_targets
 from tec_pipeline.config import ViTArch
@@ -14,11 +16,31 @@ from tec_pipeline.data.sources import ImageSource
 from tec_pipeline.views import draw_view, normalize
 
 TINY_BASE = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+# The same sizes as dotted overrides: a tiny base, and a tiny new model with the data settings it trains on.
+TINY_BASE_ARGS = ["base.arch.name=vit_tiny_patch16_224", "base.arch.patch_size=8", "base.arch.embed_dim=32",
+                  "base.arch.depth=2", "base.arch.num_heads=2"]
+TINY_MODEL_ARGS = ["model.arch.name=vit_tiny_patch16_224", "model.arch.img_size=32", "model.arch.patch_size=8",
+                   "model.arch.embed_dim=32", "model.arch.depth=3", "model.arch.num_heads=2", "model.decoder_dim=32",
+                   "model.decoder_heads=2", "model.decoder_depth=1", "data.img_size=32", "data.batch_size=4",
+                   "optim.epochs=1", "optim.blr=0.05"]
 
 
 def tiny_arch(patch_size: int = 8, embed_dim: int = 32, depth: int = 3, num_heads: int = 2) -> ViTArch:
     return ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=patch_size, embed_dim=embed_dim,
                    depth=depth, num_heads=num_heads)
+
+
+def write_images(root: Path, count: int, size: Optional[tuple[int, int]] = None, classes: int = 0,
+                 name: str = "{i:02d}.png", seed: int = 0) -> Path:
+    """`count` random RGB PNGs under `root`: all (height, width) = `size`, or each of a random size
+    in 36..55 when `size` is None; in `classes` class folders `c{i % classes}` (flat when 0)."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        h, w = size if size is not None else (int(rng.integers(36, 56)), int(rng.integers(36, 56)))
+        folder = root / f"c{i % classes}" if classes else root
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name.format(i=i))
+    return root
 
 
 def run_as_ranks(fn: Callable[..., object], *args, world: int = 2, timeout: float = 180) -> list[int]:

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
-from helpers import build_memory_cache
+from helpers import TINY_BASE, TINY_MODEL_ARGS, build_memory_cache, write_images
 from stages.ablate import run_ablations
-from tec_pipeline.config import Config, ConfigError, ViTArch, load_config
+from tec_pipeline.config import Config, ConfigError, load_config
 from tec_pipeline.data.sources import ImageFolderSource
 from tec_pipeline.models.base import base_forward, load_base_model
 from tec_pipeline.models.tec import TECModel
@@ -25,19 +24,14 @@ from tec_pipeline.train.spec import TargetSpec
 from tec_pipeline.views import normalize
 
 ABLATIONS = Path(__file__).resolve().parents[1] / "configs" / "ablations"
-BASE = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-TINY = ["model.arch.name=vit_tiny_patch16_224", "model.arch.img_size=32", "model.arch.patch_size=8",
-        "model.arch.embed_dim=32", "model.arch.depth=3", "model.arch.num_heads=2", "model.decoder_dim=32",
-        "model.decoder_heads=2", "model.decoder_depth=1", "data.img_size=32", "data.batch_size=4",
-        "data.num_workers=0", "optim.epochs=1", "optim.blr=0.05"]
+BASE = TINY_BASE
+TINY = [*TINY_MODEL_ARGS, "data.num_workers=0"]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ablate")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    write_images(root, 12, size=(40, 48))
     torch.manual_seed(0)
     base = load_base_model(BASE, None)
     torch.save(base.state_dict(), root / "base.pth")

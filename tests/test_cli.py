@@ -5,8 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
+
+from helpers import TINY_BASE_ARGS, TINY_MODEL_ARGS, write_images
 
 from tec_pipeline.cli import app
 
@@ -27,12 +28,7 @@ KEY_OPTIONS = {
     "ablate": ["CONFIGS", "--cache", "--config", "--output"],
 }
 
-TINY_BASE = ["base.arch.name=vit_tiny_patch16_224", "base.arch.patch_size=8", "base.arch.embed_dim=32",
-             "base.arch.depth=2", "base.arch.num_heads=2"]
-TINY_MODEL = ["model.arch.name=vit_tiny_patch16_224", "model.arch.img_size=32", "model.arch.patch_size=8",
-              "model.arch.embed_dim=32", "model.arch.depth=3", "model.arch.num_heads=2", "model.decoder_dim=32",
-              "model.decoder_heads=2", "model.decoder_depth=1", "data.img_size=32", "data.batch_size=4",
-              "optim.epochs=1", "optim.blr=0.05"]
+TINY_BASE, TINY_MODEL = TINY_BASE_ARGS, TINY_MODEL_ARGS
 
 
 def invoke(*args: str):
@@ -136,11 +132,7 @@ def test_eval_holds_out_whole_source_digits_on_a_demo_build_only(tmp_path, monke
 def tiny_cache(tmp_path_factory):
     """12 small pictures and a stage-one cache of them from a random-init tiny base, made by the CLI."""
     root = tmp_path_factory.mktemp("cli")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+    images = write_images(root / "images", 12, size=(40, 48))
     cache = root / "cache.zarr"
     result = invoke("cache-targets", *TINY_BASE, f"data.path={images}", "data.img_size=32", "data.views=1",
                     "data.batch_size=12", "data.num_workers=0", f"cache.path={cache}", "cache.k_max=3",

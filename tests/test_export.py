@@ -9,28 +9,25 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from helpers import TINY_BASE, tiny_arch, write_images
 from stages.train import run_train
-from tec_pipeline.config import Config, TrainConfig, ViTArch
+from tec_pipeline.config import Config, TrainConfig
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT, build_model, export_run, load_checkpoint
 from tec_pipeline.models.base import EXPORT_FORMAT, export_arch, load_base_model
 from tec_pipeline.base_targets import compute_targets
 
-BASE = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-NEW = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)
+BASE, NEW = TINY_BASE, tiny_arch(embed_dim=48, num_heads=3)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A short online run (random-init base) with both adapters, trained a few steps."""
     root = tmp_path_factory.mktemp("export")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    write_images(root, 8, size=(40, 44), name="{i}.png")
     cfg = Config(seed=0, output=str(root / "run"))
     cfg.base = replace(cfg.base, arch=BASE, checkpoint=None)
     cfg.model = replace(cfg.model, arch=NEW, decoder_dim=32, decoder_depth=1, decoder_heads=2)

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from helpers import MemoryCache, build_memory_cache, run_as_ranks
+from helpers import TINY_BASE, MemoryCache, build_memory_cache, run_as_ranks, tiny_arch, write_images
 from stages import train as train_stage
 from stages.cache_targets import run_cache_targets
 from stages.train import run_train
-from tec_pipeline.config import Config, TrainConfig, ViTArch
+from tec_pipeline.config import Config, TrainConfig
 from tec_pipeline.data.sources import ImageFolderSource
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT, load_checkpoint
@@ -27,20 +26,13 @@ from tec_pipeline.train.order import epoch_order, first_sample, mask_noise, plan
 from tec_pipeline.train.schedule import lr_at, param_groups, scaled_lr
 from tec_pipeline.views import render_view, sample_view
 
-BASE = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-NEW = ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+BASE, NEW = TINY_BASE, tiny_arch()
 N_IMAGES, VIEWS, K_MAX, PER_SHARD = 16, 2, 5, 4
 
 
 def make_images(root: Path, n: int = N_IMAGES) -> Path:
     """Random RGB images of a few sizes (so crops differ), in two class folders."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        h, w = int(rng.integers(36, 56)), int(rng.integers(36, 56))
-        folder = root / f"c{i % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    return root
+    return write_images(root, n, classes=2, name="{i:03d}.png")
 
 
 @pytest.fixture(scope="module")
