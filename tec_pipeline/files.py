@@ -38,15 +38,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def is_local(fs) -> bool:
+    """Whether an fsspec filesystem is this machine's own disk (protocol ``file``), where files
+    are written through `atomic_path` and read with ``os.pread``."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" in protocols
+
+
 def write_bytes(fs, path: str, data: bytes) -> None:
     """Write a whole file on a local or fsspec filesystem so that readers see nothing or all of it.
 
     Local: `atomic_path`. Elsewhere one ``pipe_file``: an object-store PUT is atomic (a "rename"
     there is a copy), and so is a write to ``memory://``.
     """
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
+    if is_local(fs):
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
     else:

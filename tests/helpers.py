@@ -6,8 +6,10 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
+import fsspec
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from tec_pipeline.base_targets import compute_targets
@@ -143,3 +145,26 @@ def build_memory_cache(base, source: ImageSource, img_size: int, views: int, see
             "identity": {"img_size": img_size, "seed": seed, "last_layers": last_layers},
             "source": {"kind": "imagefolder", "path": source_path}}
     return MemoryCache(meta, arrays)
+
+
+class CountingFileSystem(LocalFileSystem):
+    """This machine's disk under the protocol ``counting://``, counting the bytes reads ask for.
+
+    A stand-in for object storage: the readers treat it as remote (not ``file``), so every read
+    is an fsspec range request (``cat_file``), and `requested` is what they would fetch.
+    """
+
+    protocol = ("counting",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.requested = self.requests = 0
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        data = super().cat_file(path, start, end, **kwargs)
+        self.requested += len(data)
+        self.requests += 1
+        return data
+
+
+fsspec.register_implementation("counting", CountingFileSystem, clobber=True)

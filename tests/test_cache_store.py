@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import uuid
 
@@ -312,10 +313,11 @@ def test_zarr_damage_is_detected_and_names_the_shard(damage, tmp_path):
 
 
 def test_zarr_damaged_small_chunk_is_named(tmp_path):
-    """Back-to-back chunks are decoded in one zstd call; a damaged one is still found and named."""
+    """Back-to-back chunks are decoded in one zstd call; a damaged one is still found and named,
+    whole-shard (``read_shard``) and when training takes the view."""
     url, fs, root = _finished_cache(tmp_path, "zarr")
     _flip_byte(fs, f"{root}/feat_mean/c/1/0/0", 20)  # inside the first chunk's frame
-    for read in (lambda r: r.read_shard(1), lambda r: r.open_shard(1)):
+    for read in (lambda r: r.read_shard(1), lambda r: r.open_shard(1).take(np.array([0]), np.array([0]), K + 1)):
         with pytest.raises(CacheCorruptError, match=r"shard 1: 'feat_mean' chunk \(0, 0\)"):
             read(open_cache(url))
 
@@ -358,14 +360,18 @@ def test_open_shard_keeps_stored_dtypes_and_dequantizes_bit_identically(store, f
 @pytest.mark.parametrize("damage", ["member", "missing"])
 def test_webdataset_damage_is_detected_and_names_the_shard(damage, tmp_path):
     url, fs, root = _finished_cache(tmp_path, "webdataset")
-    path = f"{root}/shard-00001-000.tar"
+    path = f"{root}/shard-00001-v00-000.tar"  # view 0 of shard 1's images
     if damage == "member":
         _flip_byte(fs, path, 512 + 40)  # inside the first member's zstd frame
     else:
         fs.rm(path)
-    for read in (lambda r: r.read_shard(1), lambda r: r.read_view(2, 0)):
+    reads = (lambda r: r.read_shard(1), lambda r: r.read_view(2, 0),
+             lambda r: r.open_shard(1).take(np.array([0]), np.array([0]), K + 1))
+    for read in reads:
         with pytest.raises(CacheCorruptError, match="shard 1"):
             read(open_cache(url))
+    open_cache(url).read_view(2, 1)  # the other view's tars are untouched
+    open_cache(url).open_shard(1).take(np.array([0, 1]), np.array([1, 1]), K + 1)
 
 
 # ----------------------------------------------------------------------------- determinism, misc
@@ -417,7 +423,9 @@ def test_bad_input_is_refused(tmp_path):
 
 
 def test_webdataset_parts_stream_through_webdataset(tmp_path):
-    """Size-bounded parts, and the tars are plain webdataset samples that decode_sample reads."""
+    """Size-bounded parts grouped by view: streaming one view's tars (one epoch in cycle mode)
+    yields every image once, as plain webdataset samples that decode_sample reads; the source
+    images sit in their own tars, stored once."""
     import webdataset as wds
 
     from tec_pipeline.cache.wds_store import decode_sample
@@ -428,14 +436,34 @@ def test_webdataset_parts_stream_through_webdataset(tmp_path):
     write_shards(w, make_targets())
     w.finalize({})
     reader = open_cache(url)
-    urls = reader.tar_urls()
-    assert len(urls) == 5  # one sample per part at this limit
+    assert len(reader.tar_urls()) == N * V  # one sample per part at this limit
     got = read_all(reader)
-    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
-    assert [int(s["__key__"]) for s in samples] == list(range(N))
-    for s in samples:
-        one = decode_sample(s, reader.meta)
-        i = int(s["__key__"])
-        for key in ("feat", "attn", "crop", "topk_idx"):
-            np.testing.assert_array_equal(one[key], got[key][i], err_msg=key)
-        assert s["png"] == fake_image(i)
+    for view in range(V):
+        urls = reader.tar_urls(view)
+        assert len(urls) == N and all(f"-v{view:02d}-" in u for u in urls)
+        samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+        assert [int(s["__key__"]) for s in samples] == list(range(N))
+        for s in samples:
+            one, i = decode_sample(s, reader.meta), int(s["__key__"])
+            for key in ("feat", "attn", "crop", "topk_idx"):
+                np.testing.assert_array_equal(one[key], got[key][i, view], err_msg=key)
+            assert "png" not in s
+    assert [reader.image_bytes(i) for i in range(N)] == [fake_image(i) for i in range(N)]
+
+
+def test_a_cache_of_the_old_layout_is_refused_with_how_to_rebuild(tmp_path):
+    """Format 1 (views image by image in a shard) is not read as if it were format 2."""
+    url, fs, root = _finished_cache(tmp_path, "zarr")
+    doc = json.loads(fs.cat_file(f"{root}/tec_cache.json"))
+    fs.pipe_file(f"{root}/tec_cache.json", json.dumps({**doc, "format_version": 1}).encode())
+    with pytest.raises(UserError, match=r"format version 1, this tec-pipeline reads version 2.*--overwrite"):
+        open_cache(url)
+
+
+def test_zarr_shard_files_are_view_major(tmp_path):
+    """Within a shard file all images' view 0 come first, then view 1: an epoch's views are one run."""
+    url, fs, root = _finished_cache(tmp_path, "zarr")
+    reader = open_cache(url)
+    index = reader._load_index("feat", 0)  # (image * V + view, 2): offset, length
+    offsets = index[:, 0].reshape(S, V)
+    assert (offsets[:, 0].max() < offsets[:, 1].min()) and (np.diff(offsets[:, 0]) > 0).all()

@@ -263,16 +263,23 @@ def test_resume_refuses_changed_images(world, tmp_path):
 
 
 def test_cached_and_online_runs_give_the_same_losses(world, tmp_path):
-    """Stage-one zarr caches (float32 / float16 storage) against the base model in the loop."""
+    """Stage-one zarr caches (float32 / float16 storage) and a float32 webdataset cache against
+    the base model in the loop: reading only each epoch's views changes no loss."""
     steps = 20
+    wds = tiny_config(world, tmp_path / "unused")
+    wds.cache = replace(wds.cache, path=str(tmp_path / "f32.wds"), store="webdataset", feat_dtype="float32",
+                        attn_dtype="float32")
+    run_cache_targets(wds)
+    paths = {**{k.removeprefix("zarr_"): v for k, v in world.items() if k.startswith("zarr_")}, "wds": wds.cache.path}
     losses = {}
-    for name, source in (("float32", "cache"), ("float16", "cache"), ("online", "online")):
+    for name, source in (("float32", "cache"), ("float16", "cache"), ("wds", "cache"), ("online", "online")):
         cfg = tiny_config(world, tmp_path / name, source=source, max_steps=steps)
         cfg.optim = replace(cfg.optim, epochs=10)
-        cfg.cache = replace(cfg.cache, path=world.get(f"zarr_{name}", ""))
+        cfg.cache = replace(cfg.cache, path=paths.get(name, ""))
         run_train(cfg)
         losses[name] = np.array([[r["loss_fea"], r["loss_att"]] for r in read_log(tmp_path / name)])
     assert losses["online"].shape == (steps, 2)
+    assert np.array_equal(losses["wds"], losses["float32"])  # both stores hold the same float32 targets
     rel32 = np.abs(losses["float32"] - losses["online"]) / np.abs(losses["online"])
     rel16 = np.abs(losses["float16"] - losses["online"]) / np.abs(losses["online"])
     print(f"max relative loss difference: float32 {rel32.max():.2e}, float16 {rel16.max():.2e}")
@@ -397,14 +404,18 @@ def test_mixed_precision_runs_after_full_precision_in_one_process(world, tmp_pat
     assert summary["step"] == 2 and np.isfinite(summary["losses"]["loss"])
 
 
-def test_loader_workers_keep_the_batch_order(world):
-    """Worker w makes batches w, w+W, ...; the DataLoader's round-robin gives the order of 0 workers."""
+@pytest.mark.parametrize("cache", ["memory", "zarr"])
+def test_loader_workers_keep_the_batch_order(world, cache):
+    """Worker w makes batches w, w+W, ...; the DataLoader's round-robin gives the order of 0 workers
+    (with a zarr cache each worker reads ahead only its own views of the epoch)."""
+    from tec_pipeline.cache.store import open_cache
     from tec_pipeline.train.batches import epoch_loader
 
     order = epoch_order(uniform_shards(N_IMAGES, PER_SHARD), None, 0, 0, 2)
     plan = plan_epoch(order, view_indices(order, 0, 0, VIEWS, "random"), 4, first_micro=10)
     assert plan.first_samples.tolist() == [first_sample(10 + j, 4) for j in range(len(plan))]
-    make = CachedBatches(world["f32"], world["source"], 32, attn_rows=4, buffer_shards=2)
+    reader = world["f32"] if cache == "memory" else open_cache(world["zarr_float32"])
+    make = CachedBatches(reader, world["source"], 32, attn_rows=4, buffer_shards=2)
     masks = partial(mask_noise, 0, batch=4, num_patches=16)
     serial = list(epoch_loader(plan, make, 1, 0, masks=masks))
     parallel = list(epoch_loader(plan, make, 1, 2, masks=masks))

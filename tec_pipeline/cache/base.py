@@ -69,6 +69,21 @@ class ShardTargets:
         return out
 
 
+def target_fields(meta: dict, attn_rows: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """(stored dtype, per-view shape) of each training array a batch takes: ``attn`` keeps its
+    first ``attn_rows`` query rows, ``topk_idx`` its first ``attn_rows - 1`` ranks."""
+    out = {}
+    for name, spec in array_specs(meta).items():
+        if name in TARGET_KEYS:
+            tail = spec.tail
+            if name == "attn":
+                tail = (min(attn_rows, tail[0]),) + tail[1:]
+            elif name == "topk_idx":
+                tail = (min(max(attn_rows - 1, 0), tail[0]),)
+            out[name] = (np.dtype(spec.dtype).newbyteorder("<"), tail)
+    return out
+
+
 def new_document(meta: dict) -> dict:
     """The root metadata file of a fresh cache."""
     return {"format_version": FORMAT_VERSION, "package_version": __version__, "meta": meta,
@@ -105,6 +120,10 @@ class CacheWriter:
 
     def _write_encoded(self, shard: int, enc: dict[str, np.ndarray], images: list | None) -> dict[str, int]:
         raise NotImplementedError
+
+    def _marker_fields(self, shard: int) -> dict:
+        """What else the store records in a written shard's completion marker (e.g. where samples lie)."""
+        return {}
 
     # -- shards
 
@@ -168,7 +187,8 @@ class CacheWriter:
         stats.update(shard=shard, images=len(rng), views=len(rng) * int(self.meta["views"]), bytes=total,
                      bytes_per_view=total / (len(rng) * int(self.meta["views"])),
                      invalid=[rng[i] for i in np.flatnonzero(data["valid"] == 0)])
-        marker = {"shard": shard, "images": [rng.start, rng.stop], "files": files, "stats": stats}
+        marker = {"shard": shard, "images": [rng.start, rng.stop], "files": files, "stats": stats,
+                  **self._marker_fields(shard)}
         write_bytes(self.fs, marker_path(self.root, shard), dump_json(marker))  # only after the data
         self._done.add(shard)
         return stats
@@ -286,10 +306,11 @@ class CacheReader:
         enc = self._read_encoded(shard)
         return codecs.decode(enc, self.meta["feat_dtype"], self.meta["attn_dtype"])
 
-    def open_shard(self, shard: int) -> ShardTargets:
+    def open_shard(self, shard: int, wanted: tuple[np.ndarray, np.ndarray] | None = None) -> ShardTargets:
         """A shard's training targets (``TARGET_KEYS``) in their stored dtypes, for training
-        batches (``ShardTargets.take``); same checks as ``read_shard``. Stores may defer decoding
-        until views are taken."""
+        batches (``ShardTargets.take``); same checks as ``read_shard``. ``wanted`` (local image
+        and view indices) names the views the caller will take, so a store can read just those;
+        stores may also defer reading and decoding until views are taken."""
         self._marker(shard)
         return ShardTargets(self._read_encoded(shard))
 
@@ -305,6 +326,10 @@ class CacheReader:
     def image_bytes(self, image: int) -> bytes | None:
         """The encoded source image (webdataset caches made with ``store_images``), else None."""
         return None
+
+    def view_bytes(self, shard: int, local: np.ndarray, views: np.ndarray) -> int:
+        """Stored bytes of those views' training targets: the least an epoch that takes them reads."""
+        raise NotImplementedError
 
     def nbytes(self) -> int:
         """Bytes on storage, all files of the cache included."""

@@ -15,7 +15,8 @@ from .schema import (
     fs_root, join, normalize_meta, read_json,
 )
 from .wds_store import WdsReader, WdsWriter
-from .zarr_store import ZarrReader, ZarrWriter
+from .zarr_read import ZarrReader
+from .zarr_store import ZarrWriter
 
 __all__ = ["CacheCorruptError", "CacheMismatchError", "CacheReader", "CacheWriter", "create_cache", "open_cache"]
 
@@ -26,8 +27,9 @@ _READERS = {"zarr": ZarrReader, "webdataset": WdsReader}
 def _read_document(url: str, fs, root: str) -> dict:
     doc = read_json(fs, join(root, META_FILE))
     if doc.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"cache {url} has format version {doc.get('format_version')}, "
-                        f"this tec-pipeline reads version {FORMAT_VERSION}")
+        raise UserError(f"cache {url} has format version {doc.get('format_version')}, this tec-pipeline reads "
+                        f"version {FORMAT_VERSION} (views laid out so an epoch reads only its own); rebuild it with "
+                        f"`tec-pipeline cache-targets` and the same config plus --overwrite")
     return doc
 
 

@@ -1,23 +1,24 @@
-"""The webdataset store: size-bounded tar shards, one sample per source image, for streaming.
+"""The webdataset store: size-bounded tar shards grouped by view index, for streaming.
 
-Files: ``shard-{shard:05d}-{part:03d}.tar``; a shard's samples go to part 0 until the next
-sample would push it past ``meta["max_part_bytes"]``, then to part 1, and so on. Sample key
-= the zero-padded image index; members (webdataset naming ``{key}.{suffix}``):
+Files of shard s: ``shard-{s:05d}-v{view:02d}-{part:03d}.tar``, one group of parts per view
+index, and ``shard-{s:05d}-img-{part:03d}.tar`` with the encoded source images
+(``store_images``), stored once, apart from the targets. An epoch uses one view per image, so
+streaming it reads one view group of every shard (``tar_urls(view)``): about 1/V of the cache.
+Samples go to part 0 until the next would push it past ``meta["max_part_bytes"]``, then to
+part 1, and so on. Sample key = the zero-padded image index; members (webdataset naming
+``{key}.{suffix}``):
 
-- ``{key}.{array}.npy.zst`` for feat, feat_step (int8 only), feat_mean, feat_std, attn,
-  topk_idx: all views stacked ``[views, ...]`` in the storage dtype (``codecs``), ``.npy``
-  bytes compressed by zstd (level from meta, with checksum: a damaged member is detected);
-- ``{key}.json``: image index, valid, label, crop params ``[[top, left, height, width, flip]
-  per view]`` and the extension of the source image member, if any;
-- ``{key}.jpg`` / ``.png`` / ``.webp`` / ``.bin``: the encoded source image (``store_images``).
+- view tars: ``{key}.{array}.npy.zst`` for feat, feat_step (int8 only), feat_mean, feat_std,
+  attn, topk_idx of that one view in the storage dtype (``codecs``), ``.npy`` bytes compressed
+  by zstd (level from meta, with checksum: a damaged member is detected), and ``{key}.json``:
+  image index, view, valid, label and the view's crop ``[top, left, height, width, flip]``;
+- image tars: ``{key}.jpg`` / ``.png`` / ``.webp`` / ``.bin``.
 
-Tars are built in memory with fixed headers (mtime 0, uid 0, no user names), so the same
-data gives the same bytes, then written whole: temporary name + rename on local disks, one
-PUT elsewhere (fsspec, so ``memory://`` works).
-
-Streaming: ``tar_urls`` lists the parts for ``webdataset.WebDataset`` and ``decode_sample``
-turns one of its samples into the decoded arrays. ``read_view`` indexes a shard's tars once
-(member offsets, kept in an LRU) and then reads one sample's byte range.
+Tars are built in memory with fixed headers (mtime 0, uid 0, no user names), so the same data
+gives the same bytes, then written whole: temporary name + rename on local disks, one PUT
+elsewhere (fsspec). Each shard's completion marker lists, per tar, where each sample's bytes
+lie (``samples``: image, start, end), so a reader fetches exactly the samples it needs with
+range requests, neighbours coalesced, and never walks tar headers over the network.
 """
 from __future__ import annotations
 
@@ -32,19 +33,24 @@ from numcodecs import Zstd
 
 from ..files import write_bytes
 from . import codecs
-from .base import CacheReader, CacheWriter
-from .schema import CacheCorruptError, RangeReader, array_specs, join, parallel_map
+from .base import CacheReader, CacheWriter, ShardTargets, target_fields
+from .schema import CacheCorruptError, RangeReader, array_specs, coalesce, join, marker_path, parallel_map, read_json
 
 _TAR_BLOCK = 512
-_JSON_FIELDS = ("valid", "label")
+IMAGES = "img"
 
 
 def _key_width(num_images: int) -> int:
     return max(8, len(str(max(num_images - 1, 0))))
 
 
-def part_name(shard: int, part: int) -> str:
-    return f"shard-{shard:05d}-{part:03d}.tar"
+def group_name(view: int | None) -> str:
+    """The file-name group of one view's tars, or of the source images (None)."""
+    return IMAGES if view is None else f"v{view:02d}"
+
+
+def part_name(shard: int, group: str, part: int) -> str:
+    return f"shard-{shard:05d}-{group}-{part:03d}.tar"
 
 
 def _image_ext(data: bytes) -> str:
@@ -65,6 +71,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def _tar_size(members: list[tuple[str, bytes]]) -> int:
+    """Bytes of members in a ustar archive: one 512-byte header each, data padded to 512."""
     return sum(_TAR_BLOCK + -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK for _, data in members)
 
 
@@ -81,81 +88,99 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+def tar_members(data: bytes | memoryview) -> dict[str, bytes]:
+    """{suffix: bytes} of the members in one sample's span (whole 512-byte header blocks, each
+    followed by its padded data), as `_tar_bytes` lays them out."""
+    out, pos = {}, 0
+    while pos + _TAR_BLOCK <= len(data):
+        info = tarfile.TarInfo.frombuf(bytes(data[pos:pos + _TAR_BLOCK]), tarfile.ENCODING, "surrogateescape")
+        start = pos + _TAR_BLOCK
+        out[info.name.partition(".")[2]] = bytes(data[start:start + info.size])
+        pos = start + -(-info.size // _TAR_BLOCK) * _TAR_BLOCK
+    return out
+
+
 def stored_arrays(meta: dict) -> list[str]:
     """Per-view arrays kept as ``.npy.zst`` members (crop goes to the json)."""
     return [n for n, s in array_specs(meta).items() if s.per_view and n != "crop"]
 
 
 def decode_sample(sample: dict[str, bytes], meta: dict) -> dict[str, np.ndarray]:
-    """One webdataset sample (``{suffix: bytes}``, as ``webdataset`` yields it with no
-    decoders) -> the decoded arrays of ``CacheReader.read_shard`` for one image ([views, ...])."""
+    """One view-tar sample (``{suffix: bytes}``, as ``webdataset`` yields it with no decoders)
+    -> the decoded arrays of ``CacheReader.read_view`` for that image and view."""
     return codecs.decode(_sample_arrays(sample, meta), meta["feat_dtype"], meta["attn_dtype"])
 
 
 def _sample_arrays(sample: dict[str, bytes], meta: dict) -> dict[str, np.ndarray]:
-    """Encoded arrays of one sample; raises KeyError / ValueError / RuntimeError when damaged."""
+    """Encoded arrays of one view of one image; raises KeyError / ValueError / RuntimeError when damaged."""
     info = json.loads(sample["json"])
     out = {name: np.lib.format.read_array(io.BytesIO(Zstd().decode(sample[f"{name}.npy.zst"])),
                                           allow_pickle=False)
            for name in stored_arrays(meta)}
-    out["crop"] = np.asarray(info["crop"], dtype=np.int32).reshape(int(meta["views"]), 5)
+    out["crop"] = np.asarray(info["crop"], dtype=np.int32)
     out["valid"] = np.asarray(info["valid"], dtype=np.uint8)
     out["label"] = np.asarray(info["label"], dtype=np.int64)
     return out
 
 
 class WdsWriter(CacheWriter):
-    """Writes each shard as one or more size-bounded tars; see the module docstring."""
+    """Writes each shard as size-bounded tars, one group per view; see the module docstring."""
 
     def _init_layout(self) -> None:
         self._zstd = Zstd(level=int(self.meta["zstd_level"]), checksum=True)
         self._width = _key_width(int(self.meta["num_images"]))
+        self._spans: dict[int, dict[str, list[int]]] = {}
 
     def _clear_shard(self, shard: int) -> None:
         for path in self.fs.glob(join(self.root, f"shard-{shard:05d}-*")):
             self.fs.rm(path)
 
-    def _sample(self, image: int, local: int, enc: dict[str, np.ndarray], images: list | None) -> list:
-        """The tar members of one source image."""
+    def _view_sample(self, image: int, local: int, view: int, enc: dict[str, np.ndarray]) -> list:
+        """The tar members of one view of one source image."""
         key = f"{image:0{self._width}d}"
-        members = [(f"{key}.{name}.npy.zst", self._zstd.encode(_npy_bytes(enc[name][local])))
+        members = [(f"{key}.{name}.npy.zst", self._zstd.encode(_npy_bytes(enc[name][local, view])))
                    for name in stored_arrays(self.meta)]
-        src = images[local] if images is not None else None
-        ext = _image_ext(src) if src is not None else None
-        info = {"image": image, "valid": int(enc["valid"][local]), "label": int(enc["label"][local]),
-                "crop": enc["crop"][local].tolist(), "image_ext": ext}
-        members.append((f"{key}.json", json.dumps(info, sort_keys=True).encode()))
-        if src is not None:
-            members.append((f"{key}.{ext}", bytes(src)))
-        return members
+        info = {"image": image, "view": view, "valid": int(enc["valid"][local]), "label": int(enc["label"][local]),
+                "crop": enc["crop"][local, view].tolist()}
+        return members + [(f"{key}.json", json.dumps(info, sort_keys=True).encode())]
+
+    def _write_group(self, shard: int, group: str, samples: list[tuple[int, list]]) -> dict[str, int]:
+        """Write (image, members) samples as size-bounded parts; record each sample's byte span."""
+        limit, files, parts = int(self.meta["max_part_bytes"]), {}, [[]]
+        for image, members in samples:
+            if parts[-1] and sum(_tar_size(m) for _, m in parts[-1]) + _tar_size(members) > limit:
+                parts.append([])
+            parts[-1].append((image, members))
+        for number, part in enumerate(parts):
+            rel, offset, spans = part_name(shard, group, number), 0, []
+            for image, members in part:
+                spans += [image, offset, offset + _tar_size(members)]
+                offset += _tar_size(members)
+            data = _tar_bytes([m for _, members in part for m in members])
+            write_bytes(self.fs, join(self.root, rel), data)
+            files[rel], self._spans[shard][rel] = len(data), spans
+        return files
 
     def _write_encoded(self, shard: int, enc: dict[str, np.ndarray], images) -> dict[str, int]:
-        limit = int(self.meta["max_part_bytes"])
-        files: dict[str, int] = {}
-        part: list = []
-        size = 0
-
-        def flush() -> None:
-            data = _tar_bytes(part)
-            rel = part_name(shard, len(files))
-            write_bytes(self.fs, join(self.root, rel), data)
-            files[rel] = len(data)
-
-        rng = self.shard_range(shard)
-        samples = parallel_map(lambda local: self._sample(rng[local], local, enc, images), range(len(rng)))
-        for sample in samples:
-            sample_size = _tar_size(sample)
-            if part and size + sample_size > limit:
-                flush()
-                part, size = [], 0
-            part.extend(sample)
-            size += sample_size
-        flush()
+        rng, files = self.shard_range(shard), {}
+        self._spans[shard] = {}
+        for view in range(int(self.meta["views"])):
+            samples = parallel_map(lambda local: self._view_sample(rng[local], local, view, enc), range(len(rng)))
+            files.update(self._write_group(shard, group_name(view), list(zip(rng, samples))))
+        if images is not None:
+            key = f"{{:0{self._width}d}}"
+            stored = [(i, [(f"{key.format(i)}.{_image_ext(src)}", bytes(src))]) for i, src in zip(rng, images)
+                      if src is not None]
+            files.update(self._write_group(shard, IMAGES, stored))
         return files
+
+    def _marker_fields(self, shard: int) -> dict:
+        return {"samples": self._spans.pop(shard, {})}
 
 
 class WdsReader(CacheReader):
-    """Reads a shard's tars whole (``read_shard``) or one sample by offset (``read_view``)."""
+    """Reads a shard's tars whole (``read_shard``) or samples by byte range (``read_view``,
+    ``open_shard``, ``image_bytes``), from the sample spans in the shard's completion marker."""
 
     def __init__(self, url: str, fs, root: str, doc: dict, index_cache_shards: int = 64):
         self._index_cache_shards = index_cache_shards
@@ -168,44 +193,46 @@ class WdsReader(CacheReader):
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_index_cache_shards": self._index_cache_shards}
 
-    def tar_urls(self) -> list[str]:
-        """Every tar of the cache (completed shards, in order), as URLs for webdataset."""
+    def tar_urls(self, view: int | None = None) -> list[str]:
+        """The view tars of the cache (completed shards, in order), all or those of one `view`
+        (what streaming one epoch reads), as URLs for webdataset."""
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+        groups = [group_name(v) for v in (range(self.views) if view is None else [view])]
         return [prefix + join(self.root, rel) for s in sorted(self._markers)
-                for rel in sorted(self._marker(s)["files"])]
-
-    def _parts(self, shard: int) -> list[tuple[str, int]]:
-        files = self._marker(shard)["files"]
-        return [(join(self.root, rel), int(files[rel])) for rel in sorted(files)]
+                for rel in sorted(self._marker(s)["files"]) if rel.split("-")[2] in groups]
 
     def _fail(self, shard: int, what: str) -> CacheCorruptError:
         return CacheCorruptError(f"cache {self.url} shard {shard}: {what}")
 
-    def _cat(self, shard: int, path: str, start: int | None = None, end: int | None = None) -> bytes:
+    def _cat(self, shard: int, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+        path, size = join(self.root, rel), int(self._marker(shard)["files"][rel])
         try:
-            return self._files.read(path, start, end)
+            data = self._files.read(path, start, end)
         except FileNotFoundError:
             raise self._fail(shard, f"file {path} is missing") from None
+        if len(data) != (size if start is None else end - start):
+            raise self._fail(shard, f"{posixpath.basename(path)} is truncated ({size} bytes were written)")
+        return data
 
-    def _members(self, shard: int, data: bytes, path: str):
-        """(name, offset, size) of each member of one tar held in memory."""
-        try:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-                return [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isfile()]
-        except tarfile.TarError as err:
-            raise self._fail(shard, f"{posixpath.basename(path)} is not a valid tar ({err})") from None
+    def _load_index(self, shard: int) -> dict[tuple[int, str], tuple[str, int, int]]:
+        """{(image, group): (tar, start, end)} of one shard, from its completion marker."""
+        marker = self._markers.get(shard)
+        if not (marker and "samples" in marker):
+            marker = read_json(self.fs, marker_path(self.root, shard))
+        out = {}
+        for rel, spans in marker["samples"].items():
+            group = rel.split("-")[2]
+            for image, start, end in np.asarray(spans, dtype=np.int64).reshape(-1, 3).tolist():
+                out[(image, group)] = (rel, start, end)
+        return out
 
-    def _samples_of(self, shard: int, entries) -> dict[int, dict[str, tuple]]:
-        """Group members by sample key: {image: {suffix: entry}}."""
-        samples: dict[int, dict[str, tuple]] = {}
-        for entry in entries:
-            key, _, suffix = entry[0].partition(".")
-            samples.setdefault(int(key), {})[suffix] = entry
-        missing = [i for i in self.shard_range(shard) if i not in samples]
-        if missing:
-            raise self._fail(shard, f"image {missing[0]} has no sample in its tars")
-        return samples
+    def _span(self, shard: int, image: int, group: str) -> tuple[str, int, int]:
+        self._marker(shard)
+        found = self._index(shard).get((image, group))
+        if found is None:
+            raise self._fail(shard, f"image {image} has no sample in its {group} tars")
+        return found
 
     def _decode(self, shard: int, image: int, sample: dict[str, bytes]) -> dict[str, np.ndarray]:
         try:
@@ -215,55 +242,79 @@ class WdsReader(CacheReader):
         except Exception as err:  # zstd checksum, npy header, json
             raise self._fail(shard, f"image {image} has a corrupt member ({type(err).__name__}: {err})") from None
 
+    def _read_samples(self, shard: int, pairs: list[tuple[int, str]]) -> dict[tuple[int, str], dict[str, bytes]]:
+        """The members of (image, group) samples, one coalesced range request per run of them."""
+        spans = [self._span(shard, image, group) for image, group in pairs]
+        out = {}
+        for rel in sorted({s[0] for s in spans}):
+            mine = [j for j, s in enumerate(spans) if s[0] == rel]
+            starts = np.asarray([spans[j][1] for j in mine]), np.asarray([spans[j][2] for j in mine])
+            for first, last, members in coalesce(*starts):
+                data = memoryview(self._cat(shard, rel, first, last))
+                for m in members.tolist():
+                    _, start, end = spans[mine[m]]
+                    out[pairs[mine[m]]] = tar_members(data[start - first:end - first])
+        return out
+
     def _read_encoded(self, shard: int) -> dict[str, np.ndarray]:
-        entries = []
-        for path, size in self._parts(shard):
-            data = self._cat(shard, path)
-            if len(data) != size:
-                raise self._fail(shard, f"{posixpath.basename(path)} has {len(data)} bytes, {size} were written")
-            entries += [(name, data[off:off + n]) for name, off, n in self._members(shard, data, path)]
-        samples = self._samples_of(shard, entries)
-        per_image = [self._decode(shard, i, {s: e[1] for s, e in samples[i].items()})
-                     for i in self.shard_range(shard)]
-        return {name: np.stack([p[name] for p in per_image]) for name in per_image[0]}
-
-    def _load_index(self, shard: int) -> dict[int, tuple[str, dict[str, tuple[int, int]]]]:
-        """{image: (tar path, {suffix: (offset, size)})} of one shard, from its tar headers."""
-        entries = []
-        for path, size in self._parts(shard):
-            try:
-                actual = self.fs.size(path)
-            except FileNotFoundError:
-                raise self._fail(shard, f"file {path} is missing") from None
-            if actual != size:
-                raise self._fail(shard, f"{posixpath.basename(path)} has {actual} bytes, {size} were written")
-            try:
-                with self.fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                    entries += [(m.name, path, m.offset_data, m.size) for m in tar.getmembers() if m.isfile()]
-            except tarfile.TarError as err:
-                raise self._fail(shard, f"{posixpath.basename(path)} is not a valid tar ({err})") from None
-        return {image: (next(iter(s.values()))[1], {suffix: (e[2], e[3]) for suffix, e in s.items()})
-                for image, s in self._samples_of(shard, entries).items()}
-
-    def _sample_bytes(self, shard: int, image: int) -> dict[str, bytes]:
-        """One sample's members, read as one byte range (a sample's members are contiguous)."""
-        path, members = self._index(shard)[image]
-        start = min(off for off, _ in members.values())
-        end = max(off + n for off, n in members.values())
-        data = self._cat(shard, path, start, end)
-        return {suffix: data[off - start:off - start + n] for suffix, (off, n) in members.items()}
+        rng = self.shard_range(shard)
+        pairs = [(i, group_name(v)) for i in rng for v in range(self.views)]
+        samples = self._read_samples(shard, pairs)
+        views = [[self._decode(shard, i, samples[(i, group_name(v))]) for v in range(self.views)] for i in rng]
+        out = {name: np.stack([np.stack([v[name] for v in image]) for image in views]) for name in views[0][0]}
+        out["valid"], out["label"] = out["valid"][:, 0], out["label"][:, 0]
+        return out
 
     def _read_view_encoded(self, shard: int, local: int, view: int) -> dict[str, np.ndarray]:
         image = self.shard_range(shard)[local]
-        arrays = self._decode(shard, image, self._sample_bytes(shard, image))
-        return {name: (a if name in _JSON_FIELDS else a[view]) for name, a in arrays.items()}
+        return self._decode(shard, image, self._read_samples(shard, [(image, group_name(view))])[(image, group_name(view))])
+
+    def view_bytes(self, shard: int, local: np.ndarray, views: np.ndarray) -> int:
+        start = self.shard_range(shard).start
+        spans = [self._span(shard, start + int(i), group_name(int(v))) for i, v in zip(local, views)]
+        return sum(end - begin for _, begin, end in spans)
+
+    def open_shard(self, shard: int, wanted: tuple[np.ndarray, np.ndarray] | None = None) -> ShardTargets:
+        """Training targets of the views taken (``wanted`` read at once, coalesced), stored dtypes."""
+        self._marker(shard)
+        return _WdsShard(self, shard, wanted)
 
     def image_bytes(self, image: int) -> bytes | None:
-        """The encoded source image stored with this image's sample, or None."""
+        """The encoded source image stored in the shard's image tars, or None."""
         if not self.meta.get("store_images"):
             return None
         shard = image // int(self.meta["images_per_shard"])
         self._marker(shard)
-        sample = self._sample_bytes(shard, image)
-        ext = json.loads(sample["json"]).get("image_ext")
-        return sample[ext] if ext else None
+        if (image, IMAGES) not in self._index(shard):  # an image that could not be read when cached
+            return None
+        return next(iter(self._read_samples(shard, [(image, IMAGES)])[(image, IMAGES)].values()))
+
+
+class _WdsShard(ShardTargets):
+    """``open_shard``'s result: the samples fetched and not yet taken, decoded into the batch
+    when taken (each view is taken once per epoch, so its bytes are dropped then)."""
+
+    def __init__(self, reader: WdsReader, shard: int, wanted: tuple[np.ndarray, np.ndarray] | None):
+        super().__init__({})
+        self.reader, self.shard, self.start = reader, shard, reader.shard_range(shard).start
+        self.raw: dict[tuple[int, str], dict[str, bytes]] = {}
+        if wanted is not None:
+            self.fetch(np.asarray(wanted[0]), np.asarray(wanted[1]))
+
+    def fetch(self, local: np.ndarray, views: np.ndarray) -> None:
+        pairs = [(self.start + int(i), group_name(int(v))) for i, v in zip(local, views)]
+        missing = list(dict.fromkeys(p for p in pairs if p not in self.raw))
+        if missing:
+            self.raw.update(self.reader._read_samples(self.shard, missing))
+
+    def fields(self, attn_rows: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        return target_fields(self.reader.meta, attn_rows)
+
+    def take(self, local: np.ndarray, views: np.ndarray, attn_rows: int,
+             out: dict[str, np.ndarray] | None = None, at: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        self.fetch(local, views)
+        pairs = [(self.start + int(i), group_name(int(v))) for i, v in zip(local, views)]
+        arrays = [self.reader._decode(self.shard, image, self.raw.pop((image, group))) for image, group in pairs]
+        stacked = ShardTargets({name: np.stack([a[name] for a in arrays])[:, None] for name in arrays[0]})
+        zeros = np.zeros(len(pairs), dtype=np.int64)
+        return stacked.take(np.arange(len(pairs)), zeros, attn_rows, out, at)

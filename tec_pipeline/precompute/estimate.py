@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from ..cache.assemble import ShardAssembler
-from ..cache.schema import check_same_cache, fs_root, is_local
+from ..cache.schema import check_same_cache, fs_root
+from ..files import is_local
 from ..cache.store import create_cache, open_cache
 from ..errors import UserError
 

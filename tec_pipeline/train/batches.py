@@ -79,14 +79,24 @@ class OpenShards:
         self.shard_of = np.concatenate([np.full(len(r), s, dtype=np.int64) for s, r in enumerate(shards)])
         self.starts = np.asarray([r.start for r in shards], dtype=np.int64)
         self.open: OrderedDict[int, ShardTargets] = OrderedDict()
+        self.wanted: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (local images, views) to come
         self.decoded = 0  # shards opened so far (tests check chunk-awareness with it)
+
+    def expect(self, images: np.ndarray, views: np.ndarray) -> None:
+        """The (image, view) pairs this reader will take, e.g. one loader worker's part of an
+        epoch: a shard opened later reads just its share of them, in coalesced ranges."""
+        images, views = np.asarray(images, dtype=np.int64).ravel(), np.asarray(views, dtype=np.int64).ravel()
+        shards = self.shard_of[images]
+        self.open.clear()  # opened for an earlier plan: their read-ahead was for other views
+        self.wanted = {int(s): (images[shards == s] - self.starts[s], views[shards == s]) for s in np.unique(shards)}
 
     def _shard(self, shard: int) -> ShardTargets:
         if shard in self.open:
             self.open.move_to_end(shard)
             return self.open[shard]
         opener = getattr(self.reader, "open_shard", None)
-        kept = opener(shard) if opener is not None else ShardTargets(self.reader.read_shard(shard))
+        kept = opener(shard, self.wanted.get(shard)) if opener is not None \
+            else ShardTargets(self.reader.read_shard(shard))
         self.open[shard] = kept
         self.decoded += 1
         while len(self.open) > self.capacity:
@@ -195,10 +205,17 @@ class CachedBatches:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "shards": None}  # a loader worker opens its own shards
 
-    def __call__(self, images: np.ndarray, views: np.ndarray) -> dict[str, Tensor]:
+    def _open_shards(self) -> OpenShards:
         if self.shards is None:  # built lazily: each loader worker keeps its own
             self.shards = OpenShards(self.reader, self.capacity, self.attn_rows)
-        data = self.shards.take(images, views)
+        return self.shards
+
+    def expect(self, images: np.ndarray, views: np.ndarray) -> None:
+        """The pairs the calls to come will ask for (`OpenShards.expect`)."""
+        self._open_shards().expect(images, views)
+
+    def __call__(self, images: np.ndarray, views: np.ndarray) -> dict[str, Tensor]:
+        data = self._open_shards().take(images, views)
         batch = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in data.items()}
         if self.render:
             batch["images"] = torch.stack([render_view(self.source.load(int(i)), ViewParams.from_array(c),
@@ -236,7 +253,10 @@ class EpochBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for b in range(self.start + worker, len(self.plan), workers):
+        mine = range(self.start + worker, len(self.plan), workers)
+        if hasattr(self.make_batch, "expect") and len(mine):  # this worker's views of the epoch, read ahead by shard
+            self.make_batch.expect(self.plan.images[mine.start::workers], self.plan.views[mine.start::workers])
+        for b in mine:
             batch = self.make_batch(self.plan.images[b], self.plan.views[b])
             batch["index"] = torch.from_numpy(self.plan.images[b].copy())
             batch["view"] = torch.from_numpy(self.plan.views[b].copy())

@@ -1,0 +1,78 @@
+"""Stage two reads only the views an epoch uses (README "Stage two: training"): one epoch from a
+V-view cache, counted at the filesystem, requests about the bytes of the views it takes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import CountingFileSystem
+from tec_pipeline.cache import create_cache, open_cache
+from tec_pipeline.train.batches import CachedBatches, epoch_loader, reader_shards
+from tec_pipeline.train.order import epoch_order, plan_epoch, view_indices
+
+# ViT-S/16-shaped targets (L=196, C=384, H=6, k=15), so chunk indexes weigh what they do at scale
+N, V, L, C, H, K, S = 24, 4, 196, 384, 6, 15, 8
+
+
+def write_cache(url: str, store: str) -> None:
+    rng = np.random.default_rng(0)
+    meta = dict(store=store, num_images=N, views=V, num_patches=L, feat_dim=C, heads=H, k_max=K,
+                images_per_shard=S, feat_dtype="int8", attn_dtype="uint8", zstd_level=1, img_size=64,
+                identity={"test": "read amplification"})
+    writer = create_cache(url, meta)
+    for shard in range(writer.num_shards):
+        n = len(writer.shard_range(shard))
+        writer.write_shard(shard, {
+            "crop": rng.integers(0, 50, (n, V, 5)).astype(np.int32),
+            "feat": rng.normal(size=(n, V, L, C)).astype(np.float32),
+            "feat_mean": rng.normal(size=(n, V, C)).astype(np.float32),
+            "feat_std": rng.uniform(0.5, 2, (n, V, C)).astype(np.float32),
+            "attn": (2.5 * rng.normal(size=(n, V, K + 1, H, L))).astype(np.float32),
+            "topk_idx": np.argsort(-rng.random((n, V, L)), axis=-1)[..., :K],
+            "valid": np.ones(n, np.uint8), "label": np.zeros(n, np.int64)})
+    writer.finalize({})
+
+
+@pytest.fixture(scope="module", params=["zarr", "webdataset"])
+def cache(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    write_cache(str(root / "c"), request.param)
+    return root / "c"
+
+
+def one_epoch(path, mode: str, epoch: int = 1) -> tuple[int, int, int]:
+    """(bytes requested, bytes of the views used, batches) of one epoch read through counting://."""
+    reader = open_cache(f"counting://{path}")
+    fs = reader.fs
+    assert isinstance(fs, CountingFileSystem)  # read as object storage would be: range requests
+    order = epoch_order(reader_shards(reader), None, seed=0, epoch=epoch, buffer_shards=2)
+    views = view_indices(order, 0, epoch, V, mode)
+    plan = plan_epoch(order, views, batch_size=4)
+    fs.requested = 0
+    batches = list(epoch_loader(plan, CachedBatches(reader, None, 64, K + 1, buffer_shards=2, render=False), 0, 0))
+    used = 0
+    for shard, rng in enumerate(reader_shards(reader)):
+        mine = (plan.images >= rng.start) & (plan.images < rng.stop)
+        used += reader.view_bytes(shard, plan.images[mine] - rng.start, plan.views[mine])
+    return fs.requested, used, len(batches)
+
+
+@pytest.mark.parametrize("mode, goal", [("cycle", 1.1), ("random", 1.5)])
+def test_an_epoch_requests_about_the_bytes_of_its_views(cache, mode, goal):
+    requested, used, batches = one_epoch(cache, mode)
+    assert batches == N // 4
+    whole = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file() and "_done" not in f.parts)
+    assert used < whole / (V - 1)  # one view in V: the old whole-shard reads would fail the goal
+    assert used <= requested <= goal * used, f"{mode}: {requested / used:.3f} x the bytes of the views used"
+
+
+def test_cycle_mode_reads_one_range_per_shard_and_array(tmp_path):
+    """zarr, cycle: a shard's views of the epoch are one contiguous run in each array's file."""
+    write_cache(str(tmp_path / "c"), "zarr")
+    reader = open_cache(f"counting://{tmp_path / 'c'}")
+    order = epoch_order(reader_shards(reader), None, seed=0, epoch=2, buffer_shards=2)
+    plan = plan_epoch(order, view_indices(order, 0, 2, V, "cycle"), batch_size=4)
+    reader.fs.requests = 0
+    list(epoch_loader(plan, CachedBatches(reader, None, 64, K + 1, buffer_shards=2, render=False), 0, 0))
+    arrays = 7  # crop, feat, feat_step, feat_mean, feat_std, attn, topk_idx
+    assert reader.fs.requests == reader.num_shards * arrays * 2  # per shard and array: its index, then its data
