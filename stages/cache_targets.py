@@ -22,6 +22,7 @@ import time
 from stages.dry_run import dry_run_estimate
 from tec_pipeline.base_targets import compute_dtype_for, load_base, view_targets
 from tec_pipeline.cache.assemble import BackgroundWriter, ShardAssembler
+from tec_pipeline.cache.schema import use_storage_options
 from tec_pipeline.config import Config
 from tec_pipeline.data import open_source
 from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader
@@ -37,6 +38,7 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     `dry_run` the estimate of `stages.dry_run` (nothing written)."""
     start = time.perf_counter()
     check_settings(cfg)
+    use_storage_options(cfg.cache.path, cfg.cache.storage_options)
     state = process_state()
     source = open_source(cfg.data)
     base = load_base(cfg.base.arch, cfg.base.checkpoint, cfg.data.img_size, cfg.seed)

@@ -121,6 +121,9 @@ class CacheConfig:
     images_per_shard: int = 256
     zstd_level: int = 1
     store_images: bool = False  # webdataset: keep the encoded source image in each sample
+    # fsspec options of cache.path's filesystem, e.g. {endpoint_url: ..., key: ..., secret: ...} for
+    # s3://; credentials otherwise come from the usual places (environment, ~/.aws)
+    storage_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -191,9 +194,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return OmegaConf.to_object(cfg)
 
 
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
-    """A plain dict of the config, for metadata, logs and checkpoints."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    """A plain dict of the config, for metadata, logs and checkpoints; credentials among
+    ``cache.storage_options`` are written as "<redacted>", never in the clear."""
+    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    options = out["cache"]["storage_options"]
+    for name in options:
+        if any(word in name.lower() for word in SECRET_WORDS):
+            options[name] = "<redacted>"
+    return out
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

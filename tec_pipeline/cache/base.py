@@ -13,6 +13,8 @@ unwritten shard.
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ from .. import __version__
 from ..files import write_bytes
 from . import codecs
 from .schema import (
-    DATA_KEYS, FORMAT_VERSION, META_FILE, CacheCorruptError, array_specs, dump_json, join,
+    DATA_KEYS, FORMAT_VERSION, META_FILE, CacheCorruptError, array_specs, dump_json, fresh_exists, join,
     done_shards, marker_path, num_shards, read_json, read_markers, shard_range,
 )
 from ..errors import UserError
@@ -133,7 +135,7 @@ class CacheWriter:
 
     def is_done(self, shard: int) -> bool:
         """True once the shard's completion marker exists (by this or another process)."""
-        if shard not in self._done and self.fs.exists(marker_path(self.root, shard)):
+        if shard not in self._done and fresh_exists(self.fs, marker_path(self.root, shard)):
             self._done.add(shard)
         return shard in self._done
 
@@ -235,7 +237,7 @@ class CacheReader:
     """
 
     def __init__(self, url: str, fs, root: str, doc: dict):
-        self.url, self.fs, self.root, self.doc = url, fs, root, doc
+        self.url, self._fs, self._fs_pid, self.root, self.doc = url, fs, os.getpid(), root, doc
         self.meta = doc["meta"]
         self.num_images = int(self.meta["num_images"])
         self.views = int(self.meta["views"])
@@ -256,12 +258,22 @@ class CacheReader:
 
     def __getstate__(self) -> dict:
         # Readers travel to DataLoader workers: caches (open descriptors, lru wrappers) stay behind.
-        keep = ("url", "fs", "root", "doc", "meta", "num_images", "views", "num_shards", "_markers")
+        keep = ("url", "_fs", "_fs_pid", "root", "doc", "meta", "num_images", "views", "num_shards", "_markers")
         return {k: v for k, v in self.__dict__.items() if k in keep}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._reset_caches()
+
+    @property
+    def fs(self):
+        """The cache's filesystem in this process. Object-store clients (s3fs) run an event loop
+        that a forked loader worker does not inherit, so a new process makes its own (an fsspec
+        filesystem pickles as its constructor arguments) and its read caches anew."""
+        if self._fs_pid != os.getpid():
+            self._fs, self._fs_pid = pickle.loads(pickle.dumps(self._fs)), os.getpid()
+            self._reset_caches()
+        return self._fs
 
     # -- store-specific
 
@@ -290,7 +302,7 @@ class CacheReader:
         """The completion record of a shard (its files and sizes); refuses unwritten shards."""
         if self._markers.get(shard) is None:
             path = marker_path(self.root, shard)
-            if not self.is_complete() and self.fs.exists(path):
+            if not self.is_complete() and fresh_exists(self.fs, path):
                 self._markers[shard] = read_json(self.fs, path)
             else:
                 self.shard_range(shard)  # IndexError when out of range

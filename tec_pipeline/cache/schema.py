@@ -17,8 +17,9 @@ import os
 import posixpath
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -185,6 +186,46 @@ def fs_root(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root.rstrip("/") or "/"
 
 
+def use_storage_options(url: str, options: dict) -> None:
+    """Make ``cache.storage_options`` the defaults of `url`'s filesystem protocol in this process
+    (fsspec's own per-protocol configuration, ``fsspec.config.conf``), so every opening of the
+    cache, in either stage and in their loader workers, reaches the same endpoint with the same
+    credentials. Without options, s3fs reads the environment and ``~/.aws`` as botocore does."""
+    if options:
+        protocol = fsspec.utils.get_protocol(url)
+        fsspec.config.conf.setdefault(protocol, {}).update(options)
+
+
+def check_bucket(fs: fsspec.AbstractFileSystem, url: str, root: str) -> None:
+    """Refuse, with one line, a cache in a bucket that does not exist (object stores would
+    otherwise create it on the first write)."""
+    if is_local(fs) or root.startswith("/"):  # local disks and memory:// have no buckets
+        return
+    bucket = root.split("/", 1)[0]
+    if bucket == root:  # --overwrite replaces the cache's folder: never a whole bucket
+        raise UserError(f"{url}: give the cache a folder inside the bucket, e.g. {url.rstrip('/')}/my_cache.zarr")
+    with storage_errors(url):
+        found = fs.exists(bucket)
+    if not found:
+        raise UserError(f"{url}: bucket '{bucket}' does not exist (create it, or check cache.storage_options)")
+
+
+@contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Storage that refuses us (no credentials, access denied, unreachable endpoint) as one line
+    naming the URL, instead of a client library's traceback."""
+    try:
+        yield
+    except PermissionError as err:
+        raise UserError(f"{url}: access denied ({err}); check the credentials or cache.storage_options") from None
+    except (ConnectionError, TimeoutError) as err:
+        raise UserError(f"{url}: storage not reachable ({err})") from None
+    except Exception as err:  # botocore's credential and endpoint errors share no stdlib base class
+        if type(err).__module__.split(".")[0] not in ("botocore", "aiobotocore"):
+            raise
+        raise UserError(f"{url}: {type(err).__name__}: {err}") from None
+
+
 def join(*parts: str) -> str:
     return posixpath.join(*parts)
 
@@ -212,15 +253,23 @@ def marker_path(root: str, shard: int) -> str:
 def done_shards(fs: fsspec.AbstractFileSystem, root: str) -> set[int]:
     """Shards with a completion marker, from the listing alone (no marker is read)."""
     done_dir = join(root, DONE_DIR)
+    fs.invalidate_cache(done_dir)  # other processes write markers; object-store clients cache listings
     if not fs.exists(done_dir):
         return set()
     names = (posixpath.basename(p) for p in fs.ls(done_dir, detail=False))
     return {int(n[len("shard-"):-len(".json")]) for n in names if n.startswith("shard-") and n.endswith(".json")}
 
 
+def fresh_exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether `path` exists now, not in a cached listing (another process may have written it)."""
+    fs.invalidate_cache(posixpath.dirname(path))
+    return fs.exists(path)
+
+
 def read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, dict]:
     """All per-shard completion markers present: {shard: marker}."""
     done_dir = join(root, DONE_DIR)
+    fs.invalidate_cache(done_dir)
     if not fs.exists(done_dir):
         return {}
     markers = {}
@@ -260,15 +309,16 @@ class RangeReader:
     """Byte-range reads: ``os.pread`` on a small LRU of open descriptors for local files (an
     fsspec ``cat_file`` costs an open + close per call), ``fs.cat_file`` (a range request)
     elsewhere. Local files are opened with readahead off (``POSIX_FADV_RANDOM``): the reader
-    asks for exactly the ranges it needs, and readahead past them would read other views."""
+    asks for exactly the ranges it needs, and readahead past them would read other views.
+    `get_fs` returns the filesystem of the calling process (`CacheReader.fs`)."""
 
-    def __init__(self, fs, max_open: int = 64):
-        self.fs, self.local, self.max_open = fs, is_local(fs), max_open
+    def __init__(self, get_fs: Callable[[], fsspec.AbstractFileSystem], max_open: int = 64):
+        self.get_fs, self.local, self.max_open = get_fs, is_local(get_fs()), max_open
         self._fds: OrderedDict[str, int] = OrderedDict()
 
     def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
         if not self.local:
-            return self.fs.cat_file(path, start, end)
+            return self.get_fs().cat_file(path, start=start, end=end)  # keywords: s3fs takes version_id second
         fd = self._fds.pop(path, None)
         if fd is None:
             fd = os.open(path, os.O_RDONLY)

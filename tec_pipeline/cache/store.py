@@ -11,8 +11,8 @@ from ..errors import UserError
 from ..files import write_bytes
 from .base import CacheReader, CacheWriter, new_document
 from .schema import (
-    FORMAT_VERSION, META_FILE, CacheCorruptError, CacheMismatchError, check_same_cache, dump_json,
-    fs_root, join, normalize_meta, read_json,
+    FORMAT_VERSION, META_FILE, CacheCorruptError, CacheMismatchError, check_bucket, check_same_cache, dump_json,
+    fs_root, join, normalize_meta, read_json, storage_errors,
 )
 from .wds_store import WdsReader, WdsWriter
 from .zarr_read import ZarrReader
@@ -44,24 +44,28 @@ def create_cache(url: str, meta: dict, overwrite: bool = False) -> CacheWriter:
     """
     meta = normalize_meta(meta)
     fs, root = fs_root(url)
+    check_bucket(fs, url, root)
     meta_path = join(root, META_FILE)
-    if fs.exists(meta_path) and not overwrite:
-        doc = _read_document(url, fs, root)
-        check_same_cache(url, doc["meta"], meta)
-        return _WRITERS[meta["store"]](url, fs, root, doc["meta"])
-    if fs.exists(root):
-        if not overwrite and fs.ls(root, detail=False):
-            raise UserError(f"{url} exists and is not a tec-pipeline cache; use --overwrite to replace it")
-        fs.rm(root, recursive=True)
-    fs.makedirs(root, exist_ok=True)
-    write_bytes(fs, meta_path, dump_json(new_document(meta)))
-    return _WRITERS[meta["store"]](url, fs, root, meta)
+    with storage_errors(url):
+        if fs.exists(meta_path) and not overwrite:
+            doc = _read_document(url, fs, root)
+            check_same_cache(url, doc["meta"], meta)
+            return _WRITERS[meta["store"]](url, fs, root, doc["meta"])
+        if fs.exists(root):
+            if not overwrite and fs.ls(root, detail=False):
+                raise UserError(f"{url} exists and is not a tec-pipeline cache; use --overwrite to replace it")
+            fs.rm(root, recursive=True)
+        fs.makedirs(root, exist_ok=True)
+        write_bytes(fs, meta_path, dump_json(new_document(meta)))
+        return _WRITERS[meta["store"]](url, fs, root, meta)
 
 
 def open_cache(url: str) -> CacheReader:
     """A reader for an existing cache, complete or still being written."""
     fs, root = fs_root(url)
-    if not fs.exists(join(root, META_FILE)):
-        raise UserError(f"{url} is not a tec-pipeline cache (no {META_FILE})")
-    doc = _read_document(url, fs, root)
-    return _READERS[doc["meta"]["store"]](url, fs, root, doc)
+    check_bucket(fs, url, root)
+    with storage_errors(url):
+        if not fs.exists(join(root, META_FILE)):
+            raise UserError(f"{url} is not a tec-pipeline cache (no {META_FILE})")
+        doc = _read_document(url, fs, root)
+        return _READERS[doc["meta"]["store"]](url, fs, root, doc)

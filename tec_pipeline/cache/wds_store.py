@@ -188,7 +188,7 @@ class WdsReader(CacheReader):
 
     def _reset_caches(self) -> None:
         self._index = lru_cache(maxsize=self._index_cache_shards)(self._load_index)
-        self._files = RangeReader(self.fs)
+        self._files = RangeReader(lambda: self.fs)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_index_cache_shards": self._index_cache_shards}

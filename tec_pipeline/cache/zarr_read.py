@@ -94,7 +94,7 @@ class ZarrReader(CacheReader):
         super().__init__(url, fs, root, doc)
 
     def _reset_caches(self) -> None:
-        self._files = RangeReader(self.fs)
+        self._files = RangeReader(lambda: self.fs)
         self._index = lru_cache(maxsize=self._index_cache_shards * len(self._layouts))(self._load_index)
         self._image_tables: dict[int, dict[str, np.ndarray]] = {}
 

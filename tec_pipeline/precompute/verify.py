@@ -29,8 +29,10 @@ TOPK_MIN_OVERLAP = {"float32": 0.9, "bfloat16": 0.5}
 
 
 def check_files(reader) -> bool:
-    """Every data file recorded for a completed shard exists with its recorded size."""
+    """Every data file recorded for a completed shard exists with its recorded size (as storage has
+    it now: object-store clients cache listings)."""
     ok = True
+    reader.fs.invalidate_cache()
     for shard, info in reader.doc.get("shards", {}).items():
         for rel, size in info.get("files", {}).items():
             path = f"{reader.root}/{rel}"

@@ -22,7 +22,7 @@ IDENTITY_FILE = "identity.json"
 # What a resume may change: where the run logs and writes, how fast it loads, and where its
 # data lies (the data's identity is compared by content instead).
 RESUMABLE_CHANGES = ("output", "train.log_every", "train.checkpoint_every", "data.num_workers", "data.path",
-                     "cache.path")
+                     "cache.path", "cache.storage_options")
 
 
 # ---------------------------------------------------------------- state and resume
@@ -88,7 +88,8 @@ def run_identity(cfg: Config, data_identity: object, cached: bool) -> dict:
     counts) and the checkpoints it starts from, by content. A cached run's base is already in
     the cache's identity (and `spec.check_cache_base` holds base.checkpoint to it), so it is
     not hashed again."""
-    config = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}
+    config = {k: v for k, v in flatten(to_dict(cfg)).items()
+              if not any(k == c or k.startswith(c + ".") for c in RESUMABLE_CHANGES)}
     base = None if cached else cfg.base.checkpoint
     starts = {name: file_sha256(path) for name, path in
               (("base.checkpoint", base), ("model.init_checkpoint", cfg.model.init_checkpoint))

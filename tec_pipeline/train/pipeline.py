@@ -53,8 +53,10 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
     t, d = cfg.targets, cfg.data
     if t.source == "cache":
         if reader is None:
+            from ..cache.schema import use_storage_options
             from ..cache.store import open_cache
 
+            use_storage_options(cfg.cache.path, cfg.cache.storage_options)
             reader = open_cache(cfg.cache.path)
         if not reader.is_complete():
             raise UserError(f"cache.path={cfg.cache.path}: the cache is incomplete (finish stage one first)")
