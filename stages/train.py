@@ -66,7 +66,8 @@ def setup_run(cfg: Config, accelerator: Accelerator, path: Path, reader: Optiona
     model, kwargs = new_model(cfg, data)
     schedule = make_schedule(cfg, data.usable_images, accelerator.num_processes, cfg.train.max_steps)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=schedule.lr, betas=(o.beta1, o.beta2))
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.decay_tokens), lr=schedule.lr,
+                                  betas=(o.beta1, o.beta2))
     prepared, optimizer = accelerator.prepare(model, optimizer)
     if data.base is not None:
         data.base.to(accelerator.device)

@@ -66,6 +66,9 @@ class ModelConfig:
     mask_ratio: float = 0.75
     init_from_base: bool = False  # Tab. 6d: start the encoder from the base weights (needs base.checkpoint)
     init_checkpoint: Optional[str] = None  # start the whole model from a run's checkpoint (e.g. the control)
+    # Two initialisation details where we differ from the authors' code (README "Where we departed"):
+    adapter_norm_eps: float = 1e-6  # LayerNorm eps of the encoder adapters; theirs: 1e-5 (PyTorch's default)
+    patch_bias_init: str = "zeros"  # zeros (MAE's model) | torch (theirs: the Conv2d's default draw kept)
 
 
 @dataclass
@@ -81,7 +84,9 @@ class DataConfig:
     batch_size: int = 64
     num_workers: int = 2
     on_bad_image: str = "error"  # error | skip
-    view_mode: str = "cycle"  # training: epoch e uses view e mod V (cycle) or a seeded random view (random)
+    # training: epoch e uses view e mod V (cycle), a seeded random one of the V (random), or, online
+    # only, a new crop drawn by (seed, epoch, image) (fresh: the authors' regime)
+    view_mode: str = "cycle"
     buffer_shards: int = 4  # training: decoded cache shards held for shuffling
 
 
@@ -98,6 +103,7 @@ class OptimConfig:
     min_lr: float = 0.0
     accum_steps: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
+    decay_tokens: bool = False  # weight decay on the cls token and mask tokens too (the authors' optimizer)
 
 
 @dataclass
@@ -147,7 +153,8 @@ _CHOICES = {
     "targets.attention": ("topk", "cls_only", "none"),
     "data.kind": ("imagefolder", "webdataset", "demo"),
     "data.on_bad_image": ("error", "skip"),
-    "data.view_mode": ("cycle", "random"),
+    "data.view_mode": ("cycle", "random", "fresh"),
+    "model.patch_bias_init": ("zeros", "torch"),
     "optim.mixed_precision": ("no", "bf16", "fp16"),
     "cache.store": ("zarr", "webdataset"),
     "cache.feat_dtype": ("float32", "float16", "int8"),

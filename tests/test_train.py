@@ -98,8 +98,9 @@ def test_view_selection_cycles_or_is_seeded():
     random = view_indices(images, 0, 5, 4, "random")
     assert random.min() >= 0 and random.max() < 4 and len(set(random.tolist())) > 1
     assert np.array_equal(random, view_indices(images[::-1], 0, 5, 4, "random")[::-1])  # per image, not per slot
+    assert (view_indices(images, 0, 7, 4, "fresh") == 7).all()  # crop number = epoch: new every epoch
     with pytest.raises(UserError, match="data.view_mode"):
-        view_indices(images, 0, 0, 4, "fresh")
+        view_indices(images, 0, 0, 4, "new")
 
 
 def test_cached_batches_read_whole_shards_and_render_bit_identical(world):
@@ -452,3 +453,51 @@ def test_missing_base_checkpoint_for_a_cached_run_is_one_clear_error():
     meta = {"identity": {"base": {"checkpoint_sha256": "ab" * 32}}}
     with pytest.raises(CacheMismatchError, match="base.checkpoint=nope.safetensors: file not found"):
         check_cache_base(meta, "nope.safetensors")
+
+
+# ---------------------------------------------------------------- fresh crops and the authors' details
+def test_fresh_views_are_new_each_epoch_seeded_and_resumable(world, tmp_path):
+    """view_mode=fresh (online): crop (seed, image, epoch), so epochs differ, a rerun and a resume
+    repeat them exactly; a cached run is refused with one line."""
+    from tec_pipeline.train.batches import OnlineBatches
+
+    order = epoch_order(uniform_shards(N_IMAGES, PER_SHARD), None, 0, 0, 2)
+    make = OnlineBatches(world["source"], 32, 0, (0.2, 1.0))
+    crops = [make(order[:4], view_indices(order[:4], 0, epoch, VIEWS, "fresh"))["crop"] for epoch in (0, 1, 2)]
+    assert not torch.equal(crops[0], crops[1]) and not torch.equal(crops[1], crops[2])
+    assert torch.equal(crops[2], make(order[:4], view_indices(order[:4], 0, 2, VIEWS, "fresh"))["crop"])
+    assert torch.equal(crops[0], make(order[:4], view_indices(order[:4], 0, 0, VIEWS, "cycle"))["crop"])
+
+    def fresh(name: str) -> Config:
+        cfg = tiny_config(world, tmp_path / name, source="online", checkpoint_every=2)
+        cfg.data = replace(cfg.data, view_mode="fresh")
+        cfg.optim = replace(cfg.optim, epochs=3)
+        return cfg
+    run_train(fresh("full"))
+    run_train(fresh("part"), stop_after=5)
+    run_train(fresh("part"), resume=True)
+    a, b = (load_checkpoint(tmp_path / n / CHECKPOINT) for n in ("full", "part"))
+    assert a["step"] == b["step"] == 12 and all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    cached = tiny_config(world, tmp_path / "cached")
+    cached.data = replace(cached.data, view_mode="fresh")
+    with pytest.raises(UserError, match="data.view_mode=fresh .* use targets.source=online or pixels"):
+        run_train(cached, reader=world["f32"])
+
+
+def test_the_authors_optimizer_and_init_details_are_settings():
+    """optim.decay_tokens decays the cls and mask tokens (their optimizer); the adapters' LayerNorm
+    eps and the patch embedding's bias init follow model.adapter_norm_eps / patch_bias_init."""
+    def build(**kwargs) -> TECModel:
+        torch.manual_seed(0)
+        return TECModel(NEW, feat_dim=32, attn_dim=32, attn_heads=2, decoder_dim=32, decoder_depth=1,
+                        decoder_heads=2, **kwargs)
+    ours, theirs = build(), build(adapter_norm_eps=1e-5, patch_bias_init="torch")
+    names = {id(p): n for n, p in ours.named_parameters()}
+    decayed = {names[id(p)] for p in param_groups(ours, 0.05, decay_tokens=True)[0]["params"]}
+    assert {"encoder.cls_token", "feat_branch.mask_token", "attn_branch.mask_token"} <= decayed
+    assert "encoder.blocks.0.norm1.weight" not in decayed and "encoder.blocks.0.attn.qkv.bias" not in decayed
+    assert ours.encoder_adapter.norm.eps == ours.encoder_adapter.out_norm.eps == 1e-6
+    assert theirs.encoder_adapter.norm.eps == theirs.encoder_adapter.out_norm.eps == 1e-5
+    bias, fan_in = theirs.encoder.patch_embed.proj.bias, 3 * 8 * 8
+    assert torch.count_nonzero(ours.encoder.patch_embed.proj.bias) == 0
+    assert torch.count_nonzero(bias) == bias.numel() and bias.abs().max() <= fan_in ** -0.5  # Conv2d's U(+-1/sqrt(fan_in))

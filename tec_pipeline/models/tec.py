@@ -36,15 +36,15 @@ class EncoderAdapter(nn.Module):
     channels, layer-normed, and split into N = D / group contiguous groups of `group` blocks.
     """
 
-    def __init__(self, dim: int, depth: int, group: int, hidden: int):
+    def __init__(self, dim: int, depth: int, group: int, hidden: int, norm_eps: float = 1e-6):
         super().__init__()
         if depth % group:
             raise ValueError(f"encoder depth {depth} is not divisible by the adapter group size {group}")
         self.group = group
-        self.norm = LayerNorm(depth * dim)
+        self.norm = nn.LayerNorm(depth * dim, eps=norm_eps)
         self.fcs = nn.ModuleList(nn.Linear(group * dim, dim) for _ in range(depth // group))
         self.mlps = nn.ModuleList(Mlp(dim, hidden, dim, act_layer=nn.GELU) for _ in range(depth // group))
-        self.out_norm = LayerNorm(dim)
+        self.out_norm = nn.LayerNorm(dim, eps=norm_eps)
 
     def forward(self, block_outputs: list[Tensor]) -> Tensor:
         groups = self.norm(torch.cat(block_outputs, dim=-1)).chunk(len(self.fcs), dim=-1)
@@ -114,14 +114,18 @@ class TECModel(nn.Module):
         decoder_dim: int = 512,
         decoder_depth: int = 2,
         decoder_heads: int = 16,
+        adapter_norm_eps: float = 1e-6,
+        patch_bias_init: str = "zeros",
     ):
         super().__init__()
+        self.patch_bias_init = patch_bias_init
         self.encoder = build_vit(arch)
         self.encoder.pos_embed.requires_grad_(False)  # fixed sin-cos (MAE)
         dim, depth = self.encoder.embed_dim, len(self.encoder.blocks)
         grid = self.encoder.patch_embed.grid_size
         self.input_adapter = InputAdapter(dim) if input_adapter else None
-        self.encoder_adapter = EncoderAdapter(dim, depth, adapter_group, 4 * decoder_dim) if encoder_adapter else None
+        self.encoder_adapter = (EncoderAdapter(dim, depth, adapter_group, 4 * decoder_dim, adapter_norm_eps)
+                                if encoder_adapter else None)
         self.feat_branch = DecoderBranch(dim, decoder_dim, feat_dim) if feat_dim else None
         self.attn_branch = DecoderBranch(dim, decoder_dim, 2 * attn_dim) if attn_dim else None
         if attn_dim and attn_dim % attn_heads:
@@ -144,7 +148,8 @@ class TECModel(nn.Module):
         self.apply(_init_linear_and_norm)
         w = self.encoder.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.encoder.patch_embed.proj.bias)
+        if self.patch_bias_init == "zeros":  # "torch": the Conv2d's own default draw stays, as in the authors' code
+            nn.init.zeros_(self.encoder.patch_embed.proj.bias)
         nn.init.normal_(self.encoder.cls_token, std=0.02)
         for branch in (self.feat_branch, self.attn_branch):
             if branch is not None:

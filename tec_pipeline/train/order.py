@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import UserError
 
-VIEW_MODES = ("cycle", "random")
+VIEW_MODES = ("cycle", "random", "fresh")
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -50,9 +50,13 @@ def epoch_order(shards: Sequence[range], valid: Optional[np.ndarray], seed: int,
 
 
 def view_indices(images: np.ndarray, seed: int, epoch: int, views: int, mode: str) -> np.ndarray:
-    """Which stored view each image uses in `epoch`: ``epoch mod V`` (cycle) or a seeded random view."""
+    """Which view each image uses in `epoch`: stored view ``epoch mod V`` (cycle), a seeded random
+    one of the V (random), or view number `epoch` itself (fresh, online only): the crop drawn by
+    (seed, image, epoch), new every epoch and the same on a rerun or resume."""
     if mode == "cycle":
         return np.full(len(images), epoch % views, dtype=np.int64)
+    if mode == "fresh":
+        return np.full(len(images), epoch, dtype=np.int64)
     if mode == "random":
         return _rng(seed, epoch, 0x71E3).integers(0, views, size=int(images.max(initial=-1)) + 1)[images]
     raise UserError(f"data.view_mode='{mode}': expected one of {', '.join(VIEW_MODES)}")

@@ -51,6 +51,9 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
     `reader` replaces opening ``cache.path`` (an already opened cache, e.g. in memory).
     """
     t, d = cfg.targets, cfg.data
+    if t.source == "cache" and d.view_mode == "fresh":
+        raise UserError("data.view_mode=fresh draws a new crop every epoch, which a cache of fixed views cannot "
+                        "serve; use targets.source=online or pixels, or data.view_mode=cycle or random")
     if t.source == "cache":
         if reader is None:
             from ..cache.schema import use_storage_options
@@ -119,6 +122,8 @@ def model_kwargs(cfg: Config, spec: TargetSpec) -> dict:
         "decoder_dim": m.decoder_dim,
         "decoder_depth": m.decoder_depth,
         "decoder_heads": m.decoder_heads,
+        "adapter_norm_eps": m.adapter_norm_eps,
+        "patch_bias_init": m.patch_bias_init,
     }
 
 

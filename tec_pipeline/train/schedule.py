@@ -31,19 +31,21 @@ def lr_at(step: float, total_steps: int, warmup_steps: float, lr: float, min_lr:
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Norms, biases (every 1-D parameter) and tokens / position embeddings are not decayed."""
+def no_weight_decay(name: str, param: nn.Parameter, decay_tokens: bool = False) -> bool:
+    """Norms, biases (every 1-D parameter) and, unless `decay_tokens`, tokens / position embeddings
+    are not decayed. The authors' optimizer (timm's ``add_weight_decay`` with no skip list) decays
+    the cls and mask tokens: ``optim.decay_tokens=true``."""
     leaf = name.rsplit(".", 1)[-1]
-    return param.ndim <= 1 or leaf.endswith(_NO_DECAY_SUFFIXES)
+    return param.ndim <= 1 or (not decay_tokens and leaf.endswith(_NO_DECAY_SUFFIXES))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_tokens: bool = False) -> list[dict]:
     """Two AdamW groups: decayed weight matrices, and everything `no_weight_decay` names."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue  # the fixed sin-cos position embedding is a frozen parameter
-        (no_decay if no_weight_decay(name, param) else decay).append(param)
+        (no_decay if no_weight_decay(name, param, decay_tokens) else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
