@@ -2,35 +2,28 @@
 V-view cache, counted at the filesystem, requests about the bytes of the views it takes."""
 from __future__ import annotations
 
-import numpy as np
+import argparse
+import sys
+from pathlib import Path
+
 import pytest
 
 from helpers import CountingFileSystem
-from tec_pipeline.cache import create_cache, open_cache
+from tec_pipeline.cache import open_cache
 from tec_pipeline.train.batches import CachedBatches, epoch_loader, reader_shards
 from tec_pipeline.train.order import epoch_order, plan_epoch, view_indices
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import read_amplification  # noqa: E402  (benchmarks/ is scripts, not a package)
+
 # ViT-S/16-shaped targets (L=196, C=384, H=6, k=15), so chunk indexes weigh what they do at scale
-N, V, L, C, H, K, S = 24, 4, 196, 384, 6, 15, 8
+N, V, K, S = 24, 4, 15, 8
 
 
 def write_cache(url: str, store: str) -> None:
-    rng = np.random.default_rng(0)
-    meta = dict(store=store, num_images=N, views=V, num_patches=L, feat_dim=C, heads=H, k_max=K,
-                images_per_shard=S, feat_dtype="int8", attn_dtype="uint8", zstd_level=1, img_size=64,
-                identity={"test": "read amplification"})
-    writer = create_cache(url, meta)
-    for shard in range(writer.num_shards):
-        n = len(writer.shard_range(shard))
-        writer.write_shard(shard, {
-            "crop": rng.integers(0, 50, (n, V, 5)).astype(np.int32),
-            "feat": rng.normal(size=(n, V, L, C)).astype(np.float32),
-            "feat_mean": rng.normal(size=(n, V, C)).astype(np.float32),
-            "feat_std": rng.uniform(0.5, 2, (n, V, C)).astype(np.float32),
-            "attn": (2.5 * rng.normal(size=(n, V, K + 1, H, L))).astype(np.float32),
-            "topk_idx": np.argsort(-rng.random((n, V, L)), axis=-1)[..., :K],
-            "valid": np.ones(n, np.uint8), "label": np.zeros(n, np.int64)})
-    writer.finalize({})
+    """The benchmark's synthetic cache (Gaussian targets through the store API) at test size."""
+    args = argparse.Namespace(images=N, views=V, images_per_shard=S, shape="vits")
+    read_amplification.write_cache(url, store, args)
 
 
 @pytest.fixture(scope="module", params=["zarr", "webdataset"])

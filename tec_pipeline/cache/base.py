@@ -23,7 +23,7 @@ from .. import __version__
 from ..files import write_bytes
 from . import codecs
 from .schema import (
-    DATA_KEYS, FORMAT_VERSION, META_FILE, CacheCorruptError, array_specs, dump_json, fresh_exists, join,
+    DATA_KEYS, FORMAT_VERSION, META_FILE, CacheCorruptError, RangeReader, array_specs, dump_json, fresh_exists, join,
     done_shards, marker_path, num_shards, read_json, read_markers, shard_range,
 )
 from ..errors import UserError
@@ -254,7 +254,26 @@ class CacheReader:
             self._markers = dict.fromkeys(done_shards(self.fs, self.root))
 
     def _reset_caches(self) -> None:
-        """(Re)create per-process read caches; called on open and after unpickling."""
+        """(Re)create per-process read caches; called on open, after unpickling and in a new process."""
+        self._files = RangeReader(lambda: self.fs)
+
+    def _fail(self, shard: int, what: str) -> CacheCorruptError:
+        return CacheCorruptError(f"cache {self.url} shard {shard}: {what}")
+
+    def _read_file(self, shard: int, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` (all by default) of a shard's data file `rel`, checked against the
+        size its completion marker recorded: a missing or short file is `CacheCorruptError`."""
+        files = self._marker(shard)["files"]
+        if rel not in files:
+            raise self._fail(shard, f"no record of file {rel}")
+        path, size = join(self.root, rel), int(files[rel])
+        try:
+            data = self._files.read(path, start, end)
+        except FileNotFoundError:
+            raise self._fail(shard, f"file {path} is missing") from None
+        if len(data) != (size if start is None else end - start):
+            raise self._fail(shard, f"file {path} is truncated ({size} bytes were written)")
+        return data
 
     def __getstate__(self) -> dict:
         # Readers travel to DataLoader workers: caches (open descriptors, lru wrappers) stay behind.

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import json
-import posixpath
 import tarfile
 from functools import lru_cache
 
@@ -34,7 +33,7 @@ from numcodecs import Zstd
 from ..files import write_bytes
 from . import codecs
 from .base import CacheReader, CacheWriter, ShardTargets, target_fields
-from .schema import CacheCorruptError, RangeReader, array_specs, coalesce, join, marker_path, parallel_map, read_json
+from .schema import array_specs, coalesce, join, marker_path, parallel_map, read_json
 
 _TAR_BLOCK = 512
 IMAGES = "img"
@@ -188,7 +187,7 @@ class WdsReader(CacheReader):
 
     def _reset_caches(self) -> None:
         self._index = lru_cache(maxsize=self._index_cache_shards)(self._load_index)
-        self._files = RangeReader(lambda: self.fs)
+        super()._reset_caches()
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_index_cache_shards": self._index_cache_shards}
@@ -201,19 +200,6 @@ class WdsReader(CacheReader):
         groups = [group_name(v) for v in (range(self.views) if view is None else [view])]
         return [prefix + join(self.root, rel) for s in sorted(self._markers)
                 for rel in sorted(self._marker(s)["files"]) if rel.split("-")[2] in groups]
-
-    def _fail(self, shard: int, what: str) -> CacheCorruptError:
-        return CacheCorruptError(f"cache {self.url} shard {shard}: {what}")
-
-    def _cat(self, shard: int, rel: str, start: int | None = None, end: int | None = None) -> bytes:
-        path, size = join(self.root, rel), int(self._marker(shard)["files"][rel])
-        try:
-            data = self._files.read(path, start, end)
-        except FileNotFoundError:
-            raise self._fail(shard, f"file {path} is missing") from None
-        if len(data) != (size if start is None else end - start):
-            raise self._fail(shard, f"{posixpath.basename(path)} is truncated ({size} bytes were written)")
-        return data
 
     def _load_index(self, shard: int) -> dict[tuple[int, str], tuple[str, int, int]]:
         """{(image, group): (tar, start, end)} of one shard, from its completion marker."""
@@ -250,7 +236,7 @@ class WdsReader(CacheReader):
             mine = [j for j, s in enumerate(spans) if s[0] == rel]
             starts = np.asarray([spans[j][1] for j in mine]), np.asarray([spans[j][2] for j in mine])
             for first, last, members in coalesce(*starts):
-                data = memoryview(self._cat(shard, rel, first, last))
+                data = memoryview(self._read_file(shard, rel, first, last))
                 for m in members.tolist():
                     _, start, end = spans[mine[m]]
                     out[pairs[mine[m]]] = tar_members(data[start - first:end - first])

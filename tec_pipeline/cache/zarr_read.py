@@ -33,7 +33,7 @@ from numcodecs.zstd import decompress as zstd_decompress
 
 from ..files import is_local
 from .base import TARGET_KEYS, CacheReader, ShardTargets, target_fields
-from .schema import IMAGE_ARRAYS, ArraySpec, CacheCorruptError, RangeReader, array_specs, coalesce, join, read_json
+from .schema import IMAGE_ARRAYS, ArraySpec, CacheCorruptError, array_specs, coalesce, join, read_json
 from .zarr_store import MAX_UINT_64, shard_key
 
 
@@ -94,7 +94,7 @@ class ZarrReader(CacheReader):
         super().__init__(url, fs, root, doc)
 
     def _reset_caches(self) -> None:
-        self._files = RangeReader(lambda: self.fs)
+        super()._reset_caches()
         self._index = lru_cache(maxsize=self._index_cache_shards * len(self._layouts))(self._load_index)
         self._image_tables: dict[int, dict[str, np.ndarray]] = {}
 
@@ -102,9 +102,6 @@ class ZarrReader(CacheReader):
         return {**super().__getstate__(), "_layouts": self._layouts, "_index_cache_shards": self._index_cache_shards}
 
     # -- raw access
-
-    def _fail(self, shard: int, what: str) -> CacheCorruptError:
-        return CacheCorruptError(f"cache {self.url} shard {shard}: {what}")
 
     def _file(self, name: str, shard: int) -> tuple[str, int]:
         """(path, recorded size) of an array's shard file."""
@@ -115,14 +112,7 @@ class ZarrReader(CacheReader):
         return join(self.root, rel), int(files[rel])
 
     def _cat(self, shard: int, name: str, start: int | None = None, end: int | None = None) -> bytes:
-        path, size = self._file(name, shard)
-        try:
-            data = self._files.read(path, start, end)
-        except FileNotFoundError:
-            raise self._fail(shard, f"file {path} is missing") from None
-        if len(data) != (size if start is None else end - start):
-            raise self._fail(shard, f"file {path} is truncated ({size} bytes were written)")
-        return data
+        return self._read_file(shard, shard_key(name, len(self._layouts[name].shape), shard), start, end)
 
     def _index_array(self, shard: int, name: str, tail: bytes) -> np.ndarray:
         """The shard index, (chunks, 2) uint64 offset/length, crc32c-checked."""
