@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from tec_pipeline.base_targets import compute_targets
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.config import ViTArch, load_config
 from tec_pipeline.export import export_model
-from tec_pipeline.models.base import CheckpointError, UnsupportedBase, load_base_model
+from tec_pipeline.models.base import CheckpointError, UnsupportedBase, build_base_vit, build_vit, load_base_model
 from tec_pipeline.models.tec import TECModel
 from tec_pipeline.train.checkpoint import init_from_base
 
@@ -203,3 +204,18 @@ def test_cache_targets_then_train_from_a_released_layout(name, size, init_from_b
     result = run_train(cfg)
     assert result["step"] == 2 and (tmp_path / "run" / "checkpoint.pt").is_file()
     assert result["losses"] and all(np.isfinite(v) for v in result["losses"].values())
+
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/vit*_in1k.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_each_base_config_names_a_base_that_serves_its_grid_and_k(path):
+    """Its base arch builds and can serve, the image size is a whole patch grid shared with the new
+    model, and the cache stores the rows targets.k reads (one block: the sizes are what counts)."""
+    cfg = load_config(path)
+    base = build_base_vit(replace(cfg.base.arch, img_size=cfg.data.img_size, depth=1))
+    new = build_vit(replace(cfg.model.arch, img_size=cfg.data.img_size, depth=1))
+    assert cfg.data.img_size % base.patch_embed.patch_size[0] == 0
+    assert new.patch_embed.grid_size == base.patch_embed.grid_size
+    assert cfg.targets.k <= cfg.cache.k_max <= base.patch_embed.num_patches
