@@ -104,6 +104,19 @@ def test_bad_checkpoint_of_each_family_is_one_line(name, bad, tmp_path):
     assert expected.format(patch=family.weights["patch"]) in message and str(path) in message and "\n" not in message
 
 
+def test_a_student_is_read_where_no_teacher_is_saved(tmp_path):
+    def student_only(obj):
+        student = {f"module.{k}": v for k, v in obj.pop("teacher").items()}  # DDP-wrapped, as saved
+        return {**obj, "student": student}
+
+    family = FAMILIES["dino_training"]
+    path, w = write(family, tmp_path, edit=student_only)
+    base = load_base_model(arch_of(family), path)
+    images = torch.randn(2, 3, 224, 224)
+    features, logits = reference_forward(w, images, family.eps)
+    assert_same_targets(compute_targets(base, images, 2, K), reference_targets(features, logits, 1, K))
+
+
 @pytest.mark.parametrize("name, arch, expected", [
     ("dinov2_reg", "vit_small_patch14_dinov2", "4 register tokens in the checkpoint, 0 in base.arch"),
     ("dinov2", "vit_small_patch14_reg4_dinov2", "0 register tokens in the checkpoint, 4 in base.arch"),
