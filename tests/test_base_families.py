@@ -13,7 +13,8 @@ import timm
 import torch
 
 from helpers import TINY_MODEL_ARGS, write_images
-from released import FAMILIES, beit, draw, ijepa, reference_forward, reference_targets, write
+from reference_vit import draw, reference_forward, reference_targets
+from released import FAMILIES, beit, ijepa, write
 from stages.cache_targets import run_cache_targets
 from stages.train import run_train
 from stages.verify import verify_cache

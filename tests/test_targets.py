@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import TINY_BASE
-from released import reference_targets
+from reference_vit import reference_targets
 from tec_pipeline.config import ViTArch
 from tec_pipeline.models.base import base_forward, load_base_model
 from tec_pipeline.base_targets import compute_targets
