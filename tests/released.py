@@ -120,15 +120,30 @@ def tec_raw(w: Weights) -> tuple[dict, Weights]:
     seen = (0.5 * h * (1 + torch.erf(h / math.sqrt(2)))) @ fc2_w.double().T + fc2_b.double()
     model = {**vit_encoder(w), "cls_token_mlp.fc1.weight": fc1_w, "cls_token_mlp.fc1.bias": fc1_b,
              "cls_token_mlp.fc2.weight": fc2_w, "cls_token_mlp.fc2.bias": fc2_b,
-             "encoder_adaptor.0.fc.weight": torch.zeros(C, 3 * C), "encoder_adaptor.norm.weight": torch.ones(C),
-             **mae_decoder(), "decoder_pred_attn.weight": torch.zeros(2 * C, 16)}
+             **tec_adapters_and_decoders()}
     return {"model": model, **training_extras(299)}, replace(w, tokens=seen.float()[None])
 
 
+def tec_adapters_and_decoders(dim: int = 16) -> dict:
+    """What TECViT saves beside its encoder (sail-sg/TEC ``models_tec_vit.py`` module names): the
+    encoder adaptor, the feature and attention decoder branches, the shared decoder blocks."""
+    return {"encoder_adaptor.adap_before.weight": torch.ones(3 * C), "encoder_adaptor.fuse_fcs.0.weight":
+            torch.zeros(C, 3 * C), "encoder_adaptor.adap_mlps.0.fc1.weight": torch.zeros(4 * dim, C),
+            "encoder_adaptor.adap_after.weight": torch.ones(C),
+            "forward_fea_decoder.decoder_embed.weight": torch.zeros(dim, C),
+            "forward_fea_decoder.mask_token": torch.zeros(1, 1, dim),
+            "forward_fea_decoder.decoder_norm.weight": torch.ones(dim),
+            "forward_fea_decoder.decoder_pred.weight": torch.zeros(C, dim),
+            "forward_att_decoder.decoder_embed.weight": torch.zeros(dim, C),
+            "forward_att_decoder.mask_token": torch.zeros(1, 1, dim),
+            "forward_att_decoder.decoder_qk.weight": torch.zeros(2 * C, dim),
+            "decoder_blocks.0.norm1.weight": torch.ones(dim), "decoder_pos_embed": torch.zeros(1, 197, dim)}
+
+
 def tec_converted(w: Weights) -> dict:
-    """The authors' TEC converted for fine-tuning: cls token folded, no final norm (global pooling)."""
-    sd = {k: v for k, v in vit_encoder(w).items() if not k.startswith("norm.")}
-    return {"model": sd}
+    """The authors' TEC converted for fine-tuning (their ``weight_convert.py``): the global-pool
+    ViT's state dict saved flat, cls token folded, no final norm, head and fc_norm removed."""
+    return {k: v for k, v in vit_encoder(w).items() if not k.startswith("norm.")}
 
 
 def ijepa(w: Weights) -> dict:

@@ -25,7 +25,8 @@ __all__ = ["EXPORT_FORMAT", "CheckpointError", "UnsupportedBase", "NoFinalNorm",
            "build_vit", "build_base_vit", "load_base_model", "base_forward", "attention_logits", "BaseOutputs"]
 
 # Entries of full checkpoints that are not part of the encoder (heads, decoders, adapters, MIM tokens).
-_IGNORED_PREFIXES = ("head.", "head_dist.", "decoder", "mask_token", "masked_embed", "fc_norm.", "encoder_adaptor.")
+_IGNORED_PREFIXES = ("head.", "head_dist.", "decoder", "mask_token", "masked_embed", "fc_norm.", "encoder_adaptor.",
+                     "forward_fea_decoder.", "forward_att_decoder.")  # the last three: the authors' TECViT
 # Where a family keeps its cls token and its patch kernel, before timm's conversion.
 _CLS_KEYS = ("cls_token", "visual.class_embedding", "visual.trunk.cls_token")
 _PATCH_KERNELS = ("patch_embed.proj.weight", "visual.conv1.weight", "visual.trunk.patch_embed.proj.weight")
