@@ -114,15 +114,17 @@ def test_init_from_base_copies_matching_weights(world):
     path = world["root"] / "base.pth"
     model = TECModel(BASE, feat_dim=32, decoder_dim=32, decoder_depth=1, decoder_heads=2, encoder_adapter=False)
     pos = model.encoder.pos_embed.clone()
-    copied = init_from_base(model, str(path))
+    copied = init_from_base(model, load_base_model(BASE, path), str(path))
     base_sd = world["base"].state_dict()
     assert copied == len(base_sd) - 1
     assert torch.equal(model.encoder.blocks[1].attn.qkv.weight, base_sd["blocks.1.attn.qkv.weight"])
+    # the cls token as the base's first block sees it: the new encoder's cls position is zero
+    assert torch.equal(model.encoder.cls_token, base_sd["cls_token"] + base_sd["pos_embed"][:, :1])
     assert torch.equal(model.encoder.pos_embed, pos)
     other = TECModel(replace(BASE, embed_dim=48, num_heads=3), feat_dim=32, decoder_dim=32, decoder_depth=1,
                      decoder_heads=2, encoder_adapter=False)
     with pytest.raises(Exception, match="no weight"):
-        init_from_base(other, str(path))
+        init_from_base(other, load_base_model(BASE, path), str(path))
 
 
 def test_cls_only_attention_trains(world, tmp_path):

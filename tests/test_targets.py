@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from helpers import TINY_BASE
+from reference_vit import reference_targets
+from tec_pipeline.config import ViTArch
 from tec_pipeline.models.base import base_forward, load_base_model
 from tec_pipeline.base_targets import compute_targets
 from tec_pipeline.targets import (Targets, attention_target, channel_normalize, feature_target, patch_normalize,
@@ -126,3 +128,37 @@ def test_select_topk_with_k0_keeps_the_cls_row():
     att, idx = select_topk(logits, 0)
     assert att.shape == (2, 1, 3, 4) and idx.shape == (2, 0)
     assert torch.equal(att[:, 0], logits[:, :, 0, 1:])
+
+
+@pytest.mark.parametrize("arch, size, prefix", [("vit_small_patch14_reg4_dinov2", 42, 5),  # cls + 4 registers
+                                                ("deit_tiny_distilled_patch16_224", 48, 2)])  # cls + dist token
+def test_targets_with_more_prefix_tokens_match_loops(arch, size, prefix):
+    """Features are patch tokens only; rows [cls; top-k], keys the patches, ranked by the cls row."""
+    torch.manual_seed(0)
+    base = load_base_model(ViTArch(arch, img_size=size, embed_dim=32, depth=2, num_heads=2), None)
+    with torch.no_grad():  # learned tokens and positions away from their near-zero init
+        for p in (base.cls_token, base.pos_embed, getattr(base, "reg_token", None), getattr(base, "dist_token", None)):
+            if p is not None:
+                p.normal_(0, 1)
+    assert base.num_prefix_tokens == prefix
+    captured, outs = {}, []
+    last = base.blocks[-1]
+    last.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+    for blk in base.blocks:
+        blk.register_forward_hook(lambda m, a, o: outs.append(o))
+    images = torch.randn(2, 3, size, size)
+    t = compute_targets(base, images, last_layers=2, k=4)
+    h = _layer_norm64(captured["x"], last.norm1)
+    W, bias = last.attn.qkv.weight.double(), last.attn.qkv.bias.double()
+    C, H = base.embed_dim, last.attn.num_heads
+    hd = C // H
+    logits = torch.stack([torch.stack([
+        (h[b] @ W[i * hd:(i + 1) * hd].T + bias[i * hd:(i + 1) * hd])
+        @ (h[b] @ W[C + i * hd:C + (i + 1) * hd].T + bias[C + i * hd:C + (i + 1) * hd]).T / math.sqrt(hd)
+        for i in range(H)]) for b in range(2)])  # (B, H, N, N) over every token
+    features = (outs[-1][:, prefix:] + outs[-2][:, prefix:]).double() / 2
+    ref = reference_targets(features, logits, prefix, 4)
+    assert t.feat.shape == (2, (size // base.patch_embed.patch_size[0]) ** 2, C)
+    torch.testing.assert_close(t.feat.double(), ref["feat"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(t.attn.double(), ref["attn"], atol=1e-4, rtol=1e-4)
+    assert torch.equal(t.topk_idx, ref["topk_idx"])

@@ -1,102 +1,136 @@
-"""The frozen base model: a timm ViT built from a local checkpoint, and its forward.
+"""The frozen base model: a timm ViT of any servable family built from a local checkpoint, and its forward.
 
 The forward returns what target enhancement needs (Sec. 2.3): the outputs of the
 last blocks (patch tokens, before the final norm) and the pre-softmax q.k logits
-of the last block, which timm's fused attention never materialises.
+of the last block over [cls; patches], which timm's fused attention never materialises.
+Reading the files is `models.checkpoints`; converting a family's naming to timm's is timm's own
+`checkpoint_filter_fn`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
 from ..config import ViTArch
 from ..errors import UserError
+from .checkpoints import EXPORT_FORMAT, CheckpointError, file_sha256, read_checkpoint
 
-EXPORT_FORMAT = "tec-pipeline-export"
-# Entries of full SSL checkpoints that are not part of the encoder.
-_IGNORED_PREFIXES = ("head.", "head_dist.", "decoder", "mask_token", "masked_embed", "fc_norm.", "dist_token")
+__all__ = ["EXPORT_FORMAT", "CheckpointError", "UnsupportedBase", "NoFinalNorm", "file_sha256", "read_checkpoint",
+           "build_vit", "build_base_vit", "load_base_model", "base_forward", "attention_logits", "BaseOutputs"]
+
+# Entries of full checkpoints that are not part of the encoder (heads, decoders, adapters, MIM tokens).
+_IGNORED_PREFIXES = ("head.", "head_dist.", "decoder", "mask_token", "masked_embed", "fc_norm.", "encoder_adaptor.",
+                     "forward_fea_decoder.", "forward_att_decoder.")  # the last three: the authors' TECViT
+# Where a family keeps its cls token and its patch kernel, before timm's conversion.
+_CLS_KEYS = ("cls_token", "visual.class_embedding", "visual.trunk.cls_token")
+_PATCH_KERNELS = ("patch_embed.proj.weight", "visual.conv1.weight", "visual.trunk.patch_embed.proj.weight")
+REL_POS_BIAS = "a relative position bias (BEiT) is added to q.k, so q.k alone is not the base's attention"
 
 
-class CheckpointError(UserError):
-    """A checkpoint that cannot become this base model; one line naming the file and key."""
+class UnsupportedBase(UserError):
+    """A model TEC cannot take its targets from; one line saying why."""
 
 
-def build_vit(arch: ViTArch | str, **overrides) -> VisionTransformer:
-    """A timm ViT without classifier head; `arch` sizes override the registered defaults."""
+def create_vit(arch: ViTArch | str, **overrides) -> nn.Module:
+    """A timm model without classifier head; `arch` sizes override the registered defaults."""
     if isinstance(arch, str):
         arch = ViTArch(name=arch)
     sizes = {k: v for k, v in asdict(arch).items() if k != "name" and v is not None}
     sizes.update(overrides)
-    model = timm.create_model(arch.name, pretrained=False, num_classes=0, **sizes)
+    return timm.create_model(arch.name, pretrained=False, num_classes=0, **sizes)
+
+
+def build_vit(arch: ViTArch | str, **overrides) -> VisionTransformer:
+    """The new model's encoder: a timm ViT with one prefix token, the cls token (the paper's)."""
+    model = create_vit(arch, **overrides)
     if not isinstance(model, VisionTransformer) or model.num_prefix_tokens != 1 or model.cls_token is None:
-        raise ValueError(f"architecture '{arch.name}': TEC needs a timm VisionTransformer with one cls token")
+        name = arch if isinstance(arch, str) else arch.name
+        raise ValueError(f"architecture '{name}': TEC needs a timm VisionTransformer with one cls token")
     return model
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def unservable(model: nn.Module) -> str | None:
+    """Why a base cannot give TEC's targets, which are its last block's pre-softmax q.k with the
+    cls query row ranking the patches (Sec. 2.3); None when it can."""
+    if any(hasattr(m, "relative_position_bias_table") for m in model.modules()):
+        return REL_POS_BIAS
+    if not isinstance(model, VisionTransformer):
+        return f"a {type(model).__name__}, not a timm VisionTransformer (the base forward reads its blocks' qkv)"
+    if model.global_pool == "map":
+        return "it pools with an attention head (global_pool='map'), not a cls token that ranks the patches"
+    if model.cls_token is None:
+        return "it has no cls token, whose query row ranks the patches"
+    return None
 
 
-def _strip(sd: dict, prefixes: tuple[str, ...]) -> dict:
-    """Keep the entries under the first prefix that any key has, with the prefix removed."""
-    for prefix in prefixes:
-        if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
+def build_base_vit(arch: ViTArch | str) -> VisionTransformer:
+    """The base: a timm ViT with a cls token and any further prefix tokens (registers, distillation)."""
+    model = create_vit(arch)
+    reason = unservable(model)
+    if reason:
+        name = arch if isinstance(arch, str) else arch.name
+        raise UnsupportedBase(f"base.arch.name='{name}' cannot serve as TEC's base: {reason}")
+    return model
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], str, dict]:
-    """(encoder state dict, layout name, metadata) from any supported checkpoint layout.
+def checkpoint_prefix_tokens(sd: dict[str, Tensor]) -> tuple[int, bool]:
+    """(register tokens, distillation token?) a checkpoint holds, in DINOv2's or timm's naming."""
+    regs = sd.get("register_tokens", sd.get("reg_token"))
+    return (0 if regs is None else int(regs.shape[1])), "dist_token" in sd
 
-    Layouts: MAE ``{"model": sd}``; plain timm state dict (.pth or .safetensors);
-    iBOT / DINO ``{"teacher" | "state_dict": sd}`` with ``backbone.`` or
-    ``module.backbone.`` prefixes; this project's export (safetensors + metadata).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    meta: dict = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a safetensors checkpoint ({err})") from None
-        layout = "tec-export" if meta.get("format") == EXPORT_FORMAT else "timm"
-        return sd, layout, meta
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a checkpoint torch.load can read safely ({type(err).__name__})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: unknown checkpoint layout (a {type(obj).__name__}, not a dict)")
-    if isinstance(obj.get("model"), dict):
-        sd, layout = obj["model"], "mae"
-    elif isinstance(obj.get("teacher"), dict):
-        sd, layout = obj["teacher"], "ibot-dino"
-    elif isinstance(obj.get("state_dict"), dict):
-        sd, layout = obj["state_dict"], "ibot-dino"
-    elif obj and all(isinstance(v, Tensor) for v in obj.values()):
-        sd, layout = obj, "timm"
-    else:
-        keys = ", ".join(list(obj)[:5])
-        raise CheckpointError(f"{path}: unknown checkpoint layout (top-level keys: {keys})")
-    sd = _strip(sd, ("module.backbone.", "backbone.", "module."))
-    return sd, layout, meta
+def check_family(sd: dict[str, Tensor], model: VisionTransformer, path: str | Path) -> None:
+    """Refuse, before timm converts it, a checkpoint this base cannot take: one line each."""
+    kernel = next((sd[k] for k in _PATCH_KERNELS if k in sd and sd[k].ndim == 4), None)
+    patch, model_patch = (kernel.shape[-1] if kernel is not None else None), model.patch_embed.patch_size[0]
+    regs, dist = checkpoint_prefix_tokens(sd)
+    model_dist = getattr(model, "dist_token", None) is not None
+    rules = [
+        (not any("relative_position_bias" in k for k in sd), REL_POS_BIAS),
+        (any(k in sd for k in _CLS_KEYS) or "pos_embed" not in sd,  # a ViT's layout, but no cls token
+         "no cls token (I-JEPA has none), whose query row ranks the patches"),
+        (patch in (None, model_patch), f"patch size {patch} in the checkpoint, {model_patch} in base.arch "
+                                       "(resampling the patch kernel would change the base)"),
+        (regs == model.num_reg_tokens, f"{regs} register tokens in the checkpoint, {model.num_reg_tokens} in "
+                                       "base.arch (choose the matching *_reg4_* architecture or none)"),
+        (dist == model_dist, f"{'a' if dist else 'no'} distillation token in the checkpoint, "
+                             f"{'one' if model_dist else 'none'} in base.arch (DeiT: *_distilled_* architectures)"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise CheckpointError(f"{path}: {message}")
+
+
+def timm_state_dict(sd: dict[str, Tensor], model: VisionTransformer, path: str | Path) -> dict[str, Tensor]:
+    """The checkpoint in `model`'s naming by timm's own conversion (DINOv2 registers and SwiGLU,
+    OpenAI / OpenCLIP CLIP, DeiT-III layer scale), pos_embed resampled to the model's patch grid."""
+    check_family(sd, model, path)
+    return checkpoint_filter_fn(dict(sd), model, adapt_layer_scale=True)
+
+
+class NoFinalNorm(nn.Module):
+    """Where a checkpoint has no final norm (a global-pool fine-tuning layout): TEC's targets come
+    before it, so the base loads; any use of the norm itself is one clear error."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = str(path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise CheckpointError(f"{self.path}: has no final norm ('norm.weight'); TEC's targets do not need it, "
+                              "but this use of the encoder's output (evaluation, fine-tuning, export) does")
+
+
+def without_missing_norm(model: VisionTransformer, sd: dict[str, Tensor], path: str | Path) -> None:
+    """Replace the final norm by `NoFinalNorm` where the checkpoint has none (no key under ``norm.``)."""
+    if list(model.norm.parameters()) and not any(k.startswith("norm.") for k in sd):
+        model.norm = NoFinalNorm(path)
 
 
 def match_state_dict(model: nn.Module, sd: dict[str, Tensor], path: str | Path) -> dict[str, Tensor]:
@@ -121,14 +155,15 @@ def export_arch(meta: dict) -> ViTArch | None:
 
 
 def load_base_model(arch: ViTArch | str | None, checkpoint: str | Path | None, img_size: int | None = None) -> VisionTransformer:
-    """Build the base ViT, load `checkpoint` (any supported layout), freeze it, eval mode.
+    """Build the base ViT, load `checkpoint` (any supported family and layout), freeze it, eval mode.
 
     `checkpoint=None` gives a randomly initialised base (tests, smoke runs). `arch=None`
-    takes the architecture recorded in a tec-pipeline export.
+    takes the architecture recorded in a tec-pipeline export. `img_size` sets the patch grid
+    the checkpoint's position embedding is resampled to.
     """
     sd, meta = None, {}
     if checkpoint is not None:
-        sd, _layout, meta = read_checkpoint(checkpoint)
+        sd, _entry, meta = read_checkpoint(checkpoint)
     if arch is None:
         arch = export_arch(meta)
         if arch is None:
@@ -137,8 +172,10 @@ def load_base_model(arch: ViTArch | str | None, checkpoint: str | Path | None, i
         arch = ViTArch(name=arch)
     if img_size is not None:
         arch = ViTArch(**{**asdict(arch), "img_size": img_size})
-    model = build_vit(arch)
+    model = build_base_vit(arch)
     if sd is not None:
+        sd = timm_state_dict(sd, model, checkpoint)
+        without_missing_norm(model, sd, checkpoint)
         model.load_state_dict(match_state_dict(model, sd, checkpoint), strict=True)
     model.requires_grad_(False)
     return model.eval()
@@ -146,10 +183,10 @@ def load_base_model(arch: ViTArch | str | None, checkpoint: str | Path | None, i
 
 @dataclass
 class BaseOutputs:
-    """What the base forward hands to target enhancement."""
+    """What the base forward hands to target enhancement: patch tokens and [cls; patches] logits."""
 
     features: Tensor  # Y (B, L, C): mean of the last blocks' patch tokens, before the final norm
-    logits: Tensor  # A (B, H, 1+L, 1+L): pre-softmax q.k * head_dim^-0.5 of the last block
+    logits: Tensor  # A (B, H, 1+L, 1+L): pre-softmax q.k * head_dim^-0.5 of the last block over [cls; patches]
 
 
 def attention_logits(attn: nn.Module, x: Tensor) -> Tensor:
@@ -163,8 +200,24 @@ def attention_logits(attn: nn.Module, x: Tensor) -> Tensor:
     return (q @ k.transpose(-2, -1)) * attn.scale
 
 
+def target_tokens(x: Tensor, num_prefix_tokens: int) -> Tensor:
+    """The tokens TEC's targets live on, (B, 1+L, C): the cls token and the patches.
+
+    timm orders tokens [cls, registers or distillation token, patches]; the other prefix tokens
+    are dropped as queries and as keys (the targets relate patches, ranked by the cls row).
+    """
+    if num_prefix_tokens == 1:
+        return x
+    return torch.cat([x[:, :1], x[:, num_prefix_tokens:]], dim=1)
+
+
 def base_forward(vit: VisionTransformer, images: Tensor, last_layers: int = 2) -> BaseOutputs:
-    """Standard ViT forward that keeps the last `last_layers` block outputs and last-block logits."""
+    """Standard ViT forward that keeps the last `last_layers` blocks' patch tokens and the last
+    block's logits among cls and patches, for any number of prefix tokens.
+
+    q and k are per-token maps of the block input (norm1, qkv), so computing them on the kept
+    tokens alone gives exactly those rows and columns of the full logits.
+    """
     depth = len(vit.blocks)
     if not 1 <= last_layers <= depth:
         raise ValueError(f"last_layers={last_layers} must be within 1..{depth} (the base depth)")
@@ -172,7 +225,7 @@ def base_forward(vit: VisionTransformer, images: Tensor, last_layers: int = 2) -
     kept = []
     for i, block in enumerate(vit.blocks):
         if i == depth - 1:
-            logits = attention_logits(block.attn, block.norm1(x))
+            logits = attention_logits(block.attn, block.norm1(target_tokens(x, vit.num_prefix_tokens)))
         x = block(x)
         if i >= depth - last_layers:
             kept.append(x[:, vit.num_prefix_tokens:])

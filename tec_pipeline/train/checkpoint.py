@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from ..cache.schema import first_difference, short_value
 from ..config import Config, flatten, to_dict
 from ..errors import UserError
 from ..export import CHECKPOINT, atomic_save, load_checkpoint
-from ..models.base import file_sha256, read_checkpoint
+from ..models.base import NoFinalNorm, file_sha256
 from ..models.tec import TECModel
 from .schedule import Schedule
 
@@ -118,17 +119,24 @@ def check_resumable(path: Path, identity: dict) -> None:
 
 # ---------------------------------------------------------------- starting weights
 @torch.no_grad()
-def init_from_base(model: TECModel, checkpoint: str) -> int:
-    """Tab. 6(d) "Load": copy the base encoder's weights where names and shapes match.
+def init_from_base(model: TECModel, base, checkpoint: str) -> int:
+    """Tab. 6(d) "Load": copy the loaded base encoder's weights where names and shapes match.
 
-    The position embedding stays the fixed sin-cos one (it is not trained here).
-    Returns the number of tensors copied.
+    `base` is `load_base_model`'s, so any family arrives in timm's naming. Its cls token is taken
+    as its first block sees it (plus its position where it has one), because the new encoder's
+    cls position is zero; the new pos_embed stays the fixed sin-cos one, and registers or a
+    distillation token have no place in it (one cls token). Returns the number of tensors copied.
     """
-    sd, _, _ = read_checkpoint(checkpoint)
+    weights = dict(base.state_dict())
+    if not base.no_embed_class:
+        weights["cls_token"] = base.cls_token + base.pos_embed[:, :1]
+    if isinstance(base.norm, NoFinalNorm):
+        warnings.warn(f"model.init_from_base: base.checkpoint={checkpoint} has no final norm; the new encoder's "
+                      "norm keeps its initialisation", stacklevel=2)
     copied = 0
     for name, value in model.encoder.state_dict().items():
-        if name != "pos_embed" and name in sd and tuple(sd[name].shape) == tuple(value.shape):
-            value.copy_(sd[name])
+        if name != "pos_embed" and name in weights and tuple(weights[name].shape) == tuple(value.shape):
+            value.copy_(weights[name])
             copied += 1
     if copied == 0:
         raise UserError(f"model.init_from_base: no weight of base.checkpoint={checkpoint} fits the new encoder")

@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 from torch import Tensor
 
 from ..base_targets import compute_targets
-from ..config import Config, TargetConfig
+from ..config import Config, TargetConfig, ViTArch
 from ..data import open_source_at
 from ..errors import UserError
 from ..export import build_model
@@ -79,6 +79,12 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
                         identity=source.fingerprint())
 
 
+def base_arch(cfg: Config, meta: Optional[dict]) -> ViTArch:
+    """The base's architecture: the one a cache recorded it was made with, else the config's."""
+    recorded = ((meta or {}).get("base") or {}).get("arch")
+    return ViTArch(**recorded) if recorded else cfg.base.arch
+
+
 def patch_size(cfg: Config) -> int:
     """The new encoder's patch size: set in the config, or the timm architecture's default."""
     arch = cfg.model.arch
@@ -141,7 +147,8 @@ def new_model(cfg: Config, data: DataPipeline):
         checkpoint = cfg.base.checkpoint or ((data.meta or {}).get("base") or {}).get("checkpoint")
         if not checkpoint:
             raise UserError("model.init_from_base=true needs base.checkpoint (the base model's weights)")
-        init_from_base(model, checkpoint)
+        base = data.base or load_base_model(base_arch(cfg, data.meta), checkpoint, img_size=cfg.data.img_size)
+        init_from_base(model, base, checkpoint)
     if cfg.model.init_checkpoint:
         init_from_checkpoint(model, cfg.model.init_checkpoint)
     return model, kwargs
