@@ -38,6 +38,7 @@ class BaseConfig:
 
     arch: ViTArch = field(default_factory=ViTArch)
     checkpoint: Optional[str] = None
+    compute_dtype: str = "auto"  # stage one's forward: auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32
 
 
 @dataclass
@@ -121,6 +122,7 @@ class CacheConfig:
     images_per_shard: int = 256
     zstd_level: int = 1
     store_images: bool = False  # webdataset: keep the encoded source image in each sample
+    writer_threads: Optional[int] = None  # shards compressed and written at once (default: cores, at most 4)
 
 
 @dataclass
@@ -139,6 +141,7 @@ class Config:
 
 
 _CHOICES = {
+    "base.compute_dtype": ("auto", "fp16", "bf16", "fp32"),
     "targets.source": ("cache", "online", "pixels"),
     "targets.norm": ("patch", "channel", "none"),
     "targets.attention": ("topk", "cls_only", "none"),
