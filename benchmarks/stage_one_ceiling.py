@@ -40,7 +40,6 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("TQDM_DISABLE", "1")  # cache-targets' progress bar, read when tqdm is imported
 
 from benchmarks.train_step import bench_loader  # noqa: E402
 from stages.cache_targets import compute_shards  # noqa: E402

@@ -10,12 +10,13 @@ and what a real run would do with a cache already there. Nothing is left behind.
 from __future__ import annotations
 
 from tec_pipeline.cache.assemble import ShardAssembler, default_writer_threads
+from tec_pipeline.cache.encode import NonFiniteTargetError
 from tec_pipeline.config import Config
 from tec_pipeline.data.view_dataset import ViewDataset, view_loader
 from tec_pipeline.precompute.estimate import (
     existing_cache_note, extrapolate, local_dir, print_estimate, probe_write, timed,
 )
-from tec_pipeline.precompute.settings import images_per_batch
+from tec_pipeline.precompute.settings import images_per_batch, non_finite_error
 from tec_pipeline.precompute.summary import check_bad_images
 
 
@@ -30,7 +31,10 @@ def dry_run_estimate(cfg: Config, meta: dict, dataset: ViewDataset, forward, sta
     targets, compute_s = timed(lambda: forward(batch["views"]), state.device)
     probe_meta = {**meta, "num_images": n, "images_per_shard": n}  # the batch is the probe's one shard
     probe = ShardAssembler(probe_meta, 0, cfg.cache.store_images)
-    _, encode_s = timed(lambda: probe.add(batch, targets))
+    try:
+        _, encode_s = timed(lambda: probe.add(batch, targets))
+    except NonFiniteTargetError as err:
+        raise non_finite_error(err, meta) from None
     target_dir = local_dir(cfg.cache.path)
     stats, write_s = probe_write(target_dir, probe_meta, probe)
     seconds = {"load": load_s, "compute": compute_s, "encode": encode_s, "write": write_s}

@@ -1,4 +1,5 @@
-"""Storage dtypes of the targets and the measured error of the lossy ones.
+"""Storage dtypes of the targets and the measured error of the lossy ones. The encoders are torch
+and run on the device that computed the targets (``encode``); the decoders are numpy, for readers.
 
 For ViT-B/16 at k=15, int8 features with a per (view, channel) step and uint8 attention after
 subtracting each row's max stay within the goal of <= 160 KB per view, feature relative RMS
