@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages.cache_targets import run_cache_targets  # noqa: E402
-from tec_pipeline.base_targets import compute_dtype_for, load_base  # noqa: E402
+from tec_pipeline.base_targets import compute_dtype, compute_setting, load_base  # noqa: E402
 from tec_pipeline.config import load_config  # noqa: E402
 from tec_pipeline.data import open_source  # noqa: E402
 from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader  # noqa: E402
@@ -62,7 +62,7 @@ def bare_loop(cfg) -> float:
     base = load_base(cfg.base.arch, cfg.base.checkpoint, cfg.data.img_size, cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as run_cache_targets (accelerate)
     base.to(device)
-    dtype = compute_dtype_for(device)
+    dtype = compute_dtype(compute_setting(cfg.base.compute_dtype, device))  # as run_cache_targets
     dataset = ViewDataset(source, cfg.seed, cfg.data.views, cfg.data.img_size, (cfg.data.scale_min, cfg.data.scale_max))
     per_batch = max(1, cfg.data.batch_size // cfg.data.views)
     shards = [range(s, min(s + cfg.cache.images_per_shard, len(source)))
@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument("--rss-images", default="1000,5000", help="two image counts for the peak-RSS check ('' to skip)")
     p.add_argument("--rss-shard", type=int, default=256)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto: cuda if available (bf16 autocast there, as cache-targets); cpu hides the GPUs")
+                   help="auto: cuda if available (fp16 autocast there, as cache-targets); cpu hides the GPUs")
     p.add_argument("--out", type=Path, default=Path("cache_targets_bench.json"))
     args = p.parse_args()
     if args.device == "cpu":

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-GPU benchmark of both stages, ViT-B/16 at 224 px, bf16 autocast; prints ONE table.
+# One-GPU benchmark of both stages, ViT-B/16 at 224 px (stage one: fp16 autocast, its CUDA default;
+# stage two: bf16 autocast); prints ONE table.
 #
 #   stage one: views/s of `cache-targets` (DataLoader + base forward + target enhancement + shard
 #              encode + write, int8/uint8 storage) over synthetic JPEGs in a temp dir, against the
@@ -20,7 +21,7 @@ case "${1:-}" in
   "") ;;
   --dry) MODE=dry ;;
   --cpu-smoke) MODE=smoke ;;
-  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
   *) echo "error: unknown argument '$1' (expected --dry, --cpu-smoke or nothing)" >&2; exit 2 ;;
 esac
 

@@ -3,13 +3,16 @@ every image and write the enhanced targets (Sec. 2.3) with each view's crop to a
 (README "Stage one: the target cache").
 
 The driver only: sources and the view DataLoader are `tec_pipeline.data`, the base forward and
-its enhancement (Eq. 2, top-k) `tec_pipeline.base_targets`, shard assembly and the writer thread
-`tec_pipeline.cache.assemble`, storage `tec_pipeline.cache.store`, and settings, processes and
-reports `tec_pipeline.precompute`. What it adds is the loop around them:
+its enhancement (Eq. 2, top-k) `tec_pipeline.base_targets`, the storage encoding
+`tec_pipeline.cache.encode`, shard assembly and the writer pool `tec_pipeline.cache.assemble`,
+storage `tec_pipeline.cache.store`, and settings, processes and reports
+`tec_pipeline.precompute`. What it adds is the loop around them:
 
 - DataLoader workers decode and render; the main thread runs batched base forwards under
-  `inference_mode` (bf16 autocast on CUDA, fp32 on CPU); a background thread writes whole
-  shards, so compute and storage overlap.
+  `inference_mode` in `base.compute_dtype` (auto: fp16 autocast on CUDA, fp32 on CPU) and
+  encodes the targets to their storage dtypes on the same device; a pool of
+  `cache.writer_threads` threads compresses and writes whole shards, so compute and storage
+  overlap.
 - Under `accelerate launch` each process takes a contiguous range of shards; rank 0 creates
   the cache and finalizes it once every process is done.
 - A rerun skips completed shards; batches never straddle shards, so a resumed run feeds the
@@ -18,19 +21,28 @@ reports `tec_pipeline.precompute`. What it adds is the loop around them:
 from __future__ import annotations
 
 import time
+from functools import partial
+from typing import Callable
+
+from torch import Tensor
 
 from stages.dry_run import dry_run_estimate
-from tec_pipeline.base_targets import compute_dtype_for, load_base, view_targets
-from tec_pipeline.cache.assemble import BackgroundWriter, ShardAssembler
+from tec_pipeline.base_targets import compute_dtype, compute_setting, load_base, view_targets
+from tec_pipeline.cache.assemble import ShardAssembler, ShardWriterPool, default_writer_threads
+from tec_pipeline.cache.encode import NonFiniteTargetError
 from tec_pipeline.cache.schema import use_storage_options
 from tec_pipeline.config import Config
 from tec_pipeline.data import open_source
 from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader
 from tec_pipeline.precompute.processes import gather, open_for_writing, process_state, split_pending
-from tec_pipeline.precompute.settings import cache_meta, check_base, check_settings, images_per_batch
+from tec_pipeline.precompute.settings import (
+    cache_meta, check_base, check_settings, images_per_batch, non_finite_error,
+)
 from tec_pipeline.precompute.summary import (
     check_bad_images, finish_cache, merge_summaries, print_summary, progress_bar, progress_text,
 )
+
+Forward = Callable[[Tensor], dict[str, Tensor]]  # uint8 views (B, V, 3, S, S) -> targets on the device
 
 
 def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = False) -> dict:
@@ -45,15 +57,17 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     check_base(cfg, base)
     device = state.device
     base.to(device)
-    compute_dtype = compute_dtype_for(device)
-    meta = cache_meta(cfg, source, base, compute_dtype)
+    precision = compute_setting(cfg.base.compute_dtype, device)
+    meta = cache_meta(cfg, source, base, precision)
     dataset = ViewDataset(source, cfg.seed, cfg.data.views, cfg.data.img_size,
                           (cfg.data.scale_min, cfg.data.scale_max), keep_raw=cfg.cache.store_images)
+    forward = partial(view_targets, base, last_layers=cfg.targets.last_layers, k_max=cfg.cache.k_max,
+                      device=device, dtype=compute_dtype(precision))
     if dry_run:
-        return dry_run_estimate(cfg, meta, dataset, base, device, compute_dtype, state)
+        return dry_run_estimate(cfg, meta, dataset, forward, state)
     writer = open_for_writing(cfg.cache.path, meta, overwrite, state)
     pending, mine = split_pending(writer, state)
-    local = compute_shards(cfg, writer, dataset, base, device, compute_dtype, mine, state)
+    local = compute_shards(cfg, writer, dataset, forward, mine, state)
     state.wait_for_everyone()
     summary = merge_summaries(gather(local, state), meta, time.perf_counter() - start)
     if state.is_main_process:
@@ -63,40 +77,49 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     return summary
 
 
-def compute_shards(cfg: Config, writer, dataset: ViewDataset, base, device, compute_dtype,
-                   shards: list[int], state) -> dict:
-    """Compute and write `shards` (this process's pending ones); returns this run's counts."""
+def compute_shards(cfg: Config, writer, dataset: ViewDataset, forward: Forward, shards: list[int], state) -> dict:
+    """Compute and write `shards` (this process's pending ones); returns this run's counts.
+
+    `forward` gives a batch's targets on the compute device; they are encoded there
+    (`ShardAssembler.add`) and whole shards go to a pool of `cache.writer_threads` writers. A
+    non-finite target stops the run naming `base.compute_dtype`; its shard is never queued."""
     ranges = [writer.shard_range(s) for s in shards]
     loader = view_loader(dataset, shard_batches(ranges, images_per_batch(cfg)), cfg.data.num_workers,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=state.device.type == "cuda")
     bar = progress_bar(sum(len(r) for r in ranges), state)
-    out = BackgroundWriter(writer)
-    assembling: dict[int, ShardAssembler] = {}  # shard -> its arrays so far
-    skipped: list[dict] = []
-    done_images, t0 = 0, time.perf_counter()
+    out = ShardWriterPool(writer, cfg.cache.writer_threads or default_writer_threads())
+    start = time.perf_counter()
     try:
-        for batch in loader:  # views (B, V, 3, S, S) uint8 of B images of one shard
-            check_bad_images(batch, cfg.data.on_bad_image)
-            targets = view_targets(base, batch["views"], cfg.targets.last_layers, cfg.cache.k_max,
-                                   device, compute_dtype)
-            shard = int(batch["index"][0]) // cfg.cache.images_per_shard
-            if shard not in assembling:
-                assembling[shard] = ShardAssembler(shard, writer.shard_range(shard), cfg.cache.store_images)
-            assembling[shard].add(batch, targets)
-            if assembling[shard].full:
-                full = assembling.pop(shard)
-                out.put(full)
-                skipped += full.skipped
-            done_images += len(batch["index"])
-            bar.update(len(batch["index"]))
-            bar.set_postfix_str(progress_text(done_images * cfg.data.views, out.bytes_written, time.perf_counter() - t0),
-                                refresh=False)
+        images, skipped = assemble_shards(cfg, writer, loader, forward, out, bar)
         out.close()
+    except NonFiniteTargetError as err:
+        raise non_finite_error(err, writer.meta) from None
     finally:
         bar.close()
         out.stop()  # on an error: let the shards already queued (complete ones) finish writing
     for item in skipped:
         item["name"] = dataset.source.name(item["index"])
-    return {"images": done_images, "views": done_images * cfg.data.views, "bytes": out.bytes_written,
-            "skipped": skipped, "write_seconds": out.seconds, "shards": len(shards),
-            "loop_seconds": time.perf_counter() - t0}
+    return {"images": images, "views": images * cfg.data.views, "bytes": out.bytes_written, "skipped": skipped,
+            "write_seconds": out.seconds, "shards": len(shards), "loop_seconds": time.perf_counter() - start}
+
+
+def assemble_shards(cfg: Config, writer, loader, forward: Forward, out: ShardWriterPool, bar) -> tuple[int, list]:
+    """The loop: each batch's targets encoded into its shard, a full shard to the writers.
+    Returns the images done and the skipped ones."""
+    assembling: dict[int, ShardAssembler] = {}  # shard -> its arrays so far
+    images, skipped, start = 0, [], time.perf_counter()
+    for batch in loader:  # views (B, V, 3, S, S) uint8 of B images of one shard
+        check_bad_images(batch, cfg.data.on_bad_image)
+        shard = int(batch["index"][0]) // cfg.cache.images_per_shard
+        if shard not in assembling:
+            assembling[shard] = out.assembler(shard, cfg.cache.store_images)
+        assembling[shard].add(batch, forward(batch["views"]))
+        if assembling[shard].full:
+            full = assembling.pop(shard)
+            out.put(full)
+            skipped += full.skipped
+        images += len(batch["index"])
+        bar.update(len(batch["index"]))
+        bar.set_postfix_str(progress_text(images * cfg.data.views, out.bytes_written, time.perf_counter() - start),
+                            refresh=False)
+    return images, skipped

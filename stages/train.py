@@ -162,9 +162,9 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
             check_resumable(path, identity)
             run.step = run.last_saved = restore(run.ckpt_path, accelerator, run.model, run.optimizer)
         if accelerator.is_main_process:
-            write_json(path / IDENTITY_FILE, identity)
-            write_json(path / "config.json", to_dict(cfg))
-            write_json(path / "params.json", count_parameters(run.inner))
+            write_json(path / IDENTITY_FILE, identity, "the run's identity")
+            write_json(path / "config.json", to_dict(cfg), "the run's config")
+            write_json(path / "params.json", count_parameters(run.inner), "the run's parameter counts")
         accelerator.init_trackers("tec", config=scalars(cfg))
         log = RunLog(path, accelerator, run.step)
         total = run.schedule.total_steps

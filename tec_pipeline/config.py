@@ -38,6 +38,7 @@ class BaseConfig:
 
     arch: ViTArch = field(default_factory=ViTArch)
     checkpoint: Optional[str] = None
+    compute_dtype: str = "auto"  # stage one's forward: auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32
 
 
 @dataclass
@@ -130,6 +131,7 @@ class CacheConfig:
     # fsspec options of cache.path's filesystem, e.g. {endpoint_url: ..., key: ..., secret: ...} for
     # s3://; credentials otherwise come from the usual places (environment, ~/.aws)
     storage_options: dict = field(default_factory=dict)
+    writer_threads: Optional[int] = None  # shards compressed and written at once (default: cores, at most 4)
 
 
 @dataclass
@@ -148,6 +150,7 @@ class Config:
 
 
 _CHOICES = {
+    "base.compute_dtype": ("auto", "fp16", "bf16", "fp32"),
     "targets.source": ("cache", "online", "pixels"),
     "targets.norm": ("patch", "channel", "none"),
     "targets.attention": ("topk", "cls_only", "none"),

@@ -3,3 +3,8 @@
 
 class UserError(ValueError):
     """Bad input from the user: a file, field or value, named in the message."""
+
+
+class StorageError(UserError):
+    """A file could not be written (full disk, I/O error): the message names the file, what it
+    holds and the free space there, so the user can make room and rerun (which resumes)."""

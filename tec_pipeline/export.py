@@ -27,10 +27,35 @@ EXPORT_NAME = "encoder.safetensors"
 
 
 # ---------------------------------------------------------------- checkpoints
-def atomic_save(obj: Any, path: Path) -> None:
-    """`torch.save` to a temporary name, fsync, rename: a half-written file never looks complete."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+class _KeepsWriteError:
+    """A binary file that keeps the `OSError` of a failed write: `torch.save` reports one only
+    as a bare ``RuntimeError`` ("unexpected pos ..."), which would hide a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_save(obj: Any, path: Path, what: str = "the training checkpoint") -> None:
+    """`torch.save` to a temporary name, fsync, rename: a half-written file never looks complete,
+    and a failed write (full disk) is a `StorageError` that leaves the previous file as it was."""
+    with atomic_path(path, what) as tmp, open(tmp, "wb") as f:
+        out = _KeepsWriteError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -60,12 +85,13 @@ def encoder_state(model: TECModel) -> dict[str, Tensor]:
 
 def export_model(model: TECModel, arch: ViTArch, out: Path) -> Path:
     """Write the folded encoder to `out` (safetensors, atomically) with the export metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
     meta = {"format": EXPORT_FORMAT, "arch": json.dumps(asdict(arch))}
-    with atomic_path(out) as tmp:
-        save_file(encoder_state(model.float().eval()), str(tmp), metadata=meta)
+    data = save(encoder_state(model.float().eval()), metadata=meta)  # bytes: a failed write is an OSError
+    with atomic_path(out, "the encoder export") as tmp:
+        tmp.write_bytes(data)
     return out
 
 

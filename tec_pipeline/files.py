@@ -1,13 +1,40 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never a half-written one."""
+"""Atomic file writes: a reader sees the old file or the whole new one, never a half-written one.
+A write that fails (full disk, I/O error) raises `StorageError`, one line naming the file, what it
+holds and the free space; the previous version of the file stays as it was."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import StorageError
+
+
+def free_space(path: str | Path) -> str:
+    """Free space on the filesystem holding `path` (its nearest existing folder), for messages."""
+    folder = Path(os.path.abspath(path))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = float(shutil.disk_usage(folder).free)
+    except OSError:
+        return "unknown"
+    for unit in ("B", "KB", "MB", "GB"):
+        if free < 1000 or unit == "GB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1000
+    return "unknown"
+
+
+def storage_error(path: str | Path, what: str, err: OSError) -> StorageError:
+    """The one-line error of a failed write of `what` to `path`."""
+    reason = err.strerror or str(err) or type(err).__name__
+    return StorageError(f"cannot write {what} {path}: {reason} ({free_space(path)} free there)")
 
 
 def fsync_paths(paths: list[str]) -> None:
@@ -21,19 +48,22 @@ def fsync_paths(paths: list[str]) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, what: str = "the file") -> Iterator[Path]:
     """Yield a temporary name beside `path`; once the block has written it, fsync it, rename it
     onto `path` and fsync the directory. If the block fails, `path` is untouched and the
-    temporary file removed. The temporary name is unique, so writers of different files in one
-    directory (several processes) never share one."""
+    temporary file removed; an `OSError` (full disk, I/O error) becomes `StorageError` naming
+    `what`. The temporary name is unique, so writers of different files in one directory
+    (several processes) never share one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")  # a crash leftover: `name.tmp-*`
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         fsync_paths([str(tmp)])
         os.replace(tmp, path)
         fsync_paths([str(path)])
+    except OSError as err:
+        raise storage_error(path, what, err) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -45,20 +75,32 @@ def is_local(fs) -> bool:
     return "file" in protocols
 
 
-def write_bytes(fs, path: str, data: bytes) -> None:
+def write_bytes(fs, path: str, data: bytes, what: str = "the cache file") -> None:
     """Write a whole file on a local or fsspec filesystem so that readers see nothing or all of it.
 
     Local: `atomic_path`. Elsewhere one ``pipe_file``: an object-store PUT is atomic (a "rename"
     there is a copy), and so is a write to ``memory://``.
     """
     if is_local(fs):
-        with atomic_path(path) as tmp:
+        with atomic_path(path, what) as tmp:
             tmp.write_bytes(data)
-    else:
+        return
+    try:
         fs.pipe_file(path, data)
+    except OSError as err:
+        raise StorageError(f"cannot write {what} {path}: {err.strerror or err}") from None
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_json(path: str | Path, obj: Any, what: str = "the file") -> None:
     """`obj` as indented JSON, atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, what) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def append_line(path: str | Path, line: str, what: str = "the log") -> None:
+    """Append one line to a text file (a log: a lost last line is harmless, a traceback is not)."""
+    try:
+        with Path(path).open("a") as f:
+            f.write(line + "\n")
+    except OSError as err:
+        raise storage_error(path, what, err) from None

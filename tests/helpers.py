@@ -1,10 +1,13 @@
 """Shared by the tests: tiny architectures (32-px images, a few layers) and multi-process runs."""
 import multiprocessing
 import os
+import shutil
 import socket
+import subprocess
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import fsspec
 import numpy as np
@@ -82,6 +85,32 @@ def _as_rank(rank: int, world: int, port: int, fn: Callable[..., object], args: 
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+@contextmanager
+def small_filesystem(path: Path, size: str = "2m") -> Iterator[Path]:
+    """A real filesystem of `size` at `path` (tmpfs, mounted here and unmounted after), which
+    runs out of space as a full disk does. Skips the test where mounting is not permitted."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_to(path: Path, free_bytes: int) -> Path:
+    """A filler file on `path`'s filesystem that leaves about `free_bytes` free; delete it to
+    free the space again."""
+    filler = path / "filler.bin"
+    with open(filler, "wb") as f:
+        f.write(bytes(max(0, shutil.disk_usage(path).free - free_bytes)))
+    return filler
 
 
 class MemoryCache:

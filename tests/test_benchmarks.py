@@ -35,3 +35,26 @@ def test_dry_prints_the_two_commands_and_gpu_mode_needs_a_gpu(tmp_path):
     if not torch.cuda.is_available():
         refused = gpu_sh(out=tmp_path)
         assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr
+
+
+def test_stage_one_ceiling_smoke_writes_every_row(tmp_path):
+    """benchmarks/stage_one_ceiling.py at tiny sizes: every row measured, the bytes the writer
+    counted are the bytes of the shard files on disk, and (c) is held to its goal."""
+    out = tmp_path / "ceiling.json"
+    done = subprocess.run([sys.executable, "benchmarks/stage_one_ceiling.py", "--archs", "tiny", "--images", "8",
+                           "--views", "2", "--batch", "8", "--img-size", "32", "--k-max", "3", "--shard-images", "4",
+                           "--writer-shards", "2", "--record-images", "1", "--dir", str(tmp_path), "--out", str(out)],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    names = [r["row"] for r in rows]
+    assert names.count("(b) writer") == 4 and names.count("disk: write + fsync") == 2  # 2 storages x 1, 2 threads
+    assert {"(a) loader, 1 worker", "(c) whole loop, 1 loader worker", "(d) stage two loader, 1 worker"} <= set(names)
+    assert all(r["views_per_s"] > 0 for r in rows)
+    for r in rows:
+        if r["row"] == "(b) writer":
+            assert all(run["bytes"] == run["data_file_bytes"] > 0 for run in r["runs"])
+            assert r["mb_per_s"] > 0 and r["writer_cpu_us_per_view"] > 0
+    assert "goal" in next(r for r in rows if r["row"].startswith("(c)"))
+    assert "stage-one ceiling on" in done.stdout and list(tmp_path.iterdir()) == [out]  # temp caches removed

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import run_as_ranks
+from helpers import fill_to, run_as_ranks, small_filesystem
 from stages.cache_targets import run_cache_targets
 from stages.verify import verify_cache
 from tec_pipeline.cache.store import open_cache
@@ -167,6 +167,8 @@ def test_bad_images_stop_the_run_or_are_skipped(images, tmp_path, capsys):
     (["data.path={tmp}/missing"], "image folder not found"),
     (["data.path={tmp}/empty"], "no images"),
     (["data.kind=webdataset", "data.path={tmp}/shard-{{000..001}}.tar"], "shard-000.tar: tar file not found"),
+    (["base.compute_dtype=fp8"], "'base.compute_dtype' is 'fp8', expected one of auto, fp16, bf16, fp32"),
+    (["cache.writer_threads=0"], "cache.writer_threads=0: must be >= 1"),
 ])
 def test_bad_settings_are_one_line_errors(images, tmp_path, extra, message):
     (tmp_path / "empty").mkdir()
@@ -211,8 +213,8 @@ def test_verify_detects_corrupt_and_missing_chunks(reference, images, tmp_path, 
 def test_sigkill_mid_run_then_rerun_gives_identical_arrays(reference, images, tmp_path):
     """Kill -9 the CLI once a shard is durable; the rerun redoes only the rest, same arrays."""
     url = tmp_path / "killed.zarr"
-    slow_writes = ("import time; from tec_pipeline.cache import base; w = base.CacheWriter.write_shard; "
-                   "base.CacheWriter.write_shard = lambda *a, **k: (w(*a, **k), time.sleep(1.0))[0]; "
+    slow_writes = ("import time; from tec_pipeline.cache import base; w = base.CacheWriter.write_encoded_shard; "
+                   "base.CacheWriter.write_encoded_shard = lambda *a, **k: (w(*a, **k), time.sleep(1.0))[0]; "
                    "from tec_pipeline.cli import main; main()")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", slow_writes, "cache-targets", *overrides(url, images)],
@@ -295,3 +297,147 @@ def test_checkpoint_is_recorded_and_checked_by_verify(images, tmp_path, capsys):
     capsys.readouterr()
     assert not verify_cache(url, sample=2)
     assert "FAIL base weights differ" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- writer threads, precision
+
+
+def file_bytes(url) -> dict[str, bytes]:
+    """Every file of a local cache but its metadata file (whose summary holds timings)."""
+    root = Path(url)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "tec_cache.json"}
+
+
+@pytest.mark.parametrize("store", ["zarr", "webdataset"])
+def test_writer_threads_change_no_byte(images, tmp_path, store):
+    runs = {}
+    for threads in (1, 3):
+        url = tmp_path / f"{threads}-threads"
+        run_cache_targets(config(url, images, f"cache.store={store}", "cache.feat_dtype=int8",
+                                 "cache.attn_dtype=uint8", f"cache.writer_threads={threads}"))
+        runs[threads] = file_bytes(url)
+    assert runs[1] == runs[3] and len(runs[1]) >= 6  # data files, zarr.json and completion markers
+
+
+def test_compute_dtype_auto_is_fp16_on_cuda_and_fp32_on_cpu():
+    import torch
+
+    from tec_pipeline.base_targets import compute_dtype, compute_setting
+
+    assert compute_setting("auto", torch.device("cuda")) == "fp16" and compute_setting("auto", torch.device("cpu")) == "fp32"
+    assert compute_setting("bf16", torch.device("cpu")) == "bf16" and compute_dtype("fp16") == torch.float16
+    assert compute_dtype("fp32") is None
+
+
+def overflowing_base(path: Path) -> Path:
+    """A tiny random base whose MLPs are scaled until their outputs (~7e5) pass float16's 65504,
+    while float32 holds them."""
+    import torch
+
+    from tec_pipeline.config import ViTArch
+    from tec_pipeline.models.base import build_vit
+
+    torch.manual_seed(0)
+    vit = build_vit(ViTArch("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+    with torch.no_grad():
+        for block in vit.blocks:
+            block.mlp.fc1.weight.mul_(300)
+            block.mlp.fc2.weight.mul_(30000)
+    torch.save({"model": vit.state_dict()}, path)
+    return path
+
+
+def test_fp16_overflow_stops_the_run_naming_the_setting(images, tmp_path):
+    import torch
+
+    from tec_pipeline.base_targets import load_base, view_targets
+    from tec_pipeline.cache.store import CacheMismatchError
+    from tec_pipeline.config import ViTArch
+
+    ckpt = overflowing_base(tmp_path / "hot.pth")
+    base = load_base(ViTArch("vit_tiny_patch16_224", patch_size=8, embed_dim=32, depth=2, num_heads=2), str(ckpt), 32, 0)
+    views = torch.randint(0, 256, (2, 2, 3, 32, 32), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    assert not torch.isfinite(view_targets(base, views, 2, 3, cpu, torch.float16)["feat"]).all()
+    assert all(torch.isfinite(t).all() for t in view_targets(base, views, 2, 3, cpu, None).values())
+
+    url, hot = tmp_path / "hot.zarr", [f"base.checkpoint={ckpt}", "cache.feat_dtype=float32", "cache.attn_dtype=float32"]
+    with pytest.raises(UserError) as err:
+        run_cache_targets(config(url, images, *hot, "base.compute_dtype=fp16"))
+    message = str(err.value)
+    assert "of image 0 has non-finite values" in message and "\n" not in message
+    assert "the base overflowed in base.compute_dtype=fp16: set base.compute_dtype=bf16 or fp32" in message
+    assert open_cache(str(url)).missing_shards() == [0, 1, 2]  # nothing of that shard is marked done
+    # the precision is part of the cache's identity: a cache made in fp16 is not resumed in fp32
+    with pytest.raises(CacheMismatchError, match="made with base.compute_dtype=fp16, this run has fp32"):
+        run_cache_targets(config(url, images, *hot, "base.compute_dtype=fp32"))
+    # finite in fp32, but its feature means (~1e5) do not fit the default float16 storage: refused too
+    with pytest.raises(UserError, match=r"'feat_mean' exceeds the float16 range \(\|x\| > 65504\): set cache.feat_dtype=float32"):
+        run_cache_targets(config(url, images, f"base.checkpoint={ckpt}", "base.compute_dtype=fp32"), overwrite=True)
+    run_cache_targets(config(url, images, *hot, "base.compute_dtype=fp32"), overwrite=True)
+    data = arrays(url)
+    assert all(np.isfinite(data[k]).all() for k in ("feat", "feat_mean", "feat_std", "attn"))
+    assert verify_cache(str(url), sample=3)
+
+
+def test_verify_recomputes_in_the_cache_precision(images, tmp_path, capsys):
+    """A bf16 cache (float32 storage) recomputed by verify, in bf16, matches far closer than a
+    recomputation in fp32 would."""
+    import torch
+
+    from tec_pipeline.base_targets import load_base
+    from tec_pipeline.cache.codecs import feat_rel_rms
+    from tec_pipeline.config import ViTArch
+    from tec_pipeline.data.sources import ImageFolderSource
+    from tec_pipeline.precompute import verify
+    from tec_pipeline.views import draw_view
+
+    url = tmp_path / "bf16.zarr"
+    run_cache_targets(config(url, images, "base.compute_dtype=bf16", "cache.feat_dtype=float32",
+                             "cache.attn_dtype=float32"))
+    reader = open_cache(str(url))
+    assert reader.meta["compute_dtype"] == "bfloat16" and reader.meta["identity"]["base"]["compute_dtype"] == "bf16"
+    capsys.readouterr()
+    assert verify_cache(str(url), sample=4)
+    errors = [float(line.split("feat rel-rms ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("ok ")]
+    vit = load_base(ViTArch(**reader.meta["base"]["arch"]), None, 32, 0)
+    pixels, _ = draw_view(ImageFolderSource(images).load(0), 0, 0, 0, 32, (0.2, 1.0))
+    stored = reader.read_view(0, 0)
+    fp32 = verify.reference_view(vit, pixels[None], {**reader.meta, "compute_dtype": "float32"}, stored["topk_idx"],
+                                 torch.device("cpu"))
+    assert len(errors) == 4 and max(errors) < 0.1 * feat_rel_rms(fp32["feat"], stored["feat"])  # measured: 0 vs 3e-3
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+def footprint(url) -> int:
+    """Bytes a cache takes on a filesystem of 4 KiB pages."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in Path(url).rglob("*") if p.is_file())
+
+
+def test_a_full_disk_stops_with_one_line_and_the_rerun_writes_the_same_bytes(images, tmp_path):
+    from typer.testing import CliRunner
+
+    from tec_pipeline.cli import app
+
+    whole = tmp_path / "whole.zarr"
+    run_cache_targets(config(whole, images))
+    with small_filesystem(tmp_path / "small", "1m") as disk:
+        url = disk / "c.zarr"
+        filler = fill_to(disk, footprint(whole) // 2)  # room for about half of the cache
+        result = CliRunner().invoke(app, ["cache-targets", *overrides(url, images)])
+        line = result.output.strip().splitlines()[-1]
+        assert result.exit_code == 2 and line.startswith("error: shard ") and "cannot write the cache file" in line
+        assert f"{url}/" in line and "No space left on device" in line and "free there)" in line
+        reader = open_cache(str(url))
+        done = [s for s in range(reader.num_shards) if s not in reader.missing_shards()]
+        assert 0 < len(done) < reader.num_shards and not list(url.rglob("*.tmp-*"))
+        for shard in done:  # the complete shards are valid
+            assert_same(reader.read_shard(shard), open_cache(str(whole)).read_shard(shard))
+        filler.unlink()
+        summary = run_cache_targets(config(url, images))
+        assert 0 < summary["images"] < NUM_IMAGES and open_cache(str(url)).is_complete()
+        assert file_bytes(url) == file_bytes(whole)

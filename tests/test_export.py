@@ -85,3 +85,16 @@ def test_export_without_a_checkpoint_is_one_clear_line(tmp_path):
     with pytest.raises(UserError, match="no checkpoint") as err:
         export_run(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_export_to_a_full_disk_is_one_line_and_leaves_no_file(run, tmp_path):
+    from helpers import fill_to, small_filesystem
+
+    with small_filesystem(tmp_path / "small", "1m") as disk:
+        filler = fill_to(disk, 64 * 1024)  # the encoder needs ~0.35 MB
+        out = disk / "encoder.safetensors"
+        with pytest.raises(UserError, match=f"cannot write the encoder export {out}: No space left on device") as err:
+            export_run(run, out)
+        assert "\n" not in str(err.value) and list(disk.iterdir()) == [filler]
+        filler.unlink()
+        assert export_run(run, out) == out and load_file(str(out))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_BASE, MemoryCache, build_memory_cache, run_as_ranks, tiny_arch, write_images
+from helpers import (TINY_BASE, MemoryCache, build_memory_cache, fill_to, run_as_ranks, small_filesystem, tiny_arch,
+                     write_images)
 from stages import train as train_stage
 from stages.cache_targets import run_cache_targets
 from stages.train import run_train
@@ -222,6 +223,28 @@ def test_resume_ends_with_the_same_weights(world, tmp_path):
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
     assert {"loss_fea", "loss_att", "lr", "images_per_s", "data_wait"} <= set(log_a[0])
     assert log_a[0]["lr"] == 0 and log_a[4]["lr"] > 0  # per-iteration warmup over the first epoch
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_once_freed(world, tmp_path):
+    full = tiny_config(world, tmp_path / "full", checkpoint_every=2)
+    run_train(full, reader=world["f32"])
+    with small_filesystem(tmp_path / "small", "4m") as disk:
+        cfg = tiny_config(world, disk / "run", checkpoint_every=2)
+        run_train(cfg, stop_after=2, reader=world["f32"])
+        size = (disk / "run" / CHECKPOINT).stat().st_size
+        filler = fill_to(disk, size // 2)  # the log still fits, the next checkpoint does not
+        with pytest.raises(UserError) as err:
+            run_train(cfg, resume=True, reader=world["f32"])
+        message = str(err.value)
+        assert message.startswith(f"cannot write the training checkpoint {disk / 'run' / CHECKPOINT}: No space left")
+        assert "free there)" in message and "\n" not in message
+        assert load_checkpoint(disk / "run" / CHECKPOINT)["step"] == 2  # the last complete one still loads
+        assert sorted(p.name for p in (disk / "run").iterdir() if ".tmp-" in p.name) == []
+        filler.unlink()
+        assert run_train(cfg, resume=True, reader=world["f32"])["step"] == 8
+        resumed = load_checkpoint(disk / "run" / CHECKPOINT)["model"]
+    for name, value in load_checkpoint(tmp_path / "full" / CHECKPOINT)["model"].items():
+        assert torch.equal(value, resumed[name]), name
 
 
 def test_resume_refuses_a_changed_run_and_allows_a_quieter_log(world, tmp_path):

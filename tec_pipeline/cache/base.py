@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..files import write_bytes
+from ..errors import StorageError, UserError
+from ..files import storage_error, write_bytes
 from . import codecs
+from .encode import encode_shard
 from .schema import (
-    DATA_KEYS, FORMAT_VERSION, META_FILE, CacheCorruptError, RangeReader, array_specs, dump_json, fresh_exists, join,
+    FORMAT_VERSION, META_FILE, CacheCorruptError, RangeReader, array_specs, dump_json, fresh_exists, join,
     done_shards, marker_path, num_shards, read_json, read_markers, shard_range,
 )
-from ..errors import UserError
 
-FLOAT_KEYS = ("feat", "feat_mean", "feat_std", "attn")
 TARGET_KEYS = ("crop", "feat", "feat_step", "feat_mean", "feat_std", "attn", "topk_idx")  # what training reads
 
 
@@ -110,7 +110,10 @@ class CacheWriter:
         self.specs = array_specs(meta)
         self.num_shards = num_shards(meta)
         self._done = done_shards(fs, root)
-        self._init_layout()
+        try:
+            self._init_layout()
+        except OSError as err:
+            raise storage_error(root, "the cache's array layout", err) from None
 
     # -- store-specific
 
@@ -139,59 +142,62 @@ class CacheWriter:
             self._done.add(shard)
         return shard in self._done
 
-    def _check(self, shard: int, data: dict[str, np.ndarray], images: list | None) -> dict[str, np.ndarray]:
-        """Shapes, finiteness and ranges of one shard's targets; rows of skipped images zeroed."""
+    def _check_arrays(self, shard: int, data: dict[str, np.ndarray], layout: dict[str, tuple], images) -> None:
+        """Every array of one shard present with its (shape, dtype) of `layout` (dtype None: any);
+        one entry per image where the cache keeps source images."""
         n = len(self.shard_range(shard))
-        missing = [k for k in DATA_KEYS if k not in data]
+        missing = [k for k in layout if k not in data]
         if missing:
             raise ValueError(f"shard {shard}: data lacks {', '.join(missing)}")
-        data = {k: np.asarray(data[k]) for k in DATA_KEYS}
-        for name, shape in expected_shapes(self.meta, n).items():
-            if data[name].shape != shape:
-                raise ValueError(f"shard {shard}: '{name}' has shape {data[name].shape}, expected {shape}")
-        valid = data["valid"].astype(bool)
-        if not valid.all():  # the contract: a skipped image's rows are zeros; make it so
-            data = {k: v.copy() for k, v in data.items()}
-            for name in ("crop",) + FLOAT_KEYS + ("topk_idx",):
-                data[name][~valid] = 0
-        for name in FLOAT_KEYS:
-            for i in range(n):  # per image: no shard-sized temporary
-                if not np.isfinite(data[name][i]).all():
-                    image = self.shard_range(shard)[i]
-                    raise ValueError(f"shard {shard}: '{name}' of image {image} has non-finite values")
-        L = int(self.meta["num_patches"])
-        if data["topk_idx"].size and not (0 <= data["topk_idx"].min() and data["topk_idx"].max() < L):
-            raise ValueError(f"shard {shard}: topk_idx outside 0..{L - 1}")
+        for name, (shape, dtype) in layout.items():
+            if np.shape(data[name]) != shape:
+                raise ValueError(f"shard {shard}: '{name}' has shape {np.shape(data[name])}, expected {shape}")
+            if dtype is not None and data[name].dtype != dtype:
+                raise ValueError(f"shard {shard}: '{name}' is {data[name].dtype}, stored as {dtype}")
         if self.meta.get("store_images") and (images is None or len(images) != n):
             raise ValueError(f"shard {shard}: store_images needs one entry (bytes or None) per image, "
                              f"got {None if images is None else len(images)} for {n}")
-        return data
 
     def write_shard(self, shard: int, data: dict[str, np.ndarray], images: list[bytes] | None = None) -> dict:
-        """Encode and write one whole shard, make it durable, then record its completion.
+        """Encode (on the CPU, ``encode.encode_views``) and write one whole shard of float targets.
 
-        ``data``: see ``expected_shapes`` (leading dims [images in shard, views]). ``images``:
-        encoded source images (webdataset with ``store_images`` only; ignored otherwise).
-        Returns stats: ``bytes``, ``bytes_per_view``, the measured quantization error
-        (``feat_rel_rms``, ``attn_kl`` at tau=1.8, with the sums that aggregate over shards,
-        see ``codecs.aggregate_errors``) and ``invalid`` (skipped image indices).
-        A completed shard is never rewritten: check ``is_done`` first.
+        ``data``: see ``expected_shapes`` (leading dims [images in shard, views]); rows of skipped
+        images (``valid`` 0) are stored as zeros. ``images``: encoded source images (webdataset
+        with ``store_images`` only; ignored otherwise). Returns ``write_encoded_shard``'s stats.
+        """
+        rng = self.shard_range(shard)
+        self._check_arrays(shard, data, {k: (v, None) for k, v in expected_shapes(self.meta, len(rng)).items()}, images)
+        arrays, stats = encode_shard(data, self.specs, self.meta["feat_dtype"], self.meta["attn_dtype"], rng)
+        return self.write_encoded_shard(shard, arrays, stats, images)
+
+    def write_encoded_shard(self, shard: int, enc: dict[str, np.ndarray], stats: dict,
+                            images: list[bytes] | None = None) -> dict:
+        """Write one whole shard already in its storage dtypes, make it durable, then record its
+        completion (the marker: its files and stats).
+
+        ``enc``: every array of ``schema.array_specs``, leading dims [images in shard, views] (or
+        [images]); ``stats``: its measured error (``codecs.error_stats``), returned with
+        ``bytes``, ``bytes_per_view`` and ``invalid`` (skipped image indices) added. A full disk
+        or an I/O error raises ``StorageError`` naming the shard and the file, and no marker is
+        written: a rerun writes the shard again. A completed shard is never rewritten.
         """
         if self.is_done(shard):
             raise ValueError(f"cache {self.url}: shard {shard} is already complete")
-        data = self._check(shard, data, images)
-        enc = codecs.encode(data, self.meta["feat_dtype"], self.meta["attn_dtype"])
-        stats = codecs.quantization_error(data, enc, self.meta["feat_dtype"], self.meta["attn_dtype"])
-        self._clear_shard(shard)
-        files = self._write_encoded(shard, enc, images if self.meta.get("store_images") else None)
-        rng = self.shard_range(shard)
-        total = int(sum(files.values()))
-        stats.update(shard=shard, images=len(rng), views=len(rng) * int(self.meta["views"]), bytes=total,
-                     bytes_per_view=total / (len(rng) * int(self.meta["views"])),
-                     invalid=[rng[i] for i in np.flatnonzero(data["valid"] == 0)])
+        rng, V = self.shard_range(shard), int(self.meta["views"])
+        self._check_arrays(shard, enc, {name: ((len(rng), V) + s.tail if s.per_view else (len(rng),), np.dtype(s.dtype))
+                                        for name, s in self.specs.items()}, images)
+        try:
+            self._clear_shard(shard)
+            files = self._write_encoded(shard, enc, images if self.meta.get("store_images") else None)
+        except StorageError as err:
+            raise StorageError(f"shard {shard}: {err}") from None
+        total, views = int(sum(files.values())), len(rng) * V
+        stats = {**stats, "shard": shard, "images": len(rng), "views": views, "bytes": total,
+                 "bytes_per_view": total / views, "invalid": [rng[i] for i in np.flatnonzero(enc["valid"] == 0)]}
         marker = {"shard": shard, "images": [rng.start, rng.stop], "files": files, "stats": stats,
                   **self._marker_fields(shard)}
-        write_bytes(self.fs, marker_path(self.root, shard), dump_json(marker))  # only after the data
+        write_bytes(self.fs, marker_path(self.root, shard), dump_json(marker),  # only after the data
+                    f"the completion marker of shard {shard}")
         self._done.add(shard)
         return stats
 

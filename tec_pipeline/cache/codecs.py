@@ -1,4 +1,5 @@
-"""Storage dtypes of the targets and the measured error of the lossy ones.
+"""Storage dtypes of the targets and the measured error of the lossy ones. The encoders are torch
+and run on the device that computed the targets (``encode``); the decoders are numpy, for readers.
 
 For ViT-B/16 at k=15, int8 features with a per (view, channel) step and uint8 attention after
 subtracting each row's max stay within the goal of <= 160 KB per view, feature relative RMS
@@ -18,43 +19,108 @@ with each table)", bytes per view).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import UserError
 
 FEAT_MIN_STEP = 1.0 / 16
 INT8_LEVELS = 127
 ATTN_STEP = 0.1
 UINT8_LEVELS = 255
+FLOAT16_TO_INF = 65520.0  # 65504 + half its ulp: from here float16 rounds to inf (the tie goes to even, inf)
 KL_TAU = 1.8  # the paper's MAE ViT-B temperature (Tab. 9), where the error is reported
 ERROR_SAMPLE_VIEWS = 64  # views per shard on which the quantization error is measured
 
 
 def _blocks(shape: tuple[int, ...], block_ndim: int):
-    """Index tuples of the leading dims: the codecs below work one view (one block) at a time,
+    """Index tuples of the leading dims: the decoders below work one view (one block) at a time,
     which keeps each pass in cache and is 3-5x faster than whole-shard numpy passes."""
     return np.ndindex(*shape[:len(shape) - block_ndim])
 
 
-def feat_steps(feat: np.ndarray) -> np.ndarray:
-    """Per (..., channel) int8 step: ``max(1/16, absmax over patches / 127)``, float16-exact.
-
-    ``feat`` is (L, C); the result (C,) float16. The step is rounded to float16 before
-    quantizing, so the stored step is exactly the one used.
-    """
-    absmax = np.abs(feat).max(axis=-2)
-    return np.maximum(np.float32(FEAT_MIN_STEP), absmax / np.float32(INT8_LEVELS)).astype(np.float16)
+# ----------------------------------------------------------------------------- encoders (torch)
+# They run on the device that computed the targets, right after the base forward. Each float32
+# operation is one correctly rounded IEEE operation, as numpy's, so any device gives the same
+# bytes; a divisor is a tensor on the device, not a Python number: CUDA divides by a host scalar
+# as a multiply by its reciprocal, which is not the same rounding.
 
 
-def encode_feat_int8(feat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(q int8 (..., L, C), step float16 (..., C)) with ``feat ~= q * step``."""
-    q = np.empty(feat.shape, np.int8)
-    step = np.empty(feat.shape[:-2] + feat.shape[-1:], np.float16)
-    for pos in _blocks(feat.shape, 2):
-        s = feat_steps(feat[pos])
-        y = feat[pos] / s.astype(np.float32)
-        np.rint(y, out=y)
-        np.clip(y, -INT8_LEVELS, INT8_LEVELS, out=y)  # FixedScaleOffset would wrap instead
-        q[pos], step[pos] = y, s
-    return q, step
+def _constant(value: float, like: Tensor) -> Tensor:
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
+def _store(y: Tensor, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
+    """`y` in `dtype`, written into `out` when given (the conversion then makes no new tensor)."""
+    return y.to(dtype) if out is None else out.copy_(y)
+
+
+def feat_steps(feat: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """The int8 step ``s = max(1/16, max_L |x| / 127)`` per (..., channel) of ``feat``
+    (..., L, C) float32 -> (..., C) float16. Rounded to float16 before quantizing, so the stored
+    step is exactly the one used."""
+    absmax = feat.abs().amax(dim=-2)
+    step = torch.div(absmax, _constant(INT8_LEVELS, absmax), out=absmax).clamp_min_(FEAT_MIN_STEP)
+    return _store(step, torch.float16, out)
+
+
+def quantize_feat(feat: Tensor, step: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """int8 ``q = clip(rint(x / s), -127, 127)`` of ``feat`` (..., L, C) with steps (..., C)
+    float16 (round half to even). We clip ourselves: numcodecs' FixedScaleOffset would wrap
+    out-of-range values around."""
+    q = feat / step.float()[..., None, :]
+    return _store(q.round_().clamp_(-INT8_LEVELS, INT8_LEVELS), torch.int8, out)
+
+
+def encode_attn_uint8(attn: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``u = clip(rint((max_row x - x) / 0.1), 0, 255)`` uint8 of logits (..., L) (a row is the
+    last axis); dividing by 0.1 is multiplying by float32(10), exactly."""
+    y = torch.sub(attn.amax(dim=-1, keepdim=True), attn)
+    return _store(y.mul_(float(np.float32(1 / ATTN_STEP))).round_().clamp_(0, UINT8_LEVELS), torch.uint8, out)
+
+
+def to_float16(x: Tensor, name: str, setting: str, out: Optional[Tensor] = None) -> Tensor:
+    """float16 copy of finite float32 ``x``; refuses values that would round to inf
+    (``|x| >= 65520``) instead of storing them, naming the `setting` that stores them as float32."""
+    if x.numel() and max(float(x.amax()), -float(x.amin())) >= FLOAT16_TO_INF:
+        raise UserError(f"'{name}' exceeds the float16 range (|x| > 65504): set {setting}=float32")
+    return _store(x, torch.float16, out)
+
+
+def _float(x: Tensor, dtype: str, name: str, setting: str, out: Optional[Tensor]) -> Tensor:
+    """float32 kept as is where `setting` is float32, float16 otherwise (mean / std of int8 features too)."""
+    if dtype != "float32":
+        return to_float16(x, name, setting, out)
+    return x if out is None else out.copy_(x)
+
+
+def encode(targets: dict[str, Tensor], feat_dtype: str, attn_dtype: str,
+           out: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
+    """Finite float32 targets (feat, feat_mean, feat_std, attn, any leading dims) and int64
+    topk_idx -> tensors in their storage dtypes (``schema.array_specs``), on the same device;
+    written into `out` (tensors of those dtypes and shapes) when given."""
+    out = out or {}
+    L = targets["feat"].shape[-2]
+    index = torch.int16 if L <= np.iinfo(np.int16).max else torch.int32
+    enc = {"topk_idx": _store(targets["topk_idx"], index, out.get("topk_idx"))}
+    if feat_dtype == "int8":
+        enc["feat_step"] = feat_steps(targets["feat"], out.get("feat_step"))
+        enc["feat"] = quantize_feat(targets["feat"], enc["feat_step"], out.get("feat"))
+    for name in ("feat", "feat_mean", "feat_std"):
+        if name not in enc:
+            enc[name] = _float(targets[name], feat_dtype, name, "cache.feat_dtype", out.get(name))
+    if attn_dtype == "uint8":
+        enc["attn"] = encode_attn_uint8(targets["attn"], out.get("attn"))
+    else:
+        enc["attn"] = _float(targets["attn"], attn_dtype, "attn", "cache.attn_dtype", out.get("attn"))
+    return enc
+
+
+# ----------------------------------------------------------------------------- decoders (numpy)
 
 
 def decode_feat_int8(q: np.ndarray, step: np.ndarray) -> np.ndarray:
@@ -62,18 +128,6 @@ def decode_feat_int8(q: np.ndarray, step: np.ndarray) -> np.ndarray:
     for pos in _blocks(q.shape, 2):
         np.multiply(q[pos], step[pos].astype(np.float32), out=out[pos])
     return out
-
-
-def encode_attn_uint8(attn: np.ndarray) -> np.ndarray:
-    """uint8 ``round((rowmax - x) / 0.1)`` clipped to [0, 255]; rows are the last axis."""
-    u = np.empty(attn.shape, np.uint8)
-    for pos in _blocks(attn.shape, 3):
-        y = attn[pos].max(axis=-1, keepdims=True) - attn[pos]
-        y *= np.float32(1 / ATTN_STEP)
-        np.rint(y, out=y)
-        np.clip(y, 0, UINT8_LEVELS, out=y)
-        u[pos] = y
-    return u
 
 
 def decode_attn_uint8(u: np.ndarray) -> np.ndarray:
@@ -84,16 +138,6 @@ def decode_attn_uint8(u: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_float16(x: np.ndarray, name: str) -> np.ndarray:
-    """float16 copy; refuses values beyond the float16 range instead of storing inf."""
-    y = np.empty(x.shape, np.float16)
-    for pos in _blocks(x.shape, min(2, x.ndim)):
-        y[pos] = x[pos]
-        if not np.isfinite(y[pos]).all():
-            raise ValueError(f"{name} exceeds the float16 range (|x| > 65504); store it as float32")
-    return y
-
-
 def to_float32(x: np.ndarray) -> np.ndarray:
     if x.dtype == np.float32:
         return x
@@ -101,32 +145,6 @@ def to_float32(x: np.ndarray) -> np.ndarray:
     for pos in _blocks(x.shape, min(2, x.ndim)):
         y[pos] = x[pos]
     return y
-
-
-def encode(data: dict[str, np.ndarray], feat_dtype: str, attn_dtype: str) -> dict[str, np.ndarray]:
-    """Validated float targets -> arrays in their storage dtypes (see ``schema.array_specs``)."""
-    out = {"crop": data["crop"].astype(np.int32), "valid": data["valid"].astype(np.uint8),
-           "label": data["label"].astype(np.int64)}
-    L = data["feat"].shape[-2]
-    out["topk_idx"] = data["topk_idx"].astype(np.int16 if L <= np.iinfo(np.int16).max else np.int32)
-    feat = data["feat"].astype(np.float32, copy=False)
-    if feat_dtype == "int8":
-        out["feat"], out["feat_step"] = encode_feat_int8(feat)
-    elif feat_dtype == "float16":
-        out["feat"] = to_float16(feat, "feat")
-    else:
-        out["feat"] = feat
-    for name in ("feat_mean", "feat_std"):
-        x = data[name].astype(np.float32, copy=False)
-        out[name] = x if feat_dtype == "float32" else to_float16(x, name)
-    attn = data["attn"].astype(np.float32, copy=False)
-    if attn_dtype == "uint8":
-        out["attn"] = encode_attn_uint8(attn)
-    elif attn_dtype == "float16":
-        out["attn"] = to_float16(attn, "attn")
-    else:
-        out["attn"] = attn
-    return out
 
 
 def decode(enc: dict[str, np.ndarray], feat_dtype: str, attn_dtype: str) -> dict[str, np.ndarray]:
@@ -150,69 +168,53 @@ def decode(enc: dict[str, np.ndarray], feat_dtype: str, attn_dtype: str) -> dict
 # ----------------------------------------------------------------------------- error
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+def attn_kl_rows(ref, approx, tau: float = KL_TAU) -> Tensor:
+    """KL(softmax(ref / tau) || softmax(approx / tau)) of every row (last axis), float64
+    (arrays or tensors, on ``ref``'s device)."""
+    ref = torch.as_tensor(ref).double()
+    lp = torch.log_softmax(ref / tau, dim=-1)
+    lq = torch.log_softmax(torch.as_tensor(approx, device=ref.device).double() / tau, dim=-1)
+    return F.kl_div(lq, lp, reduction="none", log_target=True).sum(dim=-1)  # sum p (log p - log q)
 
 
-def attn_kl_rows(ref: np.ndarray, approx: np.ndarray, tau: float = KL_TAU) -> np.ndarray:
-    """KL(softmax(ref / tau) || softmax(approx / tau)) of every row (last axis), float64."""
-    lp = log_softmax(ref.astype(np.float64) / tau)
-    lq = log_softmax(approx.astype(np.float64) / tau)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+def feat_error_sums(ref, approx) -> tuple[Tensor, Tensor]:
+    """``(sum (approx - ref)^2, sum ref^2)`` over the last two axes (L, C), float32 terms and
+    (pairwise) sums, returned as float64 (arrays or tensors, on ``ref``'s device)."""
+    ref = torch.as_tensor(ref).float()
+    diff = torch.as_tensor(approx, device=ref.device).float() - ref
+    return (diff * diff).sum(dim=(-2, -1)).double(), (ref * ref).sum(dim=(-2, -1)).double()
 
 
-def feat_rel_rms(ref: np.ndarray, approx: np.ndarray) -> float:
-    """``||approx - ref|| / ||ref||`` (relative RMS), float64."""
-    ref = ref.astype(np.float64)
-    den = float((ref * ref).sum())
-    err = float(((approx.astype(np.float64) - ref) ** 2).sum())
+def feat_rel_rms(ref, approx) -> float:
+    """``||approx - ref|| / ||ref||`` (relative RMS) over everything, float64."""
+    err, den = (float(x.sum()) for x in feat_error_sums(ref, approx))
     return float(np.sqrt(err / den)) if den > 0 else float(np.sqrt(err))
 
 
-def error_sample_views(valid: np.ndarray, views: int, limit: int = ERROR_SAMPLE_VIEWS) -> tuple[np.ndarray, np.ndarray]:
-    """The views the quantization error is measured on: up to ``limit`` (image, view) pairs of
-    valid images, evenly spread over the shard and deterministic."""
-    pairs = np.array([(i, v) for i in np.flatnonzero(valid) for v in range(views)], dtype=np.int64).reshape(-1, 2)
-    if len(pairs) == 0:
-        return pairs[:, 0], pairs[:, 1]
-    pick = np.unique(np.linspace(0, len(pairs) - 1, min(limit, len(pairs))).round().astype(np.int64))
-    return pairs[pick, 0], pairs[pick, 1]
+def error_sample(images: int, views: int, limit: int = ERROR_SAMPLE_VIEWS) -> np.ndarray:
+    """The views of a shard of `images` x `views` whose quantization error is measured, as
+    indices ``image * views + view``: up to ``limit`` of them, evenly spread over the shard and
+    deterministic. Known from the shard's size alone, so each batch measures its own share; the
+    views of skipped images are left out when measured (``measured_views``)."""
+    total = images * views
+    return np.unique(np.linspace(0, total - 1, min(limit, total)).round().astype(np.int64))
 
 
-def quantization_error(data: dict[str, np.ndarray], enc: dict[str, np.ndarray], feat_dtype: str,
-                       attn_dtype: str, limit: int = ERROR_SAMPLE_VIEWS) -> dict:
-    """Measured error of the lossy storage dtypes on a sample of a shard's valid views.
+def error_stats(errors: np.ndarray, feat_dtype: str, attn_dtype: str) -> dict:
+    """A shard's measured error from its measured views' sums, (P, 4) float64 rows of
+    ``(feat_sq_err, feat_sq_ref, attn_kl_sum, attn_rows)`` in view order.
 
-    Returns sums (so shards aggregate exactly) and the shard's own values:
-    ``feat_sq_err``, ``feat_sq_ref``, ``feat_rel_rms``, ``attn_kl_sum``, ``attn_rows``,
-    ``attn_kl`` (mean over rows of KL at tau = 1.8), ``error_views``. float32 stores are exact
-    and report 0 without measuring.
+    Returns sums (so shards aggregate exactly) and the shard's own values: ``feat_sq_err``,
+    ``feat_sq_ref``, ``feat_rel_rms``, ``attn_kl_sum``, ``attn_rows``, ``attn_kl`` (mean over
+    rows of KL at tau = 1.8), ``error_views``. float32 stores are exact and report 0.
     """
-    img, view = error_sample_views(data["valid"], data["feat"].shape[1], limit)
-    stats = {"error_views": int(len(img)), "feat_sq_err": 0.0, "feat_sq_ref": 0.0, "feat_rel_rms": 0.0,
+    sq_err, sq_ref, kl_sum, rows = (float(x) for x in np.asarray(errors, np.float64).reshape(-1, 4).sum(axis=0))
+    stats = {"error_views": int(len(errors)), "feat_sq_err": 0.0, "feat_sq_ref": 0.0, "feat_rel_rms": 0.0,
              "attn_kl_sum": 0.0, "attn_rows": 0, "attn_kl": 0.0}
-    if len(img) == 0:
-        return stats
-    if feat_dtype != "float32":
-        for i, v in zip(img, view):  # one view at a time: no large float64 temporaries
-            ref = data["feat"][i, v].astype(np.float32, copy=False).ravel()
-            if feat_dtype == "int8":
-                approx = decode_feat_int8(enc["feat"][i, v], enc["feat_step"][i, v]).ravel()
-            else:
-                approx = enc["feat"][i, v].astype(np.float32).ravel()
-            diff = approx - ref
-            stats["feat_sq_err"] += float(np.dot(diff, diff))
-            stats["feat_sq_ref"] += float(np.dot(ref, ref))
-        stats["feat_rel_rms"] = float(np.sqrt(stats["feat_sq_err"] / max(stats["feat_sq_ref"], 1e-300)))
-    if attn_dtype != "float32":
-        ref = data["attn"][img, view]
-        stored = enc["attn"][img, view]
-        approx = decode_attn_uint8(stored) if attn_dtype == "uint8" else stored.astype(np.float32)
-        kl = attn_kl_rows(ref, approx)
-        stats["attn_kl_sum"] = float(kl.sum())
-        stats["attn_rows"] = int(kl.size)
-        stats["attn_kl"] = float(kl.mean())
+    if feat_dtype != "float32" and len(errors):
+        stats.update(feat_sq_err=sq_err, feat_sq_ref=sq_ref, feat_rel_rms=float(np.sqrt(sq_err / max(sq_ref, 1e-300))))
+    if attn_dtype != "float32" and rows:
+        stats.update(attn_kl_sum=kl_sum, attn_rows=int(rows), attn_kl=kl_sum / rows)
     return stats
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -46,9 +47,11 @@ LAYOUT_KEYS = ("store", "num_images", "views", "num_patches", "feat_dim", "heads
                "images_per_shard", "feat_dtype", "attn_dtype", "zstd_level", "store_images",
                "max_part_bytes")
 DEFAULT_MAX_PART_BYTES = 256 * 2**20  # webdataset: tar parts of at most ~256 MiB
-# zstd (numcodecs releases the GIL while compressing) runs on a few threads: a writer has to
-# keep up with a GPU's ~1,000+ views/s, and one core compresses only a few hundred.
+# zstd (numcodecs releases the GIL while compressing) runs on a few threads when one shard is
+# written alone (``CacheWriter.write_shard`` from a caller's thread); a writer pool's threads
+# write one shard each instead (``one_thread_per_shard``).
 WRITE_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+_write_threads = threading.local()
 
 # Arrays indexed [image, view, ...] ("per view") and [image] ("per image").
 VIEW_ARRAYS = ("crop", "feat", "feat_mean", "feat_std", "attn", "topk_idx")
@@ -230,8 +233,22 @@ def join(*parts: str) -> str:
     return posixpath.join(*parts)
 
 
-def parallel_map(fn: Callable, items: Sequence, threads: int = WRITE_THREADS) -> list:
-    """``[fn(x) for x in items]`` on a few threads, results in order (so bytes stay deterministic)."""
+@contextmanager
+def one_thread_per_shard() -> Iterator[None]:
+    """Within the block, a shard written from this thread is compressed on this thread alone
+    (a writer pool's threads each write their own shard; ``parallel_map`` then runs serially)."""
+    before = getattr(_write_threads, "value", None)
+    _write_threads.value = 1
+    try:
+        yield
+    finally:
+        _write_threads.value = before
+
+
+def parallel_map(fn: Callable, items: Sequence, threads: int | None = None) -> list:
+    """``[fn(x) for x in items]`` on a few threads (default: ``WRITE_THREADS``, or one inside
+    ``one_thread_per_shard``), results in order (so bytes stay deterministic)."""
+    threads = threads or getattr(_write_threads, "value", None) or WRITE_THREADS
     if threads <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
-
-import torch
 
 from .. import __version__
-from ..base_targets import base_sha256, dtype_name
+from ..base_targets import COMPUTE_DTYPES, base_sha256, compute_dtype, dtype_name
 from ..config import Config
 from ..data import source_location
 from ..errors import UserError
@@ -33,6 +30,9 @@ def check_settings(cfg: Config) -> None:
         (c.k_max >= 1, f"cache.k_max={c.k_max}: must be >= 1 (k=0, the cls row alone, is a prefix of any cache)"),
         (cfg.targets.last_layers >= 1, f"targets.last_layers={cfg.targets.last_layers}: must be >= 1"),
         (c.zstd_level >= 0, f"cache.zstd_level={c.zstd_level}: must be >= 0"),
+        (c.writer_threads is None or c.writer_threads >= 1, f"cache.writer_threads={c.writer_threads}: must be >= 1"),
+        (cfg.base.compute_dtype in ("auto", *COMPUTE_DTYPES),
+         f"base.compute_dtype={cfg.base.compute_dtype}: expected auto, fp16, bf16 or fp32"),
     ]
     for ok, message in rules:
         if not ok:
@@ -58,24 +58,24 @@ def images_per_batch(cfg: Config) -> int:
     return max(1, cfg.data.batch_size // cfg.data.views)
 
 
-def cache_meta(cfg: Config, source, base, compute_dtype: Optional[torch.dtype]) -> dict:
+def cache_meta(cfg: Config, source, base, precision: str) -> dict:
     """Metadata of the cache: layout for the store, `identity` for resume checks, and what
-    `verify` needs to rebuild any view (source location, checkpoint path, view settings)."""
+    `verify` needs to rebuild any view (source location, checkpoint path, view settings, the
+    compute precision). `precision` is ``base.compute_dtype`` resolved (fp16, bf16 or fp32): a
+    cache made in one precision is not resumed in another."""
     d, c = cfg.data, cfg.cache
     arch = {**asdict(cfg.base.arch), "img_size": d.img_size}
     ckpt = cfg.base.checkpoint
     ckpt_sha = base_sha256(ckpt, base)
-    precision = dtype_name(compute_dtype)
     fingerprint = source.fingerprint()  # stats every file of an ImageFolder: once
     # Keys mirror the config, so a refused rerun names the setting to change ("data.views").
     identity = {
-        "base": {"arch": arch, "checkpoint_sha256": ckpt_sha},
+        "base": {"arch": arch, "checkpoint_sha256": ckpt_sha, "compute_dtype": precision},
         "seed": cfg.seed,
         "data": {"img_size": d.img_size, "views": d.views, "scale_min": d.scale_min, "scale_max": d.scale_max,
                  "fingerprint": fingerprint, "num_images": len(source)},
         "targets": {"last_layers": cfg.targets.last_layers},
         "cache": {"k_max": c.k_max, "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "store": c.store},
-        "compute_dtype": precision,
     }
     return {
         "store": c.store, "num_images": len(source), "views": d.views,
@@ -89,6 +89,16 @@ def cache_meta(cfg: Config, source, base, compute_dtype: Optional[torch.dtype]) 
                  "checkpoint_sha256": ckpt_sha, "patch_size": base.patch_embed.patch_size[0],
                  "embed_dim": base.embed_dim, "depth": len(base.blocks), "num_heads": base.blocks[-1].attn.num_heads},
         "seed": cfg.seed, "img_size": d.img_size, "scale": [d.scale_min, d.scale_max],
-        "last_layers": cfg.targets.last_layers, "compute_dtype": precision,
+        "last_layers": cfg.targets.last_layers, "compute_dtype": dtype_name(compute_dtype(precision)),
         "package_version": __version__,
     }
+
+
+def non_finite_error(err: UserError, meta: dict) -> UserError:
+    """A non-finite target as one line naming the setting to change: the base forward
+    overflowed its compute precision (fp16 beyond 65504); nothing of that shard is written."""
+    precision = meta["identity"]["base"]["compute_dtype"]
+    change = {"fp16": "bf16 or fp32", "bf16": "fp32"}.get(precision)
+    advice = (f"the base overflowed in base.compute_dtype={precision}: set base.compute_dtype={change}" if change
+              else "the base itself gives them in fp32 (check base.checkpoint)")
+    return UserError(f"{err}; {advice}; the shard was not written (a rerun resumes)")

@@ -20,10 +20,10 @@ from ..models.tec import TECModel
 from .schedule import Schedule
 
 IDENTITY_FILE = "identity.json"
-# What a resume may change: where the run logs and writes, how fast it loads, and where its
-# data lies (the data's identity is compared by content instead).
+# What a resume may change: where the run logs and writes, how fast it loads, where its data
+# lies (the data's identity is compared by content instead) and stage one's own settings.
 RESUMABLE_CHANGES = ("output", "train.log_every", "train.checkpoint_every", "data.num_workers", "data.path",
-                     "cache.path", "cache.storage_options")
+                     "cache.path", "cache.storage_options", "cache.writer_threads", "base.compute_dtype")
 
 
 # ---------------------------------------------------------------- state and resume

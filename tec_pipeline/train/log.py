@@ -12,6 +12,7 @@ import torch
 
 from ..config import Config, flatten, to_dict
 from ..errors import UserError
+from ..files import append_line, atomic_path
 
 LOG_FILE = "log.jsonl"
 
@@ -25,7 +26,8 @@ class RunLog:
             kept = []
             if resume_step and self.path.exists():
                 kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            with atomic_path(self.path, "the run log") as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
 
     def last(self) -> dict:
         lines = self.path.read_text().splitlines() if self.path.exists() else []
@@ -33,8 +35,7 @@ class RunLog:
 
     def write(self, record: dict) -> None:
         if self.accelerator.is_main_process:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record), "the run log")
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 

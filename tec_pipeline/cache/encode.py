@@ -1,0 +1,155 @@
+"""A batch of targets on the compute device -> its views in storage dtypes on the host.
+
+Stage one calls this right after the base forward, on the device that computed the targets, so
+only storage-dtype bytes (~127 KB per ViT-B/16 view at int8/uint8, not ~750 KB of float32) cross
+to the host. On the device, per batch: the rows of skipped images are zeroed (the store's
+contract), the targets are checked finite and in range with a few reductions, they are encoded
+(``codecs.encode``), and the views of the shard's error sample are decoded again to measure the
+quantization error (``codecs.error_sample``).
+
+The float data path of ``CacheWriter.write_shard`` runs the same code on the CPU, so every cache
+is encoded by one implementation.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from . import codecs
+from .schema import ArraySpec
+
+FLOAT_KEYS = ("feat", "feat_mean", "feat_std", "attn")
+VIEW_TARGETS = FLOAT_KEYS + ("topk_idx",)  # what base_targets.view_targets returns
+# On a CPU the encoders run over this many views at a time: ~5 MB of ViT-B/16 float32 features
+# stays in the cache between passes (measured ~3x faster than whole-batch passes). A GPU takes
+# the batch at once.
+CPU_BLOCK_VIEWS = 8
+
+
+class NonFiniteTargetError(UserError):
+    """A target holds NaN or inf (e.g. the base forward overflowed its compute precision)."""
+
+
+def empty_shard(specs: dict[str, ArraySpec], images: int, views: int) -> dict[str, np.ndarray]:
+    """A shard's arrays in their storage dtypes (``schema.array_specs``), zeros (label -1)."""
+    out = {name: np.zeros((images, views, *s.tail) if s.per_view else (images,), s.dtype) for name, s in specs.items()}
+    out["label"][:] = -1
+    return out
+
+
+def measured_views(pairs: np.ndarray, valid: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """(B, V) bool: which views of a batch belong to their shard's error sample. ``pairs`` are
+    the views' indices in the shard (``image * views + view``); skipped images are never measured."""
+    return np.isin(pairs, sample) & np.asarray(valid, bool)[:, None]
+
+
+def zero_skipped(targets: dict[str, Tensor], valid: Tensor) -> dict[str, Tensor]:
+    """The targets with every row of a skipped image (``valid`` False) set to zeros."""
+    if bool(valid.all()):
+        return targets
+    keep = valid.to(targets["feat"].device)
+    return {name: torch.where(keep.view(-1, *[1] * (t.ndim - 1)), t, torch.zeros((), dtype=t.dtype, device=t.device))
+            for name, t in targets.items()}
+
+
+def check_finite(block: dict[str, Tensor], images: Sequence[int], views: int, first: int) -> None:
+    """Refuse NaN / inf in the float targets of a block of views (flat index `first` onwards),
+    naming the image. One sum per view and target: a sum is non-finite when a value is, or (for
+    finite values beyond ~1e38 / L) when it overflows; a suspect view is then checked exactly."""
+    suspect = torch.stack([~torch.isfinite(block[name].flatten(1).sum(-1)) for name in FLOAT_KEYS])
+    if not bool(suspect.any()):
+        return
+    for k, i in zip(*np.nonzero(suspect.cpu().numpy())):
+        if not bool(torch.isfinite(block[FLOAT_KEYS[k]][i]).all()):
+            raise NonFiniteTargetError(f"'{FLOAT_KEYS[k]}' of image {images[(first + i) // views]} has non-finite values")
+
+
+def check_topk(topk_idx: Tensor, num_patches: int) -> None:
+    """Refuse top-k patch indices outside 0..L-1."""
+    if topk_idx.numel() and not (0 <= int(topk_idx.amin()) and int(topk_idx.amax()) < num_patches):
+        raise ValueError(f"topk_idx outside 0..{num_patches - 1}")
+
+
+def whole_batch(device: torch.device) -> bool:
+    """Whether the encoders take a batch at once (a GPU), not in blocks of views (a CPU)."""
+    return device.type != "cpu"
+
+
+def encode_blocks(targets: dict[str, Tensor], feat_dtype: str, attn_dtype: str, out: dict[str, Tensor],
+                  images: Sequence[int]) -> dict[str, Tensor]:
+    """Check (``check_finite``) and encode (``codecs.encode``) (B, V, ...) targets into `out`
+    (host tensors in storage dtypes); returns the encoded tensors on the targets' device."""
+    B, V = targets["feat"].shape[:2]
+    flat = {name: t.flatten(0, 1) for name, t in targets.items()}
+    dest = {name: t.flatten(0, 1) for name, t in out.items()}
+    if whole_batch(targets["feat"].device):  # the whole batch on the device, then its storage bytes to the host
+        check_finite(flat, images, V, 0)
+        enc = codecs.encode(flat, feat_dtype, attn_dtype)
+        for name, t in enc.items():
+            dest[name].copy_(t)
+        return {name: t.view(B, V, *t.shape[1:]) for name, t in enc.items()}
+    for start in range(0, B * V, CPU_BLOCK_VIEWS):  # each block checked and encoded while in cache, into `out`
+        part = slice(start, start + CPU_BLOCK_VIEWS)
+        block = {name: t[part] for name, t in flat.items()}
+        check_finite(block, images, V, start)
+        codecs.encode(block, feat_dtype, attn_dtype, {name: t[part] for name, t in dest.items()})
+    return out
+
+
+def view_errors(targets: dict[str, Tensor], enc: dict[str, Tensor], measure: np.ndarray, feat_dtype: str,
+                attn_dtype: str) -> Tensor:
+    """(P, 4) float64 ``(feat_sq_err, feat_sq_ref, attn_kl_sum, attn_rows)`` of the views where
+    `measure` (B, V) is True, from their float targets and the stored values ``q s`` / ``-0.1 u``
+    / float16 (float32 differences). float32 storage is exact: its terms are zeros."""
+    device = targets["feat"].device
+    pick = torch.as_tensor(np.flatnonzero(measure), device=device)
+    ref = {name: t.flatten(0, 1)[pick] for name, t in targets.items()}
+    got = {name: t.flatten(0, 1)[pick] for name, t in enc.items()}
+    out = torch.zeros(len(pick), 4, dtype=torch.float64, device=device)
+    if len(pick) and feat_dtype != "float32":
+        feat = torch.mul(got["feat"], got["feat_step"].float()[:, None, :]) if feat_dtype == "int8" else got["feat"].float()
+        out[:, 0], out[:, 1] = codecs.feat_error_sums(ref["feat"], feat)
+    if len(pick) and attn_dtype != "float32":
+        attn = torch.mul(got["attn"], float(np.float32(-codecs.ATTN_STEP))) if attn_dtype == "uint8" else got["attn"].float()
+        kl = codecs.attn_kl_rows(ref["attn"], attn)
+        out[:, 2], out[:, 3] = kl.flatten(1).sum(-1), kl[0].numel()
+    return out
+
+
+def encode_views(targets: dict[str, Tensor], valid: Tensor, measure: np.ndarray, feat_dtype: str, attn_dtype: str,
+                 images: Sequence[int], out: dict[str, np.ndarray]) -> np.ndarray:
+    """A batch's targets on their device -> its views in storage dtypes, written into `out` on
+    the host (arrays (B, V, ...) of ``codecs.encode``'s names, e.g. a shard's rows); returns the
+    measured error of the views where `measure` is True (see ``view_errors``), on the host.
+
+    ``targets``: float32 feat (B, V, L, C), feat_mean / feat_std (B, V, C), attn
+    (B, V, k+1, H, L) and int64 topk_idx (B, V, k), as ``base_targets.view_targets`` returns
+    them; ``valid`` (B,) bool; ``measure`` (B, V) bool (``measured_views``); ``images`` the
+    image indices, for messages. Raises ``NonFiniteTargetError`` on NaN / inf.
+    """
+    targets = zero_skipped({name: targets[name] for name in VIEW_TARGETS}, valid)
+    check_topk(targets["topk_idx"], targets["feat"].shape[-2])
+    enc = encode_blocks(targets, feat_dtype, attn_dtype, {name: torch.from_numpy(a) for name, a in out.items()}, images)
+    return view_errors(targets, enc, measure, feat_dtype, attn_dtype).cpu().numpy()
+
+
+def encode_shard(data: dict[str, np.ndarray], specs: dict[str, ArraySpec], feat_dtype: str, attn_dtype: str,
+                 images: range) -> tuple[dict[str, np.ndarray], dict]:
+    """A whole shard of float targets on the host (``base.expected_shapes``) -> (its arrays in
+    storage dtypes, its measured error ``codecs.error_stats``), through ``encode_views`` on the
+    CPU. Skipped images' rows (``valid`` 0) become the encoding of zeros, their crops zeros."""
+    valid = np.asarray(data["valid"]).astype(bool)
+    n, V = data["feat"].shape[:2]
+    measure = measured_views(np.arange(n * V).reshape(n, V), valid, codecs.error_sample(n, V))
+    targets = {name: torch.from_numpy(np.asarray(data[name], np.float32 if name in FLOAT_KEYS else np.int64))
+               for name in VIEW_TARGETS}
+    arrays = empty_shard(specs, n, V)
+    encoded = {name: a for name, a in arrays.items() if name not in ("crop", "valid", "label")}
+    errors = encode_views(targets, torch.from_numpy(valid), measure, feat_dtype, attn_dtype, images, encoded)
+    arrays.update(crop=np.where(valid[:, None, None], data["crop"], 0).astype(np.int32), valid=valid.astype(np.uint8),
+                  label=np.asarray(data["label"], np.int64))
+    return arrays, codecs.error_stats(errors, feat_dtype, attn_dtype)
