@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tec_pipeline.cache import schema  # noqa: E402
+from tec_pipeline.cache import storage  # noqa: E402
 from tec_pipeline.cache.store import create_cache, open_cache  # noqa: E402
 from tec_pipeline.train.batches import CachedBatches, epoch_loader, reader_shards  # noqa: E402
 from tec_pipeline.train.order import epoch_order, plan_epoch, view_indices  # noqa: E402
@@ -59,10 +59,10 @@ def evict(root: Path) -> None:
 
 
 class Requested:
-    """Counts the bytes of every range read (`schema.RangeReader.read`) while active."""
+    """Counts the bytes of every range read (`storage.RangeReader.read`) while active."""
 
     def __init__(self):
-        self.bytes, self._read = 0, schema.RangeReader.read
+        self.bytes, self._read = 0, storage.RangeReader.read
 
     def __enter__(self):
         counter = self
@@ -71,11 +71,11 @@ class Requested:
             data = counter._read(reader, path, start, end)
             counter.bytes += len(data)
             return data
-        schema.RangeReader.read = read
+        storage.RangeReader.read = read
         return self
 
     def __exit__(self, *exc):
-        schema.RangeReader.read = self._read
+        storage.RangeReader.read = self._read
 
 
 def write_cache(url: str, store: str, args) -> None:

@@ -30,7 +30,7 @@ from stages.dry_run import dry_run_estimate
 from tec_pipeline.base_targets import compute_dtype, compute_setting, load_base, view_targets
 from tec_pipeline.cache.assemble import ShardAssembler, ShardWriterPool, default_writer_threads
 from tec_pipeline.cache.encode import NonFiniteTargetError
-from tec_pipeline.cache.schema import use_storage_options
+from tec_pipeline.cache.storage import use_storage_options
 from tec_pipeline.config import Config
 from tec_pipeline.data import open_source
 from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader

@@ -18,7 +18,7 @@ from helpers import TINY_BASE_ARGS, TINY_MODEL_ARGS, run_as_ranks, write_images
 from stages.cache_targets import run_cache_targets
 from stages.train import run_train
 from stages.verify import verify_cache
-from tec_pipeline.cache.schema import storage_errors
+from tec_pipeline.cache.storage import storage_errors
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError
@@ -87,8 +87,17 @@ def reference(images, tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
     out = {}
     for store in ("zarr", "webdataset"):
         run_cache_targets(load_config(None, overrides(str(root / store), images, f"cache.store={store}")))
-        out[store] = arrays(str(root / store))
+        out[store], out[f"{store}_path"] = arrays(str(root / store)), str(root / store)
     return out
+
+
+def data_files(url: str) -> dict[str, str]:
+    """SHA-256 of every shard data file of a cache (not its metadata, which records timings)."""
+    import hashlib
+
+    reader = open_cache(url)
+    files = {rel for info in reader.doc["shards"].values() for rel in info["files"]}
+    return {rel: hashlib.sha256(reader.fs.cat_file(f"{reader.root}/{rel}")).hexdigest() for rel in sorted(files)}
 
 
 @pytest.mark.parametrize("store", ["zarr", "webdataset"])
@@ -141,6 +150,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_bytes(bucket, images, refere
     summary = run_cache_targets(load_config(None, overrides(url, images)))
     assert 0 < summary["images"] < 10  # completed shards were skipped
     assert_same(arrays(url), reference["zarr"])
+    assert data_files(url) == data_files(reference["zarr_path"])  # byte for byte, every shard object
 
 
 def test_two_processes_write_one_bucket_cache(bucket, images, reference):

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from . import codecs
 from .encode import empty_shard, encode_views, measured_views
-from .schema import array_specs, one_thread_per_shard, shard_range
+from .schema import array_specs, shard_range
+from .storage import one_thread_per_shard
 
 WRITE_QUEUE_SHARDS = 1  # full shards waiting for a writer: memory is (threads + 2) shards at most
 # Each writer thread holds a shard in memory; 4 keep up with one GPU's ViT-B/16 targets on a

@@ -25,9 +25,10 @@ from ..files import storage_error, write_bytes
 from . import codecs
 from .encode import encode_shard
 from .schema import (
-    FORMAT_VERSION, META_FILE, CacheCorruptError, RangeReader, array_specs, dump_json, fresh_exists, join,
-    done_shards, marker_path, num_shards, read_json, read_markers, shard_range,
+    FORMAT_VERSION, META_FILE, CacheCorruptError, array_specs, dump_json, done_shards, marker_path, num_shards,
+    read_markers, shard_range,
 )
+from .storage import RangeReader, fresh_exists, join, read_json
 
 TARGET_KEYS = ("crop", "feat", "feat_step", "feat_mean", "feat_std", "attn", "topk_idx")  # what training reads
 

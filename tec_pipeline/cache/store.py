@@ -11,9 +11,9 @@ from ..errors import UserError
 from ..files import write_bytes
 from .base import CacheReader, CacheWriter, new_document
 from .schema import (
-    FORMAT_VERSION, META_FILE, CacheCorruptError, CacheMismatchError, check_bucket, check_same_cache, dump_json,
-    fs_root, join, normalize_meta, read_json, storage_errors,
+    FORMAT_VERSION, META_FILE, CacheCorruptError, CacheMismatchError, check_same_cache, dump_json, normalize_meta,
 )
+from .storage import check_bucket, fs_root, join, read_json, storage_errors
 from .wds_store import WdsReader, WdsWriter
 from .zarr_read import ZarrReader
 from .zarr_store import ZarrWriter

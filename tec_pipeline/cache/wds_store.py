@@ -33,7 +33,8 @@ from numcodecs import Zstd
 from ..files import write_bytes
 from . import codecs
 from .base import CacheReader, CacheWriter, ShardTargets, target_fields
-from .schema import array_specs, coalesce, join, marker_path, parallel_map, read_json
+from .schema import array_specs, marker_path
+from .storage import coalesce, join, parallel_map, read_json
 
 _TAR_BLOCK = 512
 IMAGES = "img"

@@ -12,7 +12,7 @@ view 1, and so on (the index says where each (image, view) chunk is, so zarr rea
 same). An epoch of training takes one view per image, so in ``cycle`` mode its chunks of one
 shard and array are one contiguous byte range: ``open_shard`` reads each array's index (the
 file's last 16 bytes per chunk) and then only the chunks it is told it will take (``wanted``:
-one loader worker's share of the epoch), neighbours coalesced (`schema.coalesce`), by
+one loader worker's share of the epoch), neighbours coalesced (`storage.coalesce`), by
 ``pread`` locally or range requests through fsspec; ``take`` decodes them straight into the
 batch in their stored dtypes. A whole-shard read decodes chunks lying back to back with **one**
 zstd call (``ZSTD_decompress`` decodes concatenated frames, checksums included), which saves
@@ -33,7 +33,8 @@ from numcodecs.zstd import decompress as zstd_decompress
 
 from ..files import is_local
 from .base import TARGET_KEYS, CacheReader, ShardTargets, target_fields
-from .schema import IMAGE_ARRAYS, ArraySpec, CacheCorruptError, array_specs, coalesce, join, read_json
+from .schema import IMAGE_ARRAYS, ArraySpec, CacheCorruptError, array_specs
+from .storage import coalesce, join, read_json
 from .zarr_store import MAX_UINT_64, shard_key
 
 

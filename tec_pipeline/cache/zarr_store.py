@@ -31,7 +31,8 @@ from zarr.errors import ContainsArrayError
 
 from ..files import is_local, write_bytes
 from .base import CacheWriter
-from .schema import ArraySpec, join, parallel_map
+from .schema import ArraySpec
+from .storage import join, parallel_map
 
 MAX_UINT_64 = 2**64 - 1
 _DIM_NAMES = {
@@ -120,15 +121,15 @@ def encode_shard(arr: np.ndarray, grid: tuple[int, ...], zstd: Zstd) -> bytes:
     Frames are laid out view-major (the index, not the file order, is what zarr reads), so one
     view of every image of the shard is one contiguous byte range.
     """
-    lead = arr.shape[:2] if len(grid) > 1 else arr.shape[:1]
-    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    n, views = arr.shape[0], (arr.shape[1] if len(grid) > 1 else 1)
+    chunks = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(n * views, -1)
+    # chunk number image * views + view (zarr's order); the file holds them view-major: all images'
+    # view 0, then view 1, ...
+    order = np.arange(n * views).reshape(n, views).T.ravel()
+    frames = parallel_map(lambda c: zstd.encode(chunks[c]), order.tolist())
+    lengths = np.fromiter(map(len, frames), dtype=np.uint64, count=len(frames))
     index = np.full((int(np.prod(grid)), 2), MAX_UINT_64, dtype="<u8")
-    # view-major: all images' view 0, then view 1, ...; the index maps (image, view) as zarr expects
-    positions = [(i, v) for v in range(lead[1]) for i in range(lead[0])] if len(lead) > 1 else list(np.ndindex(*lead))
-    frames = parallel_map(lambda pos: zstd.encode(arr[pos + (...,)]), positions)
-    offset = 0
-    for pos, frame in zip(positions, frames):
-        index[np.ravel_multi_index(pos, grid[:len(lead)])] = (offset, len(frame))
-        offset += len(frame)
+    index[order, 0] = np.cumsum(lengths) - lengths
+    index[order, 1] = lengths
     body = index.tobytes()
     return b"".join(frames) + body + np.uint32(google_crc32c.value(body)).tobytes()

@@ -17,7 +17,8 @@ from typing import Callable, Optional, TypeVar
 import torch
 
 from ..cache.assemble import ShardAssembler
-from ..cache.schema import check_same_cache, fs_root, one_thread_per_shard
+from ..cache.schema import check_same_cache
+from ..cache.storage import fs_root, one_thread_per_shard
 from ..files import is_local
 from ..cache.store import create_cache, open_cache
 from ..errors import UserError

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from ..cache.schema import fs_root, read_markers
+from ..cache.schema import read_markers
+from ..cache.storage import fs_root
 from ..cache.store import open_cache
 from ..data import BadImageError
 

@@ -56,7 +56,7 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
                         "serve; use targets.source=online or pixels, or data.view_mode=cycle or random")
     if t.source == "cache":
         if reader is None:
-            from ..cache.schema import use_storage_options
+            from ..cache.storage import use_storage_options
             from ..cache.store import open_cache
 
             use_storage_options(cfg.cache.path, cfg.cache.storage_options)
