@@ -28,7 +28,7 @@ from tec_pipeline.step import tec_losses
 from tec_pipeline.train.batches import TargetReader, epoch_loader
 from tec_pipeline.train.checkpoint import (IDENTITY_FILE, check_resumable, restore, run_dir, run_identity,
                                            save_state)
-from tec_pipeline.train.log import Meter, RunLog, check_finite, logged_losses, scalars, tracker
+from tec_pipeline.train.log import Meter, RunLog, check_finite_losses, logged_losses, scalars, tracker
 from tec_pipeline.train.order import epoch_order, mask_noise, plan_epoch, view_indices
 from tec_pipeline.train.pipeline import DataPipeline, effective_targets, new_model, open_data, step_targets
 from tec_pipeline.train.schedule import Schedule, make_schedule, param_groups, set_lr
@@ -105,7 +105,7 @@ def micro_step(run: Run, batch: dict) -> dict[str, float]:
         noise = batch["mask_noise"].to(acc.device, non_blocking=True)
         losses = tec_losses(_Forward(run.model, run.inner), images, targets, t, run.cfg.model.mask_ratio, noise)
         values = logged_losses(acc, losses)
-        check_finite(values, run.step, run.ckpt_path, run.last_saved)
+        check_finite_losses(values, run.step, run.ckpt_path, run.last_saved)
         acc.backward(losses["loss"])
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)

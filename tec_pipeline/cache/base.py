@@ -23,7 +23,7 @@ from .. import __version__
 from ..errors import StorageError, UserError
 from ..files import storage_error, write_bytes
 from . import codecs
-from .encode import encode_shard
+from .encode import encode_float_shard
 from .schema import (
     FORMAT_VERSION, META_FILE, CacheCorruptError, array_specs, dump_json, done_shards, marker_path, num_shards,
     read_markers, shard_range,
@@ -168,7 +168,7 @@ class CacheWriter:
         """
         rng = self.shard_range(shard)
         self._check_arrays(shard, data, {k: (v, None) for k, v in expected_shapes(self.meta, len(rng)).items()}, images)
-        arrays, stats = encode_shard(data, self.specs, self.meta["feat_dtype"], self.meta["attn_dtype"], rng)
+        arrays, stats = encode_float_shard(data, self.specs, self.meta["feat_dtype"], self.meta["attn_dtype"], rng)
         return self.write_encoded_shard(shard, arrays, stats, images)
 
     def write_encoded_shard(self, shard: int, enc: dict[str, np.ndarray], stats: dict,

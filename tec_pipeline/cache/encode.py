@@ -137,7 +137,7 @@ def encode_views(targets: dict[str, Tensor], valid: Tensor, measure: np.ndarray,
     return view_errors(targets, enc, measure, feat_dtype, attn_dtype).cpu().numpy()
 
 
-def encode_shard(data: dict[str, np.ndarray], specs: dict[str, ArraySpec], feat_dtype: str, attn_dtype: str,
+def encode_float_shard(data: dict[str, np.ndarray], specs: dict[str, ArraySpec], feat_dtype: str, attn_dtype: str,
                  images: range) -> tuple[dict[str, np.ndarray], dict]:
     """A whole shard of float targets on the host (``base.expected_shapes``) -> (its arrays in
     storage dtypes, its measured error ``codecs.error_stats``), through ``encode_views`` on the

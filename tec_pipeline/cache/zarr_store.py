@@ -104,14 +104,14 @@ class ZarrWriter(CacheWriter):
             spec = self.specs[name]
             _, chunk, shard_shape = _layout(spec, self.meta)
             grid = tuple(s // c for s, c in zip(shard_shape, chunk))
-            data = encode_shard(enc[name], grid, self._zstd)
+            data = shard_file(enc[name], grid, self._zstd)
             rel = shard_key(name, len(arr.shape), shard)
             write_bytes(self.fs, join(self.root, rel), data)
             files[rel] = len(data)
         return files
 
 
-def encode_shard(arr: np.ndarray, grid: tuple[int, ...], zstd: Zstd) -> bytes:
+def shard_file(arr: np.ndarray, grid: tuple[int, ...], zstd: Zstd) -> bytes:
     """One zarr v3 shard (sharding_indexed, index at the end) of chunks ``[1, 1, ...]`` / ``[1]``.
 
     ``arr`` holds the shard's images ``[n, views, ...]`` or ``[n]``; ``grid`` is the chunk

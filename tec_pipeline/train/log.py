@@ -80,7 +80,7 @@ def logged_losses(accelerator, losses: dict[str, torch.Tensor]) -> dict[str, flo
     return dict(zip(losses, stacked.tolist()))
 
 
-def check_finite(values: dict[str, float], step: int, ckpt: Path, last_saved: int) -> None:
+def check_finite_losses(values: dict[str, float], step: int, ckpt: Path, last_saved: int) -> None:
     """Stop on a NaN or inf loss with one line naming the terms and the checkpoint that is kept."""
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
