@@ -213,8 +213,8 @@ def test_verify_detects_corrupt_and_missing_chunks(reference, images, tmp_path, 
 def test_sigkill_mid_run_then_rerun_gives_identical_arrays(reference, images, tmp_path):
     """Kill -9 the CLI once a shard is durable; the rerun redoes only the rest, same arrays."""
     url = tmp_path / "killed.zarr"
-    slow_writes = ("import time; from tec_pipeline.cache import base; w = base.CacheWriter.write_encoded_shard; "
-                   "base.CacheWriter.write_encoded_shard = lambda *a, **k: (w(*a, **k), time.sleep(1.0))[0]; "
+    slow_writes = ("import time; from tec_pipeline.cache import writer; w = writer.CacheWriter.write_encoded_shard; "
+                   "writer.CacheWriter.write_encoded_shard = lambda *a, **k: (w(*a, **k), time.sleep(1.0))[0]; "
                    "from tec_pipeline.cli import main; main()")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", slow_writes, "cache-targets", *overrides(url, images)],

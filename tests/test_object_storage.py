@@ -127,8 +127,8 @@ def test_storage_options_in_the_config_reach_the_endpoint(bucket, images, endpoi
 def test_sigkill_mid_run_then_resume_gives_the_same_bytes(bucket, images, reference):
     """Kill -9 the CLI once a shard object and its marker exist; the rerun does only the rest."""
     url = f"s3://{bucket}/killed.zarr"
-    slow_writes = ("import time; from tec_pipeline.cache import base; w = base.CacheWriter.write_shard; "
-                   "base.CacheWriter.write_shard = lambda *a, **k: (w(*a, **k), time.sleep(1.0))[0]; "
+    slow_writes = ("import time; from tec_pipeline.cache import writer; w = writer.CacheWriter.write_encoded_shard; "
+                   "writer.CacheWriter.write_encoded_shard = lambda *a, **k: (w(*a, **k), time.sleep(1.0))[0]; "
                    "from tec_pipeline.cli import main; main()")
     proc = subprocess.Popen([sys.executable, "-c", slow_writes, "cache-targets", *overrides(url, images)],
                             cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -139,7 +139,7 @@ def encode_views(targets: dict[str, Tensor], valid: Tensor, measure: np.ndarray,
 
 def encode_float_shard(data: dict[str, np.ndarray], specs: dict[str, ArraySpec], feat_dtype: str, attn_dtype: str,
                  images: range) -> tuple[dict[str, np.ndarray], dict]:
-    """A whole shard of float targets on the host (``base.expected_shapes``) -> (its arrays in
+    """A whole shard of float targets on the host (``writer.expected_shapes``) -> (its arrays in
     storage dtypes, its measured error ``codecs.error_stats``), through ``encode_views`` on the
     CPU. Skipped images' rows (``valid`` 0) become the encoding of zeros, their crops zeros."""
     valid = np.asarray(data["valid"]).astype(bool)

@@ -2,20 +2,22 @@
 
 ``create_cache`` makes a new cache or reopens one made by the same configuration (its
 ``identity``) so that a restarted run skips completed shards; ``open_cache`` reads one.
-The store kinds live in ``zarr_store`` (default) and ``wds_store``; shared logic in ``base``,
-metadata and identity in ``schema``, storage dtypes and their error in ``codecs``.
+The store kinds live in ``zarr_store`` / ``zarr_read`` (default) and ``wds_store``; shared logic
+in ``writer`` and ``reader``, metadata and identity in ``schema``, filesystems and byte ranges in
+``storage``, storage dtypes and their error in ``codecs``.
 """
 from __future__ import annotations
 
 from ..errors import UserError
 from ..files import write_bytes
-from .base import CacheReader, CacheWriter, new_document
+from .reader import CacheReader
 from .schema import (
     FORMAT_VERSION, META_FILE, CacheCorruptError, CacheMismatchError, check_same_cache, dump_json, normalize_meta,
 )
 from .storage import check_bucket, fs_root, join, read_json, storage_errors
 from .wds_store import WdsReader, WdsWriter
 from .zarr_read import ZarrReader
+from .writer import CacheWriter, new_document
 from .zarr_store import ZarrWriter
 
 __all__ = ["CacheCorruptError", "CacheMismatchError", "CacheReader", "CacheWriter", "create_cache", "open_cache"]

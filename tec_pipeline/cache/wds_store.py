@@ -32,9 +32,10 @@ from numcodecs import Zstd
 
 from ..files import write_bytes
 from . import codecs
-from .base import CacheReader, CacheWriter, ShardTargets, target_fields
+from .reader import CacheReader, ShardTargets, target_fields
 from .schema import array_specs, marker_path
 from .storage import coalesce, join, parallel_map, read_json
+from .writer import CacheWriter
 
 _TAR_BLOCK = 512
 IMAGES = "img"

@@ -32,7 +32,7 @@ from numcodecs import Zstd
 from numcodecs.zstd import decompress as zstd_decompress
 
 from ..files import is_local
-from .base import TARGET_KEYS, CacheReader, ShardTargets, target_fields
+from .reader import TARGET_KEYS, CacheReader, ShardTargets, target_fields
 from .schema import IMAGE_ARRAYS, ArraySpec, CacheCorruptError, array_specs
 from .storage import coalesce, join, read_json
 from .zarr_store import MAX_UINT_64, shard_key

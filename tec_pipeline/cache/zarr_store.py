@@ -30,7 +30,7 @@ from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError
 
 from ..files import is_local, write_bytes
-from .base import CacheWriter
+from .writer import CacheWriter
 from .schema import ArraySpec
 from .storage import join, parallel_map
 

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..cache.base import ShardTargets
+from ..cache.reader import ShardTargets
 from ..cache.codecs import ATTN_STEP
 from ..cache.schema import CacheMismatchError
 from ..data import open_source_at
