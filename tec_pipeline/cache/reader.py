@@ -105,13 +105,17 @@ class CacheReader:
     def _fail(self, shard: int, what: str) -> CacheCorruptError:
         return CacheCorruptError(f"cache {self.url} shard {shard}: {what}")
 
-    def _read_file(self, shard: int, rel: str, start: int | None = None, end: int | None = None) -> bytes:
-        """Bytes ``[start, end)`` (all by default) of a shard's data file `rel`, checked against the
-        size its completion marker recorded: a missing or short file is `CacheCorruptError`."""
+    def _recorded_file(self, shard: int, rel: str) -> tuple[str, int]:
+        """(path, size) of a shard's data file `rel` as its completion marker recorded it."""
         files = self._marker(shard)["files"]
         if rel not in files:
             raise self._fail(shard, f"no record of file {rel}")
-        path, size = join(self.root, rel), int(files[rel])
+        return join(self.root, rel), int(files[rel])
+
+    def _read_file(self, shard: int, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` (all by default) of a shard's data file `rel`, checked against the
+        size its completion marker recorded: a missing or short file is `CacheCorruptError`."""
+        path, size = self._recorded_file(shard, rel)
         try:
             data = self._files.read(path, start, end)
         except FileNotFoundError:

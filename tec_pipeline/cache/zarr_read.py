@@ -104,16 +104,16 @@ class ZarrReader(CacheReader):
 
     # -- raw access
 
+    def _rel(self, name: str, shard: int) -> str:
+        """An array's shard file, relative to the cache root."""
+        return shard_key(name, len(self._layouts[name].shape), shard)
+
     def _file(self, name: str, shard: int) -> tuple[str, int]:
         """(path, recorded size) of an array's shard file."""
-        rel = shard_key(name, len(self._layouts[name].shape), shard)
-        files = self._marker(shard)["files"]
-        if rel not in files:
-            raise self._fail(shard, f"no record of file {rel}")
-        return join(self.root, rel), int(files[rel])
+        return self._recorded_file(shard, self._rel(name, shard))
 
     def _cat(self, shard: int, name: str, start: int | None = None, end: int | None = None) -> bytes:
-        return self._read_file(shard, shard_key(name, len(self._layouts[name].shape), shard), start, end)
+        return self._read_file(shard, self._rel(name, shard), start, end)
 
     def _index_array(self, shard: int, name: str, tail: bytes) -> np.ndarray:
         """The shard index, (chunks, 2) uint64 offset/length, crc32c-checked."""
