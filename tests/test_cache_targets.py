@@ -428,7 +428,9 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_writes_the_same_bytes(ima
     with small_filesystem(tmp_path / "small", "1m") as disk:
         url = disk / "c.zarr"
         filler = fill_to(disk, footprint(whole) // 2)  # room for about half of the cache
-        result = CliRunner().invoke(app, ["cache-targets", *overrides(url, images)])
+        # One writer thread: which write meets the full disk first (a shard's data or its marker)
+        # is then the same on every run.
+        result = CliRunner().invoke(app, ["cache-targets", *overrides(url, images), "cache.writer_threads=1"])
         line = result.output.strip().splitlines()[-1]
         assert result.exit_code == 2 and line.startswith("error: shard ") and "cannot write the cache file" in line
         assert f"{url}/" in line and "No space left on device" in line and "free there)" in line
