@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
 from tec_pipeline.config import Config, load_config
@@ -36,8 +37,10 @@ BASE_DIR = REPO / "assets" / "demo_base"
 EVAL_POOL = "mean"
 
 
-def demo_configs(out: Path, seed: int, overrides: list[str], base_dir: Path = BASE_DIR) -> tuple[Config, Config]:
-    """(TEC config, control config) of one demo run under `out`, the seed applied to both."""
+def demo_configs(out: Path, seed: int, overrides: list[str], base_dir: Path = BASE_DIR,
+                 control_overrides: Sequence[str] = ()) -> tuple[Config, Config]:
+    """(TEC config, control config) of one demo run under `out`, the seed applied to both;
+    `overrides` apply to TEC's, `control_overrides` to the control's."""
     base_ckpt = base_dir / "encoder.safetensors"
     if not base_ckpt.is_file():
         raise UserError(f"{base_ckpt}: the demo base model is missing; make it with `tec-pipeline demo-base`")
@@ -46,7 +49,7 @@ def demo_configs(out: Path, seed: int, overrides: list[str], base_dir: Path = BA
                                     f"cache.path={out / 'cache.zarr'}", *overrides])
     control = load_config(BASE_CONFIG, [*common, f"output={out / 'control'}",
                                         f"model.init_checkpoint={base_dir / 'model.safetensors'}",
-                                        f"data.path={tec.data.path}"])
+                                        f"data.path={tec.data.path}", *control_overrides])
     return tec, control
 
 
@@ -94,11 +97,12 @@ def _pictures(tec: Config, out: Path, tec_encoder: Path, count: int = 6) -> list
     return [curves, attention]
 
 
-def _evaluate(models: list[tuple], root: Path, output: Path, seed: int,
-              split: str) -> tuple[list[dict], Optional[np.ndarray]]:
-    """`run_eval` of `models` on the demo build `root`, the probe's held-out fifth and the val
-    split held out by whole source digits as the test split is: (rows, the source digit of
-    each scored image, for the margins' bootstrap)."""
+def evaluate_on_demo(models: list[tuple], root: Path, output: Path, seed: int, split: str,
+              floors: bool = True) -> tuple[list[dict], Optional[np.ndarray]]:
+    """`run_eval` of `models` (after the pixel and random-init floors, with `floors`) on the
+    demo build `root`, the probe's held-out fifth and the val split held out by whole source
+    digits as the test split is: (rows, the source digit of each scored image, for the
+    margins' bootstrap)."""
     from tec_pipeline.data.demo import source_groups
     from tec_pipeline.evaluate.features import labelled_folder
     from tec_pipeline.evaluate.report import run_eval, scored_groups
@@ -106,7 +110,7 @@ def _evaluate(models: list[tuple], root: Path, output: Path, seed: int,
     train, test = labelled_folder(root / "train"), labelled_folder(root / "test")
     train_groups = source_groups(train)
     rows = run_eval(models, root / "train", root / "test", pool=EVAL_POOL, output=output, seed=seed,
-                    echo=lambda *a: None, split=split, train_groups=train_groups)
+                    echo=lambda *a: None, split=split, train_groups=train_groups, floors=floors)
     return rows, scored_groups(split, train.labels, train_groups, source_groups(test))
 
 
@@ -141,7 +145,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
         with timer.stage("second round"):
             models.append(("tec-round2", None, str(_second_round(tec, tec_encoder, out))))
     with timer.stage("eval"):
-        rows, scored = _evaluate(models, root, out / split_file("eval", split), seed, split)
+        rows, scored = evaluate_on_demo(models, root, out / split_file("eval", split), seed, split)
     with timer.stage("pictures"):
         pictures = _pictures(tec, out, tec_encoder)
     report = {"seed": seed, "split": split, "overrides": list(overrides or []), "rows": rows,

@@ -158,6 +158,18 @@ def demo_seeds(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds 
     _run(run_demo_seeds, list(seeds), out, overrides=overrides or [], split=_split(val))
 
 
+@app.command("caching-costs")
+def caching_costs(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds to run; repeat the option."),
+                  out: Path = typer.Option(Path("runs/caching_costs"), help="One sub-folder per seed and variant, and costs.json."),
+                  only: Optional[List[str]] = typer.Option(None, "--only", help="Run only these variants (and their references); repeat the option."),
+                  val: bool = typer.Option(False, "--val", help=VAL_HELP)):
+    """What caching costs TEC on the demo: cached views V=1/2/4/6 against fresh crops online,
+    float32/float16/int8 caches, and the control with fresh against cycled views (README)."""
+    from stages.caching_costs import run_caching_costs
+
+    _run(run_caching_costs, list(seeds), out, only=only, split=_split(val))
+
+
 @app.command("demo-base")
 def demo_base(out: Path = typer.Option(Path("assets/demo_base"), help="Where the base's encoder and model go."),
               overrides: Optional[List[str]] = OverridesArg):

@@ -18,6 +18,7 @@ LAYERS = [
     ("tec_pipeline.cache",),
     ("tec_pipeline.precompute", "tec_pipeline.train", "tec_pipeline.evaluate", "tec_pipeline.viz",
      "tec_pipeline.demo_report"),
+    ("tec_pipeline.costs_report",),
     ("tec_pipeline.cli", "tec_pipeline.__main__"),
     ("stages",),
 ]

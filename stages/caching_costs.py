@@ -1,0 +1,110 @@
+"""What caching costs the new model (README "What caching costs"): fixed cached views against
+fresh crops, the number of views V, and lossy storage, measured on the demo.
+
+Each variant is TEC (or the control) trained as the default run trains it, the same optimizer
+steps, from one change of setting; each is scored alone on the demo's split and compared, image
+by image, with its reference (`VARIANTS`): a paired 95% interval over the scored source digits.
+Every finished piece (a cache, a training run, a scored row) is read back, so an interrupted
+sweep resumes and several processes can share one `out` with different `--only` variants.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+from stages.demo import evaluate_on_demo, demo_configs, train_and_export
+from tec_pipeline.config import Config
+from tec_pipeline.costs_report import format_costs, margins_to_reference, summarize_costs
+from tec_pipeline.demo_report import split_file
+from tec_pipeline.errors import UserError
+from tec_pipeline.files import write_json
+
+
+class Variant(NamedTuple):
+    model: str  # "tec", "control" or "base" (scored, never trained)
+    overrides: tuple[str, ...]
+    reference: Optional[str]  # the variant its margins are taken against
+
+
+FRESH = ("data.view_mode=fresh",)
+VARIANTS: dict[str, Variant] = {
+    "base": Variant("base", (), None),
+    "tec-fresh": Variant("tec", ("targets.source=online", *FRESH), None),  # the authors' regime
+    **{f"tec-V{v}": Variant("tec", (f"data.views={v}",), "tec-fresh") for v in (1, 2, 4, 6)},
+    "tec-V2-float32": Variant("tec", ("data.views=2", "cache.feat_dtype=float32", "cache.attn_dtype=float32"),
+                              "tec-V2"),
+    "tec-V2-int8": Variant("tec", ("data.views=2", "cache.feat_dtype=int8", "cache.attn_dtype=uint8"), "tec-V2"),
+    "control-fresh": Variant("control", FRESH, None),
+    "control-V2": Variant("control", ("data.views=2",), "control-fresh"),  # TEC's default views, cycled
+}
+
+
+def variant_config(out: Path, seed: int, name: str) -> Config:
+    """The config of one variant of one seed: the demo's TEC or control config, the variant's
+    overrides last; the cache is shared by every variant that stores the same views the same way."""
+    variant, run = VARIANTS[name], out / name
+    if variant.model == "control":
+        return demo_configs(out, seed, [], control_overrides=[f"output={run}", *variant.overrides])[1]
+    tec = demo_configs(out, seed, [f"output={run}", *variant.overrides])[0]
+    cache = f"cache-V{tec.data.views}-{tec.cache.feat_dtype}.zarr"
+    return demo_configs(out, seed, [f"output={run}", f"cache.path={out / cache}", *variant.overrides])[0]
+
+
+def train_variant(cfg: Config) -> tuple[Path, dict]:
+    """Cache (where the variant reads one) and train; (the exported encoder, wall seconds per part)."""
+    from stages.cache_targets import run_cache_targets
+    from tec_pipeline.cache.store import open_cache
+
+    wall, cache_bytes = {}, None
+    if cfg.targets.source == "cache":
+        start = time.perf_counter()
+        run_cache_targets(cfg)
+        wall["cache"], cache_bytes = time.perf_counter() - start, open_cache(cfg.cache.path).nbytes()
+    start = time.perf_counter()
+    summary, encoder = train_and_export(cfg)
+    wall["train"] = time.perf_counter() - start
+    return encoder, {"wall_s": wall, "cache_bytes": cache_bytes, "views": cfg.data.views, "steps": summary["step"]}
+
+
+def scored_variant(out: Path, seed: int, name: str, split: str) -> dict:
+    """One variant's row {name, knn, linear, hits, wall_s, ...} on `split`, read back if scored."""
+    path = out / name / split_file("row", split)
+    if path.is_file():
+        return json.loads(path.read_text())
+    cfg = variant_config(out, seed, name)
+    if VARIANTS[name].model == "base":
+        checkpoint, facts = cfg.base.checkpoint, {"wall_s": {}}
+    else:
+        checkpoint, facts = train_variant(cfg)
+    start = time.perf_counter()
+    rows, groups = evaluate_on_demo([(name, None, str(checkpoint))], Path(cfg.data.path), out / name / split_file("eval", split),
+                             seed, split, floors=False)
+    row = {**rows[0], **facts, "overrides": list(VARIANTS[name].overrides), "groups": groups.tolist()}
+    row["wall_s"]["eval"] = time.perf_counter() - start
+    write_json(path, row)
+    return row
+
+
+def checked_names(only: Optional[list[str]]) -> list[str]:
+    """The variants to run, in `VARIANTS` order; unknown names refused. `only` runs just those
+    (not their references), so processes given disjoint lists never train the same run."""
+    unknown = [n for n in only or [] if n not in VARIANTS]
+    if unknown:
+        raise UserError(f"unknown variant '{unknown[0]}' (one of {', '.join(VARIANTS)})")
+    return [n for n in VARIANTS if not only or n in only]
+
+
+def run_caching_costs(seeds: list[int], out: str | Path = "runs/caching_costs", only: Optional[list[str]] = None,
+                      split: str = "test") -> dict:
+    """Every variant (or those of `only`) for each seed, then the table: mean and spread over
+    the seeds, each seed's margin over the reference (where that was run too) with its interval."""
+    out, names = Path(out), checked_names(only)
+    rows = {seed: {n: scored_variant(out / f"seed{seed}", seed, n, split) for n in names} for seed in seeds}
+    references = {n: VARIANTS[n].reference for n in names if VARIANTS[n].reference in names}
+    margins = {seed: margins_to_reference(rows[seed], references) for seed in seeds}
+    result = summarize_costs(seeds, split, rows, margins)
+    write_json(out / split_file("costs", split), result)
+    print(format_costs(result))
+    return result

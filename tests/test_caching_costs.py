@@ -1,0 +1,59 @@
+"""The caching-costs sweep (README "What caching costs"): each variant's settings, and the
+table made from finished rows read back."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stages.caching_costs import VARIANTS, checked_names, run_caching_costs, variant_config
+from tec_pipeline.errors import UserError
+
+
+def test_each_variant_changes_only_its_setting(tmp_path):
+    cfg = {name: variant_config(tmp_path, 3, name) for name in VARIANTS if name != "base"}
+    assert cfg["tec-fresh"].targets.source == "online" and cfg["tec-fresh"].data.view_mode == "fresh"
+    assert [cfg[f"tec-V{v}"].data.views for v in (1, 2, 4, 6)] == [1, 2, 4, 6]
+    assert {c.targets.source for n, c in cfg.items() if n.startswith("tec-V")} == {"cache"}
+    assert (cfg["tec-V2-int8"].cache.feat_dtype, cfg["tec-V2-int8"].cache.attn_dtype) == ("int8", "uint8")
+    assert cfg["tec-V2-float32"].cache.feat_dtype == "float32" and cfg["tec-V2"].cache.feat_dtype == "float16"
+    # Same views, another storage dtype: another cache; every run its own folder; one seed.
+    caches = [cfg[n].cache.path for n in ("tec-V2", "tec-V2-float32", "tec-V2-int8", "tec-V4")]
+    assert len(set(caches)) == 4
+    assert len({c.output for c in cfg.values()}) == len(cfg) and {c.seed for c in cfg.values()} == {3}
+    assert cfg["control-fresh"].targets.source == "pixels" and cfg["control-fresh"].data.view_mode == "fresh"
+    assert cfg["control-V2"].data.views == 2 and cfg["control-V2"].data.view_mode == "cycle"
+    # The schedules are the demo's: TEC variants differ from tec-V2 only in their own keys.
+    assert {c.optim.epochs for n, c in cfg.items() if n.startswith("tec")} == {cfg["tec-V2"].optim.epochs}
+
+
+def test_only_runs_the_named_variants_and_refuses_unknown_ones():
+    assert checked_names(["tec-V4", "tec-fresh"]) == ["tec-fresh", "tec-V4"]
+    assert checked_names(None) == list(VARIANTS)
+    with pytest.raises(UserError, match="unknown variant 'tec-V3'"):
+        checked_names(["tec-V3"])
+
+
+def _row(path, knn_hits: str, linear_hits: str, groups, train_s: float):
+    path.mkdir(parents=True)
+    row = {"knn": knn_hits.count("1") / len(knn_hits), "linear": linear_hits.count("1") / len(linear_hits),
+           "hits": {"knn": knn_hits, "linear": linear_hits}, "groups": groups,
+           "wall_s": {"train": train_s, "eval": 1.0}, "cache_bytes": None, "views": 2}
+    (path / "row.json").write_text(json.dumps(row))
+
+
+def test_finished_rows_are_read_back_and_compared_with_their_reference(tmp_path, capsys):
+    groups = list(range(40))
+    for seed, shift in ((0, 0), (1, 2)):
+        _row(tmp_path / f"seed{seed}" / "tec-fresh", "1" * 20 + "0" * 20, "1" * 10 + "0" * 30, groups, 100.0 + seed)
+        _row(tmp_path / f"seed{seed}" / "tec-V1", "1" * (10 + shift) + "0" * (30 - shift), "1" * 10 + "0" * 30, groups, 50.0)
+    result = run_caching_costs([0, 1], tmp_path, only=["tec-fresh", "tec-V1"])
+    v1 = result["variants"]["tec-V1"]
+    assert v1["knn"]["values"] == [0.25, 0.30] and v1["knn"]["mean"] == pytest.approx(0.275)
+    assert [m["knn"]["diff"] for m in v1["margins"]] == pytest.approx([-0.25, -0.20])
+    assert v1["margins"][0]["knn"]["high"] < 0  # 10 of 40 digits lost and none gained: clearly below
+    assert [m["linear"]["diff"] for m in v1["margins"]] == [0.0, 0.0]
+    assert result["variants"]["tec-fresh"]["margins"] is None
+    assert result["variants"]["tec-fresh"]["wall_s"]["train"] == pytest.approx(100.5)
+    assert json.loads((tmp_path / "costs.json").read_text())["variants"]["tec-V1"]["knn"]["values"] == [0.25, 0.30]
+    assert "tec-V1" in capsys.readouterr().out
