@@ -96,13 +96,15 @@ def replay(recorded: dict, images: int, views: int) -> dict:
     return {name: t[pick].view(images, views, *t.shape[1:]) for name, t in recorded.items()}
 
 
-def cache_meta(args, source: ImageFolderSource, targets: dict, storage: str, images: int) -> dict:
-    """Cache metadata of the benchmark's shapes, with what stage two's loader reads (source, crops)."""
+def cache_meta(args, source: ImageFolderSource, targets: dict, storage: str, images: int, compress: str) -> dict:
+    """Cache metadata of the benchmark's shapes (chunks through `compress`), with what stage two's
+    loader reads (source, crops)."""
     feat_dtype, attn_dtype = STORAGE[storage]
     _, V, L, C = targets["feat"].shape
     return {"store": "zarr", "num_images": images, "views": V, "num_patches": L, "feat_dim": C,
             "heads": targets["attn"].shape[3], "k_max": args.k_max, "images_per_shard": args.shard_images,
-            "feat_dtype": feat_dtype, "attn_dtype": attn_dtype, "zstd_level": 1, "img_size": args.img_size,
+            "feat_dtype": feat_dtype, "attn_dtype": attn_dtype, "compress": compress, "zstd_level": 1,
+            "img_size": args.img_size,
             "seed": 0, "scale": [0.2, 1.0], "identity": {"benchmark": "stage_one_ceiling"},
             "source": {"kind": "imagefolder", "path": str(source.root), "num_images": len(source),
                        "fingerprint": source.fingerprint()}}
@@ -219,27 +221,32 @@ def repeated(fn, repeats: int) -> dict:
 
 
 def measure_arch(args, name: str, dataset: ViewDataset, tmp: Path) -> list[dict]:
-    """Rows (b), disk and the device encoding of one architecture; (c) and (d) at int8/uint8."""
+    """Rows (b), disk and the device encoding of one architecture per ``cache.compress``; (c) and
+    (d) at int8/uint8 with the first setting of ``--compress``."""
     recorded = record_targets(ARCHS[name], dataset, args.record_images, args.k_max, args.device)
     rows = []
-    for storage in args.storage:
-        meta = cache_meta(args, dataset.source, replay(recorded, 1, args.views), storage,
-                          args.writer_shards * args.shard_images)
-        for threads in args.writer_threads:
-            r = repeated(lambda: writer_rate(meta, recorded, threads, args.batch // args.views, tmp), args.repeats)
-            rows.append({"row": "(b) writer", "arch": name, "storage": storage, "threads": threads, **r})
-        rows.append({"row": "disk: write + fsync", "arch": name, "storage": storage,
-                     **repeated(lambda: disk_rate(tmp, rows[-1]["bytes"]), args.repeats)})
-        rows[-1]["views_per_s"] = rows[-1]["mb_per_s"] * 1e6 / rows[-2]["bytes_per_view"]
-        rows.append({"row": "encode on the device", "arch": name, "storage": storage,
-                     **repeated(lambda: encode_rate(meta, recorded, args.batch // args.views), args.repeats)})
-    if name == args.archs[0] and "int8/uint8" in args.storage:
-        meta = cache_meta(args, dataset.source, replay(recorded, 1, args.views), "int8/uint8", len(dataset))
+    for compress in args.compress:
+        for storage in args.storage:
+            meta = cache_meta(args, dataset.source, replay(recorded, 1, args.views), storage,
+                              args.writer_shards * args.shard_images, compress)
+            key = {"arch": name, "storage": storage, "compress": compress}
+            for threads in args.writer_threads:
+                r = repeated(lambda: writer_rate(meta, recorded, threads, args.batch // args.views, tmp), args.repeats)
+                rows.append({"row": "(b) writer", **key, "threads": threads, **r})
+            rows.append({"row": "disk: write + fsync", **key,
+                         **repeated(lambda: disk_rate(tmp, rows[-1]["bytes"]), args.repeats)})
+            rows[-1]["views_per_s"] = rows[-1]["mb_per_s"] * 1e6 / rows[-2]["bytes_per_view"]
+            if compress == args.compress[0] and not args.skip_encode:
+                rows.append({"row": "encode on the device", **key,
+                             **repeated(lambda: encode_rate(meta, recorded, args.batch // args.views), args.repeats)})
+    if name == args.archs[0] and "int8/uint8" in args.storage and not args.skip_loop:
+        meta = cache_meta(args, dataset.source, replay(recorded, 1, args.views), "int8/uint8", len(dataset),
+                          args.compress[0])
         url = str(tmp / "whole.zarr")
-        rows.append({"row": "(c) whole loop, 1 loader worker", "arch": name, "storage": "int8/uint8",
-                     "threads": default_writer_threads(),
+        key = {"arch": name, "storage": "int8/uint8", "compress": args.compress[0]}
+        rows.append({"row": "(c) whole loop, 1 loader worker", **key, "threads": default_writer_threads(),
                      **repeated(lambda: whole_loop(args, meta, dataset, recorded, url), args.repeats)})
-        rows.append({"row": "(d) stage two loader, 1 worker", "arch": name, "storage": "int8/uint8",
+        rows.append({"row": "(d) stage two loader, 1 worker", **key,
                      **repeated(lambda: stage_two_loader(args, url), args.repeats)})
     return rows
 
@@ -249,7 +256,8 @@ def goals(rows: list[dict]) -> None:
     loader = next(r for r in rows if r["row"].startswith("(a)"))["views_per_s"]
     for r in rows:
         if r["row"] == "(b) writer" and r["threads"] == 1 and r["arch"] == "vit_b16":
-            disk = next(d for d in rows if d["row"].startswith("disk") and d["storage"] == r["storage"] and d["arch"] == r["arch"])
+            disk = next(d for d in rows if d["row"].startswith("disk")
+                        and all(d[k] == r[k] for k in ("arch", "storage", "compress")))
             r["goal"] = min(GOALS[r["storage"]], 0.9 * disk["views_per_s"])
         elif r["row"].startswith("(c)"):
             r["goal"] = 0.9 * loader
@@ -262,14 +270,15 @@ def print_table(result: dict) -> None:
     print(f"\nstage-one ceiling on {result['machine']} ({result['cores']} cores, device {a['device']}); "
           f"{a['views']} views/image, {a['batch']} views/batch, shards of {a['shard_images']} images, "
           f"{a['repeats']} run(s): median (min-max)")
-    print(f"{'row':<34}{'arch':<9}{'storage':<12}{'thr':>4}{'views/s':>9}{'spread':>13}{'MB/s':>7}"
+    print(f"{'row':<34}{'arch':<9}{'storage':<12}{'chunks':<7}{'thr':>4}{'views/s':>9}{'spread':>13}{'MB/s':>7}"
           f"{'CPU us/view main+writer':>25}  goal")
     for r in result["rows"]:
         spread = f"{r['spread'][0]:.0f}-{r['spread'][1]:.0f}" if "views_per_s" in r["runs"][0] else ""
         goal = f">= {r['goal']:.0f}: {'met' if r['met'] else 'NOT met'}" if "goal" in r else ""
         mb = f"{r['mb_per_s']:.0f}" if "mb_per_s" in r else ""
         cpu = f"{r['main_cpu_us_per_view']:.0f} + {r['writer_cpu_us_per_view']:.0f}" if "main_cpu_us_per_view" in r else ""
-        print(f"{r['row']:<34}{r.get('arch', ''):<9}{r.get('storage', ''):<12}{r.get('threads', ''):>4}"
+        print(f"{r['row']:<34}{r.get('arch', ''):<9}{r.get('storage', ''):<12}{r.get('compress', ''):<7}"
+              f"{r.get('threads', ''):>4}"
               f"{r['views_per_s']:>9.0f}{spread:>13}{mb:>7}{cpu:>25}  {goal}")
 
 
@@ -284,6 +293,10 @@ def main() -> None:
     p.add_argument("--shard-images", type=int, default=128, help="images per shard (cache-targets: 256)")
     p.add_argument("--writer-shards", type=int, default=4, help="shards written per (b) measurement")
     p.add_argument("--writer-threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--compress", nargs="+", default=["zstd"], choices=["zstd", "lz4", "none"],
+                   help="cache.compress settings measured in (b); (c) and (d) use the first")
+    p.add_argument("--skip-encode", action="store_true", help="leave out the device-encoding row")
+    p.add_argument("--skip-loop", action="store_true", help="leave out (c) and (d)")
     p.add_argument("--k-max", type=int, default=15)
     p.add_argument("--record-images", type=int, default=2, help="images whose views' real targets are replayed")
     p.add_argument("--repeats", type=int, default=1)

@@ -126,7 +126,8 @@ class CacheConfig:
     feat_dtype: str = "float16"  # float32 | float16 | int8
     attn_dtype: str = "float16"  # float32 | float16 | uint8
     images_per_shard: int = 256
-    zstd_level: int = 1
+    compress: str = "zstd"  # zstd | lz4 | none: the chunks' codec (lz4 / none: zarr only)
+    zstd_level: int = 1  # with compress=zstd
     store_images: bool = False  # webdataset: keep the encoded source image in each sample
     # fsspec options of cache.path's filesystem, e.g. {endpoint_url: ..., key: ..., secret: ...} for
     # s3://; credentials otherwise come from the usual places (environment, ~/.aws)
@@ -162,6 +163,7 @@ _CHOICES = {
     "cache.store": ("zarr", "webdataset"),
     "cache.feat_dtype": ("float32", "float16", "int8"),
     "cache.attn_dtype": ("float32", "float16", "uint8"),
+    "cache.compress": ("zstd", "lz4", "none"),
 }
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from .errors import StorageError
 
+IOV_MAX = 1024  # buffers per writev call (Linux's limit; POSIX guarantees at least 16)
+
 
 def free_space(path: str | Path) -> str:
     """Free space on the filesystem holding `path` (its nearest existing folder), for messages."""
@@ -37,9 +39,11 @@ def storage_error(path: str | Path, what: str, err: OSError) -> StorageError:
     return StorageError(f"cannot write {what} {path}: {reason} ({free_space(path)} free there)")
 
 
-def fsync_paths(paths: list[str]) -> None:
-    """Make local files and their directories durable (data first, then the names)."""
-    for path in [*paths, *sorted({os.path.dirname(os.path.abspath(p)) for p in paths})]:
+def fsync_paths(paths: list[str], dirs: list[str] | None = None) -> None:
+    """Make local files and their directories (default: the files' own) durable, data first,
+    then the names."""
+    dirs = sorted({os.path.dirname(os.path.abspath(p)) for p in paths}) if dirs is None else dirs
+    for path in [*paths, *dirs]:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -66,6 +70,49 @@ def atomic_path(path: str | Path, what: str = "the file") -> Iterator[Path]:
         raise storage_error(path, what, err) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, buffers: list) -> None:
+    """Write `buffers` back to back at `fd`'s position with ``os.writev`` (no joined copy), at
+    most IOV_MAX of them per call, resuming after a partial write."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        written = os.writev(fd, views[:IOV_MAX])
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
+
+
+def write_files_durably(files: dict[str, list], what: str = "the cache file") -> None:
+    """Write several local files, each the concatenation of its buffers, so that each appears
+    whole or not at all: every file under a temporary name (``os.writev``), one fsync each, then
+    every rename, then one fsync per directory. The same guarantee as `atomic_path` per file,
+    for half the fsyncs; an `OSError` becomes `StorageError` naming the file and `what`, and no
+    temporary file is left."""
+    tmps = {path: f"{path}.tmp-{uuid.uuid4().hex[:8]}" for path in files}
+    current = next(iter(files), "")
+    try:
+        for path, buffers in files.items():
+            current = path
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd = os.open(tmps[path], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(fd, buffers)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for path in files:
+            current = path
+            os.replace(tmps[path], path)
+        fsync_paths([], dirs=sorted({os.path.dirname(os.path.abspath(p)) for p in files}))
+    except OSError as err:
+        raise storage_error(current, what, err) from None
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def is_local(fs) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import uuid
 
@@ -17,13 +18,15 @@ from tec_pipeline.errors import UserError
 
 N, V, L, C, H, K, S = 5, 2, 16, 8, 2, 3, 2  # 5 images in shards of 2 -> shards of 2, 2, 1 images
 STORES = ("zarr", "webdataset")
+COMPRESS = ("zstd", "lz4", "none")
 
 
-def make_meta(store: str, feat_dtype: str = "float32", attn_dtype: str = "float32", **identity) -> dict:
+def make_meta(store: str, feat_dtype: str = "float32", attn_dtype: str = "float32", compress: str = "zstd",
+              **identity) -> dict:
     ident = {"base": {"arch": "vit_tiny", "checkpoint_sha256": "ab" * 32}, "seed": 0, "img_size": 64}
     ident.update(identity)
     return dict(store=store, num_images=N, views=V, num_patches=L, feat_dim=C, heads=H, k_max=K,
-                images_per_shard=S, feat_dtype=feat_dtype, attn_dtype=attn_dtype, zstd_level=1,
+                images_per_shard=S, feat_dtype=feat_dtype, attn_dtype=attn_dtype, compress=compress, zstd_level=1,
                 store_images=store == "webdataset", identity=ident)
 
 
@@ -125,13 +128,15 @@ def test_float32_round_trip_is_exact_and_read_view_matches(store, url_for):
 
 
 @pytest.mark.filterwarnings("ignore:Object at:UserWarning")  # tec_cache.json and _done/ beside the arrays
-def test_zarr_store_is_readable_by_zarr_itself(tmp_path):
-    """Our direct shard reader and zarr agree: the group stays a plain zarr v3 group."""
+@pytest.mark.parametrize("compress", COMPRESS)
+def test_zarr_store_is_readable_by_zarr_itself(tmp_path, compress):
+    """Our direct shard reader and zarr agree: the group stays a plain zarr v3 group, whatever
+    the chunks' codec (``cache.compress``)."""
     import zarr
 
     url = str(tmp_path / "c")
     data = make_targets()
-    write_shards(create_cache(url, make_meta("zarr", "int8", "uint8")), data)
+    write_shards(create_cache(url, make_meta("zarr", "int8", "uint8", compress)), data)
     ours = open_cache(url)
     enc = {k: np.concatenate([ours._read_encoded(s)[k] for s in range(3)]) for k in ours._layouts}
     group = zarr.open_group(url, mode="r")
@@ -139,6 +144,43 @@ def test_zarr_store_is_readable_by_zarr_itself(tmp_path):
     for name, arr in enc.items():
         np.testing.assert_array_equal(group[name][:], arr, err_msg=name)
     assert group["feat"].dtype == np.int8 and group["attn"].dtype == np.uint8
+    codecs = [c["name"] for c in json.loads((tmp_path / "c" / "feat" / "zarr.json").read_text())["codecs"][0]
+              ["configuration"]["codecs"]]
+    assert codecs == {"zstd": ["bytes", "zstd"], "lz4": ["bytes", "blosc", "crc32c"], "none": ["bytes", "crc32c"]}[compress]
+
+
+@pytest.mark.parametrize("compress", ["lz4", "none"])
+@pytest.mark.parametrize("feat_dtype, attn_dtype", [("int8", "uint8"), ("float16", "float16"), ("float32", "float32")])
+def test_each_compress_setting_stores_the_same_values_bit_for_bit(tmp_path, compress, feat_dtype, attn_dtype):
+    """lz4 and none hold exactly what zstd holds, by shard and by view, in every storage dtype."""
+    data, got = make_targets(), {}
+    for setting in ("zstd", compress):
+        url = str(tmp_path / setting)
+        write_shards(create_cache(url, make_meta("zarr", feat_dtype, attn_dtype, setting)), data)
+        reader = open_cache(url)
+        got[setting] = {s: reader._read_encoded(s) for s in range(reader.num_shards)}
+        got[setting]["view"] = reader.read_view(3, 1)
+    assert got["zstd"].keys() == got[compress].keys()
+    for part, arrays in got["zstd"].items():
+        for name, ref in arrays.items():
+            assert got[compress][part][name].dtype == ref.dtype, name
+            assert got[compress][part][name].tobytes() == ref.tobytes(), f"{name} of {part}"
+    if compress == "none":  # stored as they are: each chunk's bytes and a 4-byte crc32c, then the index
+        size = os.path.getsize(tmp_path / "none" / "feat" / "c" / "0" / "0" / "0" / "0")
+        assert size == S * V * (L * C * np.dtype(feat_dtype).itemsize + 4) + S * V * 16 + 4
+
+
+def test_a_cache_from_before_cache_compress_is_zstd(tmp_path):
+    """A cache whose metadata has no ``compress`` (written before the setting) reads and resumes as zstd."""
+    url = str(tmp_path / "c")
+    write_shards(create_cache(url, make_meta("zarr", "int8", "uint8")), make_targets(), shards=[0])
+    doc = json.loads((tmp_path / "c" / "tec_cache.json").read_text())
+    del doc["meta"]["compress"]
+    (tmp_path / "c" / "tec_cache.json").write_text(json.dumps(doc))
+    assert open_cache(url).meta["compress"] == "zstd" and open_cache(url).read_shard(0)["feat"].any()
+    assert create_cache(url, make_meta("zarr", "int8", "uint8")).is_done(0)
+    with pytest.raises(CacheMismatchError, match="cache.compress=zstd, this run has lz4"):
+        create_cache(url, make_meta("zarr", "int8", "uint8", "lz4"))
 
 
 # ----------------------------------------------------------------------------- lossy dtypes
@@ -251,6 +293,8 @@ def test_identity_mismatch_names_the_key(tmp_path):
     layout["images_per_shard"] = 3
     with pytest.raises(CacheMismatchError, match="cache.images_per_shard=2, this run has 3"):
         create_cache(url, layout)
+    with pytest.raises(CacheMismatchError, match=r"^cache .* was made with cache.compress=zstd, this run has none;[^\n]*$"):
+        create_cache(url, make_meta("zarr", compress="none"))
     assert open_cache(url).missing_shards() == [1, 2]  # refusing touched nothing
 
 
@@ -282,18 +326,19 @@ def _flip_byte(fs, path: str, pos: int) -> None:
     fs.pipe_file(path, bytes(data))
 
 
-def _finished_cache(tmp_path, store: str):
+def _finished_cache(tmp_path, store: str, compress: str = "zstd"):
     """A complete int8/uint8 cache on local disk: (url, its fsspec filesystem, root path)."""
     url = str(tmp_path / "c")
-    w = create_cache(url, make_meta(store, "int8", "uint8"))
+    w = create_cache(url, make_meta(store, "int8", "uint8", compress))
     write_shards(w, make_targets())
     w.finalize({})
     return (url, *fsspec.core.url_to_fs(url))
 
 
+@pytest.mark.parametrize("compress", COMPRESS)
 @pytest.mark.parametrize("damage", ["chunk", "index", "missing"])
-def test_zarr_damage_is_detected_and_names_the_shard(damage, tmp_path):
-    url, fs, root = _finished_cache(tmp_path, "zarr")
+def test_zarr_damage_is_detected_and_names_the_shard(damage, compress, tmp_path):
+    url, fs, root = _finished_cache(tmp_path, "zarr", compress)
     path = f"{root}/attn/c/1/0/0/0/0"
     if damage == "chunk":
         _flip_byte(fs, path, 20)
@@ -312,11 +357,12 @@ def test_zarr_damage_is_detected_and_names_the_shard(damage, tmp_path):
         open_cache(url).open_shard(1).take(np.array([1, 0]), np.array([1, 1]), K + 1)
 
 
-def test_zarr_damaged_small_chunk_is_named(tmp_path):
+@pytest.mark.parametrize("compress", COMPRESS)
+def test_zarr_damaged_small_chunk_is_named(tmp_path, compress):
     """Back-to-back chunks are decoded in one zstd call; a damaged one is still found and named,
-    whole-shard (``read_shard``) and when training takes the view."""
-    url, fs, root = _finished_cache(tmp_path, "zarr")
-    _flip_byte(fs, f"{root}/feat_mean/c/1/0/0", 20)  # inside the first chunk's frame
+    whole-shard (``read_shard``) and when training takes the view (lz4 / none: by its crc32c)."""
+    url, fs, root = _finished_cache(tmp_path, "zarr", compress)
+    _flip_byte(fs, f"{root}/feat_mean/c/1/0/0", 20 if compress == "zstd" else 5)  # inside the first chunk (20 bytes with none)
     for read in (lambda r: r.read_shard(1), lambda r: r.open_shard(1).take(np.array([0]), np.array([0]), K + 1)):
         with pytest.raises(CacheCorruptError, match=r"shard 1: 'feat_mean' chunk \(0, 0\)"):
             read(open_cache(url))
@@ -404,6 +450,13 @@ def test_skipped_images_are_zeros_and_listed(tmp_path):
     for needle in ("store: zarr", "shards: 3 / 3 done", "complete: yes", "skipped images: 1", "feat relative RMS",
                    "base.checkpoint_sha256", "per written view", "skipped_files"):
         assert needle in text, needle
+
+
+def test_compress_other_than_zstd_needs_zarr(tmp_path):
+    with pytest.raises(UserError, match=r"^cache.compress=lz4 needs cache.store=zarr \(webdataset members are zstd\)$"):
+        create_cache(str(tmp_path / "c"), make_meta("webdataset", compress="lz4"))
+    with pytest.raises(UserError, match="cache.compress='gzip': expected one of zstd, lz4, none"):
+        create_cache(str(tmp_path / "c"), make_meta("zarr", compress="gzip"))
 
 
 def test_bad_input_is_refused(tmp_path):

@@ -15,6 +15,11 @@ def _size(n: float) -> str:
     return f"{n:.2f} TB"
 
 
+def _chunk_codec(meta: dict) -> str:
+    compress = meta.get("compress", "zstd")
+    return f"zstd level {meta['zstd_level']}" if compress == "zstd" else f"{compress} + crc32c"
+
+
 def describe_cache(url: str) -> str:
     """Multi-line description: metadata, counts, shards done/total, bytes on storage and per
     view, completeness and the recorded quantization error."""
@@ -29,7 +34,7 @@ def describe_cache(url: str) -> str:
         f"store: {meta['store']} (format {doc['format_version']}, written by tec-pipeline {doc.get('package_version', '?')})",
         f"images: {reader.num_images} x {reader.views} views = {reader.num_images * reader.views} views",
         f"targets: L={meta['num_patches']} C={meta['feat_dim']} H={meta['heads']} k_max={meta['k_max']}; "
-        f"feat {meta['feat_dtype']}, attn {meta['attn_dtype']}, zstd level {meta['zstd_level']}"
+        f"feat {meta['feat_dtype']}, attn {meta['attn_dtype']}, {_chunk_codec(meta)}"
         + (", source images stored" if meta.get("store_images") else ""),
         f"shards: {done} / {reader.num_shards} done ({meta['images_per_shard']} images each)",
         f"bytes on storage: {_size(nbytes)}"

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..config import flatten
 from ..errors import UserError
+from .chunk_codec import COMPRESS
 from .storage import join, read_json
 
 # 2: in each shard file the chunks of one view index lie together (view-major), so an epoch that
@@ -39,7 +40,7 @@ REQUIRED_META = ("store", "num_images", "views", "num_patches", "feat_dim", "hea
 # Meta keys that fix the on-storage layout: a reopened cache must agree on them too, or a
 # resumed run would write shards that do not fit the ones already there.
 LAYOUT_KEYS = ("store", "num_images", "views", "num_patches", "feat_dim", "heads", "k_max",
-               "images_per_shard", "feat_dtype", "attn_dtype", "zstd_level", "store_images",
+               "images_per_shard", "feat_dtype", "attn_dtype", "compress", "zstd_level", "store_images",
                "max_part_bytes")
 DEFAULT_MAX_PART_BYTES = 256 * 2**20  # webdataset: tar parts of at most ~256 MiB
 
@@ -77,13 +78,17 @@ def normalize_meta(meta: dict) -> dict:
         raise ValueError(f"cache meta lacks {', '.join(missing)}")
     meta = json.loads(json.dumps(meta))
     meta.setdefault("store_images", False)
+    meta.setdefault("compress", "zstd")  # caches written before cache.compress existed are zstd
     if meta["store"] == "webdataset":
         meta.setdefault("max_part_bytes", DEFAULT_MAX_PART_BYTES)
-    for key, choices in (("store", STORES), ("feat_dtype", FEAT_DTYPES), ("attn_dtype", ATTN_DTYPES)):
+    for key, choices in (("store", STORES), ("feat_dtype", FEAT_DTYPES), ("attn_dtype", ATTN_DTYPES),
+                         ("compress", COMPRESS)):
         if meta[key] not in choices:
             raise UserError(f"cache.{key}='{meta[key]}': expected one of {', '.join(choices)}")
     if meta["store_images"] and meta["store"] != "webdataset":
         raise UserError("cache.store_images=true needs cache.store=webdataset")
+    if meta["compress"] != "zstd" and meta["store"] != "zarr":
+        raise UserError(f"cache.compress={meta['compress']} needs cache.store=zarr (webdataset members are zstd)")
     for key in ("num_images", "views", "num_patches", "feat_dim", "heads", "images_per_shard"):
         if int(meta[key]) < 1:
             raise UserError(f"cache meta {key}={meta[key]}: must be >= 1")

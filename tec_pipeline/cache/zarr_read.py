@@ -33,6 +33,7 @@ from numcodecs.zstd import decompress as zstd_decompress
 
 from ..files import is_local
 from .reader import TARGET_KEYS, CacheReader, ShardTargets, target_fields
+from .chunk_codec import ZARR_NAMES, ChunkCodec
 from .schema import IMAGE_ARRAYS, ArraySpec, CacheCorruptError, array_specs
 from .storage import coalesce, join, read_json
 from .zarr_store import MAX_UINT_64, shard_key
@@ -55,14 +56,14 @@ def _multi_frame_ok() -> bool:
 class _ArrayLayout:
     """What the reader needs of one array, taken from its ``zarr.json`` and checked."""
 
-    def __init__(self, name: str, zmeta: dict, spec: ArraySpec):
+    def __init__(self, name: str, zmeta: dict, spec: ArraySpec, meta: dict):
         codecs = zmeta["codecs"]
         ok = (len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed")
         conf = codecs[0]["configuration"] if ok else {}
         inner = [c["name"] for c in conf.get("codecs", [])]
         index = [c["name"] for c in conf.get("index_codecs", [])]
         enc = zmeta.get("chunk_key_encoding", {})
-        if not (ok and inner == ["bytes", "zstd"] and index == ["bytes", "crc32c"]
+        if not (ok and inner == ZARR_NAMES[meta["compress"]] and index == ["bytes", "crc32c"]
                 and conf.get("index_location") == "end" and enc.get("name") == "default"
                 and enc.get("configuration", {}).get("separator") == "/"):
             raise CacheCorruptError(f"array '{name}' has a layout this reader does not know: {json.dumps(codecs)}")
@@ -75,6 +76,7 @@ class _ArrayLayout:
         self.index_size = 16 * self.num_chunks + 4
         self.dtype = np.dtype(spec.dtype).newbyteorder("<")
         self.per_view = spec.per_view
+        self.codec = ChunkCodec(meta["compress"], int(meta["zstd_level"]), self.dtype)
 
     def chunk_number(self, local_image: int, view: int = 0) -> int:
         return local_image * self.grid[1] + view if self.per_view else local_image
@@ -90,7 +92,7 @@ class ZarrReader(CacheReader):
 
     def __init__(self, url: str, fs, root: str, doc: dict, index_cache_shards: int = 256):
         self._index_cache_shards = index_cache_shards
-        self._layouts = {name: _ArrayLayout(name, read_json(fs, join(root, name, "zarr.json")), spec)
+        self._layouts = {name: _ArrayLayout(name, read_json(fs, join(root, name, "zarr.json")), spec, doc["meta"])
                          for name, spec in array_specs(doc["meta"]).items()}
         super().__init__(url, fs, root, doc)
 
@@ -134,10 +136,10 @@ class ZarrReader(CacheReader):
         return off, length
 
     def _decode_into(self, shard: int, name: str, raw, out: np.ndarray, where: str) -> None:
-        """Decompress one chunk straight into ``out`` (contiguous, the chunk's size)."""
+        """Decode one chunk straight into ``out`` (contiguous, the chunk's size)."""
         try:
-            zstd_decompress(raw, out.reshape(-1).view(np.uint8))
-        except Exception as err:  # zstd checksum / size errors
+            self._layouts[name].codec.decode_into(raw, out)
+        except Exception as err:  # checksum / size errors
             raise self._fail(shard, f"'{name}' chunk {where} is corrupt ({type(err).__name__}: {err})") from None
 
     def _whole_file(self, shard: int, name: str) -> memoryview:
@@ -166,8 +168,8 @@ class ZarrReader(CacheReader):
         return data, self._index_array(shard, name, bytes(data[-self._layouts[name].index_size:]))
 
     def _shard_array(self, shard: int, name: str, file: tuple | None = None) -> np.ndarray:
-        """One array's whole shard: one read, then its chunks decoded in place (one zstd call
-        when they lie back to back in chunk order, as written; else one call per chunk)."""
+        """One array's whole shard: one read, then its chunks decoded in place (zstd: one call
+        when they lie back to back, as written; else one call per chunk)."""
         lay = self._layouts[name]
         n = len(self.shard_range(shard))
         data, index = file or self._shard_file(shard, name)
@@ -176,7 +178,8 @@ class ZarrReader(CacheReader):
         count = int(np.prod(lead))  # chunk numbers 0..count-1, in the order of arr's leading dims
         order = np.argsort(index[:count, 0], kind="stable")  # chunk numbers in file order
         off, length = index[order, 0], index[order, 1]
-        if count and (off != MAX_UINT_64).all() and (off[1:] == off[:-1] + length[:-1]).all() and _multi_frame_ok():
+        if (count and lay.codec.concatenates and (off != MAX_UINT_64).all()
+                and (off[1:] == off[:-1] + length[:-1]).all() and _multi_frame_ok()):
             start, end = int(off[0]), int(off[-1] + length[-1])
             try:
                 raw = zstd_decompress(data[start:end])  # sized by the frames' headers: checked below

@@ -6,17 +6,19 @@ feat_std, attn, topk_idx) or ``[image]`` (valid, label). Sharding codec: a shard
 writers of different shards never share a file. Inside a shard, a chunk is **one view of one
 image** (``[1, 1, ...]``), one image for per-image arrays: training reads one view of an image
 at a time, and a per-view chunk lets ``read_view`` fetch and decode 1/views of what an
-image-sized chunk would cost, for a larger shard index (16 bytes per chunk). Chunks are
-``bytes -> zstd(level, checksum)``; the shard index keeps zarr's default crc32c, so a
-corrupted chunk or index is detected on read. Every chunk of a written shard is stored (zeros
+image-sized chunk would cost, for a larger shard index (16 bytes per chunk). Chunks go
+through the codecs of ``cache.compress`` (``chunk_codec``: zstd with its checksum, or lz4 /
+none with a crc32c); the shard index keeps zarr's default crc32c, so a corrupted chunk or
+index is detected on read. Every chunk of a written shard is stored (zeros
 too), so a missing chunk means damage.
 
 zarr creates the group and the arrays' ``zarr.json`` (``LocalStore`` for paths,
 ``FsspecStore`` for URLs). Shard files are encoded and written here, in exactly the format
-those ``zarr.json`` describe (zstd frame per chunk, then the offset/length index and its
-crc32c; zarr reads them back, tested): going through zarr's async codec pipeline cost ~5x
-more time per shard on this machine (0.66 s vs 0.12 s for 64 ViT-B views), and writing
-the file ourselves makes it one atomic, fsynced file (temporary name + rename).
+those ``zarr.json`` describe (one encoded chunk after another, then the offset/length index
+and its crc32c; zarr reads them back, tested): going through zarr's async codec pipeline cost
+~5x more time per shard on this machine (0.66 s vs 0.12 s for 64 ViT-B views), and writing
+the files ourselves makes each one atomic and fsynced (temporary name + rename), the encoded
+chunks handed to ``writev`` as they are, never joined into one copy.
 
 Reading is `zarr_read`.
 """
@@ -25,11 +27,10 @@ from __future__ import annotations
 import google_crc32c
 import numpy as np
 import zarr
-from numcodecs import Zstd
-from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError
 
-from ..files import is_local, write_bytes
+from ..files import is_local, write_bytes, write_files_durably
+from .chunk_codec import ChunkCodec
 from .writer import CacheWriter
 from .schema import ArraySpec
 from .storage import join, parallel_map
@@ -74,19 +75,17 @@ class ZarrWriter(CacheWriter):
     def _init_layout(self) -> None:
         """Create the group and arrays, or open the ones already there (idempotent)."""
         group = zarr.open_group(_zarr_store(self), mode="a", zarr_format=3)
-        level = int(self.meta["zstd_level"])
-        self._arrays = {}
+        self._arrays, self._codecs = {}, {}
         for name, spec in self.specs.items():
             shape, chunks, shards = _layout(spec, self.meta)
+            codec = ChunkCodec(self.meta["compress"], int(self.meta["zstd_level"]), np.dtype(spec.dtype))
             try:
                 arr = group.create_array(
                     name, shape=shape, chunks=chunks, shards=shards, dtype=spec.dtype,
-                    compressors=[ZstdCodec(level=level, checksum=True)], fill_value=0,
-                    dimension_names=_DIM_NAMES[name])
+                    compressors=codec.zarr_compressors, fill_value=0, dimension_names=_DIM_NAMES[name])
             except ContainsArrayError:
                 arr = zarr.open_array(group.store_path / name, mode="r+")
-            self._arrays[name] = arr
-        self._zstd = Zstd(level=level, checksum=True)  # the frames zarr's ZstdCodec(checksum) makes
+            self._arrays[name], self._codecs[name] = arr, codec
 
     def _shard_files(self, shard: int) -> list[str]:
         return [shard_key(name, len(arr.shape), shard) for name, arr in self._arrays.items()]
@@ -99,37 +98,42 @@ class ZarrWriter(CacheWriter):
                 self.fs.rm(leftover)
 
     def _write_encoded(self, shard: int, enc: dict[str, np.ndarray], images) -> dict[str, int]:
+        """Every array's shard file, written together (``files.write_files_durably``: one fsync
+        per file, one per directory) locally, one PUT each elsewhere."""
         files = {}
         for name, arr in self._arrays.items():
-            spec = self.specs[name]
-            _, chunk, shard_shape = _layout(spec, self.meta)
+            _, chunk, shard_shape = _layout(self.specs[name], self.meta)
             grid = tuple(s // c for s, c in zip(shard_shape, chunk))
-            data = shard_file(enc[name], grid, self._zstd)
-            rel = shard_key(name, len(arr.shape), shard)
-            write_bytes(self.fs, join(self.root, rel), data)
-            files[rel] = len(data)
-        return files
+            files[shard_key(name, len(arr.shape), shard)] = shard_file(enc[name], grid, self._codecs[name])
+        if is_local(self.fs):
+            write_files_durably({join(self.root, rel): buffers for rel, buffers in files.items()})
+        else:
+            for rel, buffers in files.items():
+                write_bytes(self.fs, join(self.root, rel), b"".join(buffers))
+        return {rel: sum(map(len, buffers)) for rel, buffers in files.items()}
 
 
-def shard_file(arr: np.ndarray, grid: tuple[int, ...], zstd: Zstd) -> bytes:
-    """One zarr v3 shard (sharding_indexed, index at the end) of chunks ``[1, 1, ...]`` / ``[1]``.
+def shard_file(arr: np.ndarray, grid: tuple[int, ...], codec: ChunkCodec) -> list:
+    """One zarr v3 shard (sharding_indexed, index at the end) of chunks ``[1, 1, ...]`` / ``[1]``,
+    as the buffers whose concatenation is the file.
 
     ``arr`` holds the shard's images ``[n, views, ...]`` or ``[n]``; ``grid`` is the chunk
     grid of a full shard (images_per_shard, views, 1, ...). Each chunk is its little-endian
-    bytes compressed to one zstd frame (with checksum), as zarr's ``bytes`` + ``zstd`` codecs
-    write it; chunks past the array's end (last shard) are absent (offset = length = 2^64-1).
-    Frames are laid out view-major (the index, not the file order, is what zarr reads), so one
-    view of every image of the shard is one contiguous byte range.
+    bytes through `codec` (``cache.compress``), as zarr's codec chain writes it; chunks past the
+    array's end (last shard) are absent (offset = length = 2^64-1). Chunks are laid out
+    view-major (the index, not the file order, is what zarr reads), so one view of every image
+    of the shard is one contiguous byte range.
     """
     n, views = arr.shape[0], (arr.shape[1] if len(grid) > 1 else 1)
     chunks = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(n * views, -1)
     # chunk number image * views + view (zarr's order); the file holds them view-major: all images'
     # view 0, then view 1, ...
     order = np.arange(n * views).reshape(n, views).T.ravel()
-    frames = parallel_map(lambda c: zstd.encode(chunks[c]), order.tolist())
-    lengths = np.fromiter(map(len, frames), dtype=np.uint64, count=len(frames))
+    encoded = parallel_map(lambda c: codec.encode(chunks[c]), order.tolist())
+    lengths = np.fromiter((sum(map(len, parts)) for parts in encoded),
+                          dtype=np.uint64, count=len(encoded))
     index = np.full((int(np.prod(grid)), 2), MAX_UINT_64, dtype="<u8")
     index[order, 0] = np.cumsum(lengths) - lengths
     index[order, 1] = lengths
     body = index.tobytes()
-    return b"".join(frames) + body + np.uint32(google_crc32c.value(body)).tobytes()
+    return [b for parts in encoded for b in parts] + [body, np.uint32(google_crc32c.value(body)).tobytes()]

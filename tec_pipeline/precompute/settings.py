@@ -81,7 +81,7 @@ def cache_meta(cfg: Config, source, base, precision: str) -> dict:
         "store": c.store, "num_images": len(source), "views": d.views,
         "num_patches": base.patch_embed.num_patches, "feat_dim": base.embed_dim,
         "heads": base.blocks[-1].attn.num_heads, "k_max": c.k_max, "images_per_shard": c.images_per_shard,
-        "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "zstd_level": c.zstd_level,
+        "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "compress": c.compress, "zstd_level": c.zstd_level,
         "store_images": c.store_images, "identity": identity,
         "source": {"kind": d.kind, "path": source_location(d.kind, d.path), "num_images": len(source),
                    "fingerprint": fingerprint},
