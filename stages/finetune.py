@@ -67,6 +67,7 @@ def setup_run(cfg: FinetuneConfig, accelerator: Accelerator, path: Path) -> tupl
     """Splits, classifier (or probe), schedule (lr = blr x effective batch / 256), optimizer, Mixup, loss."""
     train_set, val_set, data = open_splits(cfg)
     classes = len(data["classes"])
+    seed_everything(cfg.seed)  # the fresh head (and a random-init encoder) are a function of the seed
     model = build_model(cfg, classes)
     schedule = make_schedule(cfg, len(train_set), accelerator.num_processes, cfg.train.max_steps)
     optimizer = make_optimizer(cfg, model, schedule.lr)
