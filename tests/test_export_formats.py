@@ -9,10 +9,13 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from test_export import NEW, run  # noqa: F401  (the module's short training run, a fixture)
+import test_export
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import export_run
 from tec_pipeline.models.base import load_base_model
+
+NEW = test_export.NEW
+run = test_export.run  # test_export's short TEC training run, a module fixture
 
 MAE_KEYS = ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.attn.qkv.weight", "blocks.2.mlp.fc2.bias",
             "norm.weight")
@@ -22,7 +25,7 @@ def sizes(arch) -> dict:
     return {k: v for k, v in asdict(arch).items() if k != "name"}
 
 
-def test_both_formats_load_and_give_the_same_encoder(run):  # noqa: F811
+def test_both_formats_load_and_give_the_same_encoder(run):
     timm_path, mae_path = export_run(run, fmt="timm"), export_run(run, fmt="mae")
     assert (timm_path.name, mae_path.name) == ("encoder.safetensors", "encoder_mae.pth")
     vit = timm.create_model(NEW.name, pretrained=False, num_classes=0, **sizes(NEW))
@@ -37,7 +40,7 @@ def test_both_formats_load_and_give_the_same_encoder(run):  # noqa: F811
     assert torch.equal(a, b) and torch.equal(b, c)
 
 
-def test_timm_train_py_pretrained_path_loads_the_export(run):  # noqa: F811
+def test_timm_train_py_pretrained_path_loads_the_export(run):
     """What the README's `train.py --pretrained-path` does: the file as pretrained weights (overlay
     num_classes=-1, so the missing head is tolerated), a fresh head and fc_norm under avg pooling."""
     path = export_run(run)
@@ -48,6 +51,6 @@ def test_timm_train_py_pretrained_path_loads_the_export(run):  # noqa: F811
     assert torch.equal(vit.cls_token, weights["cls_token"]) and vit.head.out_features == 10
 
 
-def test_unknown_format_is_one_line(run):  # noqa: F811
+def test_unknown_format_is_one_line(run):
     with pytest.raises(UserError, match="--format onnx: expected one of timm, mae"):
         export_run(run, fmt="onnx")

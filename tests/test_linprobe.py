@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 import stages.ablate
 from helpers import TINY_MODEL_ARGS
 from stages.ablate import run_ablations
 from stages.finetune import run_finetune
-from test_ablations import ABLATIONS, world  # noqa: F401  (a tiny memory cache and its images, a fixture)
-from test_export import run as tec_run  # noqa: F401  (a short TEC run with both adapters, a fixture)
-from test_finetune import TINY_FT, config, toy  # noqa: F401
+import test_ablations
+import test_export
+import test_finetune
 from tec_pipeline.export import CHECKPOINT, load_checkpoint
 from tec_pipeline.finetune.config import load_finetune_config
 
+# Module fixtures of the neighbouring tests: a tiny memory cache and its images, a short TEC run
+# with both adapters, the separable toy ImageFolder.
+world, tec_run, toy = test_ablations.world, test_export.run, test_finetune.toy
+ABLATIONS, config = test_ablations.ABLATIONS, test_finetune.config
 
-def test_linprobe_trains_only_the_head_and_resumes_exactly(toy, tmp_path):  # noqa: F811
+
+def test_linprobe_trains_only_the_head_and_resumes_exactly(toy, tmp_path):
     cut = config(toy, tmp_path / "cut", "optim.epochs=2", protocol="linprobe")
     assert (cut.optim.name, cut.model.global_pool, cut.aug.mixup) == ("lars", "token", 0.0)
     whole = run_finetune(config(toy, tmp_path / "whole", "optim.epochs=2", protocol="linprobe"))
@@ -35,7 +39,7 @@ def test_linprobe_trains_only_the_head_and_resumes_exactly(toy, tmp_path):  # no
     assert not torch.equal(a["model"]["head.1.weight"], s["head.1.weight"])
 
 
-def test_input_adapter_variant_trains_the_cls_mlp_with_the_probe(tec_run, toy, tmp_path):  # noqa: F811
+def test_input_adapter_variant_trains_the_cls_mlp_with_the_probe(tec_run, toy, tmp_path):
     cfg = config(toy, tmp_path / "ada", f"model.checkpoint={tec_run / CHECKPOINT}", "model.input_adapter=true",
                  "optim.epochs=1", protocol="linprobe")
     assert run_finetune(cfg)["finished"]
@@ -45,7 +49,7 @@ def test_input_adapter_variant_trains_the_cls_mlp_with_the_probe(tec_run, toy, t
     assert torch.equal(after["tec.encoder.blocks.0.attn.qkv.weight"], before["encoder.blocks.0.attn.qkv.weight"])
 
 
-def test_ablate_finetune_sweep_prints_top1_and_reads_finished_rows_back(world, toy, tmp_path, capsys,  # noqa: F811
+def test_ablate_finetune_sweep_prints_top1_and_reads_finished_rows_back(world, toy, tmp_path, capsys,
                                                                         monkeypatch):
     ft = tmp_path / "ft.yaml"
     ft.write_text(json.dumps({"data": {"train": str(toy / "train"), "val": str(toy / "val"), "img_size": 32,
