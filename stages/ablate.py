@@ -1,31 +1,41 @@
 """`tec-pipeline ablate`: the Tab. 6 rows, one training run each, all from one stage-one cache.
 
 A driver: each row's YAML becomes overrides (`tec_pipeline.train.ablations`), stage two trains
-it (`stages.train.run_train`), and the final losses go into one table.
+it (`stages.train.run_train`), and the final losses go into one table. With a fine-tune config,
+each row is also exported and fine-tuned (`stages.finetune.run_finetune`, Tab. 10) and the table
+is the paper's: row, settings, top-1.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from stages.finetune import run_finetune
 from stages.train import run_train
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError
-from tec_pipeline.export import CHECKPOINT
-from tec_pipeline.train.ablations import ablation_overrides, ablation_title, format_rows
+from tec_pipeline.export import CHECKPOINT, export_run
+from tec_pipeline.files import write_json
+from tec_pipeline.finetune.config import load_finetune_config
+from tec_pipeline.finetune.state import RESULT_FILE
+from tec_pipeline.train.ablations import ablation_overrides, ablation_title, format_finetune_rows, format_rows
 from tec_pipeline.train.batches import TargetReader
 
 
 def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader, overrides: Sequence[str] = (),
-                  base_config: Optional[str | Path] = None, output: str = "runs/ablations") -> list[dict]:
+                  base_config: Optional[str | Path] = None, output: str = "runs/ablations",
+                  finetune: Optional[str | Path] = None, ft_overrides: Sequence[str] = ()) -> list[dict]:
     """Train one run per Tab. 6 YAML from the same cache and print their final losses as a table.
 
     Layers, last wins: `base_config` (or the defaults), the ablation YAML, ``cache.path=<cache>``
     and ``targets.source=cache``, then `overrides`. Each run goes to ``<output>/<yaml stem>``
     and resumes there if it was interrupted (a finished one is only read back). A setting
     the cache cannot serve (e.g. k > k_max) makes that row "refused"; the others still run.
-    `cache` is a cache path/URL or an already opened reader.
+    `cache` is a cache path/URL or an already opened reader. With `finetune` (a fine-tune config,
+    `ft_overrides` over it) each trained row is exported, fine-tuned into ``<row>/finetune`` and
+    scored; the top-1 table also goes to ``<output>/finetune.json``.
     """
     missing = [str(p) for p in config_paths if not Path(p).is_file()]
     if missing:
@@ -41,8 +51,27 @@ def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader,
             cfg = replace(cfg, output=str(Path(output) / path.stem))
             summary = run_train(cfg, resume=Path(cfg.output, CHECKPOINT).exists(), reader=reader)
             row.update(step=summary["step"], **summary["losses"])
+            if finetune is not None:
+                row.update(finetune_row(Path(cfg.output), finetune, ft_overrides))
         except UserError as err:
             row.update(status=f"refused: {err}")
         rows.append(row)
     print(format_rows(rows))
+    if finetune is not None:
+        print(format_finetune_rows(rows))
+        write_json(Path(output) / "finetune.json", rows, "the fine-tuned ablation table")
     return rows
+
+
+def finetune_row(row_dir: Path, finetune: str | Path, ft_overrides: Sequence[str]) -> dict:
+    """A trained row's top-1 / top-5 after Tab. 10 fine-tuning of its export; a finished fine-tune
+    (its result.json) is read back, an interrupted one resumed."""
+    out = row_dir / "finetune"
+    if (out / RESULT_FILE).is_file():
+        done = json.loads((out / RESULT_FILE).read_text())
+        if done["finished"]:
+            return {"top1": done["top1"], "top5": done["top5"], "best_top1": done["best_top1"]}
+    encoder = export_run(row_dir)  # the same bytes for the same checkpoint: a resumed fine-tune's identity holds
+    cfg = load_finetune_config(finetune, [*ft_overrides, f"model.checkpoint={encoder}", f"output={out}"])
+    result = run_finetune(cfg, resume=(out / CHECKPOINT).exists())
+    return {"top1": result["top1"], "top5": result["top5"], "best_top1": result["best_top1"]}

@@ -76,12 +76,48 @@ def train(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = O
 
 @app.command()
 def export(run: Path = typer.Argument(..., help="A training run directory."),
-           out: Optional[Path] = typer.Option(None, help="Output .safetensors (default RUN/encoder.safetensors).")):
-    """Write the trained encoder as a timm-loadable safetensors file (input adapter folded into cls)."""
+           out: Optional[Path] = typer.Option(None, help="Output file (default RUN/encoder.safetensors, "
+                                                         "RUN/encoder_mae.pth with --format mae)."),
+           fmt: str = typer.Option("timm", "--format", help="timm: safetensors a timm ViT loads strictly; mae: "
+                                                            "{'model': state_dict} as MAE's main_finetune.py --finetune reads.")):
+    """Write the trained encoder (input adapter folded into cls) for timm or MAE's fine-tuning code."""
     from .export import export_run
 
-    path = _run(export_run, run, out)
+    path = _run(export_run, run, out, fmt)
     typer.echo(f"exported {path}")
+
+
+def _load_ft(config: Optional[Path], overrides: Optional[List[str]], protocol: str):
+    from .config import ConfigError
+    from .finetune.config import load_finetune_config
+
+    try:
+        return load_finetune_config(config, overrides or [], protocol)
+    except ConfigError as err:
+        _fail(str(err))
+
+
+def _score(config: Optional[Path], overrides: Optional[List[str]], resume: bool, protocol: str) -> None:
+    cfg = _load_ft(config, overrides, protocol)
+    from stages.finetune import run_finetune
+
+    result = _run(run_finetune, cfg, resume=resume)
+    typer.echo(f"{protocol}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  best top-1 "
+               f"{result['best_top1']:.2f} (epoch {result['best_epoch']:g}) -> {cfg.output}/result.json")
+
+
+@app.command()
+def finetune(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
+             resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.")):
+    """Full fine-tuning of an encoder by Tab. 10 (AdamW, layer decay, RandAugment, Mixup/CutMix); top-1/top-5."""
+    _score(config, overrides, resume, "finetune")
+
+
+@app.command()
+def linprobe(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
+             resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.")):
+    """Linear probing by Tab. 11 (LARS, BatchNorm before the head); model.input_adapter=true: Tab. 4's variant."""
+    _score(config, overrides, resume, "linprobe")
 
 
 @app.command()
@@ -187,12 +223,18 @@ def ablate(items: List[str] = typer.Argument(..., metavar="CONFIGS",
            config: Optional[Path] = typer.Option(None, "--config", "-c",
                                                  help="Full config each ablation YAML is layered on (e.g. configs/vitb_mae_in1k.yaml)."),
            output: Path = typer.Option(Path("runs/ablations"), "--output", "-o",
-                                       help="Each run goes to OUTPUT/<yaml stem> and resumes there.")):
+                                       help="Each run goes to OUTPUT/<yaml stem> and resumes there."),
+           finetune: Optional[Path] = typer.Option(None, "--finetune", help="Also export and fine-tune each row with "
+                                                   "this fine-tune config; the table is then top-1."),
+           ft_set: List[str] = typer.Option([], "--ft-set", help="A key=value override of the fine-tune config; repeat.")):
     """Tab. 6 ablations: train one run per YAML from the same cache, then print a table of final losses.
 
     Layers, last wins: --config, the ablation YAML, cache.path=CACHE and targets.source=cache, the overrides.
 
     A row the cache cannot serve (e.g. targets.k > k_max) is marked refused and the others still run; the exit status is then 1.
+
+    With --finetune FT_CONFIG each trained row is exported and fine-tuned (OUTPUT/<stem>/finetune) and the
+    table is top-1, also written to OUTPUT/finetune.json; finished fine-tunes are read back.
     """
     paths: list[Path] = []
     overrides: list[str] = []
@@ -216,8 +258,21 @@ def ablate(items: List[str] = typer.Argument(..., metavar="CONFIGS",
         _fail(f"--cache {cache}: not found (run cache-targets first)")
     from stages.ablate import run_ablations
 
-    rows = _run(run_ablations, paths, cache, overrides, config, str(output))
+    if finetune is not None:
+        _load_ft(finetune, [*ft_set, "model.checkpoint=row"], "finetune")  # a bad fine-tune config fails first too
+    rows = _run(run_ablations, paths, cache, overrides, config, str(output), finetune, ft_set)
     raise typer.Exit(0 if all(r["status"] == "done" for r in rows) else 1)
+
+
+@app.command("demo-finetune")
+def demo_finetune(run: Path = typer.Option(Path("runs/demo"), help="A finished demo run folder (its tec/ and control/)."),
+                  seeds: List[int] = typer.Option([0], "--seed", help="Fine-tuning seeds; repeat the option."),
+                  out: Optional[Path] = typer.Option(None, help="Where the fine-tunes go (default RUN/finetune)."),
+                  overrides: Optional[List[str]] = OverridesArg):
+    """Fine-tune base, control and TEC of a demo run (configs/finetune_demo.yaml); TEC's paired margins."""
+    from stages.demo_finetune import run_demo_finetune
+
+    _run(run_demo_finetune, run, list(seeds), out, overrides=overrides or [])
 
 
 def main() -> None:

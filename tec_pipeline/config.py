@@ -173,10 +173,11 @@ def _one_line(err: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: bad config key '{key}': {msg}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Schema defaults <- YAML file <- dotted overrides (``model.depth=6``), type-checked."""
-    schema = OmegaConf.structured(Config)
-    layers = []
+def load_structured(schema: type, path: str | Path | None, overrides: list[str] | tuple[str, ...],
+                    choices: dict[str, tuple], defaults: Optional[dict] = None):
+    """A dataclass `schema`'s defaults <- `defaults` <- YAML file <- dotted overrides, type-checked,
+    with the string keys of `choices` held to their allowed values; every error one line."""
+    layers = [("defaults", OmegaConf.create(defaults))] if defaults else []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -193,27 +194,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
-    cfg = schema
+    cfg = OmegaConf.structured(schema)
     for origin, layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
             raise _one_line(err, origin) from None
-    for key, allowed in _CHOICES.items():
+    for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"config key '{key}' is '{value}', expected one of {', '.join(allowed)}")
+            raise ConfigError(f"config key '{key}' is '{value}', expected one of {', '.join(map(str, allowed))}")
     return OmegaConf.to_object(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- YAML file <- dotted overrides (``model.depth=6``), type-checked."""
+    return load_structured(Config, path, overrides, _CHOICES)
 
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
+def to_dict(cfg) -> dict[str, Any]:
     """A plain dict of the config, for metadata, logs and checkpoints; credentials among
     ``cache.storage_options`` are written as "<redacted>", never in the clear."""
     out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    options = out["cache"]["storage_options"]
+    options = out.get("cache", {}).get("storage_options", {})  # any config dataclass; only stage configs have one
     for name in options:
         if any(word in name.lower() for word in SECRET_WORDS):
             options[name] = "<redacted>"

@@ -24,6 +24,7 @@ from .models.tec import TECModel
 
 CHECKPOINT = "checkpoint.pt"
 EXPORT_NAME = "encoder.safetensors"
+EXPORT_FORMATS = {"timm": EXPORT_NAME, "mae": "encoder_mae.pth"}  # --format: the default file name of each
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -95,13 +96,35 @@ def export_model(model: TECModel, arch: ViTArch, out: Path) -> Path:
     return out
 
 
-def export_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
-    """Export a run's last checkpoint as a timm-loadable encoder (default ``RUN/encoder.safetensors``)."""
-    run_dir = Path(run_dir)
-    ckpt = load_checkpoint(run_dir / CHECKPOINT)
+def load_run_model(checkpoint: str | Path) -> tuple[TECModel, ViTArch]:
+    """The `TECModel` of a training run's checkpoint (its file or its folder), weights loaded strictly."""
+    path = Path(checkpoint)
+    path = path / CHECKPOINT if path.is_dir() else path
+    ckpt = load_checkpoint(path)
     if "model_kwargs" not in ckpt or "model" not in ckpt:
-        raise UserError(f"{run_dir / CHECKPOINT}: not a tec-pipeline training checkpoint")
+        raise UserError(f"{path}: not a tec-pipeline training checkpoint")
     model = build_model(ckpt["model_kwargs"])
     model.load_state_dict(ckpt["model"], strict=True)
-    arch = ViTArch(**ckpt["model_kwargs"]["arch"])
-    return export_model(model, arch, Path(out) if out is not None else run_dir / EXPORT_NAME)
+    return model, ViTArch(**ckpt["model_kwargs"]["arch"])
+
+
+def export_mae(model: TECModel, out: Path) -> Path:
+    """Write the folded encoder as MAE's ``main_finetune.py --finetune`` reads it: a torch file
+    ``{"model": state_dict}``. MAE's ViT names its weights as timm's does (patch_embed.proj.weight,
+    cls_token, pos_embed [1, 1+L, C] with the cls position, blocks.N.*, norm.weight), so the state
+    dict is `encoder_state`'s; MAE drops norm.* itself under global pooling (fc_norm)."""
+    atomic_save({"model": encoder_state(model.float().eval())}, Path(out), "the MAE-layout export")
+    return Path(out)
+
+
+def export_run(run_dir: str | Path, out: Optional[str | Path] = None, fmt: str = "timm") -> Path:
+    """Export a run's last checkpoint: ``timm`` safetensors (default ``RUN/encoder.safetensors``) or
+    ``mae`` ``{"model": state_dict}`` (default ``RUN/encoder_mae.pth``)."""
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"--format {fmt}: expected one of {', '.join(EXPORT_FORMATS)}")
+    run_dir = Path(run_dir)
+    model, arch = load_run_model(run_dir / CHECKPOINT)
+    default = run_dir / EXPORT_FORMATS[fmt]
+    if fmt == "mae":
+        return export_mae(model, Path(out) if out is not None else default)
+    return export_model(model, arch, Path(out) if out is not None else default)

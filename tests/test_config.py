@@ -5,7 +5,9 @@ import pytest
 
 from tec_pipeline.config import Config, ConfigError, load_config, to_dict
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+SHIPPED = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+SCORING = ("finetune_", "linprobe_")  # configs of `tec-pipeline finetune` / `linprobe`, their own schema
+CONFIGS = [p for p in SHIPPED if not p.name.startswith(SCORING)]
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -50,3 +52,11 @@ def test_bad_file(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.name.startswith(SCORING)], ids=lambda p: p.name)
+def test_shipped_scoring_configs_load(path):
+    from tec_pipeline.finetune.config import load_finetune_config
+
+    protocol = path.name.split("_")[0]
+    assert load_finetune_config(path, protocol=protocol).protocol == protocol

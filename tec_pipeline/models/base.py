@@ -38,12 +38,12 @@ class UnsupportedBase(UserError):
 
 
 def create_vit(arch: ViTArch | str, **overrides) -> nn.Module:
-    """A timm model without classifier head; `arch` sizes override the registered defaults."""
+    """A timm model, without classifier head unless `overrides` ask for one (``num_classes``); `arch`
+    sizes override the registered defaults."""
     if isinstance(arch, str):
         arch = ViTArch(name=arch)
     sizes = {k: v for k, v in asdict(arch).items() if k != "name" and v is not None}
-    sizes.update(overrides)
-    return timm.create_model(arch.name, pretrained=False, num_classes=0, **sizes)
+    return timm.create_model(arch.name, pretrained=False, **{"num_classes": 0, **sizes, **overrides})
 
 
 def build_vit(arch: ViTArch | str, **overrides) -> VisionTransformer:

@@ -1,5 +1,6 @@
 """Tab. 6 from one cache: an ablation YAML is a set of dotted overrides layered over a full config,
-and the sweep's result is one table of final losses (README "Stage two: training")."""
+and the sweep's result is one table of final losses, or of top-1 after fine-tuning (README "Stage
+two: training", "Fine-tuning and linear probing")."""
 from __future__ import annotations
 
 import json
@@ -38,4 +39,16 @@ def format_rows(rows: list[dict]) -> str:
         else:
             lines.append(f"{r['name']:<28} {r['title'][:40]:<40} {r['step']:>6} {fmt(r.get('loss'))} "
                          f"{fmt(r.get('loss_fea'))} {fmt(r.get('loss_att'))}")
+    return "\n".join(lines)
+
+
+def format_finetune_rows(rows: list[dict]) -> str:
+    """The paper's Tab. 6 layout: row, settings, top-1 after fine-tuning (and the best epoch's, top-5)."""
+    head = f"{'ablation':<28} {'settings (Tab. 6 row)':<40} {'top-1':>7} {'best':>7} {'top-5':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["status"] != "done":
+            lines.append(f"{r['name']:<28} {r['title'][:40]:<40} {r['status']}")
+        else:
+            lines.append(f"{r['name']:<28} {r['title'][:40]:<40} {r['top1']:7.2f} {r['best_top1']:7.2f} {r['top5']:7.2f}")
     return "\n".join(lines)

@@ -53,27 +53,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def training_state(accelerator, model, optimizer, step: int) -> dict:
+    """What every resumable run saves: weights, optimizer moments, loss scaler, RNG, step (= data position)."""
+    return {
+        "model": accelerator.unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        "step": step,  # optimizer steps done; the data position is step x accum micro-batches
+        "rng": rng_state(),
+    }
+
+
 def save_state(path: Path, accelerator, model, optimizer, step: int, kwargs: dict, cfg: Config,
                schedule: Schedule) -> None:
-    """Full training state, atomically: weights, AdamW moments, loss scaler, RNG, step (= data position)."""
+    """Full training state, atomically: `training_state`, the model's arguments, schedule and config."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {
-            "model": accelerator.unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "step": step,  # optimizer steps done; the data position is step x accum micro-batches
-            "rng": rng_state(),
-            "model_kwargs": kwargs,
-            "schedule": asdict(schedule),
-            "config": to_dict(cfg),
-        }
+        state = {**training_state(accelerator, model, optimizer, step), "model_kwargs": kwargs,
+                 "schedule": asdict(schedule), "config": to_dict(cfg)}
         atomic_save(state, path)
 
 
 def restore(path: Path, accelerator, model, optimizer) -> int:
     """Load a checkpoint's weights, AdamW moments, loss scaler and RNG; returns its step."""
-    state = load_checkpoint(path)
+    return restore_state(load_checkpoint(path), accelerator, model, optimizer)
+
+
+def restore_state(state: dict, accelerator, model, optimizer) -> int:
+    """`restore` from an already loaded checkpoint (a run that keeps more in it reads it once)."""
     accelerator.unwrap_model(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if accelerator.scaler is not None and state["scaler"] is not None:
@@ -89,14 +96,19 @@ def run_identity(cfg: Config, data_identity: object, cached: bool) -> dict:
     counts) and the checkpoints it starts from, by content. A cached run's base is already in
     the cache's identity (and `spec.check_cache_base` holds base.checkpoint to it), so it is
     not hashed again."""
-    config = {k: v for k, v in flatten(to_dict(cfg)).items()
-              if not any(k == c or k.startswith(c + ".") for c in RESUMABLE_CHANGES)}
+    config = config_identity(cfg, RESUMABLE_CHANGES)
     base = None if cached else cfg.base.checkpoint
     starts = {name: file_sha256(path) for name, path in
               (("base.checkpoint", base), ("model.init_checkpoint", cfg.model.init_checkpoint))
               if path and Path(path).is_file()}
     # through JSON, as it is stored: tuples become lists, so a resume compares like with like
     return json.loads(json.dumps({"config": config, "data": data_identity, "checkpoint_sha256": starts}))
+
+
+def config_identity(cfg, resumable: tuple[str, ...]) -> dict:
+    """A config's dotted settings, less those a resume may change (`resumable` keys and what is under them)."""
+    return {k: v for k, v in flatten(to_dict(cfg)).items()
+            if not any(k == c or k.startswith(c + ".") for c in resumable)}
 
 
 def check_resumable(path: Path, identity: dict) -> None:

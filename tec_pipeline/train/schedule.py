@@ -53,9 +53,10 @@ def param_groups(model: nn.Module, weight_decay: float, decay_tokens: bool = Fal
 
 
 def set_lr(optimizer, lr: float) -> None:
-    """Apply one schedule value to every group (the schedule is per iteration, not per epoch)."""
+    """Apply one schedule value to every group (the schedule is per iteration, not per epoch),
+    times the group's ``lr_scale`` where it has one (timm's layer-wise decay groups, Tab. 10)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,11 @@ class Schedule:
 
 
 def make_schedule(cfg: Config, usable_images: int, num_processes: int, max_steps: Optional[int]) -> Schedule:
-    """The run's `Schedule`: epochs of whole effective batches (batch x accumulation x processes)."""
+    """The run's `Schedule`: epochs of whole effective batches (batch x accumulation x processes).
+
+    `cfg` is any config with ``data.batch_size`` and ``optim.{accum_steps, epochs, warmup_epochs,
+    blr}``: stage two's, and fine-tuning's (Tab. 10, 11), which schedule the same way.
+    """
     o, batch = cfg.optim, cfg.data.batch_size
     effective = batch * o.accum_steps * num_processes
     steps_per_epoch = usable_images // effective

@@ -1,0 +1,79 @@
+"""`tec-pipeline demo-finetune`: the demo's question asked by the paper's protocol (Tab. 10). Base,
+control and TEC of a finished demo run are each fine-tuned on the demo's train digits
+(configs/finetune_demo.yaml) and scored on its test digits; per seed, TEC's top-1 margins over the
+base and the control with their paired 95% intervals, resampled by source digit as the demo's are
+(`evaluate.statistics.paired_difference`); over seeds, mean and spread.
+
+A driver: fine-tuning is `stages.finetune.run_finetune`; this module picks the three encoders and
+reads the results as the demo report reads its rows.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from stages.finetune import run_finetune
+from tec_pipeline.data.demo import source_groups
+from tec_pipeline.errors import UserError
+from tec_pipeline.demo_report import OPPONENTS
+from tec_pipeline.evaluate.features import labelled_folder
+from tec_pipeline.evaluate.statistics import paired_difference
+from tec_pipeline.export import CHECKPOINT, EXPORT_NAME
+from tec_pipeline.files import write_json
+from tec_pipeline.finetune.config import load_finetune_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_demo.yaml"
+BASE = Path("assets/demo_base") / EXPORT_NAME
+
+
+def demo_encoders(run: Path) -> dict[str, Path]:
+    """The three encoders the demo compares: the shipped base, and the run's control and TEC exports."""
+    return {"base": BASE, "control": run / "control" / EXPORT_NAME, "tec": run / "tec" / EXPORT_NAME}
+
+
+def finetune_one(checkpoint: Path, out: Path, seed: int, overrides: Sequence[str]) -> dict:
+    """One fine-tune of the demo config, resumed where interrupted, read back where finished."""
+    cfg = load_finetune_config(CONFIG, [f"seed={seed}", f"model.checkpoint={checkpoint}", f"output={out}", *overrides])
+    return run_finetune(cfg, resume=(out / CHECKPOINT).exists())
+
+
+def seed_margins(results: dict[str, dict], groups: Optional[np.ndarray]) -> dict:
+    """TEC's top-1 margin over each opponent, with its 95% interval over the scored digits."""
+    return {other: paired_difference(results["tec"]["hits"], results[other]["hits"], groups) for other in OPPONENTS}
+
+
+def summary_lines(per_seed: list[dict]) -> list[str]:
+    """Per model top-1 mean and spread over seeds; per seed TEC's margins in points with intervals."""
+    lines = []
+    for name in ("base", "control", "tec"):
+        top1 = np.array([s["top1"][name] for s in per_seed])
+        lines.append(f"{name:<8} top-1 {top1.mean():6.2f} +- {top1.std():.2f} over {len(top1)} seed(s)")
+    for s in per_seed:
+        lines.append(f"seed {s['seed']}: " + "   ".join(
+            f"TEC - {o} {100 * d['diff']:+.1f} (95% CI {100 * d['low']:+.1f} to {100 * d['high']:+.1f})"
+            for o, d in s["margins"].items()))
+    return lines
+
+
+def run_demo_finetune(run: Path, seeds: Sequence[int], out: Optional[Path] = None,
+                      overrides: Sequence[str] = ()) -> dict:
+    """Fine-tune base, control and TEC per seed; write OUT/finetune.json and print the summary."""
+    run, out = Path(run), Path(out) if out is not None else Path(run) / "finetune"
+    encoders = demo_encoders(run)
+    missing = [str(p) for p in encoders.values() if not p.is_file()]
+    if missing:
+        raise UserError(f"{missing[0]}: not found (run `tec-pipeline demo --out {run}` first)")
+    cfg = load_finetune_config(CONFIG, list(overrides))
+    groups = source_groups(labelled_folder(cfg.data.val))
+    per_seed = []
+    for seed in seeds:
+        results = {name: finetune_one(path, out / f"seed{seed}" / name, seed, overrides)
+                   for name, path in encoders.items()}
+        per_seed.append({"seed": seed, "top1": {n: r["top1"] for n, r in results.items()},
+                         "margins": seed_margins(results, groups)})
+    report = {"seeds": per_seed, "summary": summary_lines(per_seed)}
+    write_json(out / "finetune.json", report, "the demo fine-tuning report")
+    print("\n".join(report["summary"]))
+    return report

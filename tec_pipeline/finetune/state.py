@@ -1,0 +1,45 @@
+"""A fine-tuning run's state on disk: its identity (what a resume may not change), the checkpoint
+(stage two's `training_state` plus the per-epoch scores) and the final JSON."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ..export import atomic_save
+from ..files import write_json
+from ..models.base import file_sha256
+from ..train.checkpoint import config_identity, training_state
+from .config import FinetuneConfig
+from .score import best_of
+
+RESULT_FILE = "result.json"
+# What a resume may change: where the run logs, how fast it loads and where its splits lie (their
+# content is in the identity: image counts and class names).
+RESUMABLE = ("output", "train.log_every", "train.checkpoint_every", "data.num_workers", "data.train", "data.val")
+
+
+def finetune_identity(cfg: FinetuneConfig, data: dict) -> dict:
+    """Settings, the splits (`data`: image counts, class names) and the starting encoder by content."""
+    ckpt = cfg.model.checkpoint
+    starts = {"model.checkpoint": file_sha256(ckpt)} if ckpt and Path(ckpt).is_file() else {}
+    return {"config": config_identity(cfg, RESUMABLE), "data": data, "checkpoint_sha256": starts}
+
+
+def save_run(path: Path, accelerator, model, optimizer, step: int, history: list[dict],
+             last_hits: Optional[str]) -> None:
+    """Weights, optimizer, scaler, RNG and step, with every epoch's scores and the last top-1 hits."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {**training_state(accelerator, model, optimizer, step), "history": history, "hits": last_hits}
+        atomic_save(state, path, "the fine-tuning checkpoint")
+
+
+def write_result(out: Path, cfg: FinetuneConfig, step: int, total: int, history: list[dict],
+                 hits: Optional[str]) -> dict:
+    """RUN/result.json: the last and the best epoch's top-1 / top-5, every epoch's, the last top-1 hits."""
+    last, best = (history[-1] if history else {}), best_of(history)
+    result = {"protocol": cfg.protocol, "checkpoint": cfg.model.checkpoint, "step": step, "finished": step >= total,
+              "top1": last.get("top1"), "top5": last.get("top5"), "best_top1": best.get("top1"),
+              "best_epoch": best.get("epoch"), "epochs": history, "hits": hits}
+    write_json(out / RESULT_FILE, result, "the fine-tuning result")
+    return result

@@ -1,0 +1,143 @@
+"""Fine-tuning by Tab. 10: layer-decay groups, Mixup / CutMix targets, a fine-tune that transfers
+what its encoder learnt, and exact resume on the CPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stages.finetune import run_finetune
+from tec_pipeline.config import ConfigError
+from tec_pipeline.export import CHECKPOINT, load_checkpoint
+from tec_pipeline.finetune.config import load_finetune_config
+from tec_pipeline.finetune.data import criterion, mixup
+from tec_pipeline.finetune.model import classifier, make_optimizer
+from tec_pipeline.train.schedule import set_lr
+
+DEPTH = 3
+TINY_FT = ["model.arch.name=vit_tiny_patch16_224", "model.arch.patch_size=8", "model.arch.embed_dim=32",
+           f"model.arch.depth={DEPTH}", "model.arch.num_heads=2", "data.img_size=32", "data.batch_size=4",
+           "data.num_workers=0", "train.log_every=1"]
+
+
+def halves_folder(root: Path, per_class: int, seed: int) -> Path:
+    """A separable toy ImageFolder: class `top` is bright above and dark below, `bottom` the reverse
+    (a horizontal flip keeps the class), with noise."""
+    rng = np.random.default_rng(seed)
+    for name, bright_top in (("bottom", False), ("top", True)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 90, (32, 32, 3))
+            rows = slice(0, 16) if bright_top else slice(16, 32)
+            pixels[rows] += 150
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ft")
+    halves_folder(root / "train", 8, seed=0)
+    halves_folder(root / "val", 8, seed=1)
+    return root
+
+
+def config(toy: Path, out: Path, *extra: str, protocol: str = "finetune"):
+    return load_finetune_config(None, [*TINY_FT, f"data.train={toy / 'train'}", f"data.val={toy / 'val'}",
+                                       f"output={out}", *extra], protocol)
+
+
+def test_layer_decay_groups_scale_each_block_as_computed_by_hand(toy, tmp_path):
+    cfg = config(toy, tmp_path, "optim.layer_decay=0.65")
+    model = classifier(cfg, num_classes=2)
+    opt = make_optimizer(cfg, model, lr=1e-3)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1  # the embeddings are layer 0
+        elif name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            layer = 0
+        else:  # fc_norm, head
+            layer = DEPTH + 1
+        assert scale[id(p)] == pytest.approx(0.65 ** (DEPTH + 1 - layer), rel=1e-12), name
+        no_decay = p.ndim <= 1 or name in ("cls_token", "pos_embed")
+        assert decay[id(p)] == (0.0 if no_decay else 0.05), name
+    set_lr(opt, 2e-3)
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx(
+        sorted(2e-3 * 0.65 ** (DEPTH + 1 - layer) for layer in range(DEPTH + 2)))
+
+
+def test_mixup_and_cutmix_targets_are_smoothed_label_mixtures(toy, tmp_path):
+    classes, batch, eps = 10, 8, 0.1
+    mix = mixup(config(toy, tmp_path), classes)  # Tab. 10: mixup 0.8, cutmix 1.0, smoothing 0.1
+    labels = torch.arange(batch) % classes
+    seen = set()
+    for seed in range(8):
+        np.random.seed(seed)
+        images = torch.arange(batch, dtype=torch.float64).view(batch, 1, 1, 1).expand(batch, 3, 32, 32).clone()
+        mixed, targets = mix(images.clone(), labels)
+        targets = targets.double()
+        assert torch.allclose(targets.sum(1), torch.ones(batch, dtype=torch.float64), atol=1e-6)
+        for i in range(batch):
+            j = batch - 1 - i  # timm pairs each image with the batch flipped
+            lam = (mixed[i].mean() - j) / (i - j)  # mixup: lam i + (1 - lam) j per pixel; cutmix: by area
+            onehot = lambda c: torch.full((classes,), eps / classes, dtype=torch.float64).index_fill_(  # noqa: E731
+                0, torch.tensor([c]), 1 - eps + eps / classes)
+            expected = lam * onehot(int(labels[i])) + (1 - lam) * onehot(int(labels[j]))
+            assert torch.allclose(targets[i], expected, atol=1e-5), (seed, i)
+        seen.add("cutmix" if mixed[0].unique().numel() > 1 else "mixup")
+    assert seen == {"mixup", "cutmix"}
+    logits, soft = torch.randn(4, classes, dtype=torch.float64), targets[:4]
+    by_hand = -(soft * logits.log_softmax(1)).sum(1).mean()
+    assert criterion(config(toy, tmp_path), mixing=True)(logits, soft).item() == pytest.approx(by_hand.item())
+
+
+def test_a_pretrained_encoder_beats_its_random_init_twin(toy, tmp_path):
+    """A fine-tune transfers its checkpoint: an encoder trained on a larger set of the toy task,
+    saved as a base checkpoint ({"model": state_dict}, MAE's layout) and fine-tuned briefly on the
+    small set, beats the same brief fine-tune from random init (the task needs position and
+    content together, which two epochs on 16 images do not teach a random ViT)."""
+    easy = ["aug.auto_augment=null", "aug.reprob=0", "aug.scale_min=0.6", "model.drop_path=0", "aug.mixup=0",
+            "aug.cutmix=0", "data.batch_size=8", "model.global_pool=token", "model.arch.patch_size=16"]
+    big = halves_folder(tmp_path / "big", 64, seed=5)
+    first = run_finetune(config(toy, tmp_path / "pre", *easy, f"data.train={big}", "optim.blr=0.05", "optim.epochs=15",
+                                "optim.warmup_epochs=1", "optim.min_lr=0", "optim.layer_decay=1.0"))
+    assert first["top1"] > 80, first["epochs"]
+    weights = {k: v for k, v in load_checkpoint(tmp_path / "pre" / CHECKPOINT)["model"].items()
+               if not k.startswith(("head.", "fc_norm."))}
+    torch.save({"model": weights}, tmp_path / "encoder.pth")
+    brief = [*easy, "optim.blr=0.01", "optim.epochs=2", "optim.warmup_epochs=0"]
+    tuned = run_finetune(config(toy, tmp_path / "tuned", *brief, f"model.checkpoint={tmp_path / 'encoder.pth'}"))
+    twin = run_finetune(config(toy, tmp_path / "twin", *brief))
+    assert tuned["top1"] > twin["top1"] + 20, (tuned["top1"], twin["top1"])
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_state(toy, tmp_path):
+    """With Tab. 10's augmentation, Mixup / CutMix and drop path all drawing: stop after 3 of 8
+    steps, resume, and the weights, AdamW moments, scores and logged losses equal one run's."""
+    whole = run_finetune(config(toy, tmp_path / "whole", "optim.epochs=2", "optim.warmup_epochs=1"))
+    cut = config(toy, tmp_path / "cut", "optim.epochs=2", "optim.warmup_epochs=1")
+    assert not run_finetune(cut, stop_after=3)["finished"]
+    resumed = run_finetune(cut, resume=True)
+    a, b = load_checkpoint(tmp_path / "whole" / CHECKPOINT), load_checkpoint(tmp_path / "cut" / CHECKPOINT)
+    assert a["step"] == b["step"] == 8
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    moments = lambda s: [v for st in s["optimizer"]["state"].values() for v in st.values()]  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(moments(a), moments(b)))
+    assert resumed["epochs"] == whole["epochs"] and resumed["hits"] == whole["hits"]
+    lines = lambda d: (tmp_path / d / "log.jsonl").read_text().splitlines()  # noqa: E731
+    losses = lambda d: [r.split('"loss": ')[1].split(",")[0] for r in lines(d) if '"loss"' in r]  # noqa: E731
+    assert losses("whole") == losses("cut") and len(losses("whole")) == 8
+
+
+def test_config_errors_are_one_line(toy, tmp_path):
+    with pytest.raises(ConfigError, match="data.batch_size=3: mixup / cutmix pair images"):
+        config(toy, tmp_path, "data.batch_size=3")
+    with pytest.raises(ConfigError, match="optim.name' is 'sgd'"):
+        config(toy, tmp_path, "optim.name=sgd")
+    with pytest.raises(ConfigError, match="data.val is not set"):
+        load_finetune_config(None, ["data.train=x"])
