@@ -5,6 +5,8 @@
 #   stage one: views/s of `cache-targets` (DataLoader + base forward + target enhancement + shard
 #              encode + write, int8/uint8 storage) over synthetic JPEGs in a temp dir, against the
 #              bare DataLoader + base forward loop on the same data (benchmarks/cache_targets.py);
+#   stage one's ceiling: the host side behind an instant forward, targets encoded on the GPU, 1/2/4
+#              writer threads, zstd and uncompressed (benchmarks/stage_one_ceiling.py);
 #   stage two: seconds per TEC step with targets from the cache vs online (base forward in the
 #              step), loader views/s and training data wait (benchmarks/train_step.py).
 #
@@ -45,7 +47,10 @@ if [[ $MODE == smoke ]]; then
   STAGE2=("$PY" benchmarks/train_step.py --device cpu --arch vit_tiny_patch16_224 --base-arch vit_tiny_patch16_224
           --img-size 64 --batch 4 --k 5 --steps 2 --warmup 1 --images 16 --images-per-shard 8 --workers 0
           --train-steps 3 --out "$RES/gpu_train_step.json")
-  LIMIT1=120; LIMIT2=120
+  CEILING=("$PY" benchmarks/stage_one_ceiling.py --device cpu --archs tiny --storage int8/uint8 --img-size 32
+           --images 16 --views 2 --batch 8 --shard-images 8 --writer-shards 2 --writer-threads 1 --record-images 1
+           --k-max 5 --compress zstd none --out "$RES/gpu_stage_one_ceiling.json")
+  LIMIT1=120; LIMIT2=120; LIMIT3=120
 else
   # ViT-B/16 base, 1024 images x 2 views = 2048 views per pass (3 passes: bare, cache-targets, bare).
   STAGE1=("$PY" benchmarks/cache_targets.py --device cuda --arch vit_base_patch16_224 --img-size 224 --images 1024
@@ -56,12 +61,16 @@ else
   STAGE2=("$PY" benchmarks/train_step.py --device cuda --precision bf16 --arch vit_base_patch16_224
           --base-arch vit_base_patch16_224 --img-size 224 --batch 256 --k 15 --steps 10 --warmup 3 --images 1024
           --images-per-shard 256 --workers 12 --train-steps 12 --out "$RES/gpu_train_step.json")
-  LIMIT1=210; LIMIT2=240
+  # The host side with the GPU as the compute device: what issue 16's goals are about.
+  CEILING=("$PY" benchmarks/stage_one_ceiling.py --device cuda --archs vit_b16 --images 256 --writer-threads 1 2 4
+           --compress zstd none --repeats 3 --out "$RES/gpu_stage_one_ceiling.json")
+  LIMIT1=210; LIMIT2=240; LIMIT3=180
 fi
 
 if [[ $MODE == dry ]]; then
   printf "%q " "${STAGE1[@]}"; echo
   printf "%q " "${STAGE2[@]}"; echo
+  printf "%q " "${CEILING[@]}"; echo
   exit 0
 fi
 
@@ -86,6 +95,7 @@ run() {  # run LIMIT NAME CMD...: output to the log; on failure show its tail an
 start=$SECONDS
 run "$LIMIT1" "stage one" "${STAGE1[@]}"
 run "$LIMIT2" "stage two" "${STAGE2[@]}"
+run "$LIMIT3" "stage one's ceiling" "${CEILING[@]}"
 
 "$PY" - "$RES" "$((SECONDS - start))" <<'EOF'
 import json, sys
@@ -114,6 +124,11 @@ for k, v in s2.get("loader", {}).items():
     rows.append(("stage two", f"loader {k.replace('_', ' ')}", v, "views/s"))
 for k, v in s2.get("train", {}).items():
     rows.append(("stage two", f"training {k.replace('_', ' ')}", v, ""))
+ceiling = res / "gpu_stage_one_ceiling.json"
+for row in json.loads(ceiling.read_text()).get("rows", []) if ceiling.is_file() else []:
+    what = " ".join(str(row[k]) for k in ("storage", "compress") if k in row)
+    threads = f", {row['threads']} writer thread(s)" if "threads" in row else ""
+    rows.append(("ceiling", f"{row['row']} {what}{threads}".strip(), row["views_per_s"], "views/s"))
 print(f"TEC benchmark on {s1['device']} ({seconds} s; logs and JSON in {res})")
 w = max(len(r[1]) for r in rows)
 print(f"{'stage':<10} {'measure':<{w}} {'value':>12} unit")
