@@ -24,13 +24,16 @@ def test_cpu_smoke_runs_both_stages_and_prints_one_table(tmp_path):
     assert values["cache-targets efficiency"] > 0 and values["online / cache"] > 0
     assert values["loader targets only views s 0w"] > 0
     assert done.stdout.count("TEC benchmark on") == 1 and "online / cache" in done.stdout
+    ceiling = [r["measure"] for r in summary["rows"] if r["stage"] == "ceiling"]
+    assert any(m.startswith("(b) writer int8/uint8 none") for m in ceiling) and any(m.startswith("(c)") for m in ceiling)
 
 
-def test_dry_prints_the_two_commands_and_gpu_mode_needs_a_gpu(tmp_path):
+def test_dry_prints_the_three_commands_and_gpu_mode_needs_a_gpu(tmp_path):
     dry = gpu_sh("--dry", out=tmp_path)
     lines = dry.stdout.strip().splitlines()
-    assert dry.returncode == 0 and len(lines) == 2
+    assert dry.returncode == 0 and len(lines) == 3
     assert "cache_targets.py" in lines[0] and "--device cuda" in lines[0] and "train_step.py" in lines[1]
+    assert "stage_one_ceiling.py" in lines[2] and "--device cuda" in lines[2]
     assert gpu_sh("--bogus", out=tmp_path).returncode == 2
     if not torch.cuda.is_available():
         refused = gpu_sh(out=tmp_path)
