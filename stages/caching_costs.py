@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from stages.demo import evaluate_on_demo, demo_configs, train_and_export
+from stages.demo import demo_configs, demo_data_settings, evaluate_on_demo, train_and_export
 from tec_pipeline.config import Config
 from tec_pipeline.costs_report import format_costs, margins_to_reference, summarize_costs
 from tec_pipeline.demo_report import split_file
@@ -41,12 +41,23 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+def tec_schedule_steps(tec: Config) -> int:
+    """Optimizer steps of a demo TEC run's schedule; the control trains as many, as in the demo."""
+    from tec_pipeline.train.schedule import make_schedule
+
+    return make_schedule(tec, demo_data_settings()["train_size"], 1, tec.train.max_steps).total_steps
+
+
 def variant_config(out: Path, seed: int, name: str) -> Config:
     """The config of one variant of one seed: the demo's TEC or control config, the variant's
-    overrides last; the cache is shared by every variant that stores the same views the same way."""
+    overrides last; the cache is shared by every variant that stores the same views the same way.
+    The control stops after as many steps as TEC's schedule has (its own schedule is the base's
+    40 epochs), as the demo's control does."""
     variant, run = VARIANTS[name], out / name
     if variant.model == "control":
-        return demo_configs(out, seed, [], control_overrides=[f"output={run}", *variant.overrides])[1]
+        tec = demo_configs(out, seed, [])[0]
+        steps = f"train.max_steps={tec_schedule_steps(tec)}"
+        return demo_configs(out, seed, [], control_overrides=[f"output={run}", steps, *variant.overrides])[1]
     tec = demo_configs(out, seed, [f"output={run}", *variant.overrides])[0]
     cache = f"cache-V{tec.data.views}-{tec.cache.feat_dtype}.zarr"
     return demo_configs(out, seed, [f"output={run}", f"cache.path={out / cache}", *variant.overrides])[0]

@@ -23,6 +23,9 @@ def test_each_variant_changes_only_its_setting(tmp_path):
     assert len({c.output for c in cfg.values()}) == len(cfg) and {c.seed for c in cfg.values()} == {3}
     assert cfg["control-fresh"].targets.source == "pixels" and cfg["control-fresh"].data.view_mode == "fresh"
     assert cfg["control-V2"].data.views == 2 and cfg["control-V2"].data.view_mode == "cycle"
+    # The control stops after TEC's steps (6 epochs x 78 batches of 64 of the 5,000 digits), as in the demo.
+    assert cfg["control-V2"].train.max_steps == cfg["control-fresh"].train.max_steps == 6 * (5000 // 64)
+    assert cfg["tec-V2"].train.max_steps is None
     # The schedules are the demo's: TEC variants differ from tec-V2 only in their own keys.
     assert {c.optim.epochs for n, c in cfg.items() if n.startswith("tec")} == {cfg["tec-V2"].optim.epochs}
 
