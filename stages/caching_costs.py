@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -48,19 +49,21 @@ def tec_schedule_steps(tec: Config) -> int:
     return make_schedule(tec, demo_data_settings()["train_size"], 1, tec.train.max_steps).total_steps
 
 
-def variant_config(out: Path, seed: int, name: str) -> Config:
+def variant_config(out: Path, seed: int, name: str, tec_overrides: Sequence[str] = ()) -> Config:
     """The config of one variant of one seed: the demo's TEC or control config, the variant's
-    overrides last; the cache is shared by every variant that stores the same views the same way.
-    The control stops after as many steps as TEC's schedule has (its own schedule is the base's
-    40 epochs), as the demo's control does."""
+    overrides last (after `tec_overrides`, which every TEC variant gets, e.g. a longer schedule);
+    the cache is shared by every variant that stores the same views the same way. The control
+    stops after as many steps as TEC's schedule has (its own schedule is the base's 40 epochs),
+    as the demo's control does."""
     variant, run = VARIANTS[name], out / name
     if variant.model == "control":
-        tec = demo_configs(out, seed, [])[0]
+        tec = demo_configs(out, seed, list(tec_overrides))[0]
         steps = f"train.max_steps={tec_schedule_steps(tec)}"
         return demo_configs(out, seed, [], control_overrides=[f"output={run}", steps, *variant.overrides])[1]
-    tec = demo_configs(out, seed, [f"output={run}", *variant.overrides])[0]
+    overrides = [f"output={run}", *tec_overrides, *variant.overrides]
+    tec = demo_configs(out, seed, overrides)[0]
     cache = f"cache-V{tec.data.views}-{tec.cache.feat_dtype}.zarr"
-    return demo_configs(out, seed, [f"output={run}", f"cache.path={out / cache}", *variant.overrides])[0]
+    return demo_configs(out, seed, [f"cache.path={out / cache}", *overrides])[0]
 
 
 def train_variant(cfg: Config) -> tuple[Path, dict]:
@@ -79,12 +82,17 @@ def train_variant(cfg: Config) -> tuple[Path, dict]:
     return encoder, {"wall_s": wall, "cache_bytes": cache_bytes, "views": cfg.data.views, "steps": summary["step"]}
 
 
-def scored_variant(out: Path, seed: int, name: str, split: str) -> dict:
-    """One variant's row {name, knn, linear, hits, wall_s, ...} on `split`, read back if scored."""
-    path = out / name / split_file("row", split)
+def scored_variant(out: Path, seed: int, name: str, split: str, tec_overrides: Sequence[str] = ()) -> dict:
+    """One variant's row {name, knn, linear, hits, wall_s, ...} on `split`, read back if scored
+    with the same overrides (a row made with others is refused: the table would mix two settings)."""
+    path, overrides = out / name / split_file("row", split), [*tec_overrides, *VARIANTS[name].overrides]
     if path.is_file():
-        return json.loads(path.read_text())
-    cfg = variant_config(out, seed, name)
+        row = json.loads(path.read_text())
+        if row["overrides"] != overrides:
+            raise UserError(f"{path} was made with overrides {row['overrides']}, this sweep asks for {overrides}; "
+                            "give the same --set or another --out")
+        return row
+    cfg = variant_config(out, seed, name, tec_overrides)
     if VARIANTS[name].model == "base":
         checkpoint, facts = cfg.base.checkpoint, {"wall_s": {}}
     else:
@@ -92,7 +100,7 @@ def scored_variant(out: Path, seed: int, name: str, split: str) -> dict:
     start = time.perf_counter()
     rows, groups = evaluate_on_demo([(name, None, str(checkpoint))], Path(cfg.data.path), out / name / split_file("eval", split),
                              seed, split, floors=False)
-    row = {**rows[0], **facts, "overrides": list(VARIANTS[name].overrides), "groups": groups.tolist()}
+    row = {**rows[0], **facts, "overrides": overrides, "groups": groups.tolist()}
     row["wall_s"]["eval"] = time.perf_counter() - start
     write_json(path, row)
     return row
@@ -108,11 +116,13 @@ def checked_names(only: Optional[list[str]]) -> list[str]:
 
 
 def run_caching_costs(seeds: list[int], out: str | Path = "runs/caching_costs", only: Optional[list[str]] = None,
-                      split: str = "test") -> dict:
+                      split: str = "test", tec_overrides: Sequence[str] = ()) -> dict:
     """Every variant (or those of `only`) for each seed, then the table: mean and spread over
-    the seeds, each seed's margin over the reference (where that was run too) with its interval."""
+    the seeds, each seed's margin over the reference (where that was run too) with its interval.
+    `tec_overrides` go to every TEC variant (the control's steps follow TEC's schedule)."""
     out, names = Path(out), checked_names(only)
-    rows = {seed: {n: scored_variant(out / f"seed{seed}", seed, n, split) for n in names} for seed in seeds}
+    rows = {seed: {n: scored_variant(out / f"seed{seed}", seed, n, split, tec_overrides) for n in names}
+            for seed in seeds}
     references = {n: VARIANTS[n].reference for n in names if VARIANTS[n].reference in names}
     margins = {seed: margins_to_reference(rows[seed], references) for seed in seeds}
     result = summarize_costs(seeds, split, rows, margins)

@@ -198,12 +198,13 @@ def demo_seeds(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds 
 def caching_costs(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds to run; repeat the option."),
                   out: Path = typer.Option(Path("runs/caching_costs"), help="One sub-folder per seed and variant, and costs.json."),
                   only: Optional[List[str]] = typer.Option(None, "--only", help="Run only these variants (and their references); repeat the option."),
-                  val: bool = typer.Option(False, "--val", help=VAL_HELP)):
+                  val: bool = typer.Option(False, "--val", help=VAL_HELP),
+                  tec_set: Optional[List[str]] = typer.Option(None, "--set", help="A dotted override for every TEC variant, e.g. optim.epochs=15 (the control trains as many steps); repeat the option.")):
     """What caching costs TEC on the demo: cached views V=1/2/4/6 against fresh crops online,
     float32/float16/int8 caches, and the control with fresh against cycled views (README)."""
     from stages.caching_costs import run_caching_costs
 
-    _run(run_caching_costs, list(seeds), out, only=only, split=_split(val))
+    _run(run_caching_costs, list(seeds), out, only=only, split=_split(val), tec_overrides=list(tec_set or []))
 
 
 @app.command("demo-base")

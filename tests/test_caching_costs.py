@@ -37,11 +37,12 @@ def test_only_runs_the_named_variants_and_refuses_unknown_ones():
         checked_names(["tec-V3"])
 
 
-def _row(path, knn_hits: str, linear_hits: str, groups, train_s: float):
+def _row(path, knn_hits: str, linear_hits: str, groups, train_s: float, overrides=None):
     path.mkdir(parents=True)
     row = {"knn": knn_hits.count("1") / len(knn_hits), "linear": linear_hits.count("1") / len(linear_hits),
            "hits": {"knn": knn_hits, "linear": linear_hits}, "groups": groups,
-           "wall_s": {"train": train_s, "eval": 1.0}, "cache_bytes": None, "views": 2}
+           "wall_s": {"train": train_s, "eval": 1.0}, "cache_bytes": None, "views": 2,
+           "overrides": list(VARIANTS[path.name].overrides) if overrides is None else overrides}
     (path / "row.json").write_text(json.dumps(row))
 
 
@@ -60,3 +61,17 @@ def test_finished_rows_are_read_back_and_compared_with_their_reference(tmp_path,
     assert result["variants"]["tec-fresh"]["wall_s"]["train"] == pytest.approx(100.5)
     assert json.loads((tmp_path / "costs.json").read_text())["variants"]["tec-V1"]["knn"]["values"] == [0.25, 0.30]
     assert "tec-V1" in capsys.readouterr().out
+
+
+def test_set_reaches_every_tec_variant_and_the_controls_steps_follow(tmp_path):
+    longer = ["optim.epochs=12"]
+    assert variant_config(tmp_path, 0, "tec-V1", longer).optim.epochs == 12
+    assert variant_config(tmp_path, 0, "tec-fresh", longer).optim.epochs == 12
+    control = variant_config(tmp_path, 0, "control-fresh", longer)
+    assert control.train.max_steps == 12 * (5000 // 64) and control.optim.epochs == 40  # its own schedule, cut
+
+
+def test_a_row_made_with_other_overrides_is_refused(tmp_path):
+    _row(tmp_path / "seed0" / "tec-V1", "10", "10", [0, 1], 5.0)
+    with pytest.raises(UserError, match="tec-V1/row.json was made with overrides.*give the same --set"):
+        run_caching_costs([0], tmp_path, only=["tec-V1"], tec_overrides=["optim.epochs=12"])
