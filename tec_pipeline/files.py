@@ -39,10 +39,21 @@ def storage_error(path: str | Path, what: str, err: OSError) -> StorageError:
     return StorageError(f"cannot write {what} {path}: {reason} ({free_space(path)} free there)")
 
 
+def temporary_name(path: str | Path) -> str:
+    """A unique name beside `path` to write it under before the rename (a crash leftover:
+    `name.tmp-*`), so writers of different files in one directory never share one."""
+    return f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def folders_of(paths) -> list[str]:
+    """The directories holding `paths`, sorted, each once."""
+    return sorted({os.path.dirname(os.path.abspath(p)) for p in paths})
+
+
 def fsync_paths(paths: list[str], dirs: list[str] | None = None) -> None:
     """Make local files and their directories (default: the files' own) durable, data first,
     then the names."""
-    dirs = sorted({os.path.dirname(os.path.abspath(p)) for p in paths}) if dirs is None else dirs
+    dirs = folders_of(paths) if dirs is None else dirs
     for path in [*paths, *dirs]:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -59,7 +70,7 @@ def atomic_path(path: str | Path, what: str = "the file") -> Iterator[Path]:
     `what`. The temporary name is unique, so writers of different files in one directory
     (several processes) never share one."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")  # a crash leftover: `name.tmp-*`
+    tmp = Path(temporary_name(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
@@ -91,7 +102,7 @@ def write_files_durably(files: dict[str, list], what: str = "the cache file") ->
     every rename, then one fsync per directory. The same guarantee as `atomic_path` per file,
     for half the fsyncs; an `OSError` becomes `StorageError` naming the file and `what`, and no
     temporary file is left."""
-    tmps = {path: f"{path}.tmp-{uuid.uuid4().hex[:8]}" for path in files}
+    tmps = {path: temporary_name(path) for path in files}
     current = next(iter(files), "")
     try:
         for path, buffers in files.items():
@@ -106,7 +117,7 @@ def write_files_durably(files: dict[str, list], what: str = "the cache file") ->
         for path in files:
             current = path
             os.replace(tmps[path], path)
-        fsync_paths([], dirs=sorted({os.path.dirname(os.path.abspath(p)) for p in files}))
+        fsync_paths([], dirs=folders_of(files))
     except OSError as err:
         raise storage_error(current, what, err) from None
     finally:
