@@ -4,9 +4,10 @@ source digits (`evaluate.statistics.paired_difference`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
 import numpy as np
 
-from .demo_report import METRICS
+from .demo_report import METRICS, spread
 from .evaluate.statistics import paired_difference
 
 
@@ -20,11 +21,6 @@ def margins_to_reference(rows: Mapping[str, dict], references: Mapping[str, str]
     return found
 
 
-def _spread(values: Sequence[float]) -> dict:
-    """Mean, population std and the values themselves."""
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": list(values)}
-
-
 def summarize_costs(seeds: Sequence[int], split: str, rows: Mapping[int, Mapping[str, dict]],
                     margins: Mapping[int, dict]) -> dict:
     """Per variant: accuracy mean and spread over `seeds`, its reference, median wall seconds
@@ -35,7 +31,7 @@ def summarize_costs(seeds: Sequence[int], split: str, rows: Mapping[int, Mapping
         per_seed = [rows[s][name] for s in seeds]
         walls = [r["wall_s"] for r in per_seed]
         variants[name] = {
-            **{m: _spread([r[m] for r in per_seed]) for m in METRICS},
+            **{m: spread([r[m] for r in per_seed]) for m in METRICS},
             "overrides": per_seed[0].get("overrides", []),
             "wall_s": {part: float(np.median([w[part] for w in walls])) for part in walls[0]},
             "cache_bytes": per_seed[0].get("cache_bytes"), "views": per_seed[0].get("views"),

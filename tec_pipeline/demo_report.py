@@ -100,14 +100,18 @@ def margin_list(reports: Sequence[dict]) -> list[dict]:
     return [d for rep in reports for per in rep.get("margins", {}).values() for d in per.values()]
 
 
+def spread(values: Sequence[float]) -> dict:
+    """Mean, population std and the values themselves, over seeds."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": list(values)}
+
+
 def seed_summary(seeds: Sequence[int], split: str, reports: Sequence[dict]) -> dict:
     """Mean, population std and values of each model's accuracies over the seeds' reports; the
     seeds TEC won; the margins whose 95% interval excludes 0; each seed's total wall time."""
     summary = {}
     for name in [r["name"] for r in reports[0]["rows"]]:
         rows = [next(r for r in rep["rows"] if r["name"] == name) for rep in reports]
-        summary[name] = {m: {"mean": float(np.mean([r[m] for r in rows])), "std": float(np.std([r[m] for r in rows])),
-                             "values": [r[m] for r in rows]} for m in METRICS}
+        summary[name] = {m: spread([r[m] for r in rows]) for m in METRICS}
     found = margin_list(reports)
     return {"seeds": list(seeds), "split": split, "summary": summary,
             "tec_wins": f"{sum(tec_won(rep) for rep in reports)}/{len(seeds)}",
