@@ -10,15 +10,15 @@ sweep resumes and several processes can share one `out` with different `--only` 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 from stages.demo import demo_configs, demo_data_settings, evaluate_on_demo, train_and_export
 from tec_pipeline.config import Config
 from tec_pipeline.costs_report import format_costs, margins_to_reference, summarize_costs
-from tec_pipeline.demo_report import split_file
+from tec_pipeline.demo_report import Timer, split_file
 from tec_pipeline.errors import UserError
 from tec_pipeline.files import write_json
 
@@ -60,26 +60,24 @@ def variant_config(out: Path, seed: int, name: str, tec_overrides: Sequence[str]
         tec = demo_configs(out, seed, list(tec_overrides))[0]
         steps = f"train.max_steps={tec_schedule_steps(tec)}"
         return demo_configs(out, seed, [], control_overrides=[f"output={run}", steps, *variant.overrides])[1]
-    overrides = [f"output={run}", *tec_overrides, *variant.overrides]
-    tec = demo_configs(out, seed, overrides)[0]
-    cache = f"cache-V{tec.data.views}-{tec.cache.feat_dtype}.zarr"
-    return demo_configs(out, seed, [f"cache.path={out / cache}", *overrides])[0]
+    tec = demo_configs(out, seed, [f"output={run}", *tec_overrides, *variant.overrides])[0]
+    cache = out / f"cache-V{tec.data.views}-{tec.cache.feat_dtype}.zarr"
+    return replace(tec, cache=replace(tec.cache, path=str(cache)))
 
 
-def train_variant(cfg: Config) -> tuple[Path, dict]:
-    """Cache (where the variant reads one) and train; (the exported encoder, wall seconds per part)."""
+def train_variant(cfg: Config, timer: Timer) -> tuple[Path, dict]:
+    """Cache (where the variant reads one) and train, each timed by `timer`; (the exported encoder, facts)."""
     from stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
 
-    wall, cache_bytes = {}, None
+    cache_bytes = None
     if cfg.targets.source == "cache":
-        start = time.perf_counter()
-        run_cache_targets(cfg)
-        wall["cache"], cache_bytes = time.perf_counter() - start, open_cache(cfg.cache.path).nbytes()
-    start = time.perf_counter()
-    summary, encoder = train_and_export(cfg)
-    wall["train"] = time.perf_counter() - start
-    return encoder, {"wall_s": wall, "cache_bytes": cache_bytes, "views": cfg.data.views, "steps": summary["step"]}
+        with timer.stage("cache"):
+            run_cache_targets(cfg)
+        cache_bytes = open_cache(cfg.cache.path).nbytes()
+    with timer.stage("train"):
+        summary, encoder = train_and_export(cfg)
+    return encoder, {"cache_bytes": cache_bytes, "views": cfg.data.views, "steps": summary["step"]}
 
 
 def scored_variant(out: Path, seed: int, name: str, split: str, tec_overrides: Sequence[str] = ()) -> dict:
@@ -92,16 +90,15 @@ def scored_variant(out: Path, seed: int, name: str, split: str, tec_overrides: S
             raise UserError(f"{path} was made with overrides {row['overrides']}, this sweep asks for {overrides}; "
                             "give the same --set or another --out")
         return row
-    cfg = variant_config(out, seed, name, tec_overrides)
+    cfg, timer = variant_config(out, seed, name, tec_overrides), Timer()
     if VARIANTS[name].model == "base":
-        checkpoint, facts = cfg.base.checkpoint, {"wall_s": {}}
+        checkpoint, facts = cfg.base.checkpoint, {}
     else:
-        checkpoint, facts = train_variant(cfg)
-    start = time.perf_counter()
-    rows, groups = evaluate_on_demo([(name, None, str(checkpoint))], Path(cfg.data.path), out / name / split_file("eval", split),
-                             seed, split, floors=False)
-    row = {**rows[0], **facts, "overrides": overrides, "groups": groups.tolist()}
-    row["wall_s"]["eval"] = time.perf_counter() - start
+        checkpoint, facts = train_variant(cfg, timer)
+    with timer.stage("eval"):
+        rows, groups = evaluate_on_demo([(name, None, str(checkpoint))], Path(cfg.data.path),
+                                        out / name / split_file("eval", split), seed, split, floors=False)
+    row = {**rows[0], **facts, "wall_s": timer.stages, "overrides": overrides, "groups": groups.tolist()}
     write_json(path, row)
     return row
 
