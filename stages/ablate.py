@@ -66,12 +66,12 @@ def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader,
 def finetune_row(row_dir: Path, finetune: str | Path, ft_overrides: Sequence[str]) -> dict:
     """A trained row's top-1 / top-5 after Tab. 10 fine-tuning of its export; a finished fine-tune
     (its result.json) is read back, an interrupted one resumed."""
-    out = row_dir / "finetune"
+    out, scores = row_dir / "finetune", ("top1", "top5", "best_top1")
     if (out / RESULT_FILE).is_file():
         done = json.loads((out / RESULT_FILE).read_text())
         if done["finished"]:
-            return {"top1": done["top1"], "top5": done["top5"], "best_top1": done["best_top1"]}
+            return {k: done[k] for k in scores}
     encoder = export_run(row_dir)  # the same bytes for the same checkpoint: a resumed fine-tune's identity holds
     cfg = load_finetune_config(finetune, [*ft_overrides, f"model.checkpoint={encoder}", f"output={out}"])
     result = run_finetune(cfg, resume=(out / CHECKPOINT).exists())
-    return {"top1": result["top1"], "top5": result["top5"], "best_top1": result["best_top1"]}
+    return {k: result[k] for k in scores}

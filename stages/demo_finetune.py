@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from stages.demo import BASE_DIR
 from stages.finetune import run_finetune
 from tec_pipeline.data.demo import source_groups
 from tec_pipeline.errors import UserError
@@ -25,7 +26,7 @@ from tec_pipeline.files import write_json
 from tec_pipeline.finetune.config import load_finetune_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_demo.yaml"
-BASE = Path("assets/demo_base") / EXPORT_NAME
+BASE = BASE_DIR / EXPORT_NAME
 
 
 def demo_encoders(run: Path) -> dict[str, Path]:
