@@ -24,6 +24,7 @@ would take instead (it is timed alone as "encode on the device"). Run:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -129,9 +130,11 @@ def fake_batch(first: int, images: int, views: int) -> dict:
             "error": [""] * images, "raw": [b""] * images}
 
 
-def writer_rate(meta: dict, recorded: dict, threads: int, per_batch: int, folder: Path) -> dict:
-    """(b) views/s from targets on the device to durable shards, `threads` writer threads."""
+def writer_rate(meta: dict, recorded: dict, threads: int, per_batch: int, folder: Path, io: str) -> dict:
+    """(b) views/s from targets on the device to durable shards, `threads` writer threads, shard
+    files written with O_DIRECT (`io` "direct", ``cache.direct_io``) or through the page cache."""
     writer = create_cache(str(folder / f"writer-{threads}.zarr"), meta, overwrite=True)
+    writer.direct_io = io == "direct"
     V = int(meta["views"])
     targets = replay(recorded, per_batch, V)
     pool = ShardWriterPool(writer, threads)
@@ -230,9 +233,10 @@ def measure_arch(args, name: str, dataset: ViewDataset, tmp: Path) -> list[dict]
             meta = cache_meta(args, dataset.source, replay(recorded, 1, args.views), storage,
                               args.writer_shards * args.shard_images, compress)
             key = {"arch": name, "storage": storage, "compress": compress}
-            for threads in args.writer_threads:
-                r = repeated(lambda: writer_rate(meta, recorded, threads, args.batch // args.views, tmp), args.repeats)
-                rows.append({"row": "(b) writer", **key, "threads": threads, **r})
+            for io, threads in itertools.product(args.io, args.writer_threads):
+                r = repeated(lambda: writer_rate(meta, recorded, threads, args.batch // args.views, tmp, io),
+                             args.repeats)
+                rows.append({"row": f"(b) writer, {io} I/O", **key, "io": io, "threads": threads, **r})
             rows.append({"row": "disk: write + fsync", **key,
                          **repeated(lambda: disk_rate(tmp, rows[-1]["bytes"]), args.repeats)})
             rows[-1]["views_per_s"] = rows[-1]["mb_per_s"] * 1e6 / rows[-2]["bytes_per_view"]
@@ -251,11 +255,11 @@ def measure_arch(args, name: str, dataset: ViewDataset, tmp: Path) -> list[dict]
     return rows
 
 
-def goals(rows: list[dict]) -> None:
-    """Mark each row a goal applies to: (b) 1 thread on ViT-B/16 (or 0.9 x the disk), (c) vs (a)."""
+def goals(rows: list[dict], io: str) -> None:
+    """Mark each row a goal applies to: (b) 1 thread on ViT-B/16 with `io` (or 0.9 x the disk), (c) vs (a)."""
     loader = next(r for r in rows if r["row"].startswith("(a)"))["views_per_s"]
     for r in rows:
-        if r["row"] == "(b) writer" and r["threads"] == 1 and r["arch"] == "vit_b16":
+        if r["row"].startswith("(b)") and r["io"] == io and r["threads"] == 1 and r["arch"] == "vit_b16":
             disk = next(d for d in rows if d["row"].startswith("disk")
                         and all(d[k] == r[k] for k in ("arch", "storage", "compress")))
             r["goal"] = min(GOALS[r["storage"]], 0.9 * disk["views_per_s"])
@@ -295,6 +299,8 @@ def main() -> None:
     p.add_argument("--writer-threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--compress", nargs="+", default=["zstd"], choices=["zstd", "lz4", "none"],
                    help="cache.compress settings measured in (b); (c) and (d) use the first")
+    p.add_argument("--io", nargs="+", default=["direct", "buffered"], choices=["direct", "buffered"],
+                   help="how (b) writes shard files (cache.direct_io); the goal is checked on the first")
     p.add_argument("--skip-encode", action="store_true", help="leave out the device-encoding row")
     p.add_argument("--skip-loop", action="store_true", help="leave out (c) and (d)")
     p.add_argument("--k-max", type=int, default=15)
@@ -315,7 +321,7 @@ def main() -> None:
         result["rows"] = [{"row": "(a) loader, 1 worker", **repeated(lambda: loader_rate(dataset, args), args.repeats)}]
         for name in args.archs:
             result["rows"] += measure_arch(args, name, dataset, tmp)
-    goals(result["rows"])
+    goals(result["rows"], args.io[0])
     print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -66,6 +66,7 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     if dry_run:
         return dry_run_estimate(cfg, meta, dataset, forward, state)
     writer = open_for_writing(cfg.cache.path, meta, overwrite, state)
+    writer.direct_io = cfg.cache.direct_io
     pending, mine = split_pending(writer, state)
     local = compute_shards(cfg, writer, dataset, forward, mine, state)
     state.wait_for_everyone()

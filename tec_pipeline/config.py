@@ -133,6 +133,7 @@ class CacheConfig:
     # s3://; credentials otherwise come from the usual places (environment, ~/.aws)
     storage_options: dict = field(default_factory=dict)
     writer_threads: Optional[int] = None  # shards compressed and written at once (default: cores, at most 4)
+    direct_io: bool = True  # local zarr shard files written with O_DIRECT (no page-cache copy); same bytes
 
 
 @dataclass

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .direct_io import write_direct
 from .errors import StorageError
 
 IOV_MAX = 1024  # buffers per writev call (Linux's limit; POSIX guarantees at least 16)
@@ -96,18 +97,21 @@ def _write_all(fd: int, buffers: list) -> None:
             views[0] = views[0][written:]
 
 
-def write_files_durably(files: dict[str, list], what: str = "the cache file") -> None:
+def write_files_durably(files: dict[str, list], what: str = "the cache file", direct: bool = False) -> None:
     """Write several local files, each the concatenation of its buffers, so that each appears
-    whole or not at all: every file under a temporary name (``os.writev``), one fsync each, then
-    every rename, then one fsync per directory. The same guarantee as `atomic_path` per file,
-    for half the fsyncs; an `OSError` becomes `StorageError` naming the file and `what`, and no
-    temporary file is left."""
+    whole or not at all: every file under a temporary name (``os.writev``, or with `direct`
+    ``direct_io.write_direct`` where the filesystem allows it), one fsync each, then every rename,
+    then one fsync per directory. The same guarantee as `atomic_path` per file, for half the
+    fsyncs; an `OSError` becomes `StorageError` naming the file and `what`, and no temporary file
+    is left."""
     tmps = {path: temporary_name(path) for path in files}
     current = next(iter(files), "")
     try:
         for path, buffers in files.items():
             current = path
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if direct and write_direct(tmps[path], buffers):
+                continue
             fd = os.open(tmps[path], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 _write_all(fd, buffers)

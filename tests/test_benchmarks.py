@@ -25,7 +25,7 @@ def test_cpu_smoke_runs_both_stages_and_prints_one_table(tmp_path):
     assert values["loader targets only views s 0w"] > 0
     assert done.stdout.count("TEC benchmark on") == 1 and "online / cache" in done.stdout
     ceiling = [r["measure"] for r in summary["rows"] if r["stage"] == "ceiling"]
-    assert any(m.startswith("(b) writer int8/uint8 none") for m in ceiling) and any(m.startswith("(c)") for m in ceiling)
+    assert any(m.startswith("(b) writer, direct I/O int8/uint8 none") for m in ceiling) and any(m.startswith("(c)") for m in ceiling)
 
 
 def test_dry_prints_the_three_commands_and_gpu_mode_needs_a_gpu(tmp_path):
@@ -52,12 +52,14 @@ def test_stage_one_ceiling_smoke_writes_every_row(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     names = [r["row"] for r in rows]
-    assert names.count("(b) writer") == 4 and names.count("disk: write + fsync") == 2  # 2 storages x 1, 2 threads
+    writers = [r for r in rows if r["row"].startswith("(b) writer")]  # 2 storages x direct, buffered x 1, 2 threads
+    assert len(writers) == 8 and names.count("disk: write + fsync") == 2
+    assert sorted({(r["row"], r["io"]) for r in writers}) == [("(b) writer, buffered I/O", "buffered"),
+                                                              ("(b) writer, direct I/O", "direct")]
     assert {"(a) loader, 1 worker", "(c) whole loop, 1 loader worker", "(d) stage two loader, 1 worker"} <= set(names)
     assert all(r["views_per_s"] > 0 for r in rows)
-    for r in rows:
-        if r["row"] == "(b) writer":
-            assert all(run["bytes"] == run["data_file_bytes"] > 0 for run in r["runs"])
-            assert r["mb_per_s"] > 0 and r["writer_cpu_us_per_view"] > 0
+    for r in writers:
+        assert all(run["bytes"] == run["data_file_bytes"] > 0 for run in r["runs"])
+        assert r["mb_per_s"] > 0 and r["writer_cpu_us_per_view"] > 0
     assert "goal" in next(r for r in rows if r["row"].startswith("(c)"))
     assert "stage-one ceiling on" in done.stdout and list(tmp_path.iterdir()) == [out]  # temp caches removed

@@ -310,14 +310,16 @@ def file_bytes(url) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("store", ["zarr", "webdataset"])
-def test_writer_threads_change_no_byte(images, tmp_path, store):
+def test_writer_threads_and_direct_io_change_no_byte(images, tmp_path, store):
     runs = {}
-    for threads in (1, 3):
-        url = tmp_path / f"{threads}-threads"
+    for threads, direct in ((1, "true"), (3, "true"), (1, "false")):
+        url = tmp_path / f"{threads}-threads-{direct}"
         run_cache_targets(config(url, images, f"cache.store={store}", "cache.feat_dtype=int8",
-                                 "cache.attn_dtype=uint8", f"cache.writer_threads={threads}"))
-        runs[threads] = file_bytes(url)
-    assert runs[1] == runs[3] and len(runs[1]) >= 6  # data files, zarr.json and completion markers
+                                 "cache.attn_dtype=uint8", f"cache.writer_threads={threads}",
+                                 f"cache.direct_io={direct}"))
+        runs[threads, direct] = file_bytes(url)
+    assert runs[1, "true"] == runs[3, "true"] == runs[1, "false"]
+    assert len(runs[1, "true"]) >= 6  # data files, zarr.json and completion markers
 
 
 def test_compute_dtype_auto_is_fp16_on_cuda_and_fp32_on_cpu():

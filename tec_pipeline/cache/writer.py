@@ -42,7 +42,11 @@ class CacheWriter:
 
     Several processes may hold writers on the same cache as long as each writes its own
     shards; create (or overwrite) from one process first, then open from the others.
+    ``direct_io`` (``cache.direct_io``): local shard files bypass the page cache where the store
+    and filesystem allow it; the bytes are the same either way.
     """
+
+    direct_io = True
 
     def __init__(self, url: str, fs, root: str, meta: dict):
         self.url, self.fs, self.root, self.meta = url, fs, root, meta

@@ -99,14 +99,15 @@ class ZarrWriter(CacheWriter):
 
     def _write_encoded(self, shard: int, enc: dict[str, np.ndarray], images) -> dict[str, int]:
         """Every array's shard file, written together (``files.write_files_durably``: one fsync
-        per file, one per directory) locally, one PUT each elsewhere."""
+        per file, one per directory, ``O_DIRECT`` with ``direct_io``) locally, one PUT each elsewhere."""
         files = {}
         for name, arr in self._arrays.items():
             _, chunk, shard_shape = _layout(self.specs[name], self.meta)
             grid = tuple(s // c for s, c in zip(shard_shape, chunk))
             files[shard_key(name, len(arr.shape), shard)] = shard_file(enc[name], grid, self._codecs[name])
         if is_local(self.fs):
-            write_files_durably({join(self.root, rel): buffers for rel, buffers in files.items()})
+            write_files_durably({join(self.root, rel): buffers for rel, buffers in files.items()},
+                                direct=self.direct_io)
         else:
             for rel, buffers in files.items():
                 write_bytes(self.fs, join(self.root, rel), b"".join(buffers))
