@@ -15,11 +15,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from stages.demo import BASE_DIR
-from stages.finetune import run_finetune
+from stages.finetune import held_out_split, run_finetune
 from tec_pipeline.data.demo import source_groups
 from tec_pipeline.errors import UserError
-from tec_pipeline.demo_report import OPPONENTS
-from tec_pipeline.evaluate.features import labelled_folder
+from tec_pipeline.demo_report import OPPONENTS, split_file
+from tec_pipeline.evaluate.features import class_labels, labelled_folder
 from tec_pipeline.evaluate.statistics import paired_difference
 from tec_pipeline.export import CHECKPOINT, EXPORT_NAME
 from tec_pipeline.files import write_json
@@ -29,8 +29,10 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_demo.yaml"
 BASE = BASE_DIR / EXPORT_NAME
 
 
-def demo_encoders(run: Path) -> dict[str, Path]:
-    """The three encoders the demo compares: the shipped base, and the run's control and TEC exports."""
+def demo_encoders(run: Path, seed: int) -> dict[str, Path]:
+    """The three encoders the demo compares: the shipped base, and the control and TEC exports of the
+    run's seed folder (`demo-seeds` writes RUN/seed<N>) where there is one, else of RUN itself."""
+    run = run / f"seed{seed}" if (run / f"seed{seed}").is_dir() else run
     return {"base": BASE, "control": run / "control" / EXPORT_NAME, "tec": run / "tec" / EXPORT_NAME}
 
 
@@ -58,23 +60,33 @@ def summary_lines(per_seed: list[dict]) -> list[str]:
     return lines
 
 
+def scored_groups(cfg) -> Optional[np.ndarray]:
+    """The source digit of each scored image, in scoring order: the test folder's, or with
+    ``data.split`` "val" those of the fifth of the train folder held out."""
+    if cfg.data.split == "val":
+        train = labelled_folder(cfg.data.train)
+        groups = source_groups(train)
+        return None if groups is None else groups[held_out_split(train, class_labels(train, train.classes))[1]]
+    return source_groups(labelled_folder(cfg.data.val))
+
+
 def run_demo_finetune(run: Path, seeds: Sequence[int], out: Optional[Path] = None,
-                      overrides: Sequence[str] = ()) -> dict:
-    """Fine-tune base, control and TEC per seed; write OUT/finetune.json and print the summary."""
-    run, out = Path(run), Path(out) if out is not None else Path(run) / "finetune"
-    encoders = demo_encoders(run)
-    missing = [str(p) for p in encoders.values() if not p.is_file()]
+                      overrides: Sequence[str] = (), split: str = "test") -> dict:
+    """Fine-tune base, control and TEC per seed; write OUT/finetune[_val].json and print the summary."""
+    run, overrides = Path(run), [*overrides, f"data.split={split}"]
+    out = Path(out) if out is not None else run / ("finetune" if split == "test" else "finetune_val")
+    encoders = {seed: demo_encoders(run, seed) for seed in seeds}
+    missing = [str(p) for e in encoders.values() for p in e.values() if not p.is_file()]
     if missing:
         raise UserError(f"{missing[0]}: not found (run `tec-pipeline demo --out {run}` first)")
-    cfg = load_finetune_config(CONFIG, list(overrides))
-    groups = source_groups(labelled_folder(cfg.data.val))
+    groups = scored_groups(load_finetune_config(CONFIG, overrides))
     per_seed = []
     for seed in seeds:
         results = {name: finetune_one(path, out / f"seed{seed}" / name, seed, overrides)
-                   for name, path in encoders.items()}
+                   for name, path in encoders[seed].items()}
         per_seed.append({"seed": seed, "top1": {n: r["top1"] for n, r in results.items()},
                          "margins": seed_margins(results, groups)})
-    report = {"seeds": per_seed, "summary": summary_lines(per_seed)}
-    write_json(out / "finetune.json", report, "the demo fine-tuning report")
+    report = {"split": split, "seeds": per_seed, "summary": summary_lines(per_seed)}
+    write_json(out / split_file("finetune", split), report, "the demo fine-tuning report")
     print("\n".join(report["summary"]))
     return report

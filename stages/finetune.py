@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -21,7 +22,10 @@ from tqdm.auto import tqdm
 
 from stages.train import make_accelerator
 from tec_pipeline.config import to_dict
+from tec_pipeline.data.demo import source_groups
+from tec_pipeline.data.sources import ImageFolderSource
 from tec_pipeline.evaluate.features import class_labels, labelled_folder
+from tec_pipeline.evaluate.protocols import validation_split
 from tec_pipeline.export import CHECKPOINT, load_checkpoint
 from tec_pipeline.files import write_json
 from tec_pipeline.finetune.config import FinetuneConfig
@@ -56,11 +60,27 @@ class FtRun:
 
 
 def open_splits(cfg: FinetuneConfig) -> tuple[LabelledImages, LabelledImages, dict]:
-    """The train and val ImageFolders with the train split's classes, and what identifies them."""
-    train, val = labelled_folder(cfg.data.train), labelled_folder(cfg.data.val)
-    train_set = LabelledImages(train, class_labels(train, train.classes), train_transform(cfg), cfg.seed)
-    val_set = LabelledImages(val, class_labels(val, train.classes), eval_transform(cfg))
-    return train_set, val_set, {"train_images": len(train), "val_images": len(val), "classes": list(train.classes)}
+    """The train and val ImageFolders with the train split's classes, and what identifies them. With
+    ``data.split`` "val" both come from the train folder: the fifth `held_out_split` holds out is
+    scored on and never trained on, so a recipe chosen there never saw the test split."""
+    train = labelled_folder(cfg.data.train)
+    labels = class_labels(train, train.classes)
+    if cfg.data.split == "val":
+        fit, held = held_out_split(train, labels)
+        train_set = LabelledImages(train, labels, train_transform(cfg), cfg.seed, indices=fit)
+        val_set = LabelledImages(train, labels, eval_transform(cfg), indices=held)
+    else:
+        val = labelled_folder(cfg.data.val)
+        train_set = LabelledImages(train, labels, train_transform(cfg), cfg.seed)
+        val_set = LabelledImages(val, class_labels(val, train.classes), eval_transform(cfg))
+    return train_set, val_set, {"split": cfg.data.split, "train_images": len(train_set), "val_images": len(val_set),
+                                "classes": list(train.classes)}
+
+
+def held_out_split(train: ImageFolderSource, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) image indices of the train folder: the fifth `demo --val` and `eval --val` score
+    on (``evaluate.protocols.validation_split``), whole source digits on a demo build."""
+    return validation_split(labels, source_groups(train))
 
 
 def setup_run(cfg: FinetuneConfig, accelerator: Accelerator, path: Path) -> tuple[FtRun, dict]:

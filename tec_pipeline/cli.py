@@ -266,14 +266,19 @@ def ablate(items: List[str] = typer.Argument(..., metavar="CONFIGS",
 
 
 @app.command("demo-finetune")
-def demo_finetune(run: Path = typer.Option(Path("runs/demo"), help="A finished demo run folder (its tec/ and control/)."),
+def demo_finetune(run: Path = typer.Option(Path("runs/demo"), help="A finished demo run folder (its tec/ and control/), "
+                                                                   "or a demo-seeds folder: seed N then uses its seed<N>/."),
                   seeds: List[int] = typer.Option([0], "--seed", help="Fine-tuning seeds; repeat the option."),
-                  out: Optional[Path] = typer.Option(None, help="Where the fine-tunes go (default RUN/finetune)."),
+                  out: Optional[Path] = typer.Option(None, help="Where the fine-tunes go (default RUN/finetune, "
+                                                                "RUN/finetune_val with --val)."),
+                  val: bool = typer.Option(False, "--val", help="Train on four fifths of the training digits and score "
+                                                                "the held-out fifth (whole source digits): the split "
+                                                                "to choose a recipe on."),
                   overrides: Optional[List[str]] = OverridesArg):
     """Fine-tune base, control and TEC of a demo run (configs/finetune_demo.yaml); TEC's paired margins."""
     from stages.demo_finetune import run_demo_finetune
 
-    _run(run_demo_finetune, run, list(seeds), out, overrides=overrides or [])
+    _run(run_demo_finetune, run, list(seeds), out, overrides=overrides or [], split=_split(val))
 
 
 def main() -> None:

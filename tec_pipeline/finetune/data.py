@@ -59,20 +59,24 @@ def seed_everything(*keys: int) -> None:
 
 
 class LabelledImages(Dataset):
-    """(image tensor, label) of an ImageFolder. A key ``(epoch, index)`` renders a training view with
-    the RNGs seeded by (seed, epoch, index); a plain index renders the deterministic eval view."""
+    """(image tensor, label) of an ImageFolder, or of its images `indices` (a held-out split). A key
+    ``(epoch, index)`` renders a training view with the RNGs seeded by (seed, epoch, index); a plain
+    index renders the deterministic eval view."""
 
-    def __init__(self, source: ImageFolderSource, labels: np.ndarray, transform, seed: int = 0):
+    def __init__(self, source: ImageFolderSource, labels: np.ndarray, transform, seed: int = 0,
+                 indices: Optional[np.ndarray] = None):
         self.source, self.labels, self.transform, self.seed = source, labels, transform, seed
+        self.indices = np.arange(len(source)) if indices is None else np.asarray(indices)
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.indices)
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (None, key)
         if epoch is not None:
             seed_everything(self.seed, epoch, index)
-        return self.transform(self.source.load(index)), int(self.labels[index])
+        image = int(self.indices[index])
+        return self.transform(self.source.load(image)), int(self.labels[image])
 
 
 def epoch_keys(num_images: int, seed: int, epoch: int, batch: int, processes: int, rank: int,
