@@ -63,7 +63,7 @@ def test_direct_writes_give_the_buffers_bytes_at_every_length(tmp_path, monkeypa
 def test_a_filesystem_that_refuses_o_direct_gets_a_buffered_write(tmp_path, monkeypatch):
     """EINVAL for O_DIRECT, at the open or at the first write: the file is written buffered instead,
     the same bytes, and no temporary file stays."""
-    real_open, real_write = os.open, os.write
+    real_open = os.open
 
     def refuse_open(path, flags, *args):
         if flags & getattr(os, "O_DIRECT", 0):
