@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from stages.finetune import run_finetune
 from stages.train import run_train
-from tec_pipeline.config import load_config
+from tec_pipeline.config import load_config, to_dict
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT, export_run
 from tec_pipeline.files import write_json
@@ -31,7 +31,8 @@ def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader,
 
     Layers, last wins: `base_config` (or the defaults), the ablation YAML, ``cache.path=<cache>``
     and ``targets.source=cache``, then `overrides`. Each run goes to ``<output>/<yaml stem>``
-    and resumes there if it was interrupted (a finished one is only read back). A setting
+    and resumes there if it was interrupted (a finished one is only read back); a row whose settings
+    equal an earlier row's is that row's result (``same_as``), not trained again. A setting
     the cache cannot serve (e.g. k > k_max) makes that row "refused"; the others still run.
     `cache` is a cache path/URL or an already opened reader. With `finetune` (a fine-tune config,
     `ft_overrides` over it) each trained row is exported, fine-tuned into ``<row>/finetune`` and
@@ -42,17 +43,22 @@ def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader,
         raise UserError(f"ablation config not found: {missing[0]}")
     reader = None if isinstance(cache, (str, Path)) else cache
     cache_override = [f"cache.path={cache}"] if reader is None else []
-    rows = []
+    rows, trained = [], {}  # trained: a row's settings (less its output) -> that row
     for path in map(Path, config_paths):
         row = {"name": path.stem, "title": ablation_title(path), "status": "done"}
         try:
             cfg = load_config(base_config, [*ablation_overrides(path), *cache_override, "targets.source=cache",
                                             *overrides])
+            same = trained.get(settings_key(cfg))
+            if same is not None:  # Tab. 6 repeats its reference in several panels (a1 = c3 = f1)
+                rows.append({**same, "name": path.stem, "title": row["title"], "same_as": same["name"]})
+                continue
             cfg = replace(cfg, output=str(Path(output) / path.stem))
             summary = run_train(cfg, resume=Path(cfg.output, CHECKPOINT).exists(), reader=reader)
             row.update(step=summary["step"], **summary["losses"])
             if finetune is not None:
                 row.update(finetune_row(Path(cfg.output), finetune, ft_overrides))
+            trained[settings_key(cfg)] = row
         except UserError as err:
             row.update(status=f"refused: {err}")
         rows.append(row)
@@ -61,6 +67,12 @@ def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader,
         print(format_finetune_rows(rows))
         write_json(Path(output) / "finetune.json", rows, "the fine-tuned ablation table")
     return rows
+
+
+def settings_key(cfg) -> str:
+    """What a row trains, as one string: every setting but where it is written. Rows with equal keys
+    train the same model, so a sweep trains (and fine-tunes) it once."""
+    return json.dumps({k: v for k, v in to_dict(cfg).items() if k != "output"}, sort_keys=True, default=str)
 
 
 def finetune_row(row_dir: Path, finetune: str | Path, ft_overrides: Sequence[str]) -> dict:

@@ -176,3 +176,13 @@ def test_ablate_directory_prints_a_table_with_both_rows(tiny_cache, tmp_path):
     lines = {line.split()[0]: line for line in again.stdout.splitlines() if line.startswith("x")}
     assert lines["x1_full"] == rows["x1_full"]
     assert "refused: targets.k=8 exceeds the cache's k_max=3" in lines["x3_k_too_big"]
+
+    # A row whose settings equal an earlier row's (Tab. 6's a1 = c3 = f1) is that row, not trained again.
+    (folder / "x4_same_as_x2.yaml").write_text("# Tab. 6(c) the reference again\ntargets: {attention: none}\n"
+                                               "model: {encoder_adapter: false, input_adapter: false}\n")
+    third = invoke("ablate", folder / "x2_feature_only.yaml", folder / "x4_same_as_x2.yaml", *args[2:])
+    assert third.exit_code == 0, third.output
+    lines = {line.split()[0]: line for line in third.stdout.splitlines() if line.startswith("x")}
+    assert lines["x4_same_as_x2"].split()[1:3] == ["=", "x2"]
+    assert lines["x4_same_as_x2"].split()[-4:] == rows["x2_feature_only"].split()[-4:]
+    assert not (out / "x4_same_as_x2").exists()

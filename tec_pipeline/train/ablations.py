@@ -28,6 +28,11 @@ def ablation_overrides(path: Path) -> list[str]:
     return [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in flatten(data).items()]
 
 
+def row_name(row: dict) -> str:
+    """A row's name in the tables; a row that trained the same settings as another says which."""
+    return f"{row['name']} = {row['same_as'].split('_')[0]}" if row.get("same_as") else row["name"]
+
+
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table: row, steps, loss, L_fea, L_att (or why it was refused)."""
     head = f"{'ablation':<28} {'Tab. 6 row':<40} {'steps':>6} {'loss':>9} {'L_fea':>9} {'L_att':>9}"
@@ -37,7 +42,7 @@ def format_rows(rows: list[dict]) -> str:
         if r["status"] != "done":
             lines.append(f"{r['name']:<28} {r['title'][:40]:<40} {r['status']}")
         else:
-            lines.append(f"{r['name']:<28} {r['title'][:40]:<40} {r['step']:>6} {fmt(r.get('loss'))} "
+            lines.append(f"{row_name(r):<28} {r['title'][:40]:<40} {r['step']:>6} {fmt(r.get('loss'))} "
                          f"{fmt(r.get('loss_fea'))} {fmt(r.get('loss_att'))}")
     return "\n".join(lines)
 
@@ -50,5 +55,5 @@ def format_finetune_rows(rows: list[dict]) -> str:
         if r["status"] != "done":
             lines.append(f"{r['name']:<28} {r['title'][:40]:<40} {r['status']}")
         else:
-            lines.append(f"{r['name']:<28} {r['title'][:40]:<40} {r['top1']:7.2f} {r['best_top1']:7.2f} {r['top5']:7.2f}")
+            lines.append(f"{row_name(r):<28} {r['title'][:40]:<40} {r['top1']:7.2f} {r['best_top1']:7.2f} {r['top5']:7.2f}")
     return "\n".join(lines)
