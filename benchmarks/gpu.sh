@@ -62,7 +62,7 @@ else
           --base-arch vit_base_patch16_224 --img-size 224 --batch 256 --k 15 --steps 10 --warmup 3 --images 1024
           --images-per-shard 256 --workers 12 --train-steps 12 --out "$RES/gpu_train_step.json")
   # The host side with the GPU as the compute device: what issue 16's goals are about.
-  CEILING=("$PY" benchmarks/stage_one_ceiling.py --device cuda --archs vit_b16 --images 256 --writer-threads 1 4 --io direct buffered
+  CEILING=("$PY" benchmarks/stage_one_ceiling.py --device cuda --archs vit_b16 --images 256 --writer-threads 1 4 --io direct buffered --encode device
            --compress zstd none --repeats 3 --out "$RES/gpu_stage_one_ceiling.json")
   LIMIT1=210; LIMIT2=240; LIMIT3=180
 fi

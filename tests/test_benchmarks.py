@@ -52,12 +52,16 @@ def test_stage_one_ceiling_smoke_writes_every_row(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     names = [r["row"] for r in rows]
-    writers = [r for r in rows if r["row"].startswith("(b) writer")]  # 2 storages x direct, buffered x 1, 2 threads
-    assert len(writers) == 8 and names.count("disk: write + fsync") == 2
-    assert sorted({(r["row"], r["io"]) for r in writers}) == [("(b) writer, buffered I/O", "buffered"),
-                                                              ("(b) writer, direct I/O", "direct")]
+    writers = [r for r in rows if r["row"].startswith("(b)")]  # 2 storages x 2 encodings x 2 I/O x 1, 2 threads
+    assert len(writers) == 16 and names.count("disk: write + fsync") == 2
+    assert sorted({(r["row"], r["encode"], r["io"]) for r in writers}) == [
+        ("(b) host side, buffered I/O", "instant", "buffered"), ("(b) host side, direct I/O", "instant", "direct"),
+        ("(b) writer, buffered I/O", "device", "buffered"), ("(b) writer, direct I/O", "device", "direct")]
     assert {"(a) loader, 1 worker", "(c) whole loop, 1 loader worker", "(d) stage two loader, 1 worker"} <= set(names)
     assert all(r["views_per_s"] > 0 for r in rows)
+    same = lambda r: (r["storage"], r["io"], r["threads"])  # noqa: E731
+    by_encode = {e: {same(r): r["bytes"] for r in writers if r["encode"] == e} for e in ("device", "instant")}
+    assert by_encode["device"] == by_encode["instant"]  # the replayed encoding writes the same shards
     for r in writers:
         assert all(run["bytes"] == run["data_file_bytes"] > 0 for run in r["runs"])
         assert r["mb_per_s"] > 0 and r["writer_cpu_us_per_view"] > 0
