@@ -16,7 +16,8 @@ Rows, views/s and MB/s (storage bytes; source JPEG bytes for the loaders):
     (its output replayed into the rows, the device-to-host copy a GPU run makes): what the host
     does behind a GPU, where the encoding is ~1 ms of device time per batch;
     disk: a plain sequential write + fsync of as many bytes, the ceiling (b) can reach;
-(c) the whole loop, one loader worker (loader + encoding + writers), cache-targets' own code;
+(c) the whole loop, one loader worker (loader + encoding + writers), cache-targets' own code, and
+    its "host side" with the encoding instant as in (b);
 (d) stage two's loader, one worker: decode + render + targets to tensors, over (c)'s cache.
 
 On a CPU-only machine the CPU is the compute device: the encoding then takes CPU time that a GPU
@@ -280,8 +281,11 @@ def measure_arch(args, name: str, dataset: ViewDataset, tmp: Path) -> list[dict]
                           args.compress[0])
         url = str(tmp / "whole.zarr")
         key = {"arch": name, "storage": "int8/uint8", "compress": args.compress[0]}
-        rows.append({"row": "(c) whole loop, 1 loader worker", **key, "threads": default_writer_threads(),
-                     **repeated(lambda: whole_loop(args, meta, dataset, recorded, url), args.repeats)})
+        for encode in args.encode:
+            with instant_encode(meta, recorded, args.batch // args.views) if encode == "instant" else nullcontext():
+                r = repeated(lambda: whole_loop(args, meta, dataset, recorded, url), args.repeats)
+            row = "(c) whole loop, 1 loader worker" if encode == "device" else "(c) host side, 1 loader worker"
+            rows.append({"row": row, **key, "encode": encode, "threads": default_writer_threads(), **r})
         rows.append({"row": "(d) stage two loader, 1 worker", **key,
                      **repeated(lambda: stage_two_loader(args, url), args.repeats)})
     return rows

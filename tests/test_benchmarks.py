@@ -57,7 +57,8 @@ def test_stage_one_ceiling_smoke_writes_every_row(tmp_path):
     assert sorted({(r["row"], r["encode"], r["io"]) for r in writers}) == [
         ("(b) host side, buffered I/O", "instant", "buffered"), ("(b) host side, direct I/O", "instant", "direct"),
         ("(b) writer, buffered I/O", "device", "buffered"), ("(b) writer, direct I/O", "device", "direct")]
-    assert {"(a) loader, 1 worker", "(c) whole loop, 1 loader worker", "(d) stage two loader, 1 worker"} <= set(names)
+    assert {"(a) loader, 1 worker", "(c) whole loop, 1 loader worker", "(c) host side, 1 loader worker",
+            "(d) stage two loader, 1 worker"} <= set(names)
     assert all(r["views_per_s"] > 0 for r in rows)
     same = lambda r: (r["storage"], r["io"], r["threads"])  # noqa: E731
     by_encode = {e: {same(r): r["bytes"] for r in writers if r["encode"] == e} for e in ("device", "instant")}
