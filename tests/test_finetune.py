@@ -165,3 +165,33 @@ def test_the_val_split_holds_out_whole_source_digits_of_the_train_folder(tmp_pat
     assert scored_groups(cfg).tolist() == groups[val_set.indices].tolist()
     with pytest.raises(ConfigError, match="data.split' is 'dev'"):
         load_finetune_config(None, [f"data.train={tmp_path}", "data.split=dev"])
+
+
+def test_demo_finetune_scores_the_three_encoders_of_each_seed_folder(tmp_path):
+    """demo-finetune over a demo-seeds folder: seed N's control and TEC come from RUN/seed<N>/ (RUN
+    itself where there is none), the report holds each seed's top-1 and paired margins, and --val
+    writes its own report. Here every encoder is a copy of the shipped base, so with the same
+    fine-tuning seed all three fine-tunes are the same run: every margin is exactly 0."""
+    import shutil
+
+    from stages.demo_finetune import BASE, demo_encoders, run_demo_finetune
+    from tec_pipeline.data.demo import build_demo_data
+
+    build_demo_data(tmp_path / "demo", train_size=40, test_size=20)
+    run = tmp_path / "run"
+    for folder in (run / "seed1", run):
+        for name in ("control", "tec"):
+            (folder / name).mkdir(parents=True)
+            shutil.copy(BASE, folder / name / BASE.name)
+    assert demo_encoders(run, 1)["tec"] == run / "seed1" / "tec" / BASE.name
+    assert demo_encoders(run, 0)["tec"] == run / "tec" / BASE.name
+    tiny = [f"data.train={tmp_path / 'demo' / 'train'}", f"data.val={tmp_path / 'demo' / 'test'}", "data.batch_size=4",
+            "data.num_workers=0", "optim.epochs=1", "train.max_steps=2"]
+    report = run_demo_finetune(run, [0, 1], overrides=tiny)
+    assert [s["seed"] for s in report["seeds"]] == [0, 1]
+    for s in report["seeds"]:
+        assert s["top1"]["tec"] == s["top1"]["base"] == s["top1"]["control"]
+        assert all(m["diff"] == 0 for m in s["margins"].values())
+    assert (run / "finetune" / "finetune.json").is_file() and (run / "finetune" / "seed1" / "tec" / "result.json").is_file()
+    val = run_demo_finetune(run, [0], overrides=tiny, split="val")
+    assert val["split"] == "val" and (run / "finetune_val" / "finetune_val.json").is_file()
