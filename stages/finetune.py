@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from stages.train import make_accelerator
 from tec_pipeline.config import to_dict
 from tec_pipeline.data.demo import source_groups
-from tec_pipeline.data.sources import ImageFolderSource
+from tec_pipeline.data import open_source_at
+from tec_pipeline.data.sources import ImageFolderSource, ImageSource
+from tec_pipeline.errors import UserError
 from tec_pipeline.evaluate.features import class_labels, labelled_folder
 from tec_pipeline.evaluate.protocols import validation_split
 from tec_pipeline.export import CHECKPOINT, load_checkpoint
@@ -59,28 +61,46 @@ class FtRun:
     hits: Optional[str] = None  # the last evaluation's top-1 hits, in val-folder order
 
 
+def labelled_split(cfg: FinetuneConfig, path: str, classes: Optional[list] = None) -> tuple[ImageSource, np.ndarray, list]:
+    """(source, labels, class names) of one split: an ImageFolder's class folders (`classes`: the train
+    split's, so a val folder agrees), or webdataset tars whose .cls texts are class indices."""
+    if cfg.data.kind == "imagefolder":
+        source = labelled_folder(path)
+        return source, class_labels(source, classes or source.classes), list(classes or source.classes)
+    source = open_source_at("webdataset", path)
+    labels = np.asarray(source.labels, dtype=np.int64)
+    if len(labels) == 0 or labels.min() < 0:
+        raise UserError(f"{path}: fine-tuning needs a .cls class index for every image"
+                        + (f"; {source.name(int(np.argmin(labels)))} has none" if len(labels) else ", found no images"))
+    classes = classes or [str(c) for c in range(int(labels.max()) + 1)]
+    if labels.max() >= len(classes):
+        raise UserError(f"{path}: class index {labels.max()} is beyond the train split's {len(classes)} classes")
+    return source, labels, classes
+
+
 def open_splits(cfg: FinetuneConfig) -> tuple[LabelledImages, LabelledImages, dict]:
-    """The train and val ImageFolders with the train split's classes, and what identifies them. With
-    ``data.split`` "val" both come from the train folder: the fifth `held_out_split` holds out is
+    """The train and val splits with the train split's classes, and what identifies them. With
+    ``data.split`` "val" both come from the train split: the fifth `held_out_split` holds out is
     scored on and never trained on, so a recipe chosen there never saw the test split."""
-    train = labelled_folder(cfg.data.train)
-    labels = class_labels(train, train.classes)
+    train, labels, classes = labelled_split(cfg, cfg.data.train)
     if cfg.data.split == "val":
         fit, held = held_out_split(train, labels)
         train_set = LabelledImages(train, labels, train_transform(cfg), cfg.seed, indices=fit)
         val_set = LabelledImages(train, labels, eval_transform(cfg), indices=held)
     else:
-        val = labelled_folder(cfg.data.val)
+        val, val_labels, _ = labelled_split(cfg, cfg.data.val, classes)
         train_set = LabelledImages(train, labels, train_transform(cfg), cfg.seed)
-        val_set = LabelledImages(val, class_labels(val, train.classes), eval_transform(cfg))
+        val_set = LabelledImages(val, val_labels, eval_transform(cfg))
     return train_set, val_set, {"split": cfg.data.split, "train_images": len(train_set), "val_images": len(val_set),
-                                "classes": list(train.classes)}
+                                "classes": classes}
 
 
-def held_out_split(train: ImageFolderSource, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, held-out) image indices of the train folder: the fifth `demo --val` and `eval --val` score
-    on (``evaluate.protocols.validation_split``), whole source digits on a demo build."""
-    return validation_split(labels, source_groups(train))
+def held_out_split(train: ImageSource, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) image indices of the train split: the fifth `demo --val` and `eval --val` score
+    on (``evaluate.protocols.validation_split``), whole source digits on a demo build, else
+    stratified by label."""
+    groups = source_groups(train) if isinstance(train, ImageFolderSource) else None
+    return validation_split(labels, groups)
 
 
 def setup_run(cfg: FinetuneConfig, accelerator: Accelerator, path: Path) -> tuple[FtRun, dict]:

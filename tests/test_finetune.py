@@ -11,6 +11,7 @@ from PIL import Image
 
 from stages.finetune import run_finetune
 from tec_pipeline.config import ConfigError
+from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT, load_checkpoint
 from tec_pipeline.finetune.config import load_finetune_config
 from tec_pipeline.finetune.data import criterion, mixup
@@ -195,3 +196,40 @@ def test_demo_finetune_scores_the_three_encoders_of_each_seed_folder(tmp_path):
     assert (run / "finetune" / "finetune.json").is_file() and (run / "finetune" / "seed1" / "tec" / "result.json").is_file()
     val = run_demo_finetune(run, [0], overrides=tiny, split="val")
     assert val["split"] == "val" and (run / "finetune_val" / "finetune_val.json").is_file()
+
+
+def as_webdataset(folder: Path, tar: Path) -> Path:
+    """The toy ImageFolder as one webdataset tar, images in the folder's order, the class index in `.cls`."""
+    import io
+    import tarfile
+
+    from tec_pipeline.data.sources import ImageFolderSource
+
+    source = ImageFolderSource(folder)
+    with tarfile.open(tar, "w") as tf:
+        for i in range(len(source)):
+            for ext, data in (("png", source.raw(i)), ("cls", str(source.label(i)).encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return tar
+
+
+def test_webdataset_splits_fine_tune_exactly_as_the_same_images_in_folders(toy, tmp_path):
+    """``data.kind=webdataset``: the same images and classes as tars give the same run, bit for bit
+    (weights, scores and per-image hits), as the ImageFolders; an unlabelled tar is one line."""
+    tars = {split: as_webdataset(toy / split, tmp_path / f"{split}.tar") for split in ("train", "val")}
+    steps = ["optim.epochs=1", "optim.warmup_epochs=0"]
+    folders = run_finetune(config(toy, tmp_path / "folders", *steps))
+    wds = run_finetune(config(toy, tmp_path / "wds", *steps, "data.kind=webdataset", f"data.train={tars['train']}",
+                              f"data.val={tars['val']}"))
+    assert wds["epochs"] == folders["epochs"] and wds["hits"] == folders["hits"] and len(wds["hits"]) == 16
+    a, b = load_checkpoint(tmp_path / "folders" / CHECKPOINT), load_checkpoint(tmp_path / "wds" / CHECKPOINT)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    import tarfile
+
+    with tarfile.open(tmp_path / "nolabel.tar", "w") as tf:
+        tf.add(next((toy / "val" / "top").iterdir()), arcname="x.png")
+    with pytest.raises(UserError, match=r"nolabel.tar: fine-tuning needs a .cls class index for every image; .*x.png has none$"):
+        run_finetune(config(toy, tmp_path / "bad", *steps, "data.kind=webdataset", f"data.train={tars['train']}",
+                            f"data.val={tmp_path / 'nolabel.tar'}"))

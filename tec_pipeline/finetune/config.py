@@ -25,7 +25,8 @@ class FtModel:
 class FtData:
     """Labelled ImageFolder splits (root/<class>/image); batch per process, as in stage two."""
 
-    train: str = ""
+    kind: str = "imagefolder"  # imagefolder (root/<class>/image) | webdataset (tars, a .cls class index per image)
+    train: str = ""  # a folder, or a tar pattern (`train-{0000..0127}.tar`) with kind webdataset
     val: str = ""  # scored on with split "test"
     split: str = "test"  # test: score on data.val | val: hold out a fifth of data.train (whole source digits on the demo)
     img_size: int = 224
@@ -95,7 +96,8 @@ LINPROBE = {"protocol": "linprobe",
                       "min_lr": 0.0}}
 PROTOCOL_DEFAULTS = {"finetune": None, "linprobe": LINPROBE}
 CHOICES = {"protocol": tuple(PROTOCOL_DEFAULTS), "model.global_pool": ("avg", "token"),
-           "optim.name": ("adamw", "lars"), "optim.mixed_precision": ("no", "bf16", "fp16"), "data.split": ("test", "val")}
+           "optim.name": ("adamw", "lars"), "optim.mixed_precision": ("no", "bf16", "fp16"), "data.split": ("test", "val"),
+           "data.kind": ("imagefolder", "webdataset")}
 
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
@@ -111,5 +113,6 @@ def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple[s
         raise ConfigError("model.input_adapter=true is Tab. 4's probe variant: use `tec-pipeline linprobe`")
     for key in ("train", "val") if cfg.data.split == "test" else ("train",):
         if not getattr(cfg.data, key):
-            raise ConfigError(f"data.{key} is not set (a labelled ImageFolder: root/<class>/image)")
+            raise ConfigError(f"data.{key} is not set (a labelled ImageFolder root/<class>/image, or webdataset "
+                              f"tars with data.kind=webdataset)")
     return cfg

@@ -14,7 +14,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data.sources import ImageFolderSource
+from ..data.sources import ImageSource
 from .config import FinetuneConfig
 
 
@@ -59,11 +59,11 @@ def seed_everything(*keys: int) -> None:
 
 
 class LabelledImages(Dataset):
-    """(image tensor, label) of an ImageFolder, or of its images `indices` (a held-out split). A key
-    ``(epoch, index)`` renders a training view with the RNGs seeded by (seed, epoch, index); a plain
-    index renders the deterministic eval view."""
+    """(image tensor, label) of an image source (ImageFolder, webdataset tars), or of its images
+    `indices` (a held-out split). A key ``(epoch, index)`` renders a training view with the RNGs
+    seeded by (seed, epoch, index); a plain index renders the deterministic eval view."""
 
-    def __init__(self, source: ImageFolderSource, labels: np.ndarray, transform, seed: int = 0,
+    def __init__(self, source: ImageSource, labels: np.ndarray, transform, seed: int = 0,
                  indices: Optional[np.ndarray] = None):
         self.source, self.labels, self.transform, self.seed = source, labels, transform, seed
         self.indices = np.arange(len(source)) if indices is None else np.asarray(indices)
