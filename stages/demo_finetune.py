@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from stages.demo import BASE_DIR
-from stages.finetune import held_out_split, run_finetune
+from stages.finetune import run_finetune
 from tec_pipeline.data.demo import source_groups
 from tec_pipeline.errors import UserError
 from tec_pipeline.demo_report import OPPONENTS, split_file
@@ -24,6 +24,7 @@ from tec_pipeline.evaluate.statistics import paired_difference
 from tec_pipeline.export import CHECKPOINT, EXPORT_NAME
 from tec_pipeline.files import write_json
 from tec_pipeline.finetune.config import load_finetune_config
+from tec_pipeline.finetune.splits import held_out_split
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_demo.yaml"
 BASE = BASE_DIR / EXPORT_NAME

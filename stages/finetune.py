@@ -1,7 +1,7 @@
 """`tec-pipeline finetune` (Tab. 10) and `tec-pipeline linprobe` (Tab. 11, Tab. 4): score an encoder
 by training a classifier on a labelled train split and measuring top-1 / top-5 on a val split.
 
-A driver: the pieces live in `tec_pipeline.finetune` (settings, timm's transforms and Mixup, the
+A driver: the pieces live in `tec_pipeline.finetune` (settings, splits, timm's transforms and Mixup, the
 classifier and probes with their optimizers, scoring, state) and stage two's `tec_pipeline.train`
 (schedule, logs, checkpoints). What this module adds is the loop: set up, resume, micro-steps with
 lr per iteration, an evaluation after every epoch, atomic checkpoints, the final JSON.
@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -22,18 +21,12 @@ from tqdm.auto import tqdm
 
 from stages.train import make_accelerator
 from tec_pipeline.config import to_dict
-from tec_pipeline.data.demo import source_groups
-from tec_pipeline.data import open_source_at
-from tec_pipeline.data.sources import ImageFolderSource, ImageSource
-from tec_pipeline.errors import UserError
-from tec_pipeline.evaluate.features import class_labels, labelled_folder
-from tec_pipeline.evaluate.protocols import validation_split
 from tec_pipeline.export import CHECKPOINT, load_checkpoint
 from tec_pipeline.files import write_json
 from tec_pipeline.finetune.config import FinetuneConfig
-from tec_pipeline.finetune.data import (LabelledImages, criterion, epoch_keys, eval_transform, mixup, seed_everything,
-                                        train_transform)
+from tec_pipeline.finetune.data import LabelledImages, criterion, epoch_keys, mixup, seed_everything
 from tec_pipeline.finetune.model import build_model, make_optimizer
+from tec_pipeline.finetune.splits import open_splits
 from tec_pipeline.finetune.score import best_of, evaluate
 from tec_pipeline.finetune.state import finetune_identity, save_run, write_result
 from tec_pipeline.train.checkpoint import IDENTITY_FILE, check_resumable, restore_state, run_dir
@@ -59,48 +52,6 @@ class FtRun:
     last_saved: int = -1
     history: list = field(default_factory=list)  # one {epoch, step, top1, top5} per evaluation
     hits: Optional[str] = None  # the last evaluation's top-1 hits, in val-folder order
-
-
-def labelled_split(cfg: FinetuneConfig, path: str, classes: Optional[list] = None) -> tuple[ImageSource, np.ndarray, list]:
-    """(source, labels, class names) of one split: an ImageFolder's class folders (`classes`: the train
-    split's, so a val folder agrees), or webdataset tars whose .cls texts are class indices."""
-    if cfg.data.kind == "imagefolder":
-        source = labelled_folder(path)
-        return source, class_labels(source, classes or source.classes), list(classes or source.classes)
-    source = open_source_at("webdataset", path)
-    labels = np.asarray(source.labels, dtype=np.int64)
-    if len(labels) == 0 or labels.min() < 0:
-        raise UserError(f"{path}: fine-tuning needs a .cls class index for every image"
-                        + (f"; {source.name(int(np.argmin(labels)))} has none" if len(labels) else ", found no images"))
-    classes = classes or [str(c) for c in range(int(labels.max()) + 1)]
-    if labels.max() >= len(classes):
-        raise UserError(f"{path}: class index {labels.max()} is beyond the train split's {len(classes)} classes")
-    return source, labels, classes
-
-
-def open_splits(cfg: FinetuneConfig) -> tuple[LabelledImages, LabelledImages, dict]:
-    """The train and val splits with the train split's classes, and what identifies them. With
-    ``data.split`` "val" both come from the train split: the fifth `held_out_split` holds out is
-    scored on and never trained on, so a recipe chosen there never saw the test split."""
-    train, labels, classes = labelled_split(cfg, cfg.data.train)
-    if cfg.data.split == "val":
-        fit, held = held_out_split(train, labels)
-        train_set = LabelledImages(train, labels, train_transform(cfg), cfg.seed, indices=fit)
-        val_set = LabelledImages(train, labels, eval_transform(cfg), indices=held)
-    else:
-        val, val_labels, _ = labelled_split(cfg, cfg.data.val, classes)
-        train_set = LabelledImages(train, labels, train_transform(cfg), cfg.seed)
-        val_set = LabelledImages(val, val_labels, eval_transform(cfg))
-    return train_set, val_set, {"split": cfg.data.split, "train_images": len(train_set), "val_images": len(val_set),
-                                "classes": classes}
-
-
-def held_out_split(train: ImageSource, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, held-out) image indices of the train split: the fifth `demo --val` and `eval --val` score
-    on (``evaluate.protocols.validation_split``), whole source digits on a demo build, else
-    stratified by label."""
-    groups = source_groups(train) if isinstance(train, ImageFolderSource) else None
-    return validation_split(labels, groups)
 
 
 def setup_run(cfg: FinetuneConfig, accelerator: Accelerator, path: Path) -> tuple[FtRun, dict]:

@@ -149,7 +149,7 @@ def test_the_val_split_holds_out_whole_source_digits_of_the_train_folder(tmp_pat
     fifth held out; no scored image shares a source digit with a trained one, the test folder is
     not read, and the groups demo-finetune resamples by are those of the scored images, in order."""
     from stages.demo_finetune import scored_groups
-    from stages.finetune import open_splits
+    from tec_pipeline.finetune.splits import open_splits
     from tec_pipeline.data.demo import build_demo_data, source_groups
     from tec_pipeline.evaluate.features import labelled_folder
 
