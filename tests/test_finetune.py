@@ -233,3 +233,33 @@ def test_webdataset_splits_fine_tune_exactly_as_the_same_images_in_folders(toy, 
     with pytest.raises(UserError, match=r"nolabel.tar: fine-tuning needs a .cls class index for every image; .*x.png has none$"):
         run_finetune(config(toy, tmp_path / "bad", *steps, "data.kind=webdataset", f"data.train={tars['train']}",
                             f"data.val={tmp_path / 'nolabel.tar'}"))
+
+
+def test_two_processes_fine_tune_as_one_process_with_their_whole_batch(toy, tmp_path):
+    """accelerate over 2 processes (gloo, as `accelerate launch --cpu`): batch 2 each gives what one
+    process gives at batch 4: the same views (seeded by image, not by rank), lr, weights, and the
+    val hits gathered back in val order. Mixup and drop path draw per rank, so they are off here."""
+    import json
+
+    from helpers import run_as_ranks
+
+    plain = ["aug.mixup=0", "aug.cutmix=0", "model.drop_path=0", "optim.epochs=2", "optim.warmup_epochs=1"]
+    whole = run_finetune(config(toy, tmp_path / "whole", *plain, "data.batch_size=4"))
+    assert run_as_ranks(run_finetune, config(toy, tmp_path / "ranks", *plain, "data.batch_size=2")) == [0, 0]
+    ranks = json.loads((tmp_path / "ranks" / "result.json").read_text())
+    assert ranks["step"] == whole["step"] == 8 and ranks["hits"] == whole["hits"] and len(ranks["hits"]) == 16
+    a, b = load_checkpoint(tmp_path / "whole" / CHECKPOINT), load_checkpoint(tmp_path / "ranks" / CHECKPOINT)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_bf16_autocast_fine_tunes_and_differs_from_fp32_only_by_rounding(toy, tmp_path):
+    """``optim.mixed_precision=bf16`` (accelerate's autocast, on the CPU here): the run finishes, and its
+    weights are close to the fp32 run's but not equal (the forward really ran in bf16)."""
+    steps = ["optim.epochs=1", "optim.warmup_epochs=0", "aug.mixup=0", "aug.cutmix=0"]
+    fp32 = run_finetune(config(toy, tmp_path / "fp32", *steps))
+    bf16 = run_finetune(config(toy, tmp_path / "bf16", *steps, "optim.mixed_precision=bf16"))
+    assert fp32["finished"] and bf16["finished"]
+    a, b = load_checkpoint(tmp_path / "fp32" / CHECKPOINT)["model"], load_checkpoint(tmp_path / "bf16" / CHECKPOINT)["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-2
