@@ -49,7 +49,8 @@ def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader,
         try:
             cfg = load_config(base_config, [*ablation_overrides(path), *cache_override, "targets.source=cache",
                                             *overrides])
-            same = trained.get(settings_key(cfg))
+            key = settings_key(cfg)
+            same = trained.get(key)
             if same is not None:  # Tab. 6 repeats its reference in several panels (a1 = c3 = f1)
                 rows.append({**same, "name": path.stem, "title": row["title"], "same_as": same["name"]})
                 continue
@@ -58,7 +59,7 @@ def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader,
             row.update(step=summary["step"], **summary["losses"])
             if finetune is not None:
                 row.update(finetune_row(Path(cfg.output), finetune, ft_overrides))
-            trained[settings_key(cfg)] = row
+            trained[key] = row
         except UserError as err:
             row.update(status=f"refused: {err}")
         rows.append(row)

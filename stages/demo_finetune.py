@@ -19,12 +19,11 @@ from stages.finetune import run_finetune
 from tec_pipeline.data.demo import source_groups
 from tec_pipeline.errors import UserError
 from tec_pipeline.demo_report import OPPONENTS, split_file
-from tec_pipeline.evaluate.features import class_labels, labelled_folder
 from tec_pipeline.evaluate.statistics import paired_difference
 from tec_pipeline.export import CHECKPOINT, EXPORT_NAME
 from tec_pipeline.files import write_json
 from tec_pipeline.finetune.config import load_finetune_config
-from tec_pipeline.finetune.splits import held_out_split
+from tec_pipeline.finetune.splits import open_splits
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_demo.yaml"
 BASE = BASE_DIR / EXPORT_NAME
@@ -62,13 +61,11 @@ def summary_lines(per_seed: list[dict]) -> list[str]:
 
 
 def scored_groups(cfg) -> Optional[np.ndarray]:
-    """The source digit of each scored image, in scoring order: the test folder's, or with
-    ``data.split`` "val" those of the fifth of the train folder held out."""
-    if cfg.data.split == "val":
-        train = labelled_folder(cfg.data.train)
-        groups = source_groups(train)
-        return None if groups is None else groups[held_out_split(train, class_labels(train, train.classes))[1]]
-    return source_groups(labelled_folder(cfg.data.val))
+    """The source digit of each scored image, in scoring order (`open_splits`' val set: the test
+    folder, or with ``data.split`` "val" the fifth of the train folder held out)."""
+    _, scored, _ = open_splits(cfg)
+    groups = source_groups(scored.source)
+    return None if groups is None else groups[scored.indices]
 
 
 def run_demo_finetune(run: Path, seeds: Sequence[int], out: Optional[Path] = None,
