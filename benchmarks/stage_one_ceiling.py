@@ -58,7 +58,7 @@ from tec_pipeline.cache.store import create_cache  # noqa: E402
 from tec_pipeline.config import ViTArch, load_config  # noqa: E402
 from tec_pipeline.data.sources import ImageFolderSource  # noqa: E402
 from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader  # noqa: E402
-from tec_pipeline.precompute.processes import process_state  # noqa: E402
+from tec_pipeline.cache_targets.processes import process_state  # noqa: E402
 
 ARCHS = {"vit_b16": ViTArch("vit_base_patch16_224"), "vit_l16": ViTArch("vit_large_patch16_224"),
          "tiny": ViTArch("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)}

@@ -6,7 +6,7 @@ The driver only: sources and the view DataLoader are `tec_pipeline.data`, the ba
 its enhancement (Eq. 2, top-k) `tec_pipeline.base_targets`, the storage encoding
 `tec_pipeline.cache.encode`, shard assembly and the writer pool `tec_pipeline.cache.assemble`,
 storage `tec_pipeline.cache.store`, and settings, processes and reports
-`tec_pipeline.precompute`. What it adds is the loop around them:
+`tec_pipeline.cache_targets`. What it adds is the loop around them:
 
 - DataLoader workers decode and render; the main thread runs batched base forwards under
   `inference_mode` in `base.compute_dtype` (auto: fp16 autocast on CUDA, fp32 on CPU) and
@@ -34,11 +34,11 @@ from tec_pipeline.cache.storage import use_storage_options
 from tec_pipeline.config import Config
 from tec_pipeline.data import open_source
 from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader
-from tec_pipeline.precompute.processes import gather, open_for_writing, process_state, split_pending
-from tec_pipeline.precompute.settings import (
+from tec_pipeline.cache_targets.processes import gather, open_for_writing, process_state, split_pending
+from tec_pipeline.cache_targets.settings import (
     cache_meta, check_base, check_settings, images_per_batch, non_finite_error,
 )
-from tec_pipeline.precompute.summary import (
+from tec_pipeline.cache_targets.summary import (
     check_bad_images, finish_cache, merge_summaries, print_summary, progress_bar, progress_text,
 )
 

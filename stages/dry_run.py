@@ -13,11 +13,11 @@ from tec_pipeline.cache.assemble import ShardAssembler, default_writer_threads
 from tec_pipeline.cache.encode import NonFiniteTargetError
 from tec_pipeline.config import Config
 from tec_pipeline.data.view_dataset import ViewDataset, view_loader
-from tec_pipeline.precompute.estimate import (
+from tec_pipeline.cache_targets.estimate import (
     existing_cache_note, extrapolate, local_dir, print_estimate, probe_write, timed,
 )
-from tec_pipeline.precompute.settings import images_per_batch, non_finite_error
-from tec_pipeline.precompute.summary import check_bad_images
+from tec_pipeline.cache_targets.settings import images_per_batch, non_finite_error
+from tec_pipeline.cache_targets.summary import check_bad_images
 
 
 def dry_run_estimate(cfg: Config, meta: dict, dataset: ViewDataset, forward, state) -> dict:

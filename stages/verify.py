@@ -4,7 +4,7 @@ compare them with what is stored (README "Stage one: the target cache").
 Checked in order, each failure one line: the recorded files of every completed shard, that no
 shard is missing, that the source and the base weights are those that wrote the cache, then
 each sampled view (its crop, features, attention rows and top-k) against the tolerances of
-`tec_pipeline.precompute.verify`.
+`tec_pipeline.cache_targets.verify`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tec_pipeline.cache.store import open_cache
 from tec_pipeline.config import ViTArch
 from tec_pipeline.data import open_source_at
 from tec_pipeline.errors import UserError
-from tec_pipeline.precompute.verify import check_files, pick_views, verify_view
+from tec_pipeline.cache_targets.verify import check_files, pick_views, verify_view
 
 
 def verify_cache(url: str, sample: int = 8, seed: int = 0) -> bool:

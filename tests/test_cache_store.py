@@ -481,7 +481,7 @@ def test_webdataset_parts_stream_through_webdataset(tmp_path):
     images sit in their own tars, stored once."""
     import webdataset as wds
 
-    from tec_pipeline.cache.wds_store import decode_sample
+    from tec_pipeline.cache.wds_format import decode_sample
 
     url = str(tmp_path / "c")
     meta = {**make_meta("webdataset", "int8", "uint8"), "max_part_bytes": 4096}

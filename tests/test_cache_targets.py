@@ -26,7 +26,7 @@ from stages.verify import verify_cache
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError
-from tec_pipeline.precompute.processes import own_shards
+from tec_pipeline.cache_targets.processes import own_shards
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 10
@@ -392,7 +392,7 @@ def test_verify_recomputes_in_the_cache_precision(images, tmp_path, capsys):
     from tec_pipeline.cache.codecs import feat_rel_rms
     from tec_pipeline.config import ViTArch
     from tec_pipeline.data.sources import ImageFolderSource
-    from tec_pipeline.precompute import verify
+    from tec_pipeline.cache_targets import verify
     from tec_pipeline.views import draw_view
 
     url = tmp_path / "bf16.zarr"

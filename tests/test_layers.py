@@ -16,7 +16,7 @@ LAYERS = [
     ("tec_pipeline.models",),
     ("tec_pipeline.base_targets", "tec_pipeline.step", "tec_pipeline.data", "tec_pipeline.export"),
     ("tec_pipeline.cache",),
-    ("tec_pipeline.precompute", "tec_pipeline.train", "tec_pipeline.evaluate", "tec_pipeline.viz", "tec_pipeline.finetune",
+    ("tec_pipeline.cache_targets", "tec_pipeline.train", "tec_pipeline.evaluate", "tec_pipeline.viz", "tec_pipeline.finetune",
      "tec_pipeline.demo_report"),
     ("tec_pipeline.costs_report",),
     ("tec_pipeline.cli", "tec_pipeline.__main__"),

@@ -8,7 +8,7 @@ A cache (README "Stage one: the target cache") is a directory or fsspec URL hold
   shard's data is durable. The markers are the truth while a cache is being written (several
   processes write disjoint shards and never touch a shared file); ``finalize`` folds them
   into ``tec_cache.json``;
-- the data: a zarr v3 group (``zarr_store``) or webdataset tars (``wds_store``).
+- the data: a zarr v3 group (``zarr_format``) or webdataset tars (``wds_format``).
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""Create, resume and open target caches (README "Stage one: the target cache"): the API stage one and training use.
+"""Create, resume and open target caches: the API stage one and training use.
 
 ``create_cache`` makes a new cache or reopens one made by the same configuration (its
 ``identity``) so that a restarted run skips completed shards; ``open_cache`` reads one.
-The store kinds live in ``zarr_store`` / ``zarr_read`` (default) and ``wds_store``; shared logic
-in ``writer`` and ``reader``, metadata and identity in ``schema``, filesystems and byte ranges in
+Each store kind has a format, a write and a read module: ``zarr_format`` / ``zarr_write`` /
+``zarr_read`` (default) and ``wds_format`` / ``wds_write`` / ``wds_read``; shared logic in
+``writer`` and ``reader``, metadata and identity in ``schema``, filesystems and byte ranges in
 ``storage``, storage dtypes and their error in ``codecs``.
 """
 from __future__ import annotations
@@ -15,10 +16,11 @@ from .schema import (
     FORMAT_VERSION, META_FILE, CacheCorruptError, CacheMismatchError, check_same_cache, dump_json, normalize_meta,
 )
 from .storage import check_bucket, fs_root, join, read_json, storage_errors
-from .wds_store import WdsReader, WdsWriter
+from .wds_read import WdsReader
+from .wds_write import WdsWriter
 from .zarr_read import ZarrReader
 from .writer import CacheWriter, new_document
-from .zarr_store import ZarrWriter
+from .zarr_write import ZarrWriter
 
 __all__ = ["CacheCorruptError", "CacheMismatchError", "CacheReader", "CacheWriter", "create_cache", "open_cache"]
 

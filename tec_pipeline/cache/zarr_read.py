@@ -1,4 +1,4 @@
-"""Reading the zarr store (`zarr_store` describes the layout): shard files read directly.
+"""Reading the zarr store (`zarr_format` describes the layout): shard files read directly.
 
 Reading bypasses zarr's per-call machinery, which costs ~2.5 ms per array per call
 and has no shard-index cache (the reader's measured views/s: README "Benchmarks (measured; the
@@ -36,7 +36,7 @@ from .reader import TARGET_KEYS, CacheReader, ShardTargets, target_fields
 from .chunk_codec import ZARR_NAMES, ChunkCodec
 from .schema import IMAGE_ARRAYS, ArraySpec, CacheCorruptError, array_specs
 from .storage import coalesce, join, read_json
-from .zarr_store import MAX_UINT_64, shard_key
+from .zarr_format import MAX_UINT_64, shard_key
 
 
 @lru_cache(maxsize=1)

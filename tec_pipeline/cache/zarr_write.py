@@ -1,26 +1,11 @@
-"""The zarr v3 store (default): one group, one sharded array per target.
+"""Writing the zarr store (`zarr_format` describes the layout).
 
-Layout. Arrays are indexed ``[image, view, ...]`` (crop, feat, feat_step, feat_mean,
-feat_std, attn, topk_idx) or ``[image]`` (valid, label). Sharding codec: a shard holds
-``images_per_shard`` images (all their views), so a cache shard is one file per array and
-writers of different shards never share a file. Inside a shard, a chunk is **one view of one
-image** (``[1, 1, ...]``), one image for per-image arrays: training reads one view of an image
-at a time, and a per-view chunk lets ``read_view`` fetch and decode 1/views of what an
-image-sized chunk would cost, for a larger shard index (16 bytes per chunk). Chunks go
-through the codecs of ``cache.compress`` (``chunk_codec``: zstd with its checksum, or lz4 /
-none with a crc32c); the shard index keeps zarr's default crc32c, so a corrupted chunk or
-index is detected on read. Every chunk of a written shard is stored (zeros
-too), so a missing chunk means damage.
-
-zarr creates the group and the arrays' ``zarr.json`` (``LocalStore`` for paths,
-``FsspecStore`` for URLs). Shard files are encoded and written here, in exactly the format
-those ``zarr.json`` describe (one encoded chunk after another, then the offset/length index
-and its crc32c; zarr reads them back, tested): going through zarr's async codec pipeline cost
-~5x more time per shard on this machine (0.66 s vs 0.12 s for 64 ViT-B views), and writing
-the files ourselves makes each one atomic and fsynced (temporary name + rename), the encoded
-chunks handed to ``writev`` as they are, never joined into one copy.
-
-Reading is `zarr_read`.
+zarr creates the group and the arrays' ``zarr.json`` (``LocalStore`` for paths, ``FsspecStore``
+for URLs). Shard files are encoded and written here, in exactly the format those ``zarr.json``
+describe (one encoded chunk after another, then the offset/length index and its crc32c; zarr
+reads them back, tested): zarr's async codec pipeline does per-chunk work we do not need, and
+writing the files ourselves makes each one atomic and fsynced (temporary name + rename), the
+encoded chunks handed to ``writev`` as they are, never joined into one copy.
 """
 from __future__ import annotations
 
@@ -32,21 +17,8 @@ from zarr.errors import ContainsArrayError
 from ..files import is_local, write_bytes, write_files_durably
 from .chunk_codec import ChunkCodec
 from .writer import CacheWriter
-from .schema import ArraySpec
+from .zarr_format import DIM_NAMES, MAX_UINT_64, array_layout, shard_key
 from .storage import join, parallel_map
-
-MAX_UINT_64 = 2**64 - 1
-_DIM_NAMES = {
-    "crop": ("image", "view", "param"),
-    "feat": ("image", "view", "patch", "channel"),
-    "feat_step": ("image", "view", "channel"),
-    "feat_mean": ("image", "view", "channel"),
-    "feat_std": ("image", "view", "channel"),
-    "attn": ("image", "view", "query", "head", "patch"),
-    "topk_idx": ("image", "view", "rank"),
-    "valid": ("image",),
-    "label": ("image",),
-}
 
 
 def _zarr_store(writer: CacheWriter):
@@ -54,19 +26,6 @@ def _zarr_store(writer: CacheWriter):
     if is_local(writer.fs):
         return zarr.storage.LocalStore(writer.root)
     return zarr.storage.FsspecStore.from_url(writer.url)
-
-
-def _layout(spec: ArraySpec, meta: dict) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(shape, chunk shape, shard shape) of one array."""
-    n, v, s = int(meta["num_images"]), int(meta["views"]), int(meta["images_per_shard"])
-    if spec.per_view:
-        return (n, v) + spec.tail, (1, 1) + spec.tail, (s, v) + spec.tail
-    return (n,), (1,), (s,)
-
-
-def shard_key(name: str, ndim: int, shard: int) -> str:
-    """The shard file of an array, relative to the group (zarr's default '/' key encoding)."""
-    return "/".join([name, "c", str(shard)] + ["0"] * (ndim - 1))
 
 
 class ZarrWriter(CacheWriter):
@@ -77,12 +36,12 @@ class ZarrWriter(CacheWriter):
         group = zarr.open_group(_zarr_store(self), mode="a", zarr_format=3)
         self._arrays, self._codecs = {}, {}
         for name, spec in self.specs.items():
-            shape, chunks, shards = _layout(spec, self.meta)
+            shape, chunks, shards = array_layout(spec, self.meta)
             codec = ChunkCodec(self.meta["compress"], int(self.meta["zstd_level"]), np.dtype(spec.dtype))
             try:
                 arr = group.create_array(
                     name, shape=shape, chunks=chunks, shards=shards, dtype=spec.dtype,
-                    compressors=codec.zarr_compressors, fill_value=0, dimension_names=_DIM_NAMES[name])
+                    compressors=codec.zarr_compressors, fill_value=0, dimension_names=DIM_NAMES[name])
             except ContainsArrayError:
                 arr = zarr.open_array(group.store_path / name, mode="r+")
             self._arrays[name], self._codecs[name] = arr, codec
@@ -102,7 +61,7 @@ class ZarrWriter(CacheWriter):
         per file, one per directory, ``O_DIRECT`` with ``direct_io``) locally, one PUT each elsewhere."""
         files = {}
         for name, arr in self._arrays.items():
-            _, chunk, shard_shape = _layout(self.specs[name], self.meta)
+            _, chunk, shard_shape = array_layout(self.specs[name], self.meta)
             grid = tuple(s // c for s, c in zip(shard_shape, chunk))
             files[shard_key(name, len(arr.shape), shard)] = shard_file(enc[name], grid, self._codecs[name])
         if is_local(self.fs):
