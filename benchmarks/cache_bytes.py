@@ -6,7 +6,7 @@ ViT-B/16 at 224 (L=196, C=768, H=12, k=15). Two kinds of targets:
   enhancement) on crops of scikit-learn's sample photographs; its attention logits are
   nearly uniform, so this is the easy case for the attention codec;
 - ``gauss``: patch-normalized Gaussian features with 1 % outlier channels (x20) and Gaussian
-  logits of std 2.5: the worst case (README "Benchmarks", bytes per view).
+  logits of std 2.5: the worst case for the codecs.
 
 For each (store, feat dtype, attn dtype) it writes a cache, then reports bytes per view
 (data files only), write and read speed (``read_shard`` over all shards, ``read_view`` over
@@ -113,7 +113,7 @@ def run_setting(root: Path, data: dict, store: str, feat_dtype: str, attn_dtype:
     quant = open_cache(url).doc["summary"]["quantization"]
     data_bytes = sum(s["bytes"] for s in stats)
 
-    # Reads: best of `repeats` passes (the 2 shared cores are busy with other work; the best
+    # Reads: best of `repeats` passes (other work on a shared host disturbs some passes; the best
     # pass is the least disturbed one). The first pass also warms the allocator.
     reader = open_cache(url)
 

@@ -14,7 +14,7 @@ Rows, views/s and MB/s (storage bytes; source JPEG bytes for the loaders):
     shard assembly -> zstd + durable files + marker; shard files written with O_DIRECT or
     buffered (``cache.direct_io``); and "host side", the same with the device's encoding instant
     (its output replayed into the rows, the device-to-host copy a GPU run makes): what the host
-    does behind a GPU, where the encoding is ~1 ms of device time per batch;
+    does behind a GPU, where the encoding is a small part of the device's time per batch;
     disk: a plain sequential write + fsync of as many bytes, the ceiling (b) can reach;
 (c) the whole loop, one loader worker (loader + encoding + writers), cache-targets' own code, and
     its "host side" with the encoding instant as in (b);

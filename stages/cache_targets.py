@@ -1,6 +1,5 @@
 """Stage one, `tec-pipeline cache-targets`: run the frozen base model once over V views of
-every image and write the enhanced targets (Sec. 2.3) with each view's crop to a cache
-(README "Stage one: the target cache").
+every image and write the enhanced targets (Sec. 2.3) with each view's crop to a cache.
 
 The driver only: sources and the view DataLoader are `tec_pipeline.data`, the base forward and
 its enhancement (Eq. 2, top-k) `tec_pipeline.base_targets`, the storage encoding

@@ -1,5 +1,4 @@
-"""`tec-pipeline cache-targets --dry-run`: what stage one would cost, measured on one batch
-(README "Stage one: the target cache").
+"""`tec-pipeline cache-targets --dry-run`: what stage one would cost, measured on one batch.
 
 One batch goes through each part of the real run in turn (decode + render, base forward,
 encoding on the compute device and shard assembly, compression + durable write to a throw-away

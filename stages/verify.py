@@ -1,5 +1,5 @@
 """`tec-pipeline verify`: recompute a random sample of a cache's views from its metadata alone and
-compare them with what is stored (README "Stage one: the target cache").
+compare them with what is stored.
 
 Checked in order, each failure one line: the recorded files of every completed shard, that no
 shard is missing, that the source and the base weights are those that wrote the cache, then

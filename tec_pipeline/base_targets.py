@@ -1,5 +1,5 @@
 """The frozen base model's side of both stages: load it, choose its precision, run it on views and
-enhance its outputs into targets (README "The method in code").
+enhance its outputs into targets.
 
 `targets` holds the enhancement itself (pure functions of the base's outputs); this module is
 where the base forward meets it, so `targets` never imports a model.
@@ -52,8 +52,9 @@ COMPUTE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}  
 
 def compute_setting(setting: str, device: torch.device) -> str:
     """``base.compute_dtype`` resolved on `device`: ``auto`` is fp16 on CUDA (the authors run
-    their frozen base under fp16 autocast: closer to fp32 than bf16, top-16 overlap 1.000 on
-    the demo base) and fp32 on a CPU (exact; fp16 / bf16 autocast there only when asked)."""
+    their frozen base under fp16 autocast: with more mantissa bits than bf16 it stays closer to
+    fp32, so the top-k patch selection follows fp32's) and fp32 on a CPU (exact; fp16 / bf16
+    autocast there only when asked)."""
     if setting == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     return setting

@@ -67,7 +67,7 @@ class ModelConfig:
     mask_ratio: float = 0.75
     init_from_base: bool = False  # Tab. 6d: start the encoder from the base weights (needs base.checkpoint)
     init_checkpoint: Optional[str] = None  # start the whole model from a run's checkpoint (e.g. the control)
-    # Two initialisation details where we differ from the authors' code (README "Where we departed"):
+    # Two initialisation details where we differ from the authors' code:
     adapter_norm_eps: float = 1e-6  # LayerNorm eps of the encoder adapters; theirs: 1e-5 (PyTorch's default)
     patch_bias_init: str = "zeros"  # zeros (MAE's model) | torch (theirs: the Conv2d's default draw kept)
 
@@ -118,7 +118,7 @@ class TrainConfig:
 
 @dataclass
 class CacheConfig:
-    """Stage one's output: store kind, storage dtypes and shard size (README "Stage one: the target cache")."""
+    """Stage one's output: store kind, storage dtypes and shard size."""
 
     path: str = "cache/default.zarr"  # a local path or an fsspec URL
     store: str = "zarr"  # zarr | webdataset

@@ -1,14 +1,15 @@
 """Writing a new local file with ``O_DIRECT``: the disk reads the bytes from a page-aligned buffer of
 ours, so the kernel never copies them into its page cache.
 
-Why (README "Stage one's ceiling"): a buffered ``write`` of a shard file costs the writer thread the
-kernel's page-cache copy, 80-480 us of CPU per 193 KB ViT-B/16 view on this project's VM, against
-~10 us with ``O_DIRECT`` for the same disk time when each write is large (tens of MB; small direct
-writes are slower, each waits for the device). The bytes go through one reused page-aligned
-staging buffer per thread, ``SEGMENT`` bytes at a time, so memory stays bounded whatever the file
-size. ``O_DIRECT`` needs every write aligned: the last segment is padded with zeros to ``ALIGN`` and
-the file then cut to its length. Filesystems that refuse ``O_DIRECT`` (EINVAL: some FUSE and
-network mounts) get a buffered write; ``write_direct`` says which happened.
+Why: a buffered ``write`` of a shard file costs the writer thread the kernel's copy of every byte
+into the page cache, CPU time in proportion to the bytes written; with ``O_DIRECT`` the device
+reads our buffer itself, so the thread spends little CPU for the same disk time, as long as each
+write is large (small direct writes are slower: each one waits for the device). The bytes go
+through one reused page-aligned staging buffer per thread, ``SEGMENT`` bytes at a time, so memory
+stays bounded whatever the file size. ``O_DIRECT`` needs every write aligned: the last segment is
+padded with zeros to ``ALIGN`` and the file then cut to its length. Filesystems that refuse
+``O_DIRECT`` (EINVAL: some FUSE and network mounts) get a buffered write; ``write_direct`` says
+which happened.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The MAE "pixels" target: TEC with per-patch normalized pixels and no attention target.
 
-Used to train the demo's own base model with the same pipeline (README, "The default run
-(`bash scripts/demo.sh`)"): MAE is TEC whose feature target is the normalized pixels of
-each patch (MAE's ``norm_pix_loss``), with no attention branch and no adapters.
+Used to train the demo's own base model (`bash scripts/demo.sh`) with the same pipeline: MAE is
+TEC whose feature target is the normalized pixels of each patch (MAE's ``norm_pix_loss``), with
+no attention branch and no adapters.
 """
 from __future__ import annotations
 

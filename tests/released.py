@@ -166,7 +166,7 @@ def beit(w: Weights) -> dict:
 
 @dataclass(frozen=True)
 class Family:
-    """One row of README "Loading a base model": how its file is laid out and what timm calls it."""
+    """One base family: how its file is laid out and what timm calls it."""
 
     file: str  # as released
     arch: str  # base.arch.name

@@ -1,6 +1,6 @@
-"""Every base family of README "Loading a base model": its released file layout (random weights,
-tiny width) loads, and its targets equal a float64 forward written from the papers' equations and,
-where timm reads the file itself, timm's own model at another image size; each bad case is one line."""
+"""Every base family of `released.FAMILIES`: its released file layout (random weights, tiny width)
+loads, and its targets equal a float64 forward written from the papers' equations and, where timm
+reads the file itself, timm's own model at another image size; each bad case is one line."""
 from __future__ import annotations
 
 import pathlib

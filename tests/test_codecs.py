@@ -1,6 +1,6 @@
 """The storage encoders (torch, on the compute device), bit for bit against a slow float64
-reference of their rules and against the numpy encoder they replaced; the batch encoding's
-checks and measured error."""
+reference of their rules and against a numpy encoder of the same rules, view by view; the batch
+encoding's checks and measured error."""
 from __future__ import annotations
 
 import numpy as np
@@ -59,7 +59,7 @@ def reference_attn_uint8(a: np.ndarray) -> np.ndarray:
     return u
 
 
-# ---------------------------------------------------------------- the numpy encoders replaced
+# ---------------------------------------------------------------- the same rules in numpy, view by view
 def numpy_feat_int8(feat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     q, step = np.empty(feat.shape, np.int8), np.empty(feat.shape[:-2] + feat.shape[-1:], np.float16)
     for pos in np.ndindex(*feat.shape[:-2]):

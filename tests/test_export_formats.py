@@ -41,7 +41,7 @@ def test_both_formats_load_and_give_the_same_encoder(run):
 
 
 def test_timm_train_py_pretrained_path_loads_the_export(run):
-    """What the README's `train.py --pretrained-path` does: the file as pretrained weights (overlay
+    """What timm's `train.py --pretrained-path` does: the file as pretrained weights (overlay
     num_classes=-1, so the missing head is tolerated), a fresh head and fc_norm under avg pooling."""
     path = export_run(run)
     vit = timm.create_model(NEW.name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=-1),

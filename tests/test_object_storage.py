@@ -1,5 +1,5 @@
-"""Caches on object storage (README "Caches on object storage"), against a real S3 HTTP endpoint:
-moto's server on 127.0.0.1, started and stopped here; s3fs talks to it over HTTP as to AWS."""
+"""Caches on object storage, against a real S3 HTTP endpoint: moto's server on 127.0.0.1, started
+and stopped here; s3fs talks to it over HTTP as to AWS."""
 from __future__ import annotations
 
 import logging

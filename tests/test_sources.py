@@ -113,7 +113,7 @@ def test_imagefolder_errors_are_user_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
         open_source_at("imagefolder", str(tmp_path / "empty"))
-    with pytest.raises(FileNotFoundError):  # still what older callers catch
+    with pytest.raises(FileNotFoundError):  # a SourceError is a FileNotFoundError too
         open_source_at("imagefolder", str(tmp_path / "nope"))
     with pytest.raises(SourceError, match="data.path is empty"):
         open_source_at("imagefolder", "")

@@ -25,8 +25,8 @@ from .schema import array_specs, shard_range
 from .storage import one_thread_per_shard
 
 WRITE_QUEUE_SHARDS = 1  # full shards waiting for a writer: memory is (threads + 2) shards at most
-# Each writer thread holds a shard in memory; 4 keep up with one GPU's ViT-B/16 targets on a
-# quiet host (README "Stage-one budget per GPU process").
+# Each writer thread holds a shard in memory, so the default is capped: enough threads to keep up
+# with one GPU process's targets, without holding more shards than that needs.
 MAX_DEFAULT_WRITER_THREADS = 4
 
 
@@ -151,7 +151,7 @@ class ShardWriterPool:
     def assembler(self, shard: int, keep_raw: bool) -> ShardAssembler:
         """A `ShardAssembler` for `shard`, on the arrays of a shard already written when one
         fits: their memory is in place, where new arrays of a few hundred MB would first be
-        faulted in page by page (~0.1-0.3 ms per ViT-B/16 view on this machine)."""
+        faulted in page by page, on the thread that fills them."""
         with self._lock:
             arrays = self.spare.pop() if self.spare else None
         return ShardAssembler(self.writer.meta, shard, keep_raw, arrays)

@@ -1,10 +1,11 @@
-"""How the bytes of one zarr chunk are stored: ``cache.compress`` (README "Stage one: the target
-cache"). Each setting is a chain of zarr v3 codecs, so zarr itself reads the files:
+"""How the bytes of one zarr chunk are stored: ``cache.compress``. Each setting is a chain of zarr
+v3 codecs, so zarr itself reads the files:
 
-- ``zstd``: ``bytes -> zstd(level, checksum)``; ~1.3x smaller int8 features and ~3x smaller
-  uint8 attention, at ~0.5 GB/s per core on ViT-B/16 targets;
-- ``lz4``: ``bytes -> blosc(lz4, no shuffle) -> crc32c``; ~1.4x smaller uint8 attention, int8
-  and float16 features stored as they are (blosc keeps incompressible blocks raw), ~2-3 GB/s;
+- ``zstd``: ``bytes -> zstd(level, checksum)``; the smallest files (int8 features shrink a
+  little, uint8 attention most), at the highest CPU cost per byte;
+- ``lz4``: ``bytes -> blosc(lz4, no shuffle) -> crc32c``; uint8 attention shrinks less, int8
+  and float16 features are stored as they are (blosc keeps incompressible blocks raw), for far
+  less CPU per byte than zstd;
 - ``none``: ``bytes -> crc32c``; the bytes as they are, no codec call at all.
 
 The crc32c (zarr's 4-byte little-endian trailer) keeps a damaged chunk detectable where zstd's

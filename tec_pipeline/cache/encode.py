@@ -1,8 +1,8 @@
 """A batch of targets on the compute device -> its views in storage dtypes on the host.
 
 Stage one calls this right after the base forward, on the device that computed the targets, so
-only storage-dtype bytes (~127 KB per ViT-B/16 view at int8/uint8, not ~750 KB of float32) cross
-to the host. On the device, per batch: the rows of skipped images are zeroed (the store's
+only storage-dtype bytes (at int8/uint8 about a quarter of the float32 bytes) cross to the
+host. On the device, per batch: the rows of skipped images are zeroed (the store's
 contract), the targets are checked finite and in range with a few reductions, they are encoded
 (``codecs.encode``), and the views of the shard's error sample are decoded again to measure the
 quantization error (``codecs.error_sample``).
@@ -24,9 +24,9 @@ from .schema import ArraySpec
 
 FLOAT_KEYS = ("feat", "feat_mean", "feat_std", "attn")
 VIEW_TARGETS = FLOAT_KEYS + ("topk_idx",)  # what base_targets.view_targets returns
-# On a CPU the encoders run over this many views at a time: ~5 MB of ViT-B/16 float32 features
-# stays in the cache between passes (measured ~3x faster than whole-batch passes). A GPU takes
-# the batch at once.
+# On a CPU the encoders run over this many views at a time, so a block's float32 features (a few
+# MB at ViT-B/16) stay in the CPU cache between the check and encode passes, where passes over the
+# whole batch would each read it from memory again. A GPU takes the batch at once.
 CPU_BLOCK_VIEWS = 8
 
 

@@ -1,6 +1,6 @@
 """Cache schema: metadata checks, array layout, identity comparison and completion markers.
 
-A cache (README "Stage one: the target cache") is a directory or fsspec URL holding
+A cache is a directory or fsspec URL holding
 
 - ``tec_cache.json``: format version, ``meta`` (sizes, dtypes, the ``identity`` of the run
   that made it), the per-shard completion listing, the ``complete`` flag and the summary;
@@ -26,8 +26,8 @@ from .chunk_codec import COMPRESS
 from .storage import join, read_json
 
 # 2: in each shard file the chunks of one view index lie together (view-major), so an epoch that
-# uses one view per image reads one contiguous range per shard and array (README "Stage two:
-# training"); version 1 stored them image by image.
+# uses one view per image reads one contiguous range per shard and array; a version-1 cache (chunks
+# image by image) is refused, not read in the wrong order.
 FORMAT_VERSION = 2
 META_FILE = "tec_cache.json"
 DONE_DIR = "_done"
@@ -78,7 +78,7 @@ def normalize_meta(meta: dict) -> dict:
         raise ValueError(f"cache meta lacks {', '.join(missing)}")
     meta = json.loads(json.dumps(meta))
     meta.setdefault("store_images", False)
-    meta.setdefault("compress", "zstd")  # caches written before cache.compress existed are zstd
+    meta.setdefault("compress", "zstd")  # a meta with no compress key describes zstd chunks
     if meta["store"] == "webdataset":
         meta.setdefault("max_part_bytes", DEFAULT_MAX_PART_BYTES)
     for key, choices in (("store", STORES), ("feat_dtype", FEAT_DTYPES), ("attn_dtype", ATTN_DTYPES),

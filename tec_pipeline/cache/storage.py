@@ -1,5 +1,5 @@
 """Where a cache's bytes live: local disks and fsspec URLs (object stores included), their
-options and errors, write concurrency, and byte-range reads (README "Caches on object storage").
+options and errors, write concurrency, and byte-range reads.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def _read_document(url: str, fs, root: str) -> dict:
         raise UserError(f"cache {url} has format version {doc.get('format_version')}, this tec-pipeline reads "
                         f"version {FORMAT_VERSION} (views laid out so an epoch reads only its own); rebuild it with "
                         f"`tec-pipeline cache-targets` and the same config plus --overwrite")
-    doc["meta"].setdefault("compress", "zstd")  # written before cache.compress existed
+    doc["meta"].setdefault("compress", "zstd")  # a meta with no compress key describes zstd chunks
     return doc
 
 

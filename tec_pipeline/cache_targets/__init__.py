@@ -1,4 +1,4 @@
-"""Stage one's library wing (README "Stage one: the target cache"): what the drivers in
+"""Stage one's library wing: what the drivers in
 `stages/cache_targets.py`, `stages/dry_run.py` and `stages/verify.py` call, other than storage
 (`tec_pipeline.cache`, shard assembly in `cache.assemble`) and the base forward
 (`tec_pipeline.base_targets`). `settings` refuses impossible settings and writes the cache's

@@ -53,8 +53,8 @@ def check_base(cfg: Config, base) -> None:
 
 
 def images_per_batch(cfg: Config) -> int:
-    """Images in one base forward: stage one's data.batch_size counts views (README "Where we
-    departed from DESIGN.md, and why"), and all views of an image go in the same batch."""
+    """Images in one base forward: stage one's data.batch_size counts views, so a forward's size
+    (and memory) does not grow with data.views, and all views of an image go in the same batch."""
     return max(1, cfg.data.batch_size // cfg.data.views)
 
 

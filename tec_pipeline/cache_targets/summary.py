@@ -27,8 +27,8 @@ def progress_bar(total: int, state) -> tqdm:
 
 
 def progress_text(views: int, nbytes: int, seconds: float) -> str:
-    """The postfix: what storage sees, since the writes may set the pace at scale (untested here:
-    README "Benchmarks (measured; the machine is said with each table)")."""
+    """The postfix: what storage sees, since at scale the writes, not the forward, may set the
+    pace."""
     seconds = max(seconds, 1e-9)
     return f"{views / seconds:.1f} views/s, {nbytes / 1e6:.1f} MB, {nbytes / 1e6 / seconds:.1f} MB/s"
 

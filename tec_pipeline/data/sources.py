@@ -20,7 +20,8 @@ class BadImageError(UserError):
 class SourceError(UserError, FileNotFoundError):
     """A dataset that cannot be opened (missing, empty, not a tar); one line naming it.
 
-    Also a FileNotFoundError, which is what callers caught before this class existed.
+    Also a FileNotFoundError, so code that catches a missing file that way catches a missing
+    dataset too.
     """
 
 

@@ -19,7 +19,7 @@ from .config import FinetuneConfig
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """timm's posterize op, except that 0 bits gives the black image older Pillow gave. RandAugment's
+    """timm's posterize op, except that 0 bits gives a black image (no bit kept). RandAugment's
     'inc1' posterize keeps 4 - int(4 m / 10) bits, 0 at magnitude 10, which mstd 0.5 around 9 reaches
     in about a fifth of the draws; Pillow >= 10 refuses bits < 1 and training would stop there."""
     if bits_to_keep >= 8:

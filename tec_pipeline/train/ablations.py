@@ -1,6 +1,5 @@
 """Tab. 6 from one cache: an ablation YAML is a set of dotted overrides layered over a full config,
-and the sweep's result is one table of final losses, or of top-1 after fine-tuning (README "Stage
-two: training", "Fine-tuning and linear probing")."""
+and the sweep's result is one table of final losses, or of top-1 after fine-tuning."""
 from __future__ import annotations
 
 import json

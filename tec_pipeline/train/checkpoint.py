@@ -1,6 +1,6 @@
 """A training run's state on disk: full checkpoints and exact resume, the run's identity (what a
 resume may not change), and where its weights start: the base encoder (Tab. 6d "Load") or
-another run's model (README "Stage two: training")."""
+another run's model."""
 from __future__ import annotations
 
 import json

@@ -1,10 +1,10 @@
 """Stage two's data order: which image, which stored view and which mask noise each sample gets.
 
-Chunk-aware (README "Stage two: training"): decoding a whole cache shard is far cheaper per view
-than random single-view reads, so an epoch shuffles the shard order, takes `buffer_shards`
-shards at a time and shuffles the images of that window; a batch then touches at most the
-shards of one or two windows. Online and pixel runs use the same order over the same shard
-layout, so a cached and an online run with one seed see the same batches.
+Chunk-aware: decoding a whole cache shard is far cheaper per view than random single-view reads,
+so an epoch shuffles the shard order, takes `buffer_shards` shards at a time and shuffles the
+images of that window; a batch then touches at most the shards of one or two windows. Online and
+pixel runs use the same order over the same shard layout, so a cached and an online run with one
+seed see the same batches.
 
 Everything here is a function of (seed, epoch, position): a resumed run, any number of loader
 workers and any split of an effective batch over processes or accumulation steps give the

@@ -42,7 +42,7 @@ def pixel_spec(img_size: int, patch: int) -> TargetSpec:
 
 def check_request(spec: TargetSpec, *, img_size: int, num_patches: int, k: int, attention: str,
                   what: str = "the cache") -> None:
-    """Refuse, before training, a request the targets cannot serve (README "Stage two: training").
+    """Refuse, before training, a request the targets cannot serve.
 
     Raises `CacheMismatchError` with one line naming the setting: image size, patch grid,
     or ``targets.k`` beyond ``k_max`` (any k <= k_max is a prefix of the stored rows).
