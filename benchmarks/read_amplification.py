@@ -13,9 +13,9 @@ rendering, one process = one loader worker) and reports:
 - **used MB**: the stored bytes of the views the epoch takes (``CacheReader.view_bytes``);
 - amplification = storage / used, and cold views/s.
 
-A row "whole shards" reads each shard file whole (``read_shard``), as format 1's reader did for
-every epoch, for comparison. Goals (issue "Stage two reads only the views an epoch uses"):
-storage / used <= 1.1 in cycle mode and <= 1.5 in random mode.
+The mode "whole" reads each shard file whole (``read_shard``), as a reader blind to the views an
+epoch uses would, for comparison. Goals: storage / used <= 1.1 in cycle mode and <= 1.5 in random
+mode.
 
     .venv/bin/python benchmarks/read_amplification.py --repeats 3 --out benchmarks/results/read_amplification.json
 """
@@ -36,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tec_pipeline.cache import storage  # noqa: E402
 from tec_pipeline.cache.store import create_cache, open_cache  # noqa: E402
-from tec_pipeline.train.batches import CachedBatches, epoch_loader, reader_shards  # noqa: E402
+from tec_pipeline.train.batches import CachedBatches  # noqa: E402
+from tec_pipeline.train.loader import epoch_loader  # noqa: E402
+from tec_pipeline.train.shards import reader_shards  # noqa: E402
 from tec_pipeline.train.order import epoch_order, plan_epoch, view_indices  # noqa: E402
 
 SHAPES = {"vitb": (196, 768, 12, 15), "vits": (196, 384, 6, 15)}  # L, C, H, k_max
@@ -114,7 +116,7 @@ def used_bytes(reader, plan) -> int:
 
 
 def read_epoch(root: Path, mode: str, epoch: int, args) -> dict:
-    """One cold epoch; 'whole' reads every shard file whole instead (format 1's pattern)."""
+    """One cold epoch; 'whole' reads every shard file whole instead (every view of every image)."""
     reader = open_cache(str(root))
     plan = epoch_plan(reader, "cycle" if mode == "whole" else mode, epoch, args.batch)
     used = used_bytes(reader, plan)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from read_amplification import Requested, epoch_plan, used_bytes, write_cache  # noqa: E402
 from tec_pipeline.cache.store import open_cache  # noqa: E402
-from tec_pipeline.train.batches import CachedBatches, epoch_loader  # noqa: E402
+from tec_pipeline.train.batches import CachedBatches  # noqa: E402
+from tec_pipeline.train.loader import epoch_loader  # noqa: E402
 
 
 def start_endpoint() -> str:

@@ -7,7 +7,7 @@ Measures, on whatever device is here (CPU by default):
    enhancement + the same step). Default: ViT-B/16 new model + ViT-B/16 base at 224, batch 8.
 2. **loader alone**: views/s of the cache reader (targets only: `CachedBatches(render=False)`,
    batches in the stored dtypes as training gets them; and the same plus dequantizing to
-   float32 on the CPU, `batch_targets`) and of the full loader (targets + JPEG decode +
+   float32 on the CPU, `decode_batch`) and of the full loader (targets + JPEG decode +
    crop/resize render), over a synthetic zarr cache of the same shapes written through the
    store API.
 3. **data wait**: the fraction of a short `run_train` spent waiting for the loader
@@ -42,9 +42,11 @@ from tec_pipeline.models.base import load_base_model  # noqa: E402
 from tec_pipeline.models.tec import TECModel  # noqa: E402
 from tec_pipeline.step import tec_losses  # noqa: E402
 from tec_pipeline.base_targets import compute_targets  # noqa: E402
-from tec_pipeline.train.batches import (  # noqa: E402
-    CachedBatches, batch_targets, cache_image_source, epoch_loader, reader_shards,
-)
+from tec_pipeline.cache.codecs import decode_batch  # noqa: E402
+from tec_pipeline.train.batches import CachedBatches  # noqa: E402
+from tec_pipeline.train.images import cache_image_source  # noqa: E402
+from tec_pipeline.train.loader import epoch_loader  # noqa: E402
+from tec_pipeline.train.shards import reader_shards  # noqa: E402
 from tec_pipeline.train.order import epoch_order, plan_epoch, view_indices  # noqa: E402
 from tec_pipeline.train.schedule import param_groups  # noqa: E402
 from tec_pipeline.views import normalize, sample_view  # noqa: E402
@@ -143,7 +145,7 @@ def bench_loader(url: str, args, render: bool, workers: int, dequantize: bool = 
     """Views/s over one epoch of the chunk-aware loader, targets only or targets + rendered views.
 
     Batches carry the targets in their stored dtypes (training dequantizes them on the compute
-    device); `dequantize` adds that step here, on the CPU (`batch_targets(batch, "cpu")`)."""
+    device); `dequantize` adds that step here, on the CPU (`decode_batch(batch, "cpu")`)."""
     reader = open_cache(url)
     source = cache_image_source(reader) if render else None
     make = CachedBatches(reader, source, args.img_size, args.k + 1, buffer_shards=2, render=render)
@@ -152,7 +154,7 @@ def bench_loader(url: str, args, render: bool, workers: int, dequantize: bool = 
     start, views = time.perf_counter(), 0
     for batch in epoch_loader(plan, make, 0, workers):
         if dequantize:
-            batch_targets(batch, "cpu")
+            decode_batch(batch, "cpu")
         views += len(batch["index"])
     return views / (time.perf_counter() - start)
 

@@ -1,22 +1,25 @@
 """One TEC training step: the losses from (images, targets), shared by the cached and online paths."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .config import TargetConfig
 from .losses import attention_loss, feature_loss
-from .models.tec import TECModel
+from .models.tec import TECModel, TECOutput
 from .base_targets import compute_targets
 from .targets import Targets, attention_target, feature_target
 
 
-def tec_losses(model: TECModel, images: Tensor, targets: Targets, cfg: TargetConfig,
+def tec_losses(model: Callable[..., TECOutput], images: Tensor, targets: Targets, cfg: TargetConfig,
                mask_ratio: float = 0.75, noise: Optional[Tensor] = None) -> dict[str, Tensor]:
-    """New model forward on masked `images` and both losses; ``loss = L_fea + L_att``."""
-    att = attention_target(targets, cfg.attention, cfg.k) if model.attn_branch is not None else None
+    """New model forward on masked `images` and both losses; ``loss = L_fea + L_att``.
+
+    `model` is a `TECModel` or its wrapper (DDP, compiled); it has an attention branch exactly
+    when ``cfg.attention`` is not "none" (`train.model.model_kwargs`)."""
+    att = attention_target(targets, cfg.attention, cfg.k)
     out = model(images, topk_idx=att[1] if att is not None else None, mask_ratio=mask_ratio, noise=noise)
     losses = {}
     if out.feat is not None:

@@ -17,9 +17,10 @@ from tec_pipeline.models.base import base_forward, load_base_model
 from tec_pipeline.models.tec import TECModel
 from tec_pipeline.targets import channel_normalize, feature_target
 from tec_pipeline.train.ablations import ablation_overrides
-from tec_pipeline.train.batches import CachedBatches, batch_targets
+from tec_pipeline.cache.codecs import decode_batch
+from tec_pipeline.train.batches import CachedBatches
 from tec_pipeline.train.checkpoint import init_from_base
-from tec_pipeline.train.pipeline import model_kwargs
+from tec_pipeline.train.model import model_kwargs
 from tec_pipeline.train.spec import TargetSpec
 from tec_pipeline.views import normalize
 
@@ -91,7 +92,7 @@ def test_norm_modes_are_recovered_from_the_stored_statistics(world):
     """Tab. 6(c): raw and channel-normalized features come back from Yf, mean and std."""
     make = CachedBatches(world["cache"], world["source"], 32, attn_rows=1, buffer_shards=1)
     batch = make(np.arange(4), np.zeros(4, dtype=np.int64))
-    t = batch_targets(batch, "cpu")
+    t = decode_batch(batch, "cpu")
     raw = base_forward(world["base"], normalize(batch["images"]), 2).features
     assert torch.allclose(feature_target(t, "none"), raw, atol=1e-5)
     assert torch.allclose(feature_target(t, "channel"), channel_normalize(raw), atol=1e-4)

@@ -171,7 +171,7 @@ def test_each_compress_setting_stores_the_same_values_bit_for_bit(tmp_path, comp
 
 
 def test_a_cache_from_before_cache_compress_is_zstd(tmp_path):
-    """A cache whose metadata has no ``compress`` (written before the setting) reads and resumes as zstd."""
+    """A cache whose metadata has no ``compress`` key reads and resumes as zstd."""
     url = str(tmp_path / "c")
     write_shards(create_cache(url, make_meta("zarr", "int8", "uint8")), make_targets(), shards=[0])
     doc = json.loads((tmp_path / "c" / "tec_cache.json").read_text())
@@ -372,11 +372,11 @@ def test_zarr_damaged_small_chunk_is_named(tmp_path, compress):
 @pytest.mark.parametrize("feat_dtype, attn_dtype", [("int8", "uint8"), ("float16", "float16"),
                                                     ("float32", "float32"), ("int8", "float16")])
 def test_open_shard_keeps_stored_dtypes_and_dequantizes_bit_identically(store, feat_dtype, attn_dtype, tmp_path):
-    """Training's compact path (``open_shard`` + ``dequantize_targets``) gives the float32
+    """Training's compact path (``open_shard`` + ``codecs.decode_targets``) gives the float32
     values of ``read_shard`` bit for bit, for every storage dtype and attention-row prefix."""
     import torch
 
-    from tec_pipeline.train.batches import dequantize_targets
+    from tec_pipeline.cache.codecs import decode_targets
 
     url = str(tmp_path / "c")
     w = create_cache(url, make_meta(store, feat_dtype, attn_dtype))
@@ -392,7 +392,7 @@ def test_open_shard_keeps_stored_dtypes_and_dequantizes_bit_identically(store, f
             got = reader.open_shard(shard).take(local, views, rows)
             assert got["feat"].dtype == {"int8": np.int8, "float16": np.float16, "float32": np.float32}[feat_dtype]
             assert got["attn"].dtype == {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}[attn_dtype]
-            t = dequantize_targets(**{k: torch.from_numpy(v) for k, v in got.items() if k != "crop"})
+            t = decode_targets(**{k: torch.from_numpy(v) for k, v in got.items() if k != "crop"})
             for name in ("feat", "feat_mean", "feat_std", "attn"):
                 want = ref[name][local, views]
                 want = want[:, :rows] if name == "attn" else want

@@ -253,13 +253,21 @@ def test_two_processes_fine_tune_as_one_process_with_their_whole_batch(toy, tmp_
         torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
+def _finetune_in_child(cfg) -> None:
+    run_finetune(cfg)
+
+
 def test_bf16_autocast_fine_tunes_and_differs_from_fp32_only_by_rounding(toy, tmp_path):
-    """``optim.mixed_precision=bf16`` (accelerate's autocast, on the CPU here): the run finishes, and its
-    weights are close to the fp32 run's but not equal (the forward really ran in bf16)."""
+    """``optim.mixed_precision=bf16`` (accelerate's autocast, on the CPU here; in a process of its own,
+    since accelerate keeps one precision per process): the run finishes, and its weights are close to
+    the fp32 run's but not equal (the forward really ran in bf16)."""
+    from helpers import run_as_ranks
+
     steps = ["optim.epochs=1", "optim.warmup_epochs=0", "aug.mixup=0", "aug.cutmix=0"]
     fp32 = run_finetune(config(toy, tmp_path / "fp32", *steps))
-    bf16 = run_finetune(config(toy, tmp_path / "bf16", *steps, "optim.mixed_precision=bf16"))
-    assert fp32["finished"] and bf16["finished"]
+    assert run_as_ranks(_finetune_in_child, config(toy, tmp_path / "bf16", *steps, "optim.mixed_precision=bf16"),
+                        world=1) == [0]
+    assert fp32["finished"] and (tmp_path / "bf16" / "result.json").is_file()
     a, b = load_checkpoint(tmp_path / "fp32" / CHECKPOINT)["model"], load_checkpoint(tmp_path / "bf16" / CHECKPOINT)["model"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-2

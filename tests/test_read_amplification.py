@@ -1,5 +1,5 @@
-"""Stage two reads only the views an epoch uses (README "Stage two: training"): one epoch from a
-V-view cache, counted at the filesystem, requests about the bytes of the views it takes."""
+"""Stage two reads only the views an epoch uses: one epoch from a V-view cache, counted at the
+filesystem, requests about the bytes of the views it takes."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,9 @@ import pytest
 
 from helpers import CountingFileSystem
 from tec_pipeline.cache import open_cache
-from tec_pipeline.train.batches import CachedBatches, epoch_loader, reader_shards
+from tec_pipeline.train.batches import CachedBatches
+from tec_pipeline.train.loader import epoch_loader
+from tec_pipeline.train.shards import reader_shards
 from tec_pipeline.train.order import epoch_order, plan_epoch, view_indices
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

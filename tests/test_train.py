@@ -123,10 +123,10 @@ def test_cached_batches_read_whole_shards_and_render_bit_identical(world):
 
 @pytest.mark.parametrize("dtypes", [("float32", "float32"), ("float16", "float16"), ("int8", "uint8")])
 def test_compact_cached_batches_give_the_float32_targets_of_read_shard(world, tmp_path, dtypes):
-    """Batches keep the stored dtypes (int8 + steps / uint8 / float16); `batch_targets`
+    """Batches keep the stored dtypes (int8 + steps / uint8 / float16); `decode_batch`
     dequantizes them to exactly, bit for bit, the float32 values `read_shard` decodes."""
     from tec_pipeline.cache.store import open_cache
-    from tec_pipeline.train.batches import batch_targets
+    from tec_pipeline.cache.codecs import decode_batch
 
     feat_dtype, attn_dtype = dtypes
     url = world.get(f"zarr_{feat_dtype}")
@@ -148,7 +148,7 @@ def test_compact_cached_batches_give_the_float32_targets_of_read_shard(world, tm
         batch = make(images, views)
         assert batch["feat"].dtype == stored[feat_dtype] and batch["attn"].dtype == stored[attn_dtype]
         assert ("feat_step" in batch) == (feat_dtype == "int8")
-        t = batch_targets(batch, "cpu")
+        t = decode_batch(batch, "cpu")
         for name in ("feat", "feat_mean", "feat_std", "attn"):
             got = getattr(t, name)
             want = ref[name][images, views]
@@ -165,7 +165,7 @@ def test_invalid_images_are_skipped(world):
     arrays["valid"] = arrays["valid"].copy()
     arrays["valid"][[0, 5]] = 0
     cache = MemoryCache(world["f32"].meta, arrays)
-    from tec_pipeline.train.batches import valid_mask
+    from tec_pipeline.train.shards import valid_mask
 
     order = epoch_order(uniform_shards(N_IMAGES, PER_SHARD), valid_mask(cache), 0, 0, 2)
     assert 0 not in order and 5 not in order and len(order) == N_IMAGES - 2
@@ -420,12 +420,23 @@ def test_a_cache_made_with_another_base_is_refused(world, tmp_path):
         run_train(cfg)
 
 
-def test_mixed_precision_runs_after_full_precision_in_one_process(world, tmp_path):
-    """bf16 autocast through accelerate; accelerate's process-wide state is reset between runs."""
+def _train_bf16(cfg: Config, reader, out: Path) -> None:
+    summary = run_train(cfg, reader=reader)
+    out.write_text(json.dumps(summary))
+
+
+def test_mixed_precision_trains_in_a_process_of_its_own(world, tmp_path):
+    """bf16 autocast through accelerate, which keeps one precision per process: in a fresh process
+    the run trains; after a full-precision run in this process it is refused in one line."""
     cfg = tiny_config(world, tmp_path / "bf16", max_steps=2)
     cfg.optim = replace(cfg.optim, mixed_precision="bf16")
-    summary = run_train(cfg, reader=world["f32"])
+    assert run_as_ranks(_train_bf16, cfg, world["f32"], tmp_path / "summary.json", world=1) == [0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == 2 and np.isfinite(summary["losses"]["loss"])
+    run_train(tiny_config(world, tmp_path / "fp32", max_steps=1), reader=world["f32"])
+    with pytest.raises(UserError, match="optim.mixed_precision=bf16: an earlier run in this process trained in "
+                                        "another precision; run this one in its own process"):
+        run_train(replace(cfg, output=str(tmp_path / "bf16_here")), reader=world["f32"])
 
 
 @pytest.mark.parametrize("cache", ["memory", "zarr"])
@@ -433,7 +444,7 @@ def test_loader_workers_keep_the_batch_order(world, cache):
     """Worker w makes batches w, w+W, ...; the DataLoader's round-robin gives the order of 0 workers
     (with a zarr cache each worker reads ahead only its own views of the epoch)."""
     from tec_pipeline.cache.store import open_cache
-    from tec_pipeline.train.batches import epoch_loader
+    from tec_pipeline.train.loader import epoch_loader
 
     order = epoch_order(uniform_shards(N_IMAGES, PER_SHARD), None, 0, 0, 2)
     plan = plan_epoch(order, view_indices(order, 0, 0, VIEWS, "random"), 4, first_micro=10)
@@ -454,7 +465,7 @@ def test_loader_workers_keep_the_batch_order(world, cache):
 def test_views_come_from_images_stored_in_a_webdataset_cache(world, tmp_path):
     """A cache with store_images needs no image folder: views render from its bytes, bit-identical."""
     from tec_pipeline.cache.store import open_cache
-    from tec_pipeline.train.batches import cache_image_source
+    from tec_pipeline.train.images import cache_image_source
 
     cfg = tiny_config(world, tmp_path / "unused")
     cfg.cache = replace(cfg.cache, path=str(tmp_path / "wds"), store="webdataset", store_images=True)

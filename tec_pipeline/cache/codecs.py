@@ -1,10 +1,10 @@
-"""Storage dtypes of the targets and the measured error of the lossy ones. The encoders are torch
-and run on the device that computed the targets (``encode``); the decoders are numpy, for readers.
+"""Storage dtypes of the targets and the error of the lossy ones. The encoders are torch and run
+on the device that computed the targets (``encode``); the decoders come twice, with the same
+float32 math: numpy for readers (``decode``) and torch for a training batch on the compute device
+(``decode_batch``), so the loader moves the compact bytes only.
 
-For ViT-B/16 at k=15, int8 features with a per (view, channel) step and uint8 attention after
-subtracting each row's max stay within the goal of <= 160 KB per view, feature relative RMS
-<= 2 % and attention KL <= 1e-3 (measured: README "Benchmarks (measured; the machine is said
-with each table)", bytes per view).
+The lossy pair below aims at <= 160 KB per ViT-B/16 view at k=15, feature relative RMS <= 2 %
+and attention KL <= 1e-3; ``error_stats`` records what each cache reaches.
 
 - ``feat`` int8: step ``s = max(1/16, absmax_c / 127)`` per (image, view, channel), stored
   float16 as ``feat_step``; ``q = clip(round(x / s), -127, 127)``. The patch-normalized target
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
+from ..targets import Targets
 
 FEAT_MIN_STEP = 1.0 / 16
 INT8_LEVELS = 127
@@ -163,6 +164,40 @@ def decode(enc: dict[str, np.ndarray], feat_dtype: str, attn_dtype: str) -> dict
     else:
         out["attn"] = to_float32(enc["attn"])
     return out
+
+
+# ----------------------------------------------------------------------------- decoders (torch)
+TARGET_FIELDS = ("feat", "feat_mean", "feat_std", "attn", "topk_idx")  # a batch's targets, feat_step aside
+
+
+def decode_targets(feat: Tensor, feat_mean: Tensor, feat_std: Tensor, attn: Tensor, topk_idx: Tensor,
+                   feat_step: Optional[Tensor] = None) -> Targets:
+    """float32 `Targets` from a batch in its stored dtypes, computed where the tensors are.
+
+    * ``feat`` int8 ``q`` (B, L, C) with ``feat_step`` float16 ``s`` (B, C):
+      ``feat = float32(q) * float32(s)[:, None, :]`` (as `decode_feat_int8`);
+    * ``attn`` uint8 ``u``: ``attn = float32(u) * float32(-ATTN_STEP)``, the logits minus their row
+      max (as `decode_attn_uint8`);
+    * float16 arrays are widened to float32, float32 ones kept; ``topk_idx`` becomes int64.
+
+    Every widening is exact and each product is one correctly rounded float32 multiply, as in
+    `decode`'s numpy math, so the values are bit-identical to a reader's ``read_shard``.
+    """
+    if feat.dtype == torch.int8:
+        if feat_step is None:
+            raise ValueError("int8 features need their feat_step")
+        feat = feat.float() * feat_step.float()[:, None, :]
+    if attn.dtype == torch.uint8:
+        attn = attn.float() * float(np.float32(-ATTN_STEP))  # the float32 step, exactly
+    return Targets(feat=feat.float(), feat_mean=feat_mean.float(), feat_std=feat_std.float(), attn=attn.float(),
+                   topk_idx=topk_idx.long())
+
+
+def decode_batch(batch: dict[str, Tensor], device: torch.device | str) -> Targets:
+    """A batch's cached targets as float32 `Targets` on `device`: the stored dtypes travel to the
+    device and are decoded there (`decode_targets`)."""
+    names = TARGET_FIELDS + (("feat_step",) if "feat_step" in batch else ())
+    return decode_targets(**{name: batch[name].to(device, non_blocking=True) for name in names})
 
 
 # ----------------------------------------------------------------------------- error

@@ -18,13 +18,13 @@ from .storage import RangeReader, fresh_exists, join, read_json
 TARGET_KEYS = ("crop", "feat", "feat_step", "feat_mean", "feat_std", "attn", "topk_idx")  # what training reads
 
 
-class ShardTargets:
+class ShardBuffer:
     """One shard's training targets kept in their **stored** dtypes (int8 / float16 / uint8 /
     int16 ...), from which ``take`` gathers the views of a batch.
 
     ``arrays`` are ``[n, views, ...]`` as ``_read_encoded`` returns them (or already decoded
     float32 arrays: then the batch is float32). Dequantization is left to the consumer
-    (``train.batches.dequantize_targets``, once per batch on the compute device), so a shard in
+    (``codecs.decode_batch``, once per batch on the compute device), so a shard in
     memory costs its stored size, not 4x it in float32.
     """
 
@@ -156,6 +156,11 @@ class CacheReader:
     def is_complete(self) -> bool:
         return bool(self.doc.get("complete"))
 
+    @property
+    def summary(self) -> dict:
+        """What stage one recorded when it finished (skipped images, bytes, error); {} before."""
+        return self.doc.get("summary") or {}
+
     def missing_shards(self) -> list[int]:
         """Shards without a completion marker (re-read: other processes may be writing)."""
         if not self.is_complete():
@@ -186,13 +191,13 @@ class CacheReader:
         enc = self._read_encoded(shard)
         return codecs.decode(enc, self.meta["feat_dtype"], self.meta["attn_dtype"])
 
-    def open_shard(self, shard: int, wanted: tuple[np.ndarray, np.ndarray] | None = None) -> ShardTargets:
+    def open_shard(self, shard: int, wanted: tuple[np.ndarray, np.ndarray] | None = None) -> ShardBuffer:
         """A shard's training targets (``TARGET_KEYS``) in their stored dtypes, for training
-        batches (``ShardTargets.take``); same checks as ``read_shard``. ``wanted`` (local image
+        batches (``ShardBuffer.take``); same checks as ``read_shard``. ``wanted`` (local image
         and view indices) names the views the caller will take, so a store can read just those;
         stores may also defer reading and decoding until views are taken."""
         self._marker(shard)
-        return ShardTargets(self._read_encoded(shard))
+        return ShardBuffer(self._read_encoded(shard))
 
     def read_view(self, image: int, view: int) -> dict[str, np.ndarray]:
         """One view of one image, decoded as in ``read_shard`` without the leading dims."""

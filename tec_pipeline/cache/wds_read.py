@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .reader import CacheReader, ShardTargets, target_fields
+from .reader import CacheReader, ShardBuffer, target_fields
 from .schema import marker_path
 from .storage import coalesce, join, read_json
 from .wds_format import IMAGES, group_name, sample_arrays, tar_members
@@ -97,10 +97,10 @@ class WdsReader(CacheReader):
         spans = [self._span(shard, start + int(i), group_name(int(v))) for i, v in zip(local, views)]
         return sum(end - begin for _, begin, end in spans)
 
-    def open_shard(self, shard: int, wanted: tuple[np.ndarray, np.ndarray] | None = None) -> ShardTargets:
+    def open_shard(self, shard: int, wanted: tuple[np.ndarray, np.ndarray] | None = None) -> ShardBuffer:
         """Training targets of the views taken (``wanted`` read at once, coalesced), stored dtypes."""
         self._marker(shard)
-        return _WdsShard(self, shard, wanted)
+        return WdsShardBuffer(self, shard, wanted)
 
     def image_bytes(self, image: int) -> bytes | None:
         """The encoded source image stored in the shard's image tars, or None."""
@@ -113,7 +113,7 @@ class WdsReader(CacheReader):
         return next(iter(self._read_samples(shard, [(image, IMAGES)])[(image, IMAGES)].values()))
 
 
-class _WdsShard(ShardTargets):
+class WdsShardBuffer(ShardBuffer):
     """``open_shard``'s result: the samples fetched and not yet taken, decoded into the batch
     when taken (each view is taken once per epoch, so its bytes are dropped then)."""
 
@@ -138,6 +138,6 @@ class _WdsShard(ShardTargets):
         self.fetch(local, views)
         pairs = [(self.start + int(i), group_name(int(v))) for i, v in zip(local, views)]
         arrays = [self.reader._decode(self.shard, image, self.raw.pop((image, group))) for image, group in pairs]
-        stacked = ShardTargets({name: np.stack([a[name] for a in arrays])[:, None] for name in arrays[0]})
+        stacked = ShardBuffer({name: np.stack([a[name] for a in arrays])[:, None] for name in arrays[0]})
         zeros = np.zeros(len(pairs), dtype=np.int64)
         return stacked.take(np.arange(len(pairs)), zeros, attn_rows, out, at)

@@ -32,7 +32,7 @@ from numcodecs import Zstd
 from numcodecs.zstd import decompress as zstd_decompress
 
 from ..files import is_local
-from .reader import TARGET_KEYS, CacheReader, ShardTargets, target_fields
+from .reader import TARGET_KEYS, CacheReader, ShardBuffer, target_fields
 from .chunk_codec import ZARR_NAMES, ChunkCodec
 from .schema import IMAGE_ARRAYS, ArraySpec, CacheCorruptError, array_specs
 from .storage import coalesce, join, read_json
@@ -200,13 +200,13 @@ class ZarrReader(CacheReader):
         self._image_tables[shard] = {name: out[name] for name in IMAGE_ARRAYS}
         return out
 
-    def open_shard(self, shard: int, wanted: tuple[np.ndarray, np.ndarray] | None = None) -> ShardTargets:
+    def open_shard(self, shard: int, wanted: tuple[np.ndarray, np.ndarray] | None = None) -> ShardBuffer:
         """Training targets of a shard in their stored dtypes, read by byte range: the chunk
         indexes now, each view's chunks when taken. ``wanted`` (local images, views) names the
         views this reader will take from the shard (an epoch's, for one loader worker): they are
         read at once, neighbours coalesced (one range per array in ``cycle`` mode)."""
         self._marker(shard)
-        opened = _ZarrShard(self, shard, [name for name in TARGET_KEYS if name in self._layouts])
+        opened = ZarrShardBuffer(self, shard, [name for name in TARGET_KEYS if name in self._layouts])
         if wanted is not None:
             opened.fetch(np.asarray(wanted[0]) * self.views + np.asarray(wanted[1]))
         return opened
@@ -235,7 +235,7 @@ class ZarrReader(CacheReader):
         return out
 
 
-class _ZarrShard(ShardTargets):
+class ZarrShardBuffer(ShardBuffer):
     """``open_shard``'s result: each array's chunk index, and the compressed bytes of the chunks
     fetched and not yet taken. ``take`` decodes views straight into the batch (stored dtypes);
     a view is taken once per epoch, so its bytes are dropped once decoded."""

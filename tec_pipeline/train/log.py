@@ -1,5 +1,5 @@
 """A training run's records: per-step losses, lr, throughput and data wait to ``RUN/log.jsonl`` and
-accelerate's trackers (README "Stage two: training")."""
+accelerate's trackers (TensorBoard when installed)."""
 from __future__ import annotations
 
 import json
@@ -62,6 +62,10 @@ class Meter:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v / accum  # mean over the accumulated micro-batches
         self.images += images
+
+    def next_step(self) -> None:
+        """The loss terms start again for the next optimizer step; throughput keeps counting."""
+        self.sums = {}
 
     def record(self, step: int, epoch: float, lr: float) -> dict:
         elapsed = time.perf_counter() - self.start

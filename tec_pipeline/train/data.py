@@ -1,0 +1,92 @@
+"""Where a stage-two run's views and targets come from (``targets.source``: a cache, the base
+model online, or pixels), and each step's float32 targets."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ContextManager, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..base_targets import compute_targets
+from ..cache.codecs import decode_batch
+from ..config import Config, TargetConfig
+from ..data import open_source_at
+from ..errors import UserError
+from ..models.base import load_base_model
+from ..pixels import pixel_targets
+from ..targets import Targets, attention_rows
+from .batches import CachedBatches, OnlineBatches
+from .images import cache_image_source
+from .interfaces import BatchMaker, TargetReader
+from .model import patch_size
+from .order import uniform_shards
+from .shards import reader_shards, valid_mask
+from .spec import TargetSpec, base_spec, cache_spec, check_cache_base, pixel_spec
+
+
+@dataclass
+class DataPipeline:
+    """Where a run's views and targets come from (``targets.source``: cache, online or pixels)."""
+
+    source: str
+    spec: TargetSpec
+    shards: list[range]
+    valid: Optional[np.ndarray]  # per-image flags of a cache (skipped images are 0); None: all valid
+    views: int
+    make_batch: BatchMaker
+    base: Optional[torch.nn.Module] = None  # online: the base model in the loop
+    meta: Optional[dict] = None  # the cache's metadata (cached runs)
+    identity: Union[dict, str, None] = None  # what the data is: the cache's identity, else the images' fingerprint
+
+    @property
+    def usable_images(self) -> int:
+        return int(self.valid.sum()) if self.valid is not None else sum(len(r) for r in self.shards)
+
+
+def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] = None) -> DataPipeline:
+    """Open the target source named by ``targets.source`` and the images its views are rendered from.
+
+    `reader` replaces opening ``cache.path`` (an already opened cache, e.g. in memory).
+    """
+    t, d = cfg.targets, cfg.data
+    if t.source == "cache" and d.view_mode == "fresh":
+        raise UserError("data.view_mode=fresh draws a new crop every epoch, which a cache of fixed views cannot "
+                        "serve; use targets.source=online or pixels, or data.view_mode=cycle or random")
+    if t.source == "cache":
+        if reader is None:
+            from ..cache.storage import use_storage_options
+            from ..cache.store import open_cache
+
+            use_storage_options(cfg.cache.path, cfg.cache.storage_options)
+            reader = open_cache(cfg.cache.path)
+        if not reader.is_complete():
+            raise UserError(f"cache.path={cfg.cache.path}: the cache is incomplete (finish stage one first)")
+        source = cache_image_source(reader, d.path) if render else None
+        make = CachedBatches(reader, source, d.img_size, attention_rows(t.attention, t.k), d.buffer_shards, render)
+        check_cache_base(reader.meta, cfg.base.checkpoint)
+        return DataPipeline("cache", cache_spec(reader.meta), reader_shards(reader), valid_mask(reader),
+                            reader.views, make, meta=reader.meta, identity=reader.meta.get("identity"))
+    source = open_source_at(d.kind, d.path)
+    shards = uniform_shards(len(source), cfg.cache.images_per_shard)  # same order as a cache of this config
+    make = OnlineBatches(source, d.img_size, cfg.seed, (d.scale_min, d.scale_max))
+    if t.source == "online":
+        base = load_base_model(cfg.base.arch, cfg.base.checkpoint, img_size=d.img_size)
+        return DataPipeline("online", base_spec(base, d.img_size), shards, None, d.views, make, base,
+                            identity=source.fingerprint())
+    return DataPipeline("pixels", pixel_spec(d.img_size, patch_size(cfg)), shards, None, d.views, make,
+                        identity=source.fingerprint())
+
+
+def step_targets(data: DataPipeline, batch: dict, images: Tensor, t: TargetConfig, patch: int,
+                 autocast: ContextManager = nullcontext()) -> Targets:
+    """One micro-batch's float32 targets on the images' device: dequantized from the cache, computed
+    by the base model (under the run's `autocast`), or the patch-normalized pixels of `images`."""
+    if data.source == "cache":
+        return decode_batch(batch, images.device)
+    if data.source == "online":
+        with torch.no_grad(), autocast:
+            return compute_targets(data.base, images, t.last_layers, attention_rows(t.attention, t.k) - 1)
+    return pixel_targets(images, patch)

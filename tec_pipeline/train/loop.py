@@ -1,0 +1,140 @@
+"""The training loop of both `train` and `finetune`: micro-batches with gradient accumulation, the
+lr set per iteration (Tab. 8 / Tab. 10 schedules), logs, atomic checkpoints, and a resume that
+continues at any optimizer step as if never stopped.
+
+A stage describes its run as a `LoopRun` (what to load, what loss a batch gives, how to save)
+and hands it to `run_loop`; everything else is here, once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from .log import Meter, RunLog, check_finite_losses, logged_losses, tracker
+from .schedule import Schedule, set_lr
+
+
+def make_accelerator(mixed_precision: str, accum_steps: int, path: Path) -> Accelerator:
+    """accelerate for one run. accelerate keeps one mixed precision per process, so a run asking
+    for another precision than an earlier run of this process is refused in one line."""
+    try:
+        return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=accum_steps,
+                           log_with=tracker(), project_dir=str(path))
+    except ValueError as err:  # fp16 without a GPU, or a second precision in one process
+        reason = str(err).splitlines()[0]
+        if "already been initialized" in reason:
+            reason = "an earlier run in this process trained in another precision; run this one in its own process"
+        raise UserError(f"optim.mixed_precision={mixed_precision}: {reason}") from None
+
+
+@dataclass(kw_only=True)
+class LoopSettings:
+    accum_steps: int
+    min_lr: float
+    log_every: int
+    checkpoint_every: int
+
+
+@dataclass(kw_only=True)
+class LoopRun:
+    """What the loop drives. A stage fills the fields and implements `loader`, `losses` and `save`;
+    `after_step` and `save_due` have defaults."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared by accelerate
+    optimizer: torch.optim.Optimizer  # as prepared by accelerate
+    schedule: Schedule
+    settings: LoopSettings
+    ckpt_path: Path
+    step: int = 0  # optimizer steps done
+    last_saved: int = -1  # the step of the last checkpoint written, -1 before the first
+
+    def loader(self, micro: int) -> Iterable:
+        """This process's batches of the epoch that micro-batch `micro` falls in, from that batch on."""
+        raise NotImplementedError
+
+    def losses(self, batch, micro: int) -> tuple[dict[str, Tensor], int]:
+        """(loss terms, images in the batch) of one micro-batch; the term "loss" is minimized."""
+        raise NotImplementedError
+
+    def save(self) -> None:
+        """Write the checkpoint of step `self.step` (atomically)."""
+        raise NotImplementedError
+
+    def after_step(self, log: RunLog) -> None:
+        """Called after every optimizer step, before the checkpoint (e.g. an evaluation)."""
+
+    def save_due(self, end: int) -> bool:
+        return self.step % self.settings.checkpoint_every == 0 or self.step == end
+
+
+def micro_step(run: LoopRun, batch, micro: int) -> tuple[dict[str, float], int]:
+    """Losses, finite check, backward; the prepared optimizer steps once per accumulation cycle."""
+    acc = run.accelerator
+    with acc.accumulate(run.model):
+        losses, images = run.losses(batch, micro)
+        values = logged_losses(acc, losses)
+        check_finite_losses(values, run.step, run.ckpt_path, run.last_saved)
+        acc.backward(losses["loss"])
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return values, images
+
+
+def end_step(run: LoopRun, meter: Meter, lr: float, epoch: float, end: int, log: RunLog, bar) -> Optional[dict]:
+    """One optimizer step is done: its record (every ``log_every`` steps and at `end`), the
+    stage's `after_step`, and a checkpoint when due."""
+    record = None
+    if run.step % run.settings.log_every == 0 or run.step == end:
+        record = meter.record(run.step, epoch, lr)
+        log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
+    meter.next_step()
+    bar.update(1)
+    run.after_step(log)
+    if run.save_due(end):
+        run.save()
+        run.last_saved = run.step
+    return record
+
+
+def train_until(run: LoopRun, end: int, log: RunLog, bar) -> dict:
+    """Optimizer steps until `end`; the last record written ({} when none was)."""
+    accum, schedule, meter, last = run.settings.accum_steps, run.schedule, Meter(), {}
+    micro = run.step * accum
+    while run.step < end:
+        fetch = time.perf_counter()
+        for batch in run.loader(micro):
+            meter.waited += time.perf_counter() - fetch
+            lr = schedule.lr_at(run.step, run.settings.min_lr)
+            if micro % accum == 0:
+                set_lr(run.optimizer, lr)  # times each group's lr_scale, where it has one
+            values, images = micro_step(run, batch, micro)
+            meter.add(values, images * run.accelerator.num_processes, accum)
+            micro += 1
+            if micro % accum == 0:
+                run.step += 1
+                last = end_step(run, meter, lr, micro / schedule.batches_per_epoch, end, log, bar) or last
+                if run.step >= end:
+                    break
+            fetch = time.perf_counter()
+    return last
+
+
+def run_loop(run: LoopRun, path: Path, stop_after: Optional[int], desc: str) -> dict:
+    """Train from `run.step` to the schedule's end (or to `stop_after` steps in total, as an
+    interruption would) with a progress bar; the last log record (read back when the run had
+    already finished)."""
+    log, total = RunLog(path, run.accelerator, run.step), run.schedule.total_steps
+    end = min(total, stop_after) if stop_after is not None else total
+    with tqdm(total=total, initial=run.step, desc=desc, unit="step",
+              disable=not run.accelerator.is_local_main_process, dynamic_ncols=True) as bar:
+        return train_until(run, end, log, bar) or log.last()

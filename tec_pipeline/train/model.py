@@ -1,0 +1,81 @@
+"""The new model of a stage-two run (Fig. 4) from its config: its arguments, its first weights
+(fresh, Tab. 6d's base encoder, or another run's), checked against what the targets can serve."""
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING, Optional
+
+from accelerate.utils import set_seed
+
+from ..config import Config, TargetConfig, ViTArch
+from ..errors import UserError
+from ..export import build_model
+from ..models.base import build_vit, load_base_model
+from .checkpoint import init_from_base, init_from_checkpoint
+from .spec import TargetSpec, check_request
+
+if TYPE_CHECKING:
+    from .data import DataPipeline
+
+
+def base_arch(cfg: Config, meta: Optional[dict]) -> ViTArch:
+    """The base's architecture: the one a cache recorded it was made with, else the config's."""
+    recorded = ((meta or {}).get("base") or {}).get("arch")
+    return ViTArch(**recorded) if recorded else cfg.base.arch
+
+
+def patch_size(cfg: Config) -> int:
+    """The new encoder's patch size: set in the config, or the timm architecture's default."""
+    arch = cfg.model.arch
+    return arch.patch_size or build_vit(replace(arch, img_size=cfg.data.img_size, depth=1)).patch_embed.patch_size[0]
+
+
+def effective_targets(cfg: Config) -> TargetConfig:
+    """The target settings a run uses: pixels (MAE) have no attention target and no norm choice."""
+    if cfg.targets.source == "pixels":
+        return replace(cfg.targets, attention="none", norm="patch")
+    return cfg.targets
+
+
+def model_kwargs(cfg: Config, spec: TargetSpec) -> dict:
+    """`TECModel` arguments for this run; stored in every checkpoint so export can rebuild it."""
+    m, t = cfg.model, effective_targets(cfg)
+    if m.arch.img_size is not None and m.arch.img_size != cfg.data.img_size:
+        raise UserError(f"model.arch.img_size={m.arch.img_size} differs from data.img_size={cfg.data.img_size}")
+    pixels = cfg.targets.source == "pixels"
+    attn = t.attention != "none"
+    return {
+        "arch": asdict(replace(m.arch, img_size=cfg.data.img_size)),
+        "feat_dim": spec.feat_dim,
+        "attn_dim": spec.feat_dim if attn else 0,
+        "attn_heads": spec.heads if attn else 0,
+        "input_adapter": m.input_adapter and not pixels,  # MAE has no adapters
+        "encoder_adapter": m.encoder_adapter and not pixels,
+        "adapter_group": m.adapter_group,
+        "decoder_dim": m.decoder_dim,
+        "decoder_depth": m.decoder_depth,
+        "decoder_heads": m.decoder_heads,
+        "adapter_norm_eps": m.adapter_norm_eps,
+        "patch_bias_init": m.patch_bias_init,
+    }
+
+
+def new_model(cfg: Config, data: "DataPipeline"):
+    """The new model at its first step, checked against what the targets can serve, and its
+    `model_kwargs`: freshly initialised (seeded right before, so whatever ran earlier, a base
+    model build, cannot shift it), then Tab. 6d's base encoder and/or another run's weights."""
+    t, kwargs = effective_targets(cfg), model_kwargs(cfg, data.spec)
+    set_seed(cfg.seed)
+    model = build_model(kwargs)
+    check_request(data.spec, img_size=cfg.data.img_size, num_patches=model.encoder.patch_embed.num_patches,
+                  k=t.k, attention=t.attention, what="the cache" if data.source == "cache" else "the base model")
+    if cfg.model.init_from_base:
+        # a cached run may name no base: the cache records the checkpoint it was made with
+        checkpoint = cfg.base.checkpoint or ((data.meta or {}).get("base") or {}).get("checkpoint")
+        if not checkpoint:
+            raise UserError("model.init_from_base=true needs base.checkpoint (the base model's weights)")
+        base = data.base or load_base_model(base_arch(cfg, data.meta), checkpoint, img_size=cfg.data.img_size)
+        init_from_base(model, base, checkpoint)
+    if cfg.model.init_checkpoint:
+        init_from_checkpoint(model, cfg.model.init_checkpoint)
+    return model, kwargs
