@@ -1,11 +1,10 @@
 """Reading the zarr store (`zarr_format` describes the layout): shard files read directly.
 
-Reading bypasses zarr's per-call machinery, which costs ~2.5 ms per array per call
-and has no shard-index cache (the reader's measured views/s: README "Benchmarks (measured; the
-machine is said with each table)", stage two). The format is checked against each
-array's ``zarr.json`` when a reader opens: ``read_shard`` reads each array's shard file in one
-request and decodes its chunks; ``read_view`` keeps an LRU of shard indexes (offset/length
-pairs, crc-checked) and then reads and decodes exactly one chunk per array.
+Reading bypasses zarr's per-call machinery, which re-resolves each array and keeps no cache of
+shard indexes between calls. The format is checked against each array's ``zarr.json`` when a
+reader opens: ``read_shard`` reads each array's shard file in one request and decodes its chunks;
+``read_view`` keeps an LRU of shard indexes (offset/length pairs, crc-checked) and then reads and
+decodes exactly one chunk per array.
 
 Inside each shard file the chunks lie **view-major**: every image's view 0, then every image's
 view 1, and so on (the index says where each (image, view) chunk is, so zarr reads the file the
@@ -16,7 +15,7 @@ one loader worker's share of the epoch), neighbours coalesced (`storage.coalesce
 ``pread`` locally or range requests through fsspec; ``take`` decodes them straight into the
 batch in their stored dtypes. A whole-shard read decodes chunks lying back to back with **one**
 zstd call (``ZSTD_decompress`` decodes concatenated frames, checksums included), which saves
-the per-call overhead (~10 us) of thousands of small chunks; a damaged run is decoded again
+the per-call overhead of thousands of small chunks; a damaged run is decoded again
 chunk by chunk to name the bad chunk.
 """
 from __future__ import annotations
