@@ -1,5 +1,5 @@
-"""What caching costs the new model (README "What caching costs"): fixed cached views against
-fresh crops, the number of views V, and lossy storage, measured on the demo.
+"""What caching costs the new model: fixed cached views against fresh crops, the number of
+views V, and lossy storage, each trained and scored on the demo.
 
 Each variant is TEC (or the control) trained as the default run trains it, the same optimizer
 steps, from one change of setting; each is scored alone on the demo's split and compared, image
@@ -15,10 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from experiments.costs_report import format_costs, margins_to_reference, summarize_costs
 from stages.demo import demo_configs, demo_data_settings, evaluate_on_demo, train_and_export
 from tec_pipeline.config import Config
-from tec_pipeline.costs_report import format_costs, margins_to_reference, summarize_costs
-from tec_pipeline.demo_report import Timer, split_file
+from tec_pipeline.demo.report import Timer, split_file
 from tec_pipeline.errors import UserError
 from tec_pipeline.files import write_json
 

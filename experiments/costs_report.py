@@ -1,4 +1,4 @@
-"""The table of what caching costs (`stages/caching_costs.py`): each variant's accuracy over the
+"""The table of what caching costs (`experiments/caching_costs.py`): each variant's accuracy over the
 seeds, and its margin over its reference in each seed with the 95% interval over the scored
 source digits (`evaluate.statistics.paired_difference`)."""
 from __future__ import annotations
@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .demo_report import METRICS, spread
-from .evaluate.statistics import paired_difference
+from experiments.seeds_report import spread
+from tec_pipeline.demo.report import METRICS
+from tec_pipeline.evaluate.statistics import paired_difference
 
 
 def margins_to_reference(rows: Mapping[str, dict], references: Mapping[str, str]) -> dict:

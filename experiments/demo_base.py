@@ -1,6 +1,6 @@
 """The demo's base model: a small MAE trained by this pipeline on the demo digits.
 
-`tec-pipeline demo-base` writes `assets/demo_base/`, which the default run (`stages/demo.py`)
+`python -m experiments demo-base` writes `assets/demo_base/`, which the default run (`stages/demo.py`)
 starts from: TEC learns from this base's targets, and the control continues this base's own
 MAE objective.
 """
@@ -25,7 +25,7 @@ def make_demo_base(out: str | Path = BASE_DIR, overrides: Optional[list[str]] = 
     from safetensors.torch import save_file
 
     from tec_pipeline.config import to_dict
-    from tec_pipeline.data.demo import build_demo_data
+    from tec_pipeline.demo.data import build_demo_data
     from tec_pipeline.export import CHECKPOINT, load_checkpoint
 
     out = Path(out)
@@ -35,7 +35,7 @@ def make_demo_base(out: str | Path = BASE_DIR, overrides: Optional[list[str]] = 
     summary, _ = train_and_export(cfg, out / "encoder.safetensors")
     state = load_checkpoint(Path(cfg.output) / CHECKPOINT)["model"]
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-    record = {"command": "tec-pipeline demo-base " + " ".join(overrides or []), "config": to_dict(cfg),
+    record = {"command": "python -m experiments demo-base " + " ".join(overrides or []), "config": to_dict(cfg),
               "steps": summary["step"], "losses": summary["losses"], "wall_s": round(time.perf_counter() - start, 1)}
     write_json(out / "base.json", record)
     return record

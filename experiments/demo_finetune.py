@@ -1,8 +1,10 @@
-"""`tec-pipeline demo-finetune`: the demo's question asked by the paper's protocol (Tab. 10). Base,
+"""`python -m experiments demo-finetune`: the demo's question asked by the paper's protocol (Tab. 10). Base,
 control and TEC of a finished demo run are each fine-tuned on the demo's train digits
 (configs/finetune_demo.yaml) and scored on its test digits; per seed, TEC's top-1 margins over the
 base and the control with their paired 95% intervals, resampled by source digit as the demo's are
-(`evaluate.statistics.paired_difference`); over seeds, mean and spread.
+(`evaluate.statistics.paired_difference`); over seeds, mean and spread. The source digits are the
+demo build's groups files: ``data.groups`` (the held-out fifth of ``data.split=val``) is the train
+split's, the scored images' groups are read from the same files.
 
 A driver: fine-tuning is `stages.finetune.run_finetune`; this module picks the three encoders and
 reads the results as the demo report reads its rows.
@@ -16,9 +18,10 @@ import numpy as np
 
 from stages.demo import BASE_DIR
 from stages.finetune import run_finetune
-from tec_pipeline.data.demo import source_groups
+from tec_pipeline.demo.data import group_files
+from tec_pipeline.demo.report import OPPONENTS, split_file
 from tec_pipeline.errors import UserError
-from tec_pipeline.demo_report import OPPONENTS, split_file
+from tec_pipeline.evaluate.groups import read_groups
 from tec_pipeline.evaluate.statistics import paired_difference
 from tec_pipeline.export import CHECKPOINT, EXPORT_NAME
 from tec_pipeline.files import write_json
@@ -60,24 +63,35 @@ def summary_lines(per_seed: list[dict]) -> list[str]:
     return lines
 
 
-def scored_groups(cfg) -> Optional[np.ndarray]:
-    """The source digit of each scored image, in scoring order (`open_splits`' val set: the test
-    folder, or with ``data.split`` "val" the fifth of the train folder held out)."""
+def scored_groups(cfg, test_groups: str | Path) -> np.ndarray:
+    """The group of each scored image, in scoring order (`open_splits`' val set): from
+    `test_groups` for the test folder, or with ``data.split`` "val" from ``data.groups`` for the
+    fifth of the train folder held out."""
     _, scored, _ = open_splits(cfg)
-    groups = source_groups(scored.source)
-    return None if groups is None else groups[scored.indices]
+    path = cfg.data.groups if cfg.data.split == "val" else test_groups
+    return read_groups(path, scored.source)[scored.indices]
+
+
+def with_demo_groups(overrides: Sequence[str]) -> tuple[list[str], Path]:
+    """`overrides` after ``data.groups`` set to the train groups file of the demo build that
+    ``data.train`` lies in (an explicit ``data.groups`` among `overrides` still wins), and that
+    build's test groups file."""
+    train = Path(load_finetune_config(CONFIG, list(overrides)).data.train)
+    files = group_files(train.parent)
+    return [f"data.groups={files['train']}", *overrides], files["test"]
 
 
 def run_demo_finetune(run: Path, seeds: Sequence[int], out: Optional[Path] = None,
                       overrides: Sequence[str] = (), split: str = "test") -> dict:
     """Fine-tune base, control and TEC per seed; write OUT/finetune[_val].json and print the summary."""
-    run, overrides = Path(run), [*overrides, f"data.split={split}"]
+    run = Path(run)
     out = Path(out) if out is not None else run / ("finetune" if split == "test" else "finetune_val")
     encoders = {seed: demo_encoders(run, seed) for seed in seeds}
     missing = [str(p) for e in encoders.values() for p in e.values() if not p.is_file()]
     if missing:
         raise UserError(f"{missing[0]}: not found (run `tec-pipeline demo --out {run}` first)")
-    groups = scored_groups(load_finetune_config(CONFIG, overrides))
+    overrides, test_groups = with_demo_groups([*overrides, f"data.split={split}"])
+    groups = scored_groups(load_finetune_config(CONFIG, overrides), test_groups)
     per_seed = []
     for seed in seeds:
         results = {name: finetune_one(path, out / f"seed{seed}" / name, seed, overrides)

@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from experiments.seeds_report import format_seed_summary, seed_summary
 from stages.demo import run_demo
-from tec_pipeline.demo_report import format_seed_summary, seed_summary, split_file
+from tec_pipeline.demo.report import split_file
 from tec_pipeline.errors import UserError
 from tec_pipeline.files import write_json
 
@@ -25,7 +26,7 @@ def _report_or_run(out: Path, seed: int, overrides: Optional[list[str]], split: 
     if not path.is_file():
         return run_demo(out, seed=seed, overrides=overrides, split=split)
     report, now = json.loads(path.read_text()), list(overrides or [])
-    was = report.get("overrides", now)  # a report from before overrides were recorded: not compared
+    was = report.get("overrides", now)  # a report that records no overrides: not compared
     if was != now:
         raise UserError(f"{path} was made with overrides {was or 'none'}, this summary asks for {now or 'none'}; "
                         "give the same overrides or another --out")

@@ -1,6 +1,6 @@
 """The default run: a CPU-sized TEC experiment that shows whether the new model surpasses its base.
 
-Orchestration only. On the built-in demo digits (`tec_pipeline.data.demo`) and a small MAE base
+Orchestration only. On the built-in demo digits (`tec_pipeline.demo.data`) and a small MAE base
 made by this pipeline (`configs/demo_base.yaml`, shipped under `assets/demo_base/`):
 
 1. build the data (once), 2. cache the base's targets (stage one), 3. train TEC from the cache
@@ -9,9 +9,9 @@ trains (the fair "just train longer"), 5. export both, 6. evaluate random-init, 
 control and TEC the same way (k-NN and linear probe), 7. draw the pictures, and print one table
 with the wall time of every stage and the cache size.
 
-What the report says (verdict, margins, stage times) is `tec_pipeline.demo_report`; the
-other two demo commands are `stages.demo_seeds` (several seeds) and `stages.demo_base`
-(the shipped base).
+What the report says (verdict, margins, stage times) is `tec_pipeline.demo.report`. The demo's
+set-up here (`demo_configs`, `demo_data_settings`, `evaluate_on_demo`, `BASE_DIR`) is also what the
+studies under `experiments/` build on (several seeds, the shipped base, fine-tuning, caching costs).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
 from tec_pipeline.config import Config, load_config
-from tec_pipeline.demo_report import Timer, format_report, margins, split_file, verdict
+from tec_pipeline.demo.report import Timer, format_report, margins, split_file, verdict
 from tec_pipeline.errors import UserError
 from tec_pipeline.files import write_json
 
@@ -43,7 +43,7 @@ def demo_configs(out: Path, seed: int, overrides: list[str], base_dir: Path = BA
     `overrides` apply to TEC's, `control_overrides` to the control's."""
     base_ckpt = base_dir / "encoder.safetensors"
     if not base_ckpt.is_file():
-        raise UserError(f"{base_ckpt}: the demo base model is missing; make it with `tec-pipeline demo-base`")
+        raise UserError(f"{base_ckpt}: the demo base model is missing; make it with `python -m experiments demo-base`")
     common = [f"seed={seed}"]
     tec = load_config(DEMO_CONFIG, [*common, f"output={out / 'tec'}", f"base.checkpoint={base_ckpt}",
                                     f"cache.path={out / 'cache.zarr'}", *overrides])
@@ -98,20 +98,22 @@ def _pictures(tec: Config, out: Path, tec_encoder: Path, count: int = 6) -> list
 
 
 def evaluate_on_demo(models: list[tuple], root: Path, output: Path, seed: int, split: str,
-              floors: bool = True) -> tuple[list[dict], Optional[np.ndarray]]:
+                     floors: bool = True) -> tuple[list[dict], np.ndarray]:
     """`run_eval` of `models` (after the pixel and random-init floors, with `floors`) on the
-    demo build `root`, the probe's held-out fifth and the val split held out by whole source
-    digits as the test split is: (rows, the source digit of each scored image, for the
-    margins' bootstrap)."""
-    from tec_pipeline.data.demo import source_groups
+    demo build `root`, grouped by its groups files (`tec_pipeline.demo.data.group_files`): the
+    probe's held-out fifth and the val split hold out whole source digits, as the test split
+    does. (rows, the source digit of each scored image, for the margins' bootstrap)."""
+    from tec_pipeline.demo.data import group_files
     from tec_pipeline.evaluate.features import labelled_folder
+    from tec_pipeline.evaluate.groups import read_groups
     from tec_pipeline.evaluate.report import run_eval, scored_groups
 
+    files = group_files(root)
     train, test = labelled_folder(root / "train"), labelled_folder(root / "test")
-    train_groups = source_groups(train)
+    train_groups = read_groups(files["train"], train)
     rows = run_eval(models, root / "train", root / "test", pool=EVAL_POOL, output=output, seed=seed,
                     echo=lambda *a: None, split=split, train_groups=train_groups, floors=floors)
-    return rows, scored_groups(split, train.labels, train_groups, source_groups(test))
+    return rows, scored_groups(split, train.labels, train_groups, read_groups(files["test"], test))
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = False,
@@ -123,7 +125,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     """
     from stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
-    from tec_pipeline.data.demo import build_demo_data
+    from tec_pipeline.demo.data import build_demo_data
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,8 @@
-"""`tec-pipeline` command line (typer). Stage modules are imported inside each command."""
+"""`tec-pipeline` command line (typer). Stage modules are imported inside each command.
+
+`fail`, `run_stage`, `split_name`, `OverridesArg` and `VAL_HELP` are shared with the studies'
+command line (`python -m experiments`), so both report bad input the same way.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +19,8 @@ VAL_HELP = ("Score on a held-out fifth of the training digits (whole source digi
             "what to compare when choosing a setting. Writes report_val.json beside report.json.")
 
 
-def _split(val: bool) -> str:
+def split_name(val: bool) -> str:
+    """The split a --val flag selects."""
     return "val" if val else "test"
 
 
@@ -25,32 +30,23 @@ def _load(config: Optional[Path], overrides: Optional[List[str]]):
     try:
         return load_config(config, overrides or [])
     except ConfigError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
+    """Report bad input as one red line on stderr and exit 2."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
-def _demo_groups(train_dir: Path):
-    """The source digit of each training image of a demo build, None for any other folder: on a
-    demo build the probe's held-out fifth and --val hold out whole source digits, as its test
-    split does."""
-    from .data.demo import source_groups
-    from .evaluate.features import labelled_folder
-
-    return source_groups(labelled_folder(train_dir))
-
-
-def _run(fn, *args, **kwargs):
+def run_stage(fn, *args, **kwargs):
     """Call a stage; the user-facing errors of this package become one red line and exit 2."""
     from .errors import UserError
 
     try:
         return fn(*args, **kwargs)
     except UserError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 @app.command("cache-targets")
@@ -61,7 +57,7 @@ def cache_targets(config: Optional[Path] = ConfigOpt, overrides: Optional[List[s
     cfg = _load(config, overrides)
     from stages.cache_targets import run_cache_targets
 
-    _run(run_cache_targets, cfg, overwrite=overwrite, dry_run=dry_run)
+    run_stage(run_cache_targets, cfg, overwrite=overwrite, dry_run=dry_run)
 
 
 @app.command()
@@ -71,7 +67,7 @@ def train(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = O
     cfg = _load(config, overrides)
     from stages.train import run_train
 
-    _run(run_train, cfg, resume=resume)
+    run_stage(run_train, cfg, resume=resume)
 
 
 @app.command()
@@ -83,7 +79,7 @@ def export(run: Path = typer.Argument(..., help="A training run directory."),
     """Write the trained encoder (input adapter folded into cls) for timm or MAE's fine-tuning code."""
     from .export import export_run
 
-    path = _run(export_run, run, out, fmt)
+    path = run_stage(export_run, run, out, fmt)
     typer.echo(f"exported {path}")
 
 
@@ -94,14 +90,14 @@ def _load_ft(config: Optional[Path], overrides: Optional[List[str]], protocol: s
     try:
         return load_finetune_config(config, overrides or [], protocol)
     except ConfigError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 def _score(config: Optional[Path], overrides: Optional[List[str]], resume: bool, protocol: str) -> None:
     cfg = _load_ft(config, overrides, protocol)
     from stages.finetune import run_finetune
 
-    result = _run(run_finetune, cfg, resume=resume)
+    result = run_stage(run_finetune, cfg, resume=resume)
     typer.echo(f"{protocol}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  best top-1 "
                f"{result['best_top1']:.2f} (epoch {result['best_epoch']:g}) -> {cfg.output}/result.json")
 
@@ -125,7 +121,7 @@ def inspect(cache: str = typer.Argument(..., help="Cache path or fsspec URL.")):
     """Print a cache's metadata, counts, bytes per view and completeness."""
     from .cache.inspect import describe_cache
 
-    typer.echo(_run(describe_cache, cache))
+    typer.echo(run_stage(describe_cache, cache))
 
 
 @app.command()
@@ -135,7 +131,7 @@ def verify(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
     """Recompute a random sample of views with the base model and compare with the cache."""
     from stages.verify import verify_cache
 
-    ok = _run(verify_cache, cache, sample=sample, seed=seed)
+    ok = run_stage(verify_cache, cache, sample=sample, seed=seed)
     raise typer.Exit(0 if ok else 1)
 
 
@@ -144,8 +140,12 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
                                              help="NAME=CHECKPOINT; repeat. A tec-pipeline export needs no --arch."),
              train_dir: Path = typer.Option(..., help="Labelled ImageFolder to fit k-NN and the linear probe on."),
              test_dir: Optional[Path] = typer.Option(None, help="Labelled ImageFolder to score on (not with --val)."),
-             val: bool = typer.Option(False, "--val", help="Score on a held-out fifth of --train-dir (whole source "
-                                                           "digits on the demo) instead: the split to tune on."),
+             val: bool = typer.Option(False, "--val", help="Score on a held-out fifth of --train-dir instead (whole "
+                                                           "groups with --groups): the split to tune on."),
+             groups: Optional[Path] = typer.Option(
+                 None, "--groups", help="CSV with header image,group: the group of every image of --train-dir "
+                                        "(image: its path under --train-dir, e.g. 3/00012.png). The probe's held-out "
+                                        "fifth and --val then hold out whole groups (default: stratified by label)."),
              arch: Optional[str] = typer.Option(None, help="timm architecture of checkpoints that do not record one."),
              pool: str = typer.Option("cls", help="cls token or mean of patch tokens."),
              img_size: Optional[int] = typer.Option(None, help="Encoder image size (default: the architecture's)."),
@@ -156,19 +156,28 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
              out: Optional[Path] = typer.Option(None, help="Write the table as JSON here.")):
     """Frozen-feature k-NN and linear-probe accuracy, with the raw-pixel and random-init floors."""
     if pool not in ("cls", "mean"):
-        _fail(f"--pool '{pool}': expected cls or mean")
+        fail(f"--pool '{pool}': expected cls or mean")
     if (test_dir is None) != val:
-        _fail("give --test-dir to score on a test split, or --val to score on a held-out fifth of --train-dir")
+        fail("give --test-dir to score on a test split, or --val to score on a held-out fifth of --train-dir")
     pairs = []
     for item in model:
         name, sep, checkpoint = item.partition("=")
         if not sep or not name or not checkpoint:
-            _fail(f"--model '{item}' is not of the form NAME=CHECKPOINT")
+            fail(f"--model '{item}' is not of the form NAME=CHECKPOINT")
         pairs.append((name, arch, checkpoint))
+    train_groups = None if groups is None else run_stage(_train_groups, groups, train_dir)
     from .evaluate.report import run_eval  # after the checks: a typo costs no torch import
 
-    _run(run_eval, pairs, train_dir, test_dir, pool=pool, img_size=img_size, output=out, k=k, probe_C=probe_c,
-         echo=typer.echo, split=_split(val), train_groups=_run(_demo_groups, train_dir))
+    run_stage(run_eval, pairs, train_dir, test_dir, pool=pool, img_size=img_size, output=out, k=k, probe_C=probe_c,
+              echo=typer.echo, split=split_name(val), train_groups=train_groups)
+
+
+def _train_groups(groups: Path, train_dir: Path):
+    """The group of each image of `train_dir`, in the order the evaluation reads it."""
+    from .data.sources import ImageFolderSource
+    from .evaluate.groups import read_groups
+
+    return read_groups(groups, ImageFolderSource(train_dir))
 
 
 @app.command()
@@ -180,40 +189,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the run's cache
     """The main job on the built-in demo: cache-targets, train TEC and the control, evaluate against the base."""
     from stages.demo import run_demo
 
-    _run(run_demo, out, seed=seed, second_round=second_round, overrides=overrides or [], split=_split(val))
-
-
-@app.command("demo-seeds")
-def demo_seeds(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds to run; repeat the option."),
-               out: Path = typer.Option(Path("runs/demo_seeds"), help="One sub-folder per seed, and seeds.json."),
-               val: bool = typer.Option(False, "--val", help=VAL_HELP),
-               overrides: Optional[List[str]] = OverridesArg):
-    """The demo over several seeds: mean and spread of k-NN and linear accuracy per model."""
-    from stages.demo_seeds import run_demo_seeds
-
-    _run(run_demo_seeds, list(seeds), out, overrides=overrides or [], split=_split(val))
-
-
-@app.command("caching-costs")
-def caching_costs(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds to run; repeat the option."),
-                  out: Path = typer.Option(Path("runs/caching_costs"), help="One sub-folder per seed and variant, and costs.json."),
-                  only: Optional[List[str]] = typer.Option(None, "--only", help="Run only these variants (and their references); repeat the option."),
-                  val: bool = typer.Option(False, "--val", help=VAL_HELP),
-                  tec_set: Optional[List[str]] = typer.Option(None, "--set", help="A dotted override for every TEC variant, e.g. optim.epochs=15 (the control trains as many steps); repeat the option.")):
-    """What caching costs TEC on the demo: cached views V=1/2/4/6 against fresh crops online,
-    float32/float16/int8 caches, and the control with fresh against cycled views (README)."""
-    from stages.caching_costs import run_caching_costs
-
-    _run(run_caching_costs, list(seeds), out, only=only, split=_split(val), tec_overrides=list(tec_set or []))
-
-
-@app.command("demo-base")
-def demo_base(out: Path = typer.Option(Path("assets/demo_base"), help="Where the base's encoder and model go."),
-              overrides: Optional[List[str]] = OverridesArg):
-    """Train the demo's MAE base with this pipeline (configs/demo_base.yaml) and export it."""
-    from stages.demo_base import make_demo_base
-
-    _run(make_demo_base, out, overrides=overrides or [])
+    run_stage(run_demo, out, seed=seed, second_round=second_round, overrides=overrides or [], split=split_name(val))
 
 
 @app.command()
@@ -246,39 +222,23 @@ def ablate(items: List[str] = typer.Argument(..., metavar="CONFIGS",
         elif p.is_dir():
             found = sorted(p.glob("*.yaml"))
             if not found:
-                _fail(f"{p}: no *.yaml ablation configs in this directory")
+                fail(f"{p}: no *.yaml ablation configs in this directory")
             paths.extend(found)
         elif p.is_file():
             paths.append(p)
         else:
-            _fail(f"{item}: ablation config not found (expected a YAML, a directory of them, or key=value)")
+            fail(f"{item}: ablation config not found (expected a YAML, a directory of them, or key=value)")
     if not paths:
-        _fail("no ablation configs given (e.g. configs/ablations)")
+        fail("no ablation configs given (e.g. configs/ablations)")
     _load(config, overrides)  # a bad --config or override: one line naming the key, before any run starts
     if "://" not in cache and not Path(cache).exists():
-        _fail(f"--cache {cache}: not found (run cache-targets first)")
+        fail(f"--cache {cache}: not found (run cache-targets first)")
     from stages.ablate import run_ablations
 
     if finetune is not None:
         _load_ft(finetune, [*ft_set, "model.checkpoint=row"], "finetune")  # a bad fine-tune config fails first too
-    rows = _run(run_ablations, paths, cache, overrides, config, str(output), finetune, ft_set)
+    rows = run_stage(run_ablations, paths, cache, overrides, config, str(output), finetune, ft_set)
     raise typer.Exit(0 if all(r["status"] == "done" for r in rows) else 1)
-
-
-@app.command("demo-finetune")
-def demo_finetune(run: Path = typer.Option(Path("runs/demo"), help="A finished demo run folder (its tec/ and control/), "
-                                                                   "or a demo-seeds folder: seed N then uses its seed<N>/."),
-                  seeds: List[int] = typer.Option([0], "--seed", help="Fine-tuning seeds; repeat the option."),
-                  out: Optional[Path] = typer.Option(None, help="Where the fine-tunes go (default RUN/finetune, "
-                                                                "RUN/finetune_val with --val)."),
-                  val: bool = typer.Option(False, "--val", help="Train on four fifths of the training digits and score "
-                                                                "the held-out fifth (whole source digits): the split "
-                                                                "to choose a recipe on."),
-                  overrides: Optional[List[str]] = OverridesArg):
-    """Fine-tune base, control and TEC of a demo run (configs/finetune_demo.yaml); TEC's paired margins."""
-    from stages.demo_finetune import run_demo_finetune
-
-    _run(run_demo_finetune, run, list(seeds), out, overrides=overrides or [], split=_split(val))
 
 
 def main() -> None:

@@ -1,12 +1,12 @@
-"""The caching-costs sweep (README "What caching costs"): each variant's settings, and the
-table made from finished rows read back."""
+"""The caching-costs study (`experiments.caching_costs`): each variant's settings, and the table
+made from finished rows read back."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from stages.caching_costs import VARIANTS, checked_names, run_caching_costs, variant_config
+from experiments.caching_costs import VARIANTS, checked_names, run_caching_costs, variant_config
 from tec_pipeline.errors import UserError
 
 

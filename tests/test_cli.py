@@ -1,6 +1,11 @@
-"""The `tec-pipeline` command line: help of every command, one-line errors, and `ablate` end to end."""
+"""The `tec-pipeline` command line: help of every command, one-line errors, `eval --groups`, and
+`ablate` end to end; the studies' command line (`python -m experiments`) beside it."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +14,7 @@ from typer.testing import CliRunner
 
 from helpers import TINY_BASE_ARGS, TINY_MODEL_ARGS, write_images
 
+from experiments.__main__ import app as studies_app
 from tec_pipeline.cli import app
 
 # Wide enough that rich never wraps an option name in the help panels.
@@ -21,12 +27,19 @@ KEY_OPTIONS = {
     "export": ["RUN", "--out"],
     "inspect": ["CACHE"],
     "verify": ["CACHE", "--sample", "--seed"],
-    "eval": ["--model", "--train-dir", "--test-dir", "--val", "--arch", "--pool", "--out"],
+    "eval": ["--model", "--train-dir", "--test-dir", "--val", "--groups", "--arch", "--pool", "--out"],
     "demo": ["--out", "--seed", "--second-round", "--val"],
-    "demo-seeds": ["--seed", "--out", "--val"],
-    "demo-base": ["--out"],
     "ablate": ["CONFIGS", "--cache", "--config", "--output"],
 }
+PRODUCT_COMMANDS = ["cache-targets", "inspect", "verify", "train", "ablate", "export", "finetune", "linprobe", "eval",
+                    "demo"]
+STUDY_OPTIONS = {
+    "demo-seeds": ["--seed", "--out", "--val", "OVERRIDES"],
+    "demo-base": ["--out", "OVERRIDES"],
+    "demo-finetune": ["--run", "--seed", "--out", "--val", "OVERRIDES"],
+    "caching-costs": ["--seed", "--out", "--only", "--val", "--set"],
+}
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_BASE, TINY_MODEL = TINY_BASE_ARGS, TINY_MODEL_ARGS
 
@@ -35,8 +48,14 @@ def invoke(*args: str):
     return RUNNER.invoke(app, [str(a) for a in args])
 
 
-def command_names() -> list[str]:
-    return [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
+def command_names(typer_app=app) -> list[str]:
+    return [c.name or c.callback.__name__.replace("_", "-") for c in typer_app.registered_commands]
+
+
+def listed_commands(help_text: str) -> list[str]:
+    """The command names of a --help's Commands panel, in order."""
+    panel = help_text[help_text.index("Commands"):]
+    return re.findall(r"^│ ([a-z][a-z-]*)  ", panel, flags=re.MULTILINE)
 
 
 # ----------------------------------------------------------------------------- help
@@ -58,6 +77,38 @@ def test_help_of_every_command_mentions_its_key_options(name):
 
 def test_every_documented_command_exists():
     assert set(KEY_OPTIONS) <= set(command_names())
+
+
+def test_the_product_lists_exactly_its_commands():
+    """The studies are not product commands: they run with `python -m experiments`."""
+    result = invoke("--help")
+    assert sorted(listed_commands(result.stdout)) == sorted(PRODUCT_COMMANDS), result.stdout
+    assert sorted(command_names()) == sorted(PRODUCT_COMMANDS)
+
+
+def test_python_m_experiments_lists_the_four_studies():
+    """Run as the studies are run: from the repository root, where `experiments` is importable."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"COLUMNS": "200", "NO_COLOR": "1"}
+    result = subprocess.run([sys.executable, "-m", "experiments", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "python -m experiments" in result.stdout
+    assert listed_commands(result.stdout) == list(STUDY_OPTIONS)
+
+
+@pytest.mark.parametrize("name", list(STUDY_OPTIONS))
+def test_help_of_every_study_mentions_its_key_options(name):
+    result = RUNNER.invoke(studies_app, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    for option in STUDY_OPTIONS[name]:
+        assert option.lower() in result.stdout.lower(), (name, option)
+
+
+def test_a_study_reports_bad_input_as_the_product_does():
+    result = RUNNER.invoke(studies_app, ["caching-costs", "--only", "tec-V3"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown variant 'tec-V3'"), result.stderr
 
 
 # ----------------------------------------------------------------------------- one-line errors
@@ -107,24 +158,35 @@ def test_eval_needs_exactly_one_of_test_dir_and_val(split, tmp_path):
     assert len(lines) == 1 and "--test-dir" in lines[0] and "--val" in lines[0]
 
 
-def test_eval_holds_out_whole_source_digits_on_a_demo_build_only(tmp_path, monkeypatch):
-    """The command looks up each training image's source digit on a demo build and hands it to
-    `run_eval`; a copy of the same folder outside the build has none."""
-    import shutil
+def test_eval_groups_by_the_groups_file_given(tmp_path, monkeypatch):
+    """`--groups` hands `run_eval` the group of each training image in the folder's order; on a demo
+    build, its train_groups.csv gives each image's source digit as its manifest records it (image
+    i of the split rendered source digit images.source[i]). Without --groups there are none."""
+    import json
 
-    from tec_pipeline.data.demo import build_demo_data, source_groups
+    from tec_pipeline.demo.data import build_demo_data
     from tec_pipeline.evaluate import report
     from tec_pipeline.evaluate.features import labelled_folder
 
     seen = []
     monkeypatch.setattr(report, "run_eval", lambda *args, **kwargs: seen.append(kwargs["train_groups"]))
     build_demo_data(tmp_path / "demo", train_size=20, test_size=5)
-    shutil.copytree(tmp_path / "demo" / "train", tmp_path / "plain")
-    for train in (tmp_path / "demo" / "train", tmp_path / "plain"):
-        result = invoke("eval", "--model", "a=b.pth", "--train-dir", train, "--val")
+    train = tmp_path / "demo" / "train"
+    for groups in (["--groups", tmp_path / "demo" / "train_groups.csv"], []):
+        result = invoke("eval", "--model", "a=b.pth", "--train-dir", train, "--val", *groups)
         assert result.exit_code == 0, result.output
-    assert seen[0].tolist() == source_groups(labelled_folder(tmp_path / "demo" / "train")).tolist()
-    assert len(seen[0]) == 20 and seen[1] is None
+    sources = json.loads((tmp_path / "demo" / "manifest.json").read_text())["images"]["train"]["source"]
+    digits = [sources[int(Path(f).stem)] for f in labelled_folder(train).files]
+    assert seen[0].tolist() == digits and len(digits) == 20 and seen[1] is None
+
+
+def test_eval_bad_groups_file_is_one_line(tmp_path):
+    write_images(tmp_path / "train" / "a", 2)
+    (tmp_path / "g.csv").write_text("image,group\nb/0.png,1\n")
+    result = invoke("eval", "--model", "a=b.pth", "--train-dir", tmp_path / "train", "--val", "--groups", tmp_path / "g.csv")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "g.csv, row 2: image 'b/0.png' is not in" in lines[0], result.stderr
 
 
 # ----------------------------------------------------------------------------- ablate end to end

@@ -1,10 +1,11 @@
-"""The demo's verdict and its seed summary (the runs themselves are the README's main job)."""
+"""The demo's verdict (`tec_pipeline.demo.report`) and the seed summary of the demo-seeds study
+(`experiments.demo_seeds`), from reports written by hand: the runs themselves train for minutes."""
 import json
 
 import pytest
 
-from stages.demo_seeds import run_demo_seeds
-from tec_pipeline.demo_report import format_margins, format_report, format_stages, margins, verdict
+from experiments.demo_seeds import run_demo_seeds
+from tec_pipeline.demo.report import format_margins, format_report, format_stages, margins, verdict
 from tec_pipeline.errors import UserError
 
 

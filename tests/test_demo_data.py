@@ -1,4 +1,5 @@
-"""The demo set: deterministic bytes, right labels, split by source digit, 32x32 RGB."""
+"""The demo set: deterministic bytes, right labels, split by source digit, 32x32 RGB, and a groups
+file per split naming each image's source digit."""
 import json
 from pathlib import Path
 
@@ -7,11 +8,13 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from tec_pipeline.data import demo
-from tec_pipeline.data.demo import DemoDataError, build_demo_data
 from tec_pipeline.data.sources import ImageFolderSource
+from tec_pipeline.demo import data as demo
+from tec_pipeline.demo.data import DemoDataError, build_demo_data, group_files
+from tec_pipeline.evaluate.groups import read_groups
 
 TINY = dict(train_size=40, test_size=20, difficulty=0.5)
+BESIDE_IMAGES = 3  # manifest.json, train_groups.csv, test_groups.csv
 
 
 def all_bytes(root: Path) -> dict[str, bytes]:
@@ -29,7 +32,7 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(built, tmp_path)
     again = build_demo_data(tmp_path / "again", seed=0, **TINY)
     other = build_demo_data(tmp_path / "other", seed=1, **TINY)
     ref = all_bytes(root)
-    assert len(ref) == TINY["train_size"] + TINY["test_size"] + 1  # + manifest
+    assert len(ref) == TINY["train_size"] + TINY["test_size"] + BESIDE_IMAGES
     assert all_bytes(tmp_path / "again") == ref
     assert again["images"] == built[1]["images"]
     differ = all_bytes(tmp_path / "other")
@@ -54,19 +57,40 @@ def test_class_folder_is_the_source_digits_label(built):
             assert int(source.classes[source.label(j)]) == int(folder) == target[images["source"][index]]
 
 
-def test_source_groups_follow_the_reader_order(built, tmp_path):
+def test_the_groups_files_name_each_images_source_digit(built, tmp_path):
     root, manifest = built
     target = load_digits().target
+    files = group_files(root)
+    assert files == {s: root / f"{s}_groups.csv" for s in ("train", "test")}
     for split in ("train", "test"):
         source = ImageFolderSource(root / split)
-        groups = demo.source_groups(source)
-        assert len(groups) == len(source) and set(groups) <= set(manifest["source_digits"][split])
+        groups = read_groups(files[split], source)
+        assert groups.dtype == np.int64 and len(groups) == len(source)
+        assert set(groups) <= set(manifest["source_digits"][split])
         assert [int(target[g]) for g in groups] == [int(source.classes[l]) for l in source.labels]
         for j in range(len(source)):
             assert groups[j] == manifest["images"][split]["source"][int(Path(source.name(j)).stem)]
-    (tmp_path / "plain" / "a").mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(tmp_path / "plain" / "a" / "x.png")
-    assert demo.source_groups(ImageFolderSource(tmp_path / "plain")) is None  # not a demo build
+    (tmp_path / "plain" / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain" / "train" / "a" / "x.png")
+    with pytest.raises(DemoDataError, match="not a complete demo build") as err:
+        group_files(tmp_path / "plain")
+    assert "\n" not in str(err.value)
+
+
+def test_a_build_without_groups_files_gets_them_from_its_manifest(tmp_path):
+    """A complete build that lacks its groups files (derived data) is reused, its images untouched,
+    and gains the same groups files a fresh build writes."""
+    root = tmp_path / "d"
+    build_demo_data(root, seed=0, **TINY)
+    fresh = {s: (root / f"{s}_groups.csv").read_bytes() for s in ("train", "test")}
+    for s in ("train", "test"):
+        (root / f"{s}_groups.csv").unlink()
+    images = {k: v for k, v in all_bytes(root).items() if k.endswith(".png")}
+    build_demo_data(root, seed=0, **TINY)
+    assert {s: (root / f"{s}_groups.csv").read_bytes() for s in ("train", "test")} == fresh
+    assert {k: v for k, v in all_bytes(root).items() if k.endswith(".png")} == images
+    (root / "test_groups.csv").unlink()
+    assert group_files(root)["test"].read_bytes() == fresh["test"]  # the evaluation's way in does the same
 
 
 def test_split_by_source_digit(built):
@@ -157,7 +181,7 @@ def test_reuse_refuse_overwrite(built, tmp_path):
     assert "\n" not in str(err.value)
     manifest = build_demo_data(root, seed=1, overwrite=True, **TINY)
     assert manifest["settings"]["seed"] == 1
-    assert len(all_bytes(root)) == TINY["train_size"] + TINY["test_size"] + 1
+    assert len(all_bytes(root)) == TINY["train_size"] + TINY["test_size"] + BESIDE_IMAGES
     assert not (root / ".partial").exists()
 
 

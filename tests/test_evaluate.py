@@ -8,9 +8,11 @@ import torch
 from PIL import Image
 
 from tec_pipeline.config import ViTArch
-from tec_pipeline.data.demo import build_demo_data, source_groups
+from tec_pipeline.data.sources import ImageFolderSource
+from tec_pipeline.demo.data import build_demo_data, group_files
 from tec_pipeline.evaluate.errors import EvalError
 from tec_pipeline.evaluate.features import extract_features, labelled_folder, pixel_features, random_init_like
+from tec_pipeline.evaluate.groups import read_groups, write_groups
 from tec_pipeline.evaluate.protocols import (PROBE_CS, choose_probe_C, knn_accuracy, knn_predict,
                                              linear_probe_accuracy, probe_split)
 from tec_pipeline.evaluate.report import evaluate_models, format_table, run_eval, scored_groups
@@ -256,7 +258,7 @@ def test_val_split_scores_held_out_source_digits_and_never_reads_the_test_folder
     train, missing = root / "train", tmp_path / "no" / "test"
     ckpt, out = tmp_path / "vit.pth", tmp_path / "val.json"
     torch.save(vit.state_dict(), ckpt)
-    groups = source_groups(labelled_folder(train))
+    groups = read_groups(group_files(root)["train"], labelled_folder(train))
     rows = run_eval([("tiny", TINY_VIT, ckpt)], train, missing, pool="mean", k=1, probe_C=0.1, output=out,
                     echo=lambda *a: None, split="val", train_groups=groups)
     by = {r["name"]: r for r in rows}
@@ -269,7 +271,7 @@ def test_val_split_scores_held_out_source_digits_and_never_reads_the_test_folder
     assert not set(groups[fit]) & set(groups[val]) and 8 <= len(val) <= 24
     # The scored images' source digits, for the margins' bootstrap.
     assert scored_groups("val", y, groups, None).tolist() == groups[val].tolist()
-    test_groups = source_groups(labelled_folder(root / "test"))
+    test_groups = read_groups(group_files(root)["test"], labelled_folder(root / "test"))
     assert scored_groups("test", y, groups, test_groups).tolist() == test_groups.tolist()
     assert scored_groups("val", y, None, test_groups) is None
     assert by["tiny"]["knn"] == knn_accuracy(X[fit], y[fit], X[val], y[val], k=1)
@@ -286,3 +288,61 @@ def test_unlabelled_folder_is_refused(tmp_path, vit):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(EvalError, match="labelled"):
         extract_features(vit, tmp_path)
+
+
+# ----------------------------------------------------------------------------- groups files
+@pytest.fixture
+def folder(tmp_path) -> ImageFolderSource:
+    """Five images in two class folders."""
+    for name in ("a/1.png", "a/2.png", "b/1.png", "b/3.png", "b/4.png"):
+        (tmp_path / "f" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "f" / name)
+    return ImageFolderSource(tmp_path / "f")
+
+
+@pytest.mark.parametrize("groups", [[7, -1, 7, 12, 0], ["x", "y", "x", "3", "z"]])
+def test_groups_round_trip_in_the_folders_order(folder, tmp_path, groups):
+    """Written in any row order, read back in the folder's: integers as int64 (they sort as
+    numbers), anything else as strings."""
+    names = [folder.name(i) for i in range(len(folder))]
+    path = write_groups(tmp_path / "g.csv", names[::-1], groups[::-1])
+    assert path.read_text().splitlines()[0] == "image,group"
+    found = read_groups(path, folder)
+    assert found.tolist() == groups
+    assert (found.dtype == np.int64) if isinstance(groups[0], int) else (found.dtype.kind == "U")
+
+
+def test_groups_file_tolerates_spaces_blank_lines_and_dot_slash(folder, tmp_path):
+    path = tmp_path / "g.csv"
+    path.write_text("image, group\n./a/1.png, 1\na/2.png,1\n\nb/1.png,2\nb/3.png,2\nb/4.png,3\n")
+    assert read_groups(path, folder).tolist() == [1, 1, 2, 2, 3]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("img,group\na/1.png,1\n", "row 1: header 'img,group', expected the header 'image,group'"),
+    ("", "row 1: an empty file"),
+    ("image,group\na/1.png,1\nc/9.png,2\n", "row 3: image 'c/9.png' is not in"),
+    ("image,group\na/1.png,1\na/1.png,2\n", "row 3: image 'a/1.png' listed again (first on row 2)"),
+    ("image,group\na/1.png,1,extra\n", "row 2: 3 fields, expected image,group"),
+    ("image,group\na/1.png,\n", "row 2: empty group"),
+    ("image,group\na/1.png,1\na/2.png,1\nb/1.png,2\nb/3.png,2\n", "no row for image 'b/4.png'"),
+    ("image,group\na/1.png,1\n", "no row for image 'a/2.png' of"),
+])
+def test_a_bad_groups_file_is_one_line_naming_the_file_and_row(folder, tmp_path, text, needle):
+    path = tmp_path / "g.csv"
+    path.write_text(text)
+    with pytest.raises(EvalError) as err:
+        read_groups(path, folder)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}") and needle in message, message
+
+
+def test_an_unreadable_groups_file_is_one_line(folder, tmp_path):
+    for path in (tmp_path / "missing.csv", tmp_path):
+        with pytest.raises(EvalError, match="cannot read the groups file") as err:
+            read_groups(path, folder)
+        assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"image,group\n\xff\xfe,1\n")
+    with pytest.raises(EvalError, match="binary.csv: cannot read the groups file"):
+        read_groups(binary, folder)

@@ -148,22 +148,24 @@ def test_the_val_split_holds_out_whole_source_digits_of_the_train_folder(tmp_pat
     """``data.split=val`` (demo-finetune --val): train on four fifths of the train digits, score the
     fifth held out; no scored image shares a source digit with a trained one, the test folder is
     not read, and the groups demo-finetune resamples by are those of the scored images, in order."""
-    from stages.demo_finetune import scored_groups
+    from experiments.demo_finetune import scored_groups
     from tec_pipeline.finetune.splits import open_splits
-    from tec_pipeline.data.demo import build_demo_data, source_groups
+    from tec_pipeline.demo.data import build_demo_data, group_files
     from tec_pipeline.evaluate.features import labelled_folder
+    from tec_pipeline.evaluate.groups import read_groups
 
     build_demo_data(tmp_path / "demo", train_size=60, test_size=10)
+    files = group_files(tmp_path / "demo")
     cfg = load_finetune_config(None, [*TINY_FT, f"data.train={tmp_path / 'demo' / 'train'}", "data.split=val",
-                                      f"output={tmp_path / 'out'}"])
+                                      f"data.groups={files['train']}", f"output={tmp_path / 'out'}"])
     train_set, val_set, data = open_splits(cfg)
-    groups = source_groups(labelled_folder(cfg.data.train))
+    groups = read_groups(files["train"], labelled_folder(cfg.data.train))
     fit, held = set(groups[train_set.indices]), set(groups[val_set.indices])
     assert fit and held and not fit & held
     assert sorted([*train_set.indices, *val_set.indices]) == list(range(60))
     assert data["split"] == "val" and data["val_images"] == len(val_set) == len(val_set.indices) < 30
     assert val_set[0][1] == train_set.labels[val_set.indices[0]]
-    assert scored_groups(cfg).tolist() == groups[val_set.indices].tolist()
+    assert scored_groups(cfg, files["test"]).tolist() == groups[val_set.indices].tolist()
     with pytest.raises(ConfigError, match="data.split' is 'dev'"):
         load_finetune_config(None, [f"data.train={tmp_path}", "data.split=dev"])
 
@@ -175,8 +177,8 @@ def test_demo_finetune_scores_the_three_encoders_of_each_seed_folder(tmp_path):
     fine-tuning seed all three fine-tunes are the same run: every margin is exactly 0."""
     import shutil
 
-    from stages.demo_finetune import BASE, demo_encoders, run_demo_finetune
-    from tec_pipeline.data.demo import build_demo_data
+    from experiments.demo_finetune import BASE, demo_encoders, run_demo_finetune
+    from tec_pipeline.demo.data import build_demo_data
 
     build_demo_data(tmp_path / "demo", train_size=40, test_size=20)
     run = tmp_path / "run"

@@ -1,5 +1,7 @@
-"""The import graph (README "Where things live"): each module imports only its own layer or those
-below it, the library never imports a stage (outside `cli.py`'s command bodies), and enhancement
+"""The import graph: each module imports only its own layer or those below it. The library
+(`tec_pipeline.*`) never imports a stage (outside `cli.py`'s command bodies); single-stage drivers
+never import a composition of stages (`stages.demo`, `stages.ablate`); nothing under `tec_pipeline/`
+or `stages/` imports the studies (`experiments`, not installed), not even lazily; and enhancement
 (`targets`) never imports a model."""
 from __future__ import annotations
 
@@ -16,12 +18,15 @@ LAYERS = [
     ("tec_pipeline.models",),
     ("tec_pipeline.base_targets", "tec_pipeline.step", "tec_pipeline.data", "tec_pipeline.export"),
     ("tec_pipeline.cache",),
-    ("tec_pipeline.cache_targets", "tec_pipeline.train", "tec_pipeline.evaluate", "tec_pipeline.viz", "tec_pipeline.finetune",
-     "tec_pipeline.demo_report"),
-    ("tec_pipeline.costs_report",),
+    ("tec_pipeline.cache_targets", "tec_pipeline.train", "tec_pipeline.evaluate", "tec_pipeline.viz", "tec_pipeline.finetune"),
+    ("tec_pipeline.demo",),  # the demo's data and report: built on evaluation, below every command
     ("tec_pipeline.cli", "tec_pipeline.__main__"),
-    ("stages",),
+    # Single-stage drivers; "stages" (the package, and any driver not named here) ranks lowest of the stages.
+    ("stages", "stages.cache_targets", "stages.dry_run", "stages.verify", "stages.train", "stages.finetune"),
+    ("stages.demo", "stages.ablate"),  # compositions of stages
+    ("experiments",),  # the studies: never imported by the library or the stages
 ]
+TOP_LEVEL = ("tec_pipeline", "stages", "experiments")
 
 
 def layer_of(module: str) -> int:
@@ -55,10 +60,11 @@ def imports(path: Path, top_level_only: bool, root: Path = ROOT) -> list[tuple[s
             base = package[:len(package) - node.level + 1] if node.level else []
             name = ".".join(base + ([node.module] if node.module else []))
             found.append((name, node.lineno))
-    return [(name, line) for name, line in found if name.split(".")[0] in ("tec_pipeline", "stages")]
+    return [(name, line) for name, line in found if name.split(".")[0] in TOP_LEVEL]
 
 
-SOURCES = sorted([*ROOT.glob("tec_pipeline/**/*.py"), *ROOT.glob("stages/*.py")])
+PRODUCT = sorted([*ROOT.glob("tec_pipeline/**/*.py"), *ROOT.glob("stages/*.py")])
+SOURCES = sorted([*PRODUCT, *ROOT.glob("experiments/*.py")])
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -68,6 +74,23 @@ def test_no_module_imports_a_layer_above_it(path):
     for name, line in imports(path, top_level_only=me == "tec_pipeline.cli"):
         assert layer_of(name) <= layer_of(me), f"{path.name}:{line}: {me} (layer {layer_of(me)}) imports {name} " \
                                                f"(layer {layer_of(name)})"
+
+
+def studies_imported(path: Path, root: Path = ROOT) -> list[str]:
+    """Every import of `experiments` in `path`, inside functions too."""
+    return [f"{path.relative_to(root)}:{line}: imports {name}" for name, line in imports(path, False, root)
+            if name.split(".")[0] == "experiments"]
+
+
+def test_the_product_never_imports_the_studies():
+    """`experiments` is not installed: an import of it from the library or a stage works only from
+    a checkout's root, so none may exist, lazy ones in `cli.py`'s command bodies included."""
+    assert not [hit for path in PRODUCT for hit in studies_imported(path)]
+
+
+def test_the_sources_include_the_studies():
+    assert {"experiments.__main__", "experiments.demo_seeds", "experiments.caching_costs"} <= \
+        {module_name(p) for p in SOURCES}
 
 
 def test_enhancement_never_imports_a_model():
@@ -85,3 +108,17 @@ def test_the_check_finds_an_upward_import(tmp_path):
     lazy.write_text("def f():\n    from stages.train import run_train\n")
     assert imports(lazy, False, root=tmp_path) == [("stages.train", 2)] and not imports(lazy, True, root=tmp_path)
     assert layer_of("stages.train") > layer_of("tec_pipeline.train.batches")
+
+
+def test_the_check_finds_an_import_of_the_studies(tmp_path):
+    """The check itself: a lazy import of a study in the library's CLI and a top-level one in a stage."""
+    (tmp_path / "tec_pipeline").mkdir()
+    (tmp_path / "stages").mkdir()
+    cli = tmp_path / "tec_pipeline" / "cli.py"
+    cli.write_text("def seeds():\n    from experiments.demo_seeds import run_demo_seeds\n")
+    stage = tmp_path / "stages" / "demo.py"
+    stage.write_text("import json\nfrom experiments import costs_report\n")
+    assert studies_imported(cli, tmp_path) == ["tec_pipeline/cli.py:2: imports experiments.demo_seeds"]
+    assert studies_imported(stage, tmp_path) == ["stages/demo.py:2: imports experiments"]
+    assert layer_of("experiments.demo_seeds") > layer_of("stages.demo") > layer_of("stages.train") \
+        > layer_of("tec_pipeline.cli") > layer_of("tec_pipeline.demo.report")

@@ -9,11 +9,12 @@ SOURCE_KINDS = ("imagefolder", "webdataset", "demo")
 
 
 def demo_root(path: str | Path) -> Path:
-    """The demo set is an ImageFolder; `demo.build_demo_data` writes its training split to `path/train`."""
+    """The demo set is an ImageFolder; `tec_pipeline.demo.data.build_demo_data` writes its training
+    split to `path/train`."""
     path = Path(path)
     if not (path / "train").is_dir():
         raise SourceError(f"{path}: no demo data (no train/ folder); build it with "
-                          "tec_pipeline.data.demo.build_demo_data first")
+                          "tec_pipeline.demo.data.build_demo_data first")
     return path / "train"
 
 

@@ -1,11 +1,10 @@
 """The built-in demo set: MNIST-M-like digits made from what scikit-learn ships.
 
-README, "The default run (`bash scripts/demo.sh`)": no network, so the data of the demo
-run is rendered locally from scikit-learn's 1,797 handwritten digits (8x8 grey) composited
-over random crops of its two sample photographs (china.jpg, flower.jpg). Every image is a
-32x32 RGB picture of one source digit in a random colour, size, position and slant,
-over a background cut from a photo (its flat colour at the default difficulty, its texture
-and stroke fragments of other digits as clutter at higher ones).
+The demo needs no network, so its data is rendered locally from scikit-learn's 1,797
+handwritten digits (8x8 grey) composited over random crops of its two sample photographs
+(china.jpg, flower.jpg). Every image is a 32x32 RGB picture of one source digit in a random
+colour, size, position and slant, over a background cut from a photo (its flat colour at the
+default difficulty, its texture and stroke fragments of other digits as clutter at higher ones).
 
 Two properties make the numbers it produces mean something:
 
@@ -18,7 +17,9 @@ Two properties make the numbers it produces mean something:
 
 The result is an ImageFolder (``root/train/<digit>/00000.png``, ``root/test/...``) with a
 ``manifest.json`` that records the settings, the counts and, per image, its source digit
-and label. The manifest is written last: it marks a complete build.
+and label, and one groups file per split (``root/train_groups.csv``, ``root/test_groups.csv``,
+`evaluate.groups`): the source digit of each image, what the demo's held-out fifths and
+bootstrap intervals group by. The manifest is written last: it marks a complete build.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
+from ..evaluate.groups import write_groups
 
 FORMAT = "tec-pipeline-demo-digits"
 RENDERER_VERSION = 3  # bump when rendering changes: old builds then no longer match
@@ -39,6 +41,7 @@ TEST_FRACTION = 0.2  # of the source digits of each class
 NUM_CLASSES = 10
 SPLITS = ("train", "test")
 MANIFEST = "manifest.json"
+GROUPS_FILES = {s: f"{s}_groups.csv" for s in SPLITS}  # beside the split folders, never inside them
 # First word of every seed: which draw it is, so no two draws ever share a stream.
 _SPLIT, _ASSIGN, _RENDER = 1, 2, 3
 
@@ -157,9 +160,8 @@ def nuisances(difficulty: float) -> Nuisances:
     and place, slanted, fainter; the default) .. 1 (small, faint, cluttered, on photo texture).
 
     Geometry comes first and texture last because photo texture is what an MAE base of the
-    demo's size spends its CPU budget on: on flat backgrounds it learns digit features well
-    above the raw-pixel floor in the linear probe; on full photo texture it does not (README,
-    "Why the data changed"). Difficulty 1 keeps renderer 2's difficulty 1."""
+    demo's size spends its capacity on: on flat backgrounds it learns digit features a linear
+    probe reads, on full photo texture it does not."""
     d = float(difficulty)
     g, t = min(1.0, 2.0 * d), max(0.0, 2.0 * d - 1.0)  # the geometric half, the texture half
     return Nuisances(min_scale=0.9 - 0.45 * g - 0.15 * t, jitter=g, slant=30.0 * g + 5.0 * t,
@@ -204,23 +206,16 @@ def render_image(settings: DemoSettings, split: str, index: int, source: int, sp
     return render_digit(glyphs[source], others, photos, n, rng, settings.img_size)
 
 
-def source_groups(source) -> np.ndarray | None:
-    """The source digit of each image of `source` (an ImageFolderSource over the train or test
-    folder of a demo build), in its order; None for any other folder. A probe that holds out
-    part of the training set groups by it, as the demo's splits do."""
-    root, split = Path(source.root).parent, Path(source.root).name
-    manifest = read_manifest(root)
-    if manifest is None or manifest.get("format") != FORMAT or split not in SPLITS:
-        return None
-    sources = manifest["images"][split]["source"]
-    return np.asarray([sources[int(Path(f).stem)] for f in source.files], dtype=np.int64)
-
-
 # ---------------------------------------------------------------- the build
 
 
+def image_name(label: int, index: int) -> str:
+    """Image `index` of a split, as its split folder's reader names it."""
+    return f"{label}/{index:05d}.png"
+
+
 def image_path(split: str, label: int, index: int) -> str:
-    return f"{split}/{label}/{index:05d}.png"
+    return f"{split}/{image_name(label, index)}"
 
 
 def read_manifest(root: str | Path) -> dict | None:
@@ -229,6 +224,31 @@ def read_manifest(root: str | Path) -> dict | None:
         return None
     with path.open() as f:
         return json.load(f)
+
+
+def write_group_files(root: str | Path, manifest: dict) -> dict[str, Path]:
+    """Write the groups file of each split from `manifest`: every image's source digit."""
+    written = {}
+    for s in SPLITS:
+        images = manifest["images"][s]
+        names = [image_name(label, i) for i, label in enumerate(images["label"])]
+        written[s] = write_groups(Path(root) / GROUPS_FILES[s], names, images["source"])
+    return written
+
+
+def group_files(root: str | Path) -> dict[str, Path]:
+    """{split: its groups file} of the complete demo build at `root`; a build that lacks them
+    (they are derived data) gets them from its manifest first. Refused with one line where
+    `root` is not a complete demo build."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is None or manifest.get("format") != FORMAT:
+        raise DemoDataError(f"{root}: not a complete demo build (no demo {MANIFEST}); build it with "
+                            "tec_pipeline.demo.data.build_demo_data first")
+    paths = {s: root / GROUPS_FILES[s] for s in SPLITS}
+    if not all(p.is_file() for p in paths.values()):
+        write_group_files(root, manifest)
+    return paths
 
 
 def _write_split(tmp: Path, settings: DemoSettings, split: str, sources: np.ndarray, assigned: np.ndarray,
@@ -256,10 +276,11 @@ def build_demo_data(root: str | Path, train_size: int = 5000, test_size: int = 1
                     seed: int = 0, overwrite: bool = False) -> dict:
     """Render the demo set into `root` once; return its manifest.
 
-    A build with the same settings is reused as is, one by an older renderer is replaced, any
-    other build (or a folder that is not a demo build) is refused with one line unless
-    `overwrite`. The images are written to a temporary folder and moved into place; the
-    manifest, written last, marks completion.
+    A build with the same settings is reused as is (its groups files written from the manifest
+    where missing), one by an older renderer is replaced, any other build (or a folder that is
+    not a demo build) is refused with one line unless `overwrite`. The images are written to a
+    temporary folder and moved into place, then the groups files; the manifest, written last,
+    marks completion.
     """
     if not 0.0 <= difficulty <= 1.0:
         raise DemoDataError(f"demo difficulty must be within 0..1, got {difficulty}")
@@ -269,6 +290,7 @@ def build_demo_data(root: str | Path, train_size: int = 5000, test_size: int = 1
     settings = DemoSettings(int(train_size), int(test_size), float(difficulty), int(seed))
     manifest = read_manifest(root)
     if manifest is not None and manifest.get("settings") == asdict(settings) and not overwrite:
+        group_files(root)
         return manifest
     occupied = manifest is not None or any((root / s).exists() for s in SPLITS)
     if occupied and not overwrite and not _built_by_an_older_renderer(manifest):
@@ -291,6 +313,7 @@ def build_demo_data(root: str | Path, train_size: int = 5000, test_size: int = 1
 
     (root / MANIFEST).unlink(missing_ok=True)
     for s in SPLITS:
+        (root / GROUPS_FILES[s]).unlink(missing_ok=True)
         shutil.rmtree(root / s, ignore_errors=True)
         (tmp / s).rename(root / s)
     tmp.rmdir()
@@ -305,6 +328,7 @@ def build_demo_data(root: str | Path, train_size: int = 5000, test_size: int = 1
         # Per image (by index within its split): the source digit rendered and its label.
         "images": {s: {"source": assigned[s].tolist(), "label": labels[assigned[s]].tolist()} for s in SPLITS},
     }
+    write_group_files(root, manifest)
     with (root / (MANIFEST + ".tmp")).open("w") as f:
         json.dump(manifest, f)
     (root / (MANIFEST + ".tmp")).rename(root / MANIFEST)

@@ -1,10 +1,10 @@
 """The default run's report: does TEC beat its base and the control, by more than the noise?
 
 The demo (`stages/demo.py`) evaluates random-init, pixels, base, control and TEC the same way
-(`evaluate.report`); this module reads those rows as the README's question: the verdict (TEC
+(`evaluate.report`); this module reads those rows as the demo's question: the verdict (TEC
 above both the base and the control in both protocols), TEC's margins with their 95%
-intervals over the scored images, the wall time of every stage, and the summary over
-several seeds. The evaluation itself knows nothing of these model names.
+intervals over the scored images, and the wall time of every stage. The evaluation itself
+knows nothing of these model names.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from .evaluate.statistics import paired_difference
+from ..evaluate.statistics import paired_difference
 
 METRICS = ("knn", "linear")
 METRIC_NAMES = {"knn": "k-NN", "linear": "linear"}
@@ -54,11 +54,6 @@ def verdict(rows: Sequence[dict]) -> str:
     return f"TEC does NOT beat both the base and the control in: {lost}."
 
 
-def tec_won(report: dict) -> bool:
-    """Whether a demo report's verdict is a win in both metrics."""
-    return report["verdict"].startswith("TEC beats")
-
-
 def margins(rows: Sequence[dict], groups: Optional[np.ndarray] = None) -> dict:
     """TEC's margin over the base and over the control per metric, with its 95% interval over
     the scored images, resampled by source digit when `groups` gives them (`paired_difference`):
@@ -85,49 +80,7 @@ def format_stages(stages: dict[str, float], cache_bytes: int) -> str:
 
 def format_report(report: dict) -> str:
     """What one demo run prints: the table, the stage times, the verdict and TEC's margins."""
-    from .evaluate.report import format_table  # imports torch; a seed summary read from reports needs none
+    from ..evaluate.report import format_table  # imports torch; summaries read from reports need none
 
     return "\n".join([format_table(report["rows"]), format_stages(report["wall_s"], report["cache_bytes"]),
                       report["verdict"], format_margins(report["margins"])])
-
-
-# ---------------------------------------------------------------- several seeds
-
-
-def margin_list(reports: Sequence[dict]) -> list[dict]:
-    """Every (seed, opponent, metric) margin of `reports`; reports written before margins were
-    recorded have none."""
-    return [d for rep in reports for per in rep.get("margins", {}).values() for d in per.values()]
-
-
-def spread(values: Sequence[float]) -> dict:
-    """Mean, population std and the values themselves, over seeds."""
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": list(values)}
-
-
-def seed_summary(seeds: Sequence[int], split: str, reports: Sequence[dict]) -> dict:
-    """Mean, population std and values of each model's accuracies over the seeds' reports; the
-    seeds TEC won; the margins whose 95% interval excludes 0; each seed's total wall time."""
-    summary = {}
-    for name in [r["name"] for r in reports[0]["rows"]]:
-        rows = [next(r for r in rep["rows"] if r["name"] == name) for rep in reports]
-        summary[name] = {m: spread([r[m] for r in rows]) for m in METRICS}
-    found = margin_list(reports)
-    return {"seeds": list(seeds), "split": split, "summary": summary,
-            "tec_wins": f"{sum(tec_won(rep) for rep in reports)}/{len(seeds)}",
-            "clear_margins": f"{sum(d['low'] > 0 for d in found)}/{len(found)}",
-            "wall_s": [sum(rep["wall_s"].values()) for rep in reports]}
-
-
-def format_seed_summary(result: dict, reports: Sequence[dict]) -> str:
-    """Mean +- std per model and metric, the seeds TEC won, each seed's margins and how many
-    of them are clear of 0."""
-    lines = [f"{'model':<12}{'k-NN mean +- std':>20}{'linear mean +- std':>22}"]
-    lines += [f"{name:<12}{m['knn']['mean']:>12.3f} +- {m['knn']['std']:.3f}{m['linear']['mean']:>14.3f} +- "
-              f"{m['linear']['std']:.3f}" for name, m in result["summary"].items()]
-    lines.append(f"TEC beats base and control in both metrics in {result['tec_wins']} seeds")
-    lines += [f"seed {seed}:\n{format_margins(rep['margins'])}"
-              for seed, rep in zip(result["seeds"], reports) if "margins" in rep]
-    if margin_list(reports):
-        lines.append(f"margins whose 95% interval over the scored images excludes 0: {result['clear_margins']}")
-    return "\n".join(lines)

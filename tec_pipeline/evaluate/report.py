@@ -111,8 +111,8 @@ def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir
     `probe_C` None chooses the probe's C per model (`choose_probe_C`). `split` "val" fits on
     four fifths of `train_dir` and scores on the fifth `validation_split` holds out (`test_dir`
     is not read). `train_groups` gives the group of each image of `train_dir`, in its order
-    (e.g. the source digit of each image of a demo build): the probe's held-out fifth and the
-    "val" fifth then hold out whole groups; None stratifies them by label. `log` (a print-like
+    (`groups.read_groups`, e.g. the source digit of each image of a demo build): the probe's
+    held-out fifth and the "val" fifth then hold out whole groups; None stratifies them by label. `log` (a print-like
     callable) hears which model is being evaluated.
     """
     check_split(split, test_dir)

@@ -28,7 +28,8 @@ class FtData:
     kind: str = "imagefolder"  # imagefolder (root/<class>/image) | webdataset (tars, a .cls class index per image)
     train: str = ""  # a folder, or a tar pattern (`train-{0000..0127}.tar`) with kind webdataset
     val: str = ""  # scored on with split "test"
-    split: str = "test"  # test: score on data.val | val: hold out a fifth of data.train (whole source digits on the demo)
+    split: str = "test"  # test: score on data.val | val: hold out a fifth of data.train
+    groups: str = ""  # split val: a groups file (CSV image,group) of data.train; the fifth holds out whole groups
     img_size: int = 224
     batch_size: int = 128  # per process: 8 GPUs x 128 = 1024 (Tab. 10)
     num_workers: int = 8

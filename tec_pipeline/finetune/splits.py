@@ -1,6 +1,6 @@
-"""The splits a fine-tune trains and scores on (README "Fine-tuning and linear probing"): labelled
-ImageFolders or webdataset tars, or with ``data.split`` "val" the train split less the fifth held out
-for choosing a recipe."""
+"""The splits a fine-tune trains and scores on: labelled ImageFolders or webdataset tars, or with
+``data.split`` "val" the train split less the fifth held out for choosing a recipe (by whole groups
+where ``data.groups`` names a groups file, `evaluate.groups`)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,10 +8,10 @@ from typing import Optional
 import numpy as np
 
 from ..data import open_source_at
-from ..data.demo import source_groups
-from ..data.sources import ImageFolderSource, ImageSource
+from ..data.sources import ImageSource
 from ..errors import UserError
 from ..evaluate.features import class_labels, labelled_folder
+from ..evaluate.groups import read_groups
 from ..evaluate.protocols import validation_split
 from .config import FinetuneConfig
 from .data import LabelledImages, eval_transform, train_transform
@@ -40,7 +40,7 @@ def open_splits(cfg: FinetuneConfig) -> tuple[LabelledImages, LabelledImages, di
     scored on and never trained on, so a recipe chosen there never saw the test split."""
     train, labels, classes = labelled_split(cfg, cfg.data.train)
     if cfg.data.split == "val":
-        fit, held = held_out_split(train, labels)
+        fit, held = held_out_split(train, labels, cfg.data.groups)
         train_set = LabelledImages(train, labels, train_transform(cfg), cfg.seed, indices=fit)
         val_set = LabelledImages(train, labels, eval_transform(cfg), indices=held)
     else:
@@ -51,9 +51,8 @@ def open_splits(cfg: FinetuneConfig) -> tuple[LabelledImages, LabelledImages, di
                                 "classes": classes}
 
 
-def held_out_split(train: ImageSource, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def held_out_split(train: ImageSource, labels: np.ndarray, groups: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(fit, held-out) image indices of the train split: the fifth `demo --val` and `eval --val` score
-    on (``evaluate.protocols.validation_split``), whole source digits on a demo build, else
-    stratified by label."""
-    groups = source_groups(train) if isinstance(train, ImageFolderSource) else None
-    return validation_split(labels, groups)
+    on (``evaluate.protocols.validation_split``), whole groups of the groups file `groups` (one row
+    per image of `train`), or stratified by label where `groups` is empty."""
+    return validation_split(labels, read_groups(groups, train) if groups else None)
