@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -27,7 +27,7 @@ from tec_pipeline.train.data import DataPipeline, open_data, step_targets
 from tec_pipeline.train.interfaces import TargetReader
 from tec_pipeline.train.loader import epoch_loader
 from tec_pipeline.train.log import scalars
-from tec_pipeline.train.loop import LoopRun, LoopSettings, make_accelerator, run_loop
+from tec_pipeline.train.loop import LoopRun, LoopSettings, compiled, make_accelerator, run_loop
 from tec_pipeline.train.model import effective_targets, new_model
 from tec_pipeline.train.order import epoch_order, mask_noise, plan_epoch, view_indices
 from tec_pipeline.train.schedule import make_schedule, param_groups
@@ -42,6 +42,7 @@ class TECRun(LoopRun):
     data: DataPipeline
     inner: TECModel  # the model before accelerate wrapped it
     kwargs: dict  # `TECModel` arguments, stored in each checkpoint
+    step_losses: Callable = tec_losses  # `tec_losses`, compiled with train.compile
 
     def loader(self, micro: int):
         """The loader of the epoch that micro-batch `micro` falls in, started at that batch."""
@@ -61,7 +62,7 @@ class TECRun(LoopRun):
         patch = self.inner.encoder.patch_embed.patch_size[0]
         targets = step_targets(self.data, batch, images, t, patch, acc.autocast())
         noise = batch["mask_noise"].to(acc.device, non_blocking=True)
-        return tec_losses(self.model, images, targets, t, self.cfg.model.mask_ratio, noise), images.shape[0]
+        return self.step_losses(self.model, images, targets, t, self.cfg.model.mask_ratio, noise), images.shape[0]
 
     def save(self) -> None:
         save_state(self.ckpt_path, self.accelerator, self.model, self.optimizer, self.step, self.kwargs, self.cfg,
@@ -75,14 +76,15 @@ def setup_run(cfg: Config, accelerator: Accelerator, path: Path, reader: Optiona
     schedule = make_schedule(cfg, data.usable_images, accelerator.num_processes, cfg.train.max_steps)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.decay_tokens), lr=schedule.lr,
-                                  betas=(o.beta1, o.beta2))
+                                  betas=(o.beta1, o.beta2), fused=accelerator.device.type == "cuda" or None)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     if data.base is not None:
         data.base.to(accelerator.device)
     settings = LoopSettings(accum_steps=o.accum_steps, min_lr=o.min_lr, log_every=cfg.train.log_every,
                             checkpoint_every=cfg.train.checkpoint_every)
     return TECRun(accelerator=accelerator, model=prepared, optimizer=optimizer, schedule=schedule, settings=settings,
-                  ckpt_path=path / CHECKPOINT, cfg=cfg, data=data, inner=model, kwargs=kwargs)
+                  ckpt_path=path / CHECKPOINT, cfg=cfg, data=data, inner=model, kwargs=kwargs,
+                  step_losses=compiled(tec_losses, cfg.train.compile, accelerator))
 
 
 def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,

@@ -114,6 +114,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # optimizer steps of the whole schedule (default: epochs x steps per epoch)
     log_every: int = 1  # optimizer steps between log records (JSONL, trackers, progress bar)
     checkpoint_every: int = 1000  # optimizer steps between checkpoints (one at the end too)
+    compile: Optional[bool] = None  # torch.compile the step's forward and losses; None: on with CUDA, off elsewhere
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import astuple, dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -87,8 +88,15 @@ def draw_view(image: Image.Image, seed: int, image_index: int, view_index: int, 
     return render_view(image, params, size), params
 
 
+@lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[Tensor, Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on `device`, made once per device so a
+    training step copies nothing from the host for them."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
 def normalize(images: Tensor) -> Tensor:
     """uint8 (B, 3, H, W) -> float32 with ImageNet mean/std; done on the compute device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.device)
     return (images.float() / 255.0 - mean) / std

@@ -66,7 +66,8 @@ class DecoderBranch(nn.Module):
         """Project visible tokens, fill masked places with the mask token, restore patch order."""
         x = self.embed(ze)
         B, L = ids_restore.shape
-        patches = torch.cat([x[:, 1:], self.mask_token.expand(B, L + 1 - x.shape[1], -1)], dim=1)
+        # the mask token in x's dtype: under autocast a float32 token would promote the whole decoder input
+        patches = torch.cat([x[:, 1:], self.mask_token.to(x.dtype).expand(B, L + 1 - x.shape[1], -1)], dim=1)
         patches = patches.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
         return torch.cat([x[:, :1], patches], dim=1)
 

@@ -52,42 +52,55 @@ def scalars(cfg: Config) -> dict:
 
 
 class Meter:
-    """Loss terms of the current optimizer step, and throughput / data wait since the last record."""
+    """The loss terms of the current optimizer step and the first non-finite one, kept on the compute
+    device so the loop never waits for the device between records; throughput and data wait since
+    the last record."""
 
-    def __init__(self):
-        self.sums: dict[str, float] = {}
+    def __init__(self, accelerator):
+        self.accelerator, self.names = accelerator, ()
+        self.sums: Optional[torch.Tensor] = None  # (terms,) float64: this step's mean over its micro-batches
+        self.bad_step: Optional[torch.Tensor] = None  # () int64: first step with a non-finite term, -1 while none
+        self.bad_values: Optional[torch.Tensor] = None  # (terms,) float32: the terms of that micro-batch
         self.start, self.waited, self.images = time.perf_counter(), 0.0, 0
 
-    def add(self, values: dict[str, float], images: int, accum: int) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v / accum  # mean over the accumulated micro-batches
+    def add(self, losses: dict[str, torch.Tensor], step: int, images: int, accum: int) -> None:
+        """One micro-batch of step `step` (1-based): its terms averaged over processes (the global
+        batch's loss, the same on every process, so all stop together on a non-finite one)."""
+        stacked = torch.stack([v.detach().float() for v in losses.values()])
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.reduce(stacked, reduction="mean")
+        if self.sums is None:
+            self.names = tuple(losses)
+            self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=stacked.device)
+            self.bad_step = torch.full((), -1, dtype=torch.int64, device=stacked.device)
+            self.bad_values = torch.zeros_like(stacked)
+        self.sums += stacked.double() / accum  # the mean over the accumulated micro-batches
+        first = (~torch.isfinite(stacked)).any() & (self.bad_step < 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_values = torch.where(first, stacked, self.bad_values)
         self.images += images
 
     def next_step(self) -> None:
         """The loss terms start again for the next optimizer step; throughput keeps counting."""
-        self.sums = {}
+        if self.sums is not None:
+            self.sums.zero_()
+
+    def check_finite(self, ckpt: Path, last_saved: int) -> None:
+        """Stop on a NaN or inf loss seen since the run started, with one line naming the step, the
+        terms and the checkpoint that is kept. Reads the device: call it at records and saves only."""
+        step = int(self.bad_step) if self.bad_step is not None else -1
+        if step < 0:
+            return
+        kept = f"the last good checkpoint {ckpt} (step {last_saved}) is kept" if last_saved >= 0 else "no checkpoint was saved"
+        bad = [(k, v) for k, v in zip(self.names, self.bad_values.tolist()) if not math.isfinite(v)]
+        terms = ", ".join(f"{k}={v}" for k, v in bad)
+        raise UserError(f"step {step}: non-finite loss ({terms}); training stopped, {kept}")
 
     def record(self, step: int, epoch: float, lr: float) -> dict:
+        """The log record of `step`: its loss terms (read from the device here), lr, throughput."""
         elapsed = time.perf_counter() - self.start
-        rec = {"step": step, "epoch": epoch, "lr": lr, **self.sums,
+        terms = dict(zip(self.names, self.sums.tolist())) if self.sums is not None else {}
+        rec = {"step": step, "epoch": epoch, "lr": lr, **terms,
                "images_per_s": self.images / elapsed, "data_wait": self.waited / elapsed}
         self.start, self.waited, self.images = time.perf_counter(), 0.0, 0
         return rec
-
-
-def logged_losses(accelerator, losses: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Each loss term as a float, averaged over processes: the log shows the global batch's loss,
-    and every process sees the same values (so all stop together on a non-finite one)."""
-    stacked = torch.stack([v.detach().float() for v in losses.values()])
-    if accelerator.num_processes > 1:
-        stacked = accelerator.reduce(stacked, reduction="mean")
-    return dict(zip(losses, stacked.tolist()))
-
-
-def check_finite_losses(values: dict[str, float], step: int, ckpt: Path, last_saved: int) -> None:
-    """Stop on a NaN or inf loss with one line naming the terms and the checkpoint that is kept."""
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        kept = f"the last good checkpoint {ckpt} (step {last_saved}) is kept" if last_saved >= 0 else "no checkpoint was saved"
-        terms = ", ".join(f"{k}={v}" for k, v in bad.items())
-        raise UserError(f"step {step + 1}: non-finite loss ({terms}); training stopped, {kept}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .log import Meter, RunLog, check_finite_losses, logged_losses, tracker
+from .log import Meter, RunLog, tracker
 from .schedule import Schedule, set_lr
 
 
@@ -33,6 +33,17 @@ def make_accelerator(mixed_precision: str, accum_steps: int, path: Path) -> Acce
         if "already been initialized" in reason:
             reason = "an earlier run in this process trained in another precision; run this one in its own process"
         raise UserError(f"optim.mixed_precision={mixed_precision}: {reason}") from None
+
+
+def compiled(fn: Callable, setting: Optional[bool], accelerator: Accelerator) -> Callable:
+    """`fn` through `torch.compile` when ``train.compile`` asks for it (None: on CUDA only, where
+    fusing the step's kernels pays for the compile time). On one process the step must be one
+    graph (``fullgraph``: a graph break is an error, not a silent slowdown); under DDP, dynamo
+    splits the graph at the gradient buckets by design."""
+    on = accelerator.device.type == "cuda" if setting is None else setting
+    if not on:
+        return fn
+    return torch.compile(fn, fullgraph=accelerator.num_processes == 1)
 
 
 @dataclass(kw_only=True)
@@ -76,31 +87,34 @@ class LoopRun:
         return self.step % self.settings.checkpoint_every == 0 or self.step == end
 
 
-def micro_step(run: LoopRun, batch, micro: int) -> tuple[dict[str, float], int]:
-    """Losses, finite check, backward; the prepared optimizer steps once per accumulation cycle."""
+def micro_step(run: LoopRun, meter: Meter, batch, micro: int) -> None:
+    """Losses (kept on the device by `meter`), backward; the prepared optimizer steps once per
+    accumulation cycle. Nothing here waits for the device."""
     acc = run.accelerator
     with acc.accumulate(run.model):
         losses, images = run.losses(batch, micro)
-        values = logged_losses(acc, losses)
-        check_finite_losses(values, run.step, run.ckpt_path, run.last_saved)
+        meter.add(losses, run.step + 1, images * acc.num_processes, run.settings.accum_steps)
         acc.backward(losses["loss"])
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
-    return values, images
 
 
 def end_step(run: LoopRun, meter: Meter, lr: float, epoch: float, end: int, log: RunLog, bar) -> Optional[dict]:
     """One optimizer step is done: its record (every ``log_every`` steps and at `end`), the
-    stage's `after_step`, and a checkpoint when due."""
-    record = None
-    if run.step % run.settings.log_every == 0 or run.step == end:
+    stage's `after_step`, and a checkpoint when due. Records and checkpoints are the only places
+    the loop reads the device, and a non-finite loss since the last of them stops the run there,
+    before anything is saved."""
+    record, log_due, save_due = None, run.step % run.settings.log_every == 0 or run.step == end, run.save_due(end)
+    if log_due or save_due:
+        meter.check_finite(run.ckpt_path, run.last_saved)
+    if log_due:
         record = meter.record(run.step, epoch, lr)
         log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
     meter.next_step()
     bar.update(1)
     run.after_step(log)
-    if run.save_due(end):
+    if save_due:
         run.save()
         run.last_saved = run.step
     return record
@@ -108,7 +122,7 @@ def end_step(run: LoopRun, meter: Meter, lr: float, epoch: float, end: int, log:
 
 def train_until(run: LoopRun, end: int, log: RunLog, bar) -> dict:
     """Optimizer steps until `end`; the last record written ({} when none was)."""
-    accum, schedule, meter, last = run.settings.accum_steps, run.schedule, Meter(), {}
+    accum, schedule, meter, last = run.settings.accum_steps, run.schedule, Meter(run.accelerator), {}
     micro = run.step * accum
     while run.step < end:
         fetch = time.perf_counter()
@@ -117,8 +131,7 @@ def train_until(run: LoopRun, end: int, log: RunLog, bar) -> dict:
             lr = schedule.lr_at(run.step, run.settings.min_lr)
             if micro % accum == 0:
                 set_lr(run.optimizer, lr)  # times each group's lr_scale, where it has one
-            values, images = micro_step(run, batch, micro)
-            meter.add(values, images * run.accelerator.num_processes, accum)
+            micro_step(run, meter, batch, micro)
             micro += 1
             if micro % accum == 0:
                 run.step += 1
