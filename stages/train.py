@@ -25,11 +25,11 @@ from tec_pipeline.train.checkpoint import (IDENTITY_FILE, check_resumable, resto
                                            save_state)
 from tec_pipeline.train.data import DataPipeline, open_data, step_targets
 from tec_pipeline.train.interfaces import TargetReader
-from tec_pipeline.train.loader import epoch_loader
+from tec_pipeline.train.loader import PlannedBatches, batch_loader
 from tec_pipeline.train.log import scalars
 from tec_pipeline.train.loop import LoopRun, LoopSettings, compiled, make_accelerator, run_loop
 from tec_pipeline.train.model import effective_targets, new_model
-from tec_pipeline.train.order import epoch_order, mask_noise, plan_epoch, view_indices
+from tec_pipeline.train.order import EpochPlanner, mask_noise
 from tec_pipeline.train.schedule import make_schedule, param_groups
 from tec_pipeline.views import normalize
 
@@ -45,15 +45,16 @@ class TECRun(LoopRun):
     step_losses: Callable = tec_losses  # `tec_losses`, compiled with train.compile
 
     def loader(self, micro: int):
-        """The loader of the epoch that micro-batch `micro` falls in, started at that batch."""
-        cfg, acc, per_epoch = self.cfg, self.accelerator, self.schedule.batches_per_epoch
-        epoch, start = divmod(micro, per_epoch)
-        order = epoch_order(self.data.shards, self.data.valid, cfg.seed, epoch, cfg.data.buffer_shards)
-        views = view_indices(order, cfg.seed, epoch, self.data.views, cfg.data.view_mode)
-        plan = plan_epoch(order, views, cfg.data.batch_size, acc.num_processes, acc.process_index, per_epoch,
-                          first_micro=epoch * per_epoch)
+        """One loader for the rest of the run, from micro-batch `micro`: its workers plan and read
+        each epoch as they reach it, so an epoch boundary costs no restart."""
+        cfg, acc, s = self.cfg, self.accelerator, self.schedule
+        planner = EpochPlanner(self.data.shards, self.data.valid, cfg.seed, cfg.data.buffer_shards, self.data.views,
+                               cfg.data.view_mode, cfg.data.batch_size, acc.num_processes, acc.process_index,
+                               s.batches_per_epoch)
         masks = partial(mask_noise, cfg.seed, batch=cfg.data.batch_size, num_patches=self.data.spec.num_patches)
-        return epoch_loader(plan, self.data.make_batch, start, cfg.data.num_workers, torch.cuda.is_available(), masks)
+        batches = PlannedBatches(planner, s.batches_per_epoch, self.data.make_batch, micro,
+                                 s.total_steps * self.settings.accum_steps, masks)
+        return batch_loader(batches, cfg.data.num_workers, torch.cuda.is_available())
 
     def losses(self, batch: dict, micro: int):
         """Targets of the batch (cached, online or pixels), then Eq. 3 + 4 on the masked views."""

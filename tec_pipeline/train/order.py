@@ -110,3 +110,27 @@ def mask_noise(seed: int, first_sample: int, batch: int, num_patches: int) -> Te
         key = np.random.SeedSequence([seed, sample, 0x3A5C]).generate_state(1, np.uint64)[0]
         rows.append(torch.rand(num_patches, generator=torch.Generator().manual_seed(int(key >> np.uint64(1)))))
     return torch.stack(rows)
+
+
+@dataclass(frozen=True)
+class EpochPlanner:
+    """`plan_epoch` of any epoch of one run, for one process: what a loader that spans epochs
+    needs to plan each one where it starts (picklable, so loader workers plan their own)."""
+
+    shards: Sequence[range]
+    valid: Optional[np.ndarray]
+    seed: int
+    buffer_shards: int
+    views: int
+    view_mode: str
+    batch_size: int
+    num_processes: int
+    process_index: int
+    batches_per_epoch: int
+
+    def __call__(self, epoch: int) -> EpochPlan:
+        order = epoch_order(self.shards, self.valid, self.seed, epoch, self.buffer_shards)
+        views = view_indices(order, self.seed, epoch, self.views, self.view_mode)
+        return plan_epoch(order, views, self.batch_size, self.num_processes, self.process_index,
+                          self.batches_per_epoch, first_micro=epoch * self.batches_per_epoch)
+
