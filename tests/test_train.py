@@ -462,6 +462,26 @@ def test_loader_workers_keep_the_batch_order(world, cache):
         assert torch.equal(b["mask_noise"], mask_noise(0, first_sample(10 + j, 4), 4, 16))
 
 
+def test_one_loader_across_epochs_gives_the_per_epoch_batches(world):
+    """A run's loader spans epochs (workers live as long as the run): from a batch in epoch 0 to
+    one in epoch 2, with 2 workers, it yields exactly the batches of the per-epoch plans, in order."""
+    from tec_pipeline.train.loader import PlannedBatches, batch_loader, epoch_loader
+    from tec_pipeline.train.order import EpochPlanner
+
+    shards = uniform_shards(N_IMAGES, PER_SHARD)
+    planner = EpochPlanner(shards, None, 0, 2, VIEWS, "cycle", 4, 1, 0, batches_per_epoch=4)
+    make = CachedBatches(world["f32"], world["source"], 32, attn_rows=4, buffer_shards=2)
+    masks = partial(mask_noise, 0, batch=4, num_patches=16)
+    spanning = list(batch_loader(PlannedBatches(planner, 4, make, 3, 10, masks), num_workers=2))
+    per_epoch = [b for e in range(3) for b in epoch_loader(planner(e), make, 0, 0, masks=masks)][3:10]
+    assert len(spanning) == len(per_epoch) == 7
+    for a, b in zip(spanning, per_epoch):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["view"], b["view"])
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["feat"], b["feat"])
+        assert torch.equal(a["mask_noise"], b["mask_noise"])
+    assert [int(b["view"][0]) for b in spanning] != [int(spanning[0]["view"][0])] * 7  # views cycle by epoch
+
+
 def test_views_come_from_images_stored_in_a_webdataset_cache(world, tmp_path):
     """A cache with store_images needs no image folder: views render from its bytes, bit-identical."""
     from tec_pipeline.cache.store import open_cache
