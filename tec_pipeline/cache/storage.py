@@ -31,8 +31,13 @@ MERGE_GAP_FRACTION = 0.05
 
 
 def fs_root(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, root path) of a local path or fsspec URL."""
-    fs, root = fsspec.core.url_to_fs(url)
+    """(filesystem, root path) of a local path or fsspec URL; a protocol fsspec cannot serve here
+    (unknown, or its package not installed) is one line naming it."""
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ValueError, ImportError) as err:
+        protocol = url.split("://", 1)[0]
+        raise UserError(f"{url}: storage protocol '{protocol}' is not available here ({err})") from None
     return fs, root.rstrip("/") or "/"
 
 
@@ -49,15 +54,25 @@ def use_storage_options(url: str, options: dict) -> None:
 def check_bucket(fs: fsspec.AbstractFileSystem, url: str, root: str) -> None:
     """Refuse, with one line, a cache in a bucket that does not exist (object stores would
     otherwise create it on the first write)."""
-    if is_local(fs) or root.startswith("/"):  # local disks and memory:// have no buckets
+    if is_local(fs) or fsspec.utils.get_protocol(url) == "memory":  # no buckets there
+        return
+    if not url.split("://", 1)[-1].strip("/"):
+        raise UserError(f"{url}: no bucket named; give the cache a folder inside a bucket, e.g. "
+                        f"{url.rstrip('/')}/my_bucket/my_cache.zarr")
+    if root.startswith("/"):  # a filesystem of paths, not buckets
         return
     bucket = root.split("/", 1)[0]
     if bucket == root:  # --overwrite replaces the cache's folder: never a whole bucket
         raise UserError(f"{url}: give the cache a folder inside the bucket, e.g. {url.rstrip('/')}/my_cache.zarr")
     with storage_errors(url):
-        found = fs.exists(bucket)
-    if not found:
-        raise UserError(f"{url}: bucket '{bucket}' does not exist (create it, or check cache.storage_options)")
+        if fs.exists(bucket):
+            return
+        try:  # exists() says False for any failure: a listing tells a missing bucket from unreachable storage
+            fs.ls(bucket, detail=False)
+            return
+        except FileNotFoundError:
+            pass
+    raise UserError(f"{url}: bucket '{bucket}' does not exist (create it, or check cache.storage_options)")
 
 
 @contextmanager
@@ -67,12 +82,17 @@ def storage_errors(url: str) -> Iterator[None]:
     try:
         yield
     except PermissionError as err:
+        if fsspec.utils.get_protocol(url) == "file":
+            raise UserError(f"cache {url}: permission denied on {err.filename or url}") from None
         raise UserError(f"{url}: access denied ({err}); check the credentials or cache.storage_options") from None
     except (ConnectionError, TimeoutError) as err:
         raise UserError(f"{url}: storage not reachable ({err})") from None
     except Exception as err:  # botocore's credential and endpoint errors share no stdlib base class
         if type(err).__module__.split(".")[0] not in ("botocore", "aiobotocore"):
             raise
+        if "Connect" in type(err).__name__:  # EndpointConnectionError, ConnectTimeoutError, ...
+            raise UserError(f"{url}: storage not reachable ({err}); check the endpoint in cache.storage_options "
+                            f"or the environment") from None
         raise UserError(f"{url}: {type(err).__name__}: {err}") from None
 
 
