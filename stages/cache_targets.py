@@ -38,7 +38,7 @@ from tec_pipeline.cache_targets.settings import (
     cache_meta, check_base, check_settings, images_per_batch, non_finite_error,
 )
 from tec_pipeline.cache_targets.summary import (
-    check_bad_images, finish_cache, merge_summaries, print_summary, progress_bar, progress_text,
+    check_bad_images, finish_cache, merge_summaries, print_repairs, print_summary, progress_bar, progress_text,
 )
 
 Forward = Callable[[Tensor], dict[str, Tensor]]  # uint8 views (B, V, 3, S, S) -> targets on the device
@@ -64,16 +64,17 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
                       device=device, dtype=compute_dtype(precision))
     if dry_run:
         return dry_run_estimate(cfg, meta, dataset, forward, state)
-    writer = open_for_writing(cfg.cache.path, meta, overwrite, state)
-    writer.direct_io = cfg.cache.direct_io
-    pending, mine = split_pending(writer, state)
-    local = compute_shards(cfg, writer, dataset, forward, mine, state)
-    state.wait_for_everyone()
-    summary = merge_summaries(gather(local, state), meta, time.perf_counter() - start)
-    if state.is_main_process:
-        summary = finish_cache(cfg.cache.path, writer, summary, len(pending), source)
-        print_summary(summary, cfg.cache.path)
-    state.wait_for_everyone()
+    with open_for_writing(cfg.cache.path, meta, overwrite, state) as writer:  # rank 0 holds the cache's lock
+        writer.direct_io = cfg.cache.direct_io
+        print_repairs(writer.repaired, cfg.cache.path)
+        pending, mine = split_pending(writer, state)
+        local = compute_shards(cfg, writer, dataset, forward, mine, state)
+        state.wait_for_everyone()
+        summary = merge_summaries(gather(local, state), meta, time.perf_counter() - start)
+        if state.is_main_process:
+            summary = finish_cache(cfg.cache.path, writer, summary, len(pending), source)
+            print_summary(summary, cfg.cache.path)
+        state.wait_for_everyone()
     return summary
 
 

@@ -21,8 +21,8 @@ from .errors import UserError
 from .files import atomic_path
 from .models.base import EXPORT_FORMAT
 from .models.tec import TECModel
+from .places import CHECKPOINT
 
-CHECKPOINT = "checkpoint.pt"
 EXPORT_NAME = "encoder.safetensors"
 EXPORT_FORMATS = {"timm": EXPORT_NAME, "mae": "encoder_mae.pth"}  # --format: the default file name of each
 

@@ -22,13 +22,15 @@ def _chunk_codec(meta: dict) -> str:
 
 def describe_cache(url: str) -> str:
     """Multi-line description: metadata, counts, shards done/total, bytes on storage and per
-    view, completeness and the recorded quantization error."""
+    view, completeness (recorded file sizes checked against storage) and the recorded
+    quantization error."""
     reader = open_cache(url)
     meta, doc = reader.meta, reader.doc
-    missing = reader.missing_shards()
-    done = reader.num_shards - len(missing)
+    missing, damaged = reader.missing_shards(), reader.damaged_shards()
+    done = reader.num_shards - len(missing) - len(damaged)
     nbytes = reader.nbytes()
-    done_views = sum(len(reader.shard_range(s)) for s in range(reader.num_shards) if s not in missing) * reader.views
+    done_views = sum(len(reader.shard_range(s)) for s in range(reader.num_shards)
+                     if s not in missing and s not in damaged) * reader.views
     lines = [
         f"cache: {url}",
         f"store: {meta['store']} (format {doc['format_version']}, written by tec-pipeline {doc.get('package_version', '?')})",
@@ -39,15 +41,30 @@ def describe_cache(url: str) -> str:
         f"shards: {done} / {reader.num_shards} done ({meta['images_per_shard']} images each)",
         f"bytes on storage: {_size(nbytes)}"
         + (f" ({_size(nbytes / done_views)} per written view)" if done_views else ""),
+        *_completeness(reader, missing, damaged),
+        "identity:",
+        *[f"  {key} = {value}" for key, value in sorted(flatten(meta.get("identity", {})).items())],
     ]
-    if reader.is_complete():
-        lines.append("complete: yes")
-        summary = doc.get("summary", {})
-        quant = summary.get("quantization", {})
-        skipped = summary.get("skipped_images", [])
+    extra = {k: v for k, v in doc.get("summary", {}).items()
+             if k not in ("quantization", "skipped_images", "bytes", "bytes_per_view")}
+    if extra:
+        lines.append("summary:")
+        lines += [f"  {key} = {value}" for key, value in sorted(flatten(extra).items())]
+    return "\n".join(lines)
+
+
+def _completeness(reader, missing: list[int], damaged: dict[int, str]) -> list[str]:
+    """The 'complete:' line (with what a rerun would write), the quantization error and skipped images."""
+    if reader.is_complete() and not damaged:
+        summary = reader.doc.get("summary", {})
+        lines = ["complete: yes"]
+        quant, skipped = summary.get("quantization", {}), summary.get("skipped_images", [])
     else:
-        lines.append(f"complete: no (missing shards: {_list(missing)})")
-        stats = [m["stats"] for m in read_markers(reader.fs, reader.root).values()]
+        why = [f"missing shards: {_list(missing)}"] if missing else []
+        why += [f"shard {s}: {reason}" for s, reason in sorted(damaged.items())]
+        lines = [f"complete: no ({'; '.join(why)}); rerun cache-targets with the same config to write "
+                 f"{'them' if len(missing) + len(damaged) > 1 else 'it'}"]
+        stats = [m["stats"] for s, m in read_markers(reader.fs, reader.root).items() if s not in damaged]
         quant = codecs.aggregate_errors(stats)
         skipped = [i for s in stats for i in s.get("invalid", [])]
     if quant:
@@ -55,14 +72,7 @@ def describe_cache(url: str) -> str:
                      f"{100 * quant.get('feat_rel_rms', 0.0):.2f}%, attn mean KL(tau={quant.get('tau', codecs.KL_TAU)}) "
                      f"{quant.get('attn_kl', 0.0):.2e}")
     lines.append(f"skipped images: {len(skipped)}" + (f" (first: {_list(skipped)})" if skipped else ""))
-    lines.append("identity:")
-    lines += [f"  {key} = {value}" for key, value in sorted(flatten(meta.get("identity", {})).items())]
-    extra = {k: v for k, v in doc.get("summary", {}).items()
-             if k not in ("quantization", "skipped_images", "bytes", "bytes_per_view")}
-    if extra:
-        lines.append("summary:")
-        lines += [f"  {key} = {value}" for key, value in sorted(flatten(extra).items())]
-    return "\n".join(lines)
+    return lines
 
 
 def _list(items: list, limit: int = 8) -> str:

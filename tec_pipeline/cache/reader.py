@@ -12,6 +12,7 @@ import pickle
 import numpy as np
 
 from . import codecs
+from .owned import damaged_shards
 from .schema import CacheCorruptError, array_specs, done_shards, marker_path, num_shards, shard_range
 from .storage import RangeReader, fresh_exists, join, read_json
 
@@ -170,6 +171,11 @@ class CacheReader:
 
     def shard_range(self, shard: int) -> range:
         return shard_range(self.meta, shard)
+
+    def damaged_shards(self) -> dict[int, str]:
+        """{shard: why} of the shards recorded complete whose files storage no longer has as they
+        were written (missing, or another size): one listing, no data read."""
+        return damaged_shards(self.fs, self.root, self.doc)
 
     def _marker(self, shard: int) -> dict:
         """The completion record of a shard (its files and sizes); refuses unwritten shards."""

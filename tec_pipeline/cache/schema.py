@@ -22,6 +22,7 @@ import numpy as np
 
 from ..config import flatten
 from ..errors import UserError
+from ..places import CACHE_FILE
 from .chunk_codec import COMPRESS
 from .storage import join, read_json
 
@@ -29,7 +30,7 @@ from .storage import join, read_json
 # uses one view per image reads one contiguous range per shard and array; a version-1 cache (chunks
 # image by image) is refused, not read in the wrong order.
 FORMAT_VERSION = 2
-META_FILE = "tec_cache.json"
+META_FILE = CACHE_FILE
 DONE_DIR = "_done"
 
 STORES = ("zarr", "webdataset")

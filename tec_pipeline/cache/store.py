@@ -9,11 +9,17 @@ Each store kind has a format, a write and a read module: ``zarr_format`` / ``zar
 """
 from __future__ import annotations
 
+import os
+
 from ..errors import UserError
-from ..files import write_bytes
+from ..files import is_local, write_bytes
+from ..places import check_cache_place
+from .lock import CacheLock
+from .owned import damaged_shards, foreign_files, remove_own_files
 from .reader import CacheReader
 from .schema import (
-    FORMAT_VERSION, META_FILE, CacheCorruptError, CacheMismatchError, check_same_cache, dump_json, normalize_meta,
+    FORMAT_VERSION, META_FILE, REQUIRED_META, CacheCorruptError, CacheMismatchError, check_same_cache, dump_json,
+    marker_path, normalize_meta,
 )
 from .storage import check_bucket, fs_root, join, read_json, storage_errors
 from .wds_read import WdsReader
@@ -29,40 +35,108 @@ _READERS = {"zarr": ZarrReader, "webdataset": WdsReader}
 
 
 def _read_document(url: str, fs, root: str) -> dict:
-    doc = read_json(fs, join(root, META_FILE))
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"cache {url} has format version {doc.get('format_version')}, this tec-pipeline reads "
-                        f"version {FORMAT_VERSION} (views laid out so an epoch reads only its own); rebuild it with "
+    """The cache's metadata file, checked: one line naming it when it is not what cache-targets wrote."""
+    path = join(root, META_FILE)
+    try:
+        doc = read_json(fs, path)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _corrupt(url, f"not valid JSON ({err})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict):
+        raise _corrupt(url, "no 'meta' mapping")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(f"cache {url} has format version {version!r}, this tec-pipeline reads version "
+                        f"{FORMAT_VERSION} (views laid out so an epoch reads only its own); rebuild it with "
                         f"`tec-pipeline cache-targets` and the same config plus --overwrite")
+    missing = [k for k in REQUIRED_META if k not in doc["meta"]]
+    if missing or doc["meta"]["store"] not in _READERS:
+        raise _corrupt(url, f"its meta lacks {missing[0]}" if missing else f"unknown store {doc['meta']['store']!r}")
     doc["meta"].setdefault("compress", "zstd")  # a meta with no compress key describes zstd chunks
     return doc
 
 
-def create_cache(url: str, meta: dict, overwrite: bool = False) -> CacheWriter:
+def _corrupt(url: str, why: str) -> CacheCorruptError:
+    return CacheCorruptError(f"cache {url}: {META_FILE} is damaged ({why}); rebuild the cache with "
+                             f"`tec-pipeline cache-targets` and the same config plus --overwrite")
+
+
+def _check_folder(url: str, fs, root: str, found: bool) -> None:
+    """Refuse a cache where it would share its folder: a file, a run's folder (or one inside it),
+    or a folder of someone else's files."""
+    if is_local(fs):
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise UserError(f"cache.path={url} is a file, not a folder: choose another cache.path")
+        check_cache_place(root)
+    if not found:
+        foreign = foreign_files(fs, root)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise UserError(f"{url} is not a tec-pipeline cache (it holds {foreign[0]}{more}, and no {META_FILE}); "
+                            f"choose a new or empty folder for cache.path")
+
+
+def create_cache(url: str, meta: dict, overwrite: bool = False, owner: bool = False) -> CacheWriter:
     """A writer for the cache at ``url`` (local path or fsspec URL).
 
     - no cache there: create it (metadata file first, then the store layout);
     - a cache made with the same identity and layout: reopen it, completed shards stay;
     - a different one: ``CacheMismatchError`` naming the first differing key, unless
-      ``overwrite`` (then it is deleted and recreated). ``overwrite`` always starts afresh,
-      so call it from one process only.
+      ``overwrite`` (then its own files are removed and it is recreated; nothing else in the
+      folder is touched). ``overwrite`` always starts afresh.
+
+    ``owner``: this writer is the one process that may change what is there (stage one's rank 0;
+    call it before any other process opens the cache). It holds the cache's writing lock
+    (`lock.CacheLock`, local caches) until ``close``, and on a reopen it takes every shard whose
+    recorded files storage no longer has as written (missing, truncated) as not done
+    (``writer.repaired``: {shard: why}), so the run rewrites just those.
     """
     meta = normalize_meta(meta)
     fs, root = fs_root(url)
     check_bucket(fs, url, root)
     meta_path = join(root, META_FILE)
     with storage_errors(url):
-        if fs.exists(meta_path) and not overwrite:
-            doc = _read_document(url, fs, root)
-            check_same_cache(url, doc["meta"], meta)
-            return _WRITERS[meta["store"]](url, fs, root, doc["meta"])
-        if fs.exists(root):
-            if not overwrite and fs.ls(root, detail=False):
-                raise UserError(f"{url} exists and is not a tec-pipeline cache; use --overwrite to replace it")
-            fs.rm(root, recursive=True)
-        fs.makedirs(root, exist_ok=True)
-        write_bytes(fs, meta_path, dump_json(new_document(meta)))
-        return _WRITERS[meta["store"]](url, fs, root, meta)
+        found = fs.exists(meta_path)
+        _check_folder(url, fs, root, found)
+        lock = CacheLock(url, root) if owner and is_local(fs) else None
+        try:
+            writer = _reopen(url, fs, root, meta, owner) if found and not overwrite else _create(url, fs, root, meta)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+    writer.lock = lock
+    return writer
+
+
+def _reopen(url: str, fs, root: str, meta: dict, repair: bool) -> CacheWriter:
+    doc = _read_document(url, fs, root)
+    check_same_cache(url, doc["meta"], meta)
+    repaired = forget_damaged(fs, root, doc) if repair else {}
+    writer = _WRITERS[meta["store"]](url, fs, root, doc["meta"])
+    writer.repaired = repaired
+    return writer
+
+
+def _create(url: str, fs, root: str, meta: dict) -> CacheWriter:
+    remove_own_files(fs, root)
+    fs.makedirs(root, exist_ok=True)
+    write_bytes(fs, join(root, META_FILE), dump_json(new_document(meta)))
+    return _WRITERS[meta["store"]](url, fs, root, meta)
+
+
+def forget_damaged(fs, root: str, doc: dict) -> dict[int, str]:
+    """Take every shard whose files no longer match its completion record as not done: its marker
+    goes, and a complete cache is marked incomplete again, so a rerun rewrites just those shards.
+    Returns {shard: why}."""
+    damaged = damaged_shards(fs, root, doc)
+    if damaged and doc.get("complete"):
+        doc = {**doc, "complete": False,
+               "shards": {s: info for s, info in doc["shards"].items() if int(s) not in damaged}}
+        write_bytes(fs, join(root, META_FILE), dump_json(doc))
+    for shard in damaged:
+        if fs.exists(marker_path(root, shard)):
+            fs.rm(marker_path(root, shard))
+    return damaged
 
 
 def open_cache(url: str) -> CacheReader:

@@ -47,6 +47,8 @@ class CacheWriter:
     """
 
     direct_io = True
+    lock = None  # `lock.CacheLock` of the owning writer (`create_cache(owner=True)`)
+    repaired: dict[int, str] = {}  # shards found damaged on reopening and taken as not done: {shard: why}
 
     def __init__(self, url: str, fs, root: str, meta: dict):
         self.url, self.fs, self.root, self.meta = url, fs, root, meta
@@ -57,6 +59,18 @@ class CacheWriter:
             self._init_layout()
         except OSError as err:
             raise storage_error(root, "the cache's array layout", err) from None
+
+    def close(self) -> None:
+        """Release the cache's writing lock, if this writer holds it."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- store-specific
 

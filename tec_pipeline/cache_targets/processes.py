@@ -46,12 +46,13 @@ def gather(obj: Any, state) -> list:
 
 
 def open_for_writing(url: str, meta: dict, overwrite: bool, state):
-    """Rank 0 creates (or checks and reopens) the cache; the others reopen it afterwards.
-    A refusal on rank 0 is sent to every process so none waits forever."""
+    """Rank 0 creates (or checks, repairs and reopens) the cache and holds its writing lock until
+    the writer is closed; the others reopen it afterwards. A refusal on rank 0 (another run
+    holding the lock included) is sent to every process so none waits forever."""
     writer, error = None, None
     if state.is_main_process:
         try:
-            writer = create_cache(url, meta, overwrite=overwrite)
+            writer = create_cache(url, meta, overwrite=overwrite, owner=True)
         except UserError as err:
             error = str(err)
             if state.num_processes == 1:

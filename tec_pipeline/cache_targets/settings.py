@@ -13,7 +13,10 @@ from .. import __version__
 from ..base_targets import COMPUTE_DTYPES, base_sha256, compute_dtype, dtype_name
 from ..config import Config
 from ..data import source_location
+from ..cache.storage import fs_root
 from ..errors import UserError
+from ..files import is_local
+from ..places import check_cache_place
 
 
 def check_settings(cfg: Config) -> None:
@@ -37,6 +40,9 @@ def check_settings(cfg: Config) -> None:
     for ok, message in rules:
         if not ok:
             raise UserError(message)
+    fs, root = fs_root(c.path)  # an unknown storage protocol is refused here too
+    if is_local(fs):
+        check_cache_place(root)
 
 
 def check_base(cfg: Config, base) -> None:

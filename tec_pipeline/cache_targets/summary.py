@@ -66,6 +66,12 @@ def earlier_skips(url: str, now: list[dict], source) -> list[dict]:
     return [{"index": i, "name": source.name(i), "error": "skipped by an earlier run of this cache"} for i in indices]
 
 
+def print_repairs(repaired: dict[int, str], url: str) -> None:
+    """One line per shard found damaged on reopening, which this run writes again."""
+    for shard, why in sorted(repaired.items()):
+        print(f"cache-targets: {url} shard {shard}: {why}; writing it again")
+
+
 def print_summary(summary: dict, url: str) -> None:
     """The final line, then one line per skipped file."""
     if summary.get("already_complete"):

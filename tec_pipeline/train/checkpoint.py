@@ -15,11 +15,12 @@ from ..cache.schema import first_difference, short_value
 from ..config import Config, flatten, to_dict
 from ..errors import UserError
 from ..export import CHECKPOINT, atomic_save, load_checkpoint
+from ..files import storage_error
 from ..models.base import NoFinalNorm, file_sha256
 from ..models.tec import TECModel
+from ..places import IDENTITY_FILE, check_run_place
 from .schedule import Schedule
 
-IDENTITY_FILE = "identity.json"
 # What a resume may change: where the run logs and writes, how fast it loads, where its data
 # lies (the data's identity is compared by content instead) and stage one's own settings.
 RESUMABLE_CHANGES = ("output", "train.log_every", "train.checkpoint_every", "data.num_workers", "data.path",
@@ -28,14 +29,21 @@ RESUMABLE_CHANGES = ("output", "train.log_every", "train.checkpoint_every", "dat
 
 # ---------------------------------------------------------------- state and resume
 def run_dir(cfg: Config, resume: bool) -> Path:
-    """The run's folder: refused if it already holds a run and `resume` is off, or holds none to resume."""
+    """The run's folder: refused if it already holds a run and `resume` is off, or holds none to
+    resume, if it is (or lies inside) a target cache, or if it cannot be made."""
     path = Path(cfg.output)
+    check_run_place(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output={path} is a file, not a folder: choose another output")
     ckpt = path / CHECKPOINT
     if ckpt.exists() and not resume:
         raise UserError(f"output={path} already holds a run; pass --resume to continue it or choose another output")
     if resume and not ckpt.exists():
         raise UserError(f"--resume: output={path} has no checkpoint to continue from")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise storage_error(path, "the run's folder", err) from None
     return path
 
 

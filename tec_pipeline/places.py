@@ -1,0 +1,51 @@
+"""What marks a folder as a target cache or a training run, and the rule that the two never nest.
+
+`cache-targets --overwrite` removes a cache's own files and nothing else, but a run kept inside a
+cache (or a cache kept inside a run) shares one tree with it: the next overwrite, clean-up or copy
+of the one would take the other along. Both are refused where they are named, before anything is
+written. Each is recognised by a file it writes before anything else of its own.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+
+CACHE_FILE = "tec_cache.json"  # a cache's metadata: written first, before any shard
+CHECKPOINT = "checkpoint.pt"  # a run's last training state
+IDENTITY_FILE = "identity.json"  # a run's identity: written before its first step
+RUN_FILES = (CHECKPOINT, IDENTITY_FILE)
+
+
+def _holder(path: str | Path, names: tuple[str, ...]) -> Optional[Path]:
+    """`path` itself or the nearest folder above it that holds a file of `names`; None if none does."""
+    path = Path(os.path.abspath(path))
+    for folder in (path, *path.parents):
+        try:
+            if any((folder / name).is_file() for name in names):
+                return folder
+        except OSError:  # a folder we may not look into holds nothing of ours
+            continue
+    return None
+
+
+def _where(path: str | Path, holder: Path, what: str) -> str:
+    return f"is {what}" if holder == Path(os.path.abspath(path)) else f"is inside {what} {holder}"
+
+
+def check_run_place(output: str | Path) -> None:
+    """Refuse a run's output folder that is a cache or lies inside one."""
+    cache = _holder(output, (CACHE_FILE,))
+    if cache is not None:
+        raise UserError(f"output={output} {_where(output, cache, 'the target cache')}; a cache's folder holds only "
+                        f"its own files (cache-targets --overwrite replaces them): choose an output outside it")
+
+
+def check_cache_place(path: str | Path) -> None:
+    """Refuse a local cache path that is a training run's folder or lies inside one."""
+    run = _holder(path, RUN_FILES)
+    if run is not None:
+        raise UserError(f"cache.path={path} {_where(path, run, 'the training run')}; keep caches and runs in "
+                        f"separate folders: choose a cache.path outside it")
