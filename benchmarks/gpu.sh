@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # One-GPU benchmark of both stages, ViT-B/16 at 224 px (stage one: fp16 autocast, its CUDA default;
-# stage two: bf16 autocast); prints ONE table.
+# stage two: bf16 autocast); prints ONE table. Each part runs under a hard time limit; the limits
+# add up to 8 minutes (--dry prints them).
 #
 #   stage one: views/s of `cache-targets` (DataLoader + base forward + target enhancement + shard
 #              encode + write, int8/uint8 storage) over synthetic JPEGs in a temp dir, against the
 #              bare DataLoader + base forward loop on the same data (benchmarks/cache_targets.py);
-#   stage one's ceiling: the host side behind an instant forward, targets encoded on the GPU, 1/2/4
-#              writer threads, zstd and uncompressed (benchmarks/stage_one_ceiling.py);
-#   stage two: seconds per TEC step with targets from the cache vs online (base forward in the
-#              step), loader views/s and training data wait (benchmarks/train_step.py).
+#   stage two: `run_train` itself for 200 steps from a V=2 cache of 4,096 images (loader workers
+#              living across epochs), eager and compiled, and online with the base in the step:
+#              images/s, data-wait fraction, MFU, device syncs per step (benchmarks/stage_two_run.py);
+#   stage one's ceiling: the host side behind an instant forward, targets encoded on the GPU, 1/4
+#              writer threads, zstd and uncompressed (benchmarks/stage_one_ceiling.py).
 #
-# Usage:  bash benchmarks/gpu.sh              # needs one CUDA GPU; about 4-6 minutes, hard limit 8
-#         bash benchmarks/gpu.sh --dry        # print the commands, run nothing
+# Usage:  bash benchmarks/gpu.sh              # needs one CUDA GPU; at most 8 minutes
+#         bash benchmarks/gpu.sh --dry        # print the commands and the time limits, run nothing
 #         bash benchmarks/gpu.sh --cpu-smoke  # the same pipeline with tiny models on the CPU (script check)
 # JSON goes to $OUT if set, else benchmarks/results/ (smoke runs: a temp dir unless $OUT is set).
 # PYTHON picks the interpreter (default .venv/bin/python, else python3).
@@ -23,7 +25,7 @@ case "${1:-}" in
   "") ;;
   --dry) MODE=dry ;;
   --cpu-smoke) MODE=smoke ;;
-  -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
   *) echo "error: unknown argument '$1' (expected --dry, --cpu-smoke or nothing)" >&2; exit 2 ;;
 esac
 
@@ -44,33 +46,34 @@ if [[ $MODE == smoke ]]; then
   STAGE1=("$PY" benchmarks/cache_targets.py --device cpu --arch vit_tiny_patch16_224 --img-size 64 --images 16
           --views 2 --batch 8 --workers 0 --shard 8 --k-max 5 --feat-dtype int8 --attn-dtype uint8 --rss-images ""
           --out "$RES/gpu_cache_targets.json")
-  STAGE2=("$PY" benchmarks/train_step.py --device cpu --arch vit_tiny_patch16_224 --base-arch vit_tiny_patch16_224
-          --img-size 64 --batch 4 --k 5 --steps 2 --warmup 1 --images 16 --images-per-shard 8 --workers 0
-          --train-steps 3 --out "$RES/gpu_train_step.json")
+  STAGE2=("$PY" benchmarks/stage_two_run.py --device cpu --arch vit_tiny_patch16_224 --base-arch vit_tiny_patch16_224
+          --img-size 64 --images 32 --images-per-shard 16 --batch 4 --k 5 --steps 6 --online-steps 4 --log-every 2
+          --workers 1 --out "$RES/gpu_stage_two.json")
   CEILING=("$PY" benchmarks/stage_one_ceiling.py --device cpu --archs tiny --storage int8/uint8 --img-size 32
            --images 16 --views 2 --batch 8 --shard-images 8 --writer-shards 2 --writer-threads 1 --record-images 1
            --k-max 5 --compress zstd none --out "$RES/gpu_stage_one_ceiling.json")
-  LIMIT1=120; LIMIT2=120; LIMIT3=120
+  LIMIT1=120; LIMIT2=240; LIMIT3=120
 else
-  # ViT-B/16 base, 1024 images x 2 views = 2048 views per pass (3 passes: bare, cache-targets, bare).
-  STAGE1=("$PY" benchmarks/cache_targets.py --device cuda --arch vit_base_patch16_224 --img-size 224 --images 1024
+  # ViT-B/16 base, 512 images x 2 views = 1024 views per pass (3 passes: bare, cache-targets, bare).
+  STAGE1=("$PY" benchmarks/cache_targets.py --device cuda --arch vit_base_patch16_224 --img-size 224 --images 512
           --views 2 --batch 256 --workers 12 --shard 256 --k-max 15 --feat-dtype int8 --attn-dtype uint8
           --rss-images "" --out "$RES/gpu_cache_targets.json")
   # ViT-B/16 new model + ViT-B/16 base, per-GPU batch 256 (the configs use 512 = 4096 / 8 GPUs; 256 keeps
-  # the online variant's memory safe on one card), bf16; 1024-image synthetic int8/uint8 cache.
-  STAGE2=("$PY" benchmarks/train_step.py --device cuda --precision bf16 --arch vit_base_patch16_224
-          --base-arch vit_base_patch16_224 --img-size 224 --batch 256 --k 15 --steps 10 --warmup 3 --images 1024
-          --images-per-shard 256 --workers 12 --train-steps 12 --out "$RES/gpu_train_step.json")
-  # The host side with the GPU as the compute device: what issue 16's goals are about.
-  CEILING=("$PY" benchmarks/stage_one_ceiling.py --device cuda --archs vit_b16 --images 256 --writer-threads 1 4 --io direct buffered --encode device
-           --compress zstd none --repeats 3 --out "$RES/gpu_stage_one_ceiling.json")
-  LIMIT1=210; LIMIT2=240; LIMIT3=180
+  # the online variants' memory safe on one card), bf16, 200 steps per cache variant, 50 online.
+  STAGE2=("$PY" benchmarks/stage_two_run.py --device cuda --precision bf16 --arch vit_base_patch16_224
+          --base-arch vit_base_patch16_224 --img-size 224 --images 4096 --views 2 --batch 256 --k 15 --steps 200
+          --online-steps 50 --log-every 25 --workers 12 --out "$RES/gpu_stage_two.json")
+  # The host side with the GPU as the compute device.
+  CEILING=("$PY" benchmarks/stage_one_ceiling.py --device cuda --archs vit_b16 --images 256 --writer-threads 1 4 --io direct --encode device
+           --compress zstd none --repeats 2 --out "$RES/gpu_stage_one_ceiling.json")
+  LIMIT1=120; LIMIT2=270; LIMIT3=90
 fi
 
 if [[ $MODE == dry ]]; then
   printf "%q " "${STAGE1[@]}"; echo
   printf "%q " "${STAGE2[@]}"; echo
   printf "%q " "${CEILING[@]}"; echo
+  echo "time limits: stage one ${LIMIT1} s + stage two ${LIMIT2} s + ceiling ${LIMIT3} s = $((LIMIT1 + LIMIT2 + LIMIT3)) s"
   exit 0
 fi
 
@@ -103,8 +106,8 @@ from pathlib import Path
 
 res, seconds = Path(sys.argv[1]), int(sys.argv[2])
 s1 = json.loads((res / "gpu_cache_targets.json").read_text())
-s2 = json.loads((res / "gpu_train_step.json").read_text())
-a1, t1, a2 = s1["args"], s1["throughput"], s2["settings"]
+s2 = json.loads((res / "gpu_stage_two.json").read_text())
+a1, t1 = s1["args"], s1["throughput"]
 rows = [
     ("stage one", f"bare DataLoader + base forward ({a1['arch']}, batch {a1['batch']})", t1["bare_views_per_s"], "views/s"),
     ("stage one", "cache-targets, excl. setup", t1["cache_views_per_s"], "views/s"),
@@ -112,18 +115,14 @@ rows = [
     ("stage one", f"bytes per view ({a1['feat_dtype']}/{a1['attn_dtype']})", t1["bytes_per_view"] / 1e3, "KB"),
     ("stage one", "writer MB/s while writing", t1["write_mb_per_s"], "MB/s"),
 ]
-if "step" in s2:
-    st = s2["step"]
-    rows += [
-        ("stage two", f"step from cache ({a2['arch']}, batch {a2['batch']}, {a2['precision']})", st["cache_step_s"], "s"),
-        ("stage two", f"step online (base {a2['base_arch']} in the step)", st["online_step_s"], "s"),
-        ("stage two", "  base forward + targets alone", st["base_targets_s"], "s"),
-        ("stage two", "online / cache", st["online_over_cache"], ""),
-    ]
-for k, v in s2.get("loader", {}).items():
-    rows.append(("stage two", f"loader {k.replace('_', ' ')}", v, "views/s"))
-for k, v in s2.get("train", {}).items():
-    rows.append(("stage two", f"training {k.replace('_', ' ')}", v, ""))
+for v in s2["variants"]:
+    name = f"{v['source']} {'compiled' if v['compiled'] else 'eager'}, {v['steps']} steps"
+    rows.append(("stage two", f"{name}: images/s", v["images_per_s"], "images/s"))
+    rows.append(("stage two", f"{name}: data wait", v["data_wait"], "fraction"))
+    if v["mfu"] is not None:
+        rows.append(("stage two", f"{name}: MFU", v["mfu"], "fraction"))
+    if v["syncs_per_step"] is not None:
+        rows.append(("stage two", f"{name}: device syncs", v["syncs_per_step"], "per step"))
 ceiling = res / "gpu_stage_one_ceiling.json"
 for row in json.loads(ceiling.read_text()).get("rows", []) if ceiling.is_file() else []:
     what = " ".join(str(row[k]) for k in ("storage", "compress") if k in row)

@@ -89,9 +89,9 @@ def bench_step(args) -> dict:
         with torch.no_grad(), amp():  # as stage two's online mode: base forward without grad
             return compute_targets(base, images, cfg.last_layers, args.k)
 
-    def update(targets) -> None:
+    def update(targets, step_losses=tec_losses) -> None:
         with amp():
-            losses = tec_losses(model, images, targets, cfg)
+            losses = step_losses(model, images, targets, cfg)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
@@ -100,8 +100,13 @@ def bench_step(args) -> dict:
     t_online = time_steps(lambda: update(targets_now()), args.steps, args.warmup)
     t_base = time_steps(targets_now, args.steps, 1)
     med = statistics.median
-    return {"cache_step_s": med(t_cache), "online_step_s": med(t_online), "base_targets_s": med(t_base),
-            "online_over_cache": med(t_online) / med(t_cache), "base_share_of_online": med(t_base) / med(t_online)}
+    out = {"cache_step_s": med(t_cache), "online_step_s": med(t_online), "base_targets_s": med(t_base),
+           "online_over_cache": med(t_online) / med(t_cache), "base_share_of_online": med(t_base) / med(t_online)}
+    if args.compile:  # the same cached step through torch.compile (train.compile); warm-up includes compiling
+        compiled = torch.compile(tec_losses, fullgraph=True)
+        t_compiled = time_steps(lambda: update(cached, compiled), args.steps, args.warmup)
+        out.update(compiled_cache_step_s=med(t_compiled), eager_over_compiled=med(t_cache) / med(t_compiled))
+    return out
 
 
 # ---------------------------------------------------------------- 2. loaders
@@ -197,6 +202,7 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="autocast of the step parts and training (auto: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--skip", nargs="*", default=[], choices=("step", "loader", "train"))
+    p.add_argument("--compile", action="store_true", help="also time the cached step compiled (torch.compile)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
     if args.threads:
@@ -250,7 +256,11 @@ def print_table(res: dict) -> None:
     rows = []
     if "step" in res:
         r = res["step"]
-        rows += [("step from cache (s)", r["cache_step_s"]), ("step online (s)", r["online_step_s"]),
+        rows += [("step from cache (s)", r["cache_step_s"])]
+        if "compiled_cache_step_s" in r:
+            rows += [("step from cache, compiled (s)", r["compiled_cache_step_s"]),
+                     ("eager / compiled", r["eager_over_compiled"])]
+        rows += [("step online (s)", r["online_step_s"]),
                  ("  base forward + targets (s)", r["base_targets_s"]), ("online / cache", r["online_over_cache"]),
                  ("base share of online step", r["base_share_of_online"])]
     for k, v in res.get("loader", {}).items():
