@@ -20,7 +20,7 @@ from tec_pipeline.export import CHECKPOINT, export_run
 from tec_pipeline.files import write_json
 from tec_pipeline.finetune.config import load_finetune_config
 from tec_pipeline.finetune.state import RESULT_FILE
-from tec_pipeline.train.ablations import ablation_overrides, ablation_title, format_finetune_rows, format_rows
+from tec_pipeline.train.ablations import ablation_title, format_finetune_rows, format_rows
 from tec_pipeline.train.interfaces import TargetReader
 
 
@@ -29,7 +29,8 @@ def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader,
                   finetune: Optional[str | Path] = None, ft_overrides: Sequence[str] = ()) -> list[dict]:
     """Train one run per Tab. 6 YAML from the same cache and print their final losses as a table.
 
-    Layers, last wins: `base_config` (or the defaults), the ablation YAML, ``cache.path=<cache>``
+    Layers, last wins: `base_config` (or the defaults), the ablation YAML (a config file of its own, so an
+    error names it), ``cache.path=<cache>``
     and ``targets.source=cache``, then `overrides`. Each run goes to ``<output>/<yaml stem>``
     and resumes there if it was interrupted (a finished one is only read back); a row whose settings
     equal an earlier row's is that row's result (``same_as``), not trained again. A setting
@@ -47,8 +48,7 @@ def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader,
     for path in map(Path, config_paths):
         row = {"name": path.stem, "title": ablation_title(path), "status": "done"}
         try:
-            cfg = load_config(base_config, [*ablation_overrides(path), *cache_override, "targets.source=cache",
-                                            *overrides])
+            cfg = load_config(base_config, [*cache_override, "targets.source=cache", *overrides], extra_files=[path])
             key = settings_key(cfg)
             same = trained.get(key)
             if same is not None:  # Tab. 6 repeats its reference in several panels (a1 = c3 = f1)

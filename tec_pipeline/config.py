@@ -1,23 +1,24 @@
 """Typed configuration: dataclasses, YAML files and dotted command-line overrides.
 
 OmegaConf does the merging and type checking (a well-kept library that already
-validates keys and coerces ``"6"`` -> ``6``); this module only defines the schema
-and turns OmegaConf's multi-line errors into one line that names the key.
+validates keys and coerces ``"6"`` -> ``6``); this module defines the schema and each setting's
+allowed values (`DOMAINS`), reads config files strictly (duplicate keys, binary or empty files
+refused) and turns OmegaConf's multi-line errors into one line that names the key.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from .errors import UserError
 
-
-class ConfigError(UserError):
-    """A bad configuration file or override; the message is one line naming the key."""
+from .config_file import read_yaml
+from .domains import (
+    BETA, COUNT, FLAG, NON_NEGATIVE, POSITIVE, SEED, Domain, Free, OneOf, Range, check_domains, vit_arch,
+)
+from .errors import ConfigError
 
 
 @dataclass
@@ -152,20 +153,72 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
-_CHOICES = {
-    "base.compute_dtype": ("auto", "fp16", "bf16", "fp32"),
-    "targets.source": ("cache", "online", "pixels"),
-    "targets.norm": ("patch", "channel", "none"),
-    "targets.attention": ("topk", "cls_only", "none"),
-    "data.kind": ("imagefolder", "webdataset", "demo"),
-    "data.on_bad_image": ("error", "skip"),
-    "data.view_mode": ("cycle", "random", "fresh"),
-    "model.patch_bias_init": ("zeros", "torch"),
-    "optim.mixed_precision": ("no", "bf16", "fp16"),
-    "cache.store": ("zarr", "webdataset"),
-    "cache.feat_dtype": ("float32", "float16", "int8"),
-    "cache.attn_dtype": ("float32", "float16", "uint8"),
-    "cache.compress": ("zstd", "lz4", "none"),
+# Every setting's allowed values (`domains`), checked when a config is loaded, before anything is
+# computed or written. Cross-setting rules (scale_min <= scale_max, k <= a cache's k_max) are
+# checked where both are known.
+DOMAINS: dict[str, Domain] = {
+    "seed": SEED,
+    "output": Free("a folder"),
+    **vit_arch("base.arch"),
+    "base.checkpoint": Free("a checkpoint file"),
+    "base.compute_dtype": OneOf(("auto", "fp16", "bf16", "fp32")),
+    "targets.source": OneOf(("cache", "online", "pixels")),
+    "targets.last_layers": COUNT,
+    "targets.k": NON_NEGATIVE,  # 0: the cls row alone
+    "targets.tau": POSITIVE,  # a temperature divides the logits
+    "targets.norm": OneOf(("patch", "channel", "none")),
+    "targets.attention": OneOf(("topk", "cls_only", "none")),
+    **vit_arch("model.arch"),
+    "model.input_adapter": FLAG,
+    "model.encoder_adapter": FLAG,
+    "model.adapter_group": COUNT,
+    "model.decoder_dim": COUNT,
+    "model.decoder_depth": NON_NEGATIVE,  # 0: the target branches alone
+    "model.decoder_heads": COUNT,
+    "model.mask_ratio": Range(0, 1, high_open=True),  # at least one patch stays visible
+    "model.init_from_base": FLAG,
+    "model.init_checkpoint": Free("a checkpoint file"),
+    "model.adapter_norm_eps": POSITIVE,
+    "model.patch_bias_init": OneOf(("zeros", "torch")),
+    "data.kind": OneOf(("imagefolder", "webdataset", "demo")),
+    "data.path": Free("an image folder or tar pattern"),
+    "data.img_size": COUNT,
+    # stage one renders all views of an image and runs them through the base in one batch (its
+    # batches never split an image), so V bounds one step's memory: 1024 views of 224 px are 150 MB
+    "data.views": Range(1, 1024),
+    "data.scale_min": Range(0, 1, low_open=True),
+    "data.scale_max": Range(0, 1, low_open=True),
+    "data.batch_size": COUNT,
+    "data.num_workers": NON_NEGATIVE,
+    "data.on_bad_image": OneOf(("error", "skip")),
+    "data.view_mode": OneOf(("cycle", "random", "fresh")),
+    "data.buffer_shards": COUNT,
+    "optim.blr": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.beta1": BETA,
+    "optim.beta2": BETA,
+    "optim.epochs": COUNT,
+    "optim.warmup_epochs": NON_NEGATIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.accum_steps": COUNT,
+    "optim.mixed_precision": OneOf(("no", "bf16", "fp16")),
+    "optim.decay_tokens": FLAG,
+    "train.max_steps": COUNT,
+    "train.log_every": COUNT,
+    "train.checkpoint_every": COUNT,
+    "train.compile": FLAG,
+    "cache.path": Free("a folder or fsspec URL"),
+    "cache.store": OneOf(("zarr", "webdataset")),
+    "cache.k_max": COUNT,  # zarr cannot chunk an empty axis; k=0 is a prefix of any k_max
+    "cache.feat_dtype": OneOf(("float32", "float16", "int8")),
+    "cache.attn_dtype": OneOf(("float32", "float16", "uint8")),
+    "cache.images_per_shard": COUNT,
+    "cache.compress": OneOf(("zstd", "lz4", "none")),
+    "cache.zstd_level": Range(-131072, 22),  # zstd's levels; negative ones are its fast levels
+    "cache.store_images": FLAG,
+    "cache.storage_options": Free("a mapping of fsspec options"),
+    "cache.writer_threads": COUNT,
+    "cache.direct_io": FLAG,
 }
 
 
@@ -175,23 +228,12 @@ def _one_line(err: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: bad config key '{key}': {msg}")
 
 
-def load_structured(schema: type, path: str | Path | None, overrides: list[str] | tuple[str, ...],
-                    choices: dict[str, tuple], defaults: Optional[dict] = None):
-    """A dataclass `schema`'s defaults <- `defaults` <- YAML file <- dotted overrides, type-checked,
-    with the string keys of `choices` held to their allowed values; every error one line."""
+def load_structured(schema: type, paths: Sequence[str | Path | None], overrides: Sequence[str],
+                    domains: dict[str, Domain], defaults: Optional[dict] = None):
+    """A dataclass `schema`'s defaults <- `defaults` <- YAML files in order <- dotted overrides,
+    type-checked, then every key of `domains` held to its domain; every error one line."""
     layers = [("defaults", OmegaConf.create(defaults))] if defaults else []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            with path.open() as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
-        layers.append((str(path), OmegaConf.create(data)))
+    layers += [(str(path), OmegaConf.create(read_yaml(path))) for path in paths if path is not None]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -202,16 +244,15 @@ def load_structured(schema: type, path: str | Path | None, overrides: list[str] 
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
             raise _one_line(err, origin) from None
-    for key, allowed in choices.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' is '{value}', expected one of {', '.join(map(str, allowed))}")
+    check_domains(lambda key: OmegaConf.select(cfg, key), domains, ConfigError)
     return OmegaConf.to_object(cfg)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Schema defaults <- YAML file <- dotted overrides (``model.depth=6``), type-checked."""
-    return load_structured(Config, path, overrides, _CHOICES)
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                extra_files: Sequence[str | Path] = ()) -> Config:
+    """Schema defaults <- YAML file <- `extra_files` (e.g. an ablation row) <- dotted overrides
+    (``model.depth=6``), type-checked and held to `DOMAINS`."""
+    return load_structured(Config, [path, *extra_files], overrides, DOMAINS)
 
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")

@@ -8,3 +8,7 @@ class UserError(ValueError):
 class StorageError(UserError):
     """A file could not be written (full disk, I/O error): the message names the file, what it
     holds and the free space there, so the user can make room and rerun (which resumes)."""
+
+
+class ConfigError(UserError):
+    """A bad configuration file or override; the message is one line naming the key or file."""

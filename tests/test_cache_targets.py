@@ -167,8 +167,8 @@ def test_bad_images_stop_the_run_or_are_skipped(images, tmp_path, capsys):
     (["data.path={tmp}/missing"], "image folder not found"),
     (["data.path={tmp}/empty"], "no images"),
     (["data.kind=webdataset", "data.path={tmp}/shard-{{000..001}}.tar"], "shard-000.tar: tar file not found"),
-    (["base.compute_dtype=fp8"], "'base.compute_dtype' is 'fp8', expected one of auto, fp16, bf16, fp32"),
-    (["cache.writer_threads=0"], "cache.writer_threads=0: must be >= 1"),
+    (["base.compute_dtype=fp8"], "base.compute_dtype=fp8: expected one of auto, fp16, bf16, fp32"),
+    (["cache.writer_threads=0"], "cache.writer_threads=0: expected a value >= 1"),
 ])
 def test_bad_settings_are_one_line_errors(images, tmp_path, extra, message):
     (tmp_path / "empty").mkdir()
@@ -186,7 +186,7 @@ def test_cli_prints_one_red_line(images):
 
     result = CliRunner().invoke(app, ["cache-targets", *overrides("memory://cli.zarr", images, "data.views=0")])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == ["error: data.views=0: need at least one view per image"]
+    assert result.output.strip().splitlines() == ["error: data.views=0: expected a value in [1, 1024]"]
 
 
 # ----------------------------------------------------------------------------- integrity

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tec_pipeline.config import Config, ConfigError, load_config, to_dict
+from tec_pipeline.config import Config, ConfigError, flatten, load_config, to_dict
 
 SHIPPED = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
 SCORING = ("finetune_", "linprobe_")  # configs of `tec-pipeline finetune` / `linprobe`, their own schema
@@ -23,8 +23,8 @@ def test_defaults_and_overrides(tmp_path):
 @pytest.mark.parametrize("override,expected", [
     ("model.dept=6", "'model.dept'"),
     ("model.arch.depth=six", "'model.arch.depth'"),
-    ("targets.norm=batch", "'targets.norm'"),
-    ("cache.feat_dtype=int4", "'cache.feat_dtype'"),
+    ("targets.norm=batch", "targets.norm=batch: expected one of patch, channel, none"),
+    ("cache.feat_dtype=int4", "cache.feat_dtype=int4: expected one of float32, float16, int8"),
     ("nosuchsection.x=1", "'nosuchsection'"),
     ("seed", "not of the form key=value"),
 ])
@@ -60,3 +60,82 @@ def test_shipped_scoring_configs_load(path):
 
     protocol = path.name.split("_")[0]
     assert load_finetune_config(path, protocol=protocol).protocol == protocol
+
+
+# ----------------------------------------------------------------------------- files and domains
+@pytest.mark.parametrize("content, needle", [
+    ("data: {views: 2}\ndata: {views: 3}\n", "line 2: key 'data' appears twice"),
+    ("model:\n  mask_ratio: 0.5\n  mask_ratio: 0.9\n", "line 3: key 'mask_ratio' appears twice"),
+    ("", "the config file is empty"),
+    ("# only a comment\n", "the config file is empty"),
+    ("- a\n- b\n", "must hold a mapping, got list"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not a text file"),
+    (b"seed: 1\x00\n", "not a text file"),
+])
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path, content, needle):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(str(path)) and needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_directory_given_as_config_is_named_as_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"a directory, not a config file$"):
+        load_config(tmp_path)
+
+
+def leaves(schema) -> set[str]:
+    return set(flatten(to_dict(schema())))
+
+
+def test_every_setting_has_a_declared_domain():
+    from tec_pipeline.config import DOMAINS
+    from tec_pipeline.finetune.config import DOMAINS as FT_DOMAINS, FinetuneConfig
+
+    assert leaves(Config) - {"cache.storage_options"} == set(DOMAINS) - {"cache.storage_options"}
+    assert "cache.storage_options" in DOMAINS  # a mapping: flatten() shows none of its (absent) keys
+    assert leaves(FinetuneConfig) == set(FT_DOMAINS)
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("model.mask_ratio=1.5", "model.mask_ratio=1.5: expected a value in [0, 1)"),
+    ("model.mask_ratio=-0.1", "model.mask_ratio=-0.1: expected a value in [0, 1)"),
+    ("targets.tau=-1", "targets.tau=-1.0: expected a value > 0"),
+    ("targets.tau=0", "targets.tau=0.0: expected a value > 0"),
+    ("optim.blr=nan", "optim.blr=nan: expected a finite number, a value > 0"),
+    ("optim.blr=inf", "optim.blr=inf: expected a finite number, a value > 0"),
+    ("optim.warmup_epochs=-1", "optim.warmup_epochs=-1.0: expected a value >= 0"),
+    ("data.batch_size=0", "data.batch_size=0: expected a value >= 1"),
+    ("targets.k=-3", "targets.k=-3: expected a value >= 0"),
+    ("seed=-1", "seed=-1: expected a value in [0, 4294967295]"),
+    ("cache.zstd_level=23", "cache.zstd_level=23: expected a value in [-131072, 22]"),
+    ("data.views=1000000000", "data.views=1000000000: expected a value in [1, 1024]"),
+    ("train.max_steps=0", "train.max_steps=0: expected a value >= 1"),
+])
+def test_a_value_outside_its_domain_is_one_line_naming_the_key_and_range(override, allowed):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value) == allowed
+
+
+def test_a_config_file_value_is_held_to_its_domain_too(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {mask_ratio: 1.5}\n")
+    with pytest.raises(ConfigError, match=r"^model.mask_ratio=1.5: expected a value in \[0, 1\)$"):
+        load_config(path)
+    assert load_config(path, ["model.mask_ratio=0.9"]).model.mask_ratio == 0.9  # the last layer counts
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("optim.layer_decay=-1", "optim.layer_decay=-1.0: expected a value in (0, 1]"),
+    ("optim.layer_decay=0", "optim.layer_decay=0.0: expected a value in (0, 1]"),
+    ("data.batch_size=0", "data.batch_size=0: expected a value >= 1"),
+    ("aug.smoothing=1", "aug.smoothing=1.0: expected a value in [0, 1)"),
+])
+def test_fine_tuning_settings_are_held_to_their_domains(override, allowed):
+    from tec_pipeline.finetune.config import load_finetune_config
+
+    with pytest.raises(ConfigError) as info:
+        load_finetune_config(None, ["data.train=a", "data.val=b", override])
+    assert str(info.value) == allowed

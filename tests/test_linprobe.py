@@ -31,7 +31,7 @@ def test_linprobe_trains_only_the_head_and_resumes_exactly(toy, tmp_path):
     a, b = load_checkpoint(tmp_path / "whole" / CHECKPOINT), load_checkpoint(tmp_path / "cut" / CHECKPOINT)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and resumed["epochs"] == whole["epochs"]
     assert "head.0.running_mean" in a["model"] and "head.0.weight" not in a["model"]  # BatchNorm1d(affine=False)
-    start = run_finetune(config(toy, tmp_path / "start", "train.max_steps=1", "optim.blr=0", protocol="linprobe"))
+    start = run_finetune(config(toy, tmp_path / "start", "train.max_steps=1", protocol="linprobe"))
     assert start["step"] == 1
     s = load_checkpoint(tmp_path / "start" / CHECKPOINT)["model"]
     frozen = [k for k in a["model"] if not k.startswith("head.")]

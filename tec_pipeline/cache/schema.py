@@ -20,7 +20,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from ..config import flatten
+from ..config import DOMAINS, flatten
 from ..errors import UserError
 from ..places import CACHE_FILE
 from .chunk_codec import COMPRESS
@@ -96,6 +96,9 @@ def normalize_meta(meta: dict) -> dict:
     if not 1 <= int(meta["k_max"]) <= int(meta["num_patches"]):  # zarr cannot chunk a 0-length axis;
         # k = 0 (the cls row only) is a prefix of any k_max >= 1
         raise UserError(f"cache.k_max={meta['k_max']}: must be within 1..{meta['num_patches']}")
+    level = DOMAINS["cache.zstd_level"]
+    if not level.allows(meta["zstd_level"]):
+        raise UserError(f"cache.zstd_level={meta['zstd_level']}: expected {level}")
     if not isinstance(meta["identity"], dict):
         raise ValueError("cache meta 'identity' must be a dict")
     return meta

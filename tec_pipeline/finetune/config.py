@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError, ViTArch, load_structured
+from ..domains import BETA, COUNT, FLAG, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Domain, Free, OneOf, Range, vit_arch
 
 
 @dataclass
@@ -96,16 +97,56 @@ LINPROBE = {"protocol": "linprobe",
             "optim": {"name": "lars", "blr": 0.1, "weight_decay": 0.0, "epochs": 90, "warmup_epochs": 10,
                       "min_lr": 0.0}}
 PROTOCOL_DEFAULTS = {"finetune": None, "linprobe": LINPROBE}
-CHOICES = {"protocol": tuple(PROTOCOL_DEFAULTS), "model.global_pool": ("avg", "token"),
-           "optim.name": ("adamw", "lars"), "optim.mixed_precision": ("no", "bf16", "fp16"), "data.split": ("test", "val"),
-           "data.kind": ("imagefolder", "webdataset")}
+DOMAINS: dict[str, Domain] = {  # every setting's allowed values, as `config.DOMAINS`
+    "protocol": OneOf(tuple(PROTOCOL_DEFAULTS)),
+    "seed": SEED,
+    "output": Free("a folder"),
+    "model.checkpoint": Free("a checkpoint file"),
+    **vit_arch("model.arch"),
+    "model.drop_path": Range(0, 1, high_open=True),
+    "model.global_pool": OneOf(("avg", "token")),
+    "model.head_init_std": POSITIVE,
+    "model.input_adapter": FLAG,
+    "data.kind": OneOf(("imagefolder", "webdataset")),
+    "data.train": Free("an image folder or tar pattern"),
+    "data.val": Free("an image folder or tar pattern"),
+    "data.split": OneOf(("test", "val")),
+    "data.groups": Free("a groups file (CSV image,group)"),
+    "data.img_size": COUNT,
+    "data.batch_size": COUNT,
+    "data.num_workers": NON_NEGATIVE,
+    "data.crop_pct": Range(0, 1, low_open=True),
+    "aug.auto_augment": Free("a timm RandAugment string"),
+    "aug.scale_min": Range(0, 1, low_open=True),
+    "aug.reprob": PROBABILITY,
+    "aug.mixup": NON_NEGATIVE,  # Beta(alpha, alpha); 0: off
+    "aug.cutmix": NON_NEGATIVE,
+    "aug.mixup_prob": PROBABILITY,
+    "aug.switch_prob": PROBABILITY,
+    "aug.smoothing": Range(0, 1, high_open=True),
+    "optim.name": OneOf(("adamw", "lars")),
+    "optim.blr": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.beta1": BETA,
+    "optim.beta2": BETA,
+    "optim.momentum": BETA,
+    "optim.layer_decay": Range(0, 1, low_open=True),  # block i's lr scale is layer_decay ** (depth - i)
+    "optim.epochs": COUNT,
+    "optim.warmup_epochs": NON_NEGATIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.accum_steps": COUNT,
+    "optim.mixed_precision": OneOf(("no", "bf16", "fp16")),
+    "train.max_steps": COUNT,
+    "train.log_every": COUNT,
+    "train.checkpoint_every": COUNT,
+}
 
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
                          protocol: str = "finetune") -> FinetuneConfig:
     """Tab. 10 defaults <- Tab. 11 (linprobe) <- YAML <- overrides; refused where the file is the
     other protocol's or a setting cannot work (odd batch under mixup, adapter outside the probe)."""
-    cfg = load_structured(FinetuneConfig, path, overrides, CHOICES, PROTOCOL_DEFAULTS[protocol])
+    cfg = load_structured(FinetuneConfig, [path], overrides, DOMAINS, PROTOCOL_DEFAULTS[protocol])
     if cfg.protocol != protocol:
         raise ConfigError(f"{path}: a {cfg.protocol} config; run it with `tec-pipeline {cfg.protocol}`")
     if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and cfg.data.batch_size % 2:

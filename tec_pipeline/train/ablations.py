@@ -1,30 +1,16 @@
-"""Tab. 6 from one cache: an ablation YAML is a set of dotted overrides layered over a full config,
-and the sweep's result is one table of final losses, or of top-1 after fine-tuning."""
+"""Tab. 6 from one cache: an ablation YAML is a config file layered over a full config, and the
+sweep's result is one table of final losses, or of top-1 after fine-tuning."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-from ..config import flatten
-from ..errors import UserError
 
 
 def ablation_title(path: Path) -> str:
     """A YAML's first comment line names its Tab. 6 row."""
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         if line.startswith("#"):
             return line.lstrip("# ").strip()
     return path.stem
-
-
-def ablation_overrides(path: Path) -> list[str]:
-    """An ablation YAML as dotted overrides, so it layers over a full config (``--config``)."""
-    import yaml
-
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: an ablation file must hold a mapping")
-    return [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in flatten(data).items()]
 
 
 def row_name(row: dict) -> str:
