@@ -85,7 +85,7 @@ def compute_targets(base, images: Tensor, last_layers: int = 2, k: int = 15) -> 
     """Base forward on normalized `images` (B, 3, S, S) -> patch-normalized features (Eq. 2) and
     the top-k attention target (Sec. 2.3)."""
     out = base_forward(base, images, last_layers)
-    return enhance(out.features, out.logits, k)
+    return enhance(out.features, out.queries, out.keys, k)
 
 
 def view_targets(base, views: Tensor, last_layers: int, k_max: int, device: torch.device,

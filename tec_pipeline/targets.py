@@ -44,29 +44,45 @@ def query_rows(topk_idx: Tensor) -> Tensor:
     return torch.cat([cls, topk_idx + 1], dim=1)
 
 
-def select_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Semantic attention target As (Sec. 2.3) from the last block's pre-softmax logits.
+def row_logits(queries: Tensor, keys: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Pre-softmax logits ``A[rows] = (q * s)[rows] k^T`` (B, H, R, 1+L) of the query rows `rows`
+    (B, R) in the 1+L token axis, all rows when None; `queries` already carry the scale s.
+
+    Computed in at least float32 whatever the autocast around it: the targets keep k+1 of the
+    1+L rows, so the product is small, and a half-precision one could overflow for a base with
+    large q, k (CLIP, DINOv2)."""
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    if rows is not None:
+        B, H, _, D = queries.shape
+        queries = queries.gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], D))
+    with torch.autocast(queries.device.type, enabled=False):
+        return queries.to(dtype) @ keys.to(dtype).transpose(-2, -1)
+
+
+def select_topk(queries: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Semantic attention target As (Sec. 2.3) from the last block's scaled queries and keys
+    (B, H, 1+L, head_dim) over [cls; patches].
 
     Patches are ranked by the head-mean of the cls query row, ``A[:, :, 0, 1:].mean(heads)``;
     the target keeps the cls row and the k top rows (in rank order), keys restricted to
-    patches (cls key dropped). Returns (As (B, k+1, H, L), topk_idx (B, k)).
+    patches (cls key dropped). Only those k+1 rows of A are computed.
+    Returns (As (B, k+1, H, L), topk_idx (B, k)).
     """
-    num_patches = logits.shape[-1] - 1
+    num_patches = keys.shape[-2] - 1
     if not 0 <= k <= num_patches:
         raise ValueError(f"k={k} must be within 0..{num_patches} (the number of patches)")
-    score = logits[:, :, 0, 1:].mean(dim=1)
+    cls = torch.zeros(queries.shape[0], 1, dtype=torch.long, device=queries.device)
+    score = row_logits(queries, keys, cls)[:, :, 0, 1:].mean(dim=1)
     topk_idx = score.topk(k, dim=-1, sorted=True).indices
-    rows = query_rows(topk_idx)
-    B, H, _, N = logits.shape
-    picked = logits.gather(2, rows[:, None, :, None].expand(B, H, k + 1, N))
+    picked = row_logits(queries, keys, query_rows(topk_idx))  # (B, H, k+1, 1+L)
     return picked[..., 1:].permute(0, 2, 1, 3).contiguous(), topk_idx
 
 
-def enhance(features: Tensor, logits: Tensor, k: int) -> Targets:
+def enhance(features: Tensor, queries: Tensor, keys: Tensor, k: int) -> Targets:
     """Base outputs -> enhanced targets: Eq. 2 on the features Y (B, L, C) and the top-k
-    attention target from the last block's logits A (B, H, 1+L, 1+L), both in float32."""
+    attention target from the last block's scaled queries and keys, both in float32."""
     feat, mean, std = patch_normalize(features.float())
-    attn, topk_idx = select_topk(logits.float(), k)
+    attn, topk_idx = select_topk(queries, keys, k)
     return Targets(feat=feat, feat_mean=mean, feat_std=std, attn=attn, topk_idx=topk_idx)
 
 

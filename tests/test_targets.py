@@ -10,7 +10,7 @@ from tec_pipeline.config import ViTArch
 from tec_pipeline.models.base import base_forward, load_base_model
 from tec_pipeline.base_targets import compute_targets
 from tec_pipeline.targets import (Targets, attention_target, channel_normalize, feature_target, patch_normalize,
-                                  select_topk)
+                                  row_logits, select_topk)
 
 
 def test_patch_normalize_matches_loops():
@@ -28,11 +28,17 @@ def test_patch_normalize_matches_loops():
                 assert yf[b, l, c].item() == pytest.approx((vals[l] - mu) / math.sqrt(var + 1e-6), abs=1e-12)
 
 
+def qk(B, H, L, D=5, dtype=torch.float64):
+    """Random scaled queries and keys (B, H, 1+L, D) and their logits q k^T."""
+    q, k = torch.randn(B, H, 1 + L, D, dtype=dtype), torch.randn(B, H, 1 + L, D, dtype=dtype)
+    return q, k, q @ k.transpose(-2, -1)
+
+
 def test_select_topk_matches_loops():
     B, H, L, k = 2, 3, 9, 4
-    logits = torch.randn(B, H, 1 + L, 1 + L, dtype=torch.float64)
-    att, idx = select_topk(logits, k)
-    assert att.shape == (B, k + 1, H, L) and idx.shape == (B, k)
+    queries, keys, logits = qk(B, H, L)
+    att, idx = select_topk(queries, keys, k)
+    assert att.shape == (B, k + 1, H, L) and idx.shape == (B, k) and att.dtype == torch.float64
     for b in range(B):
         score = [sum(logits[b, h, 0, 1 + j].item() for h in range(H)) / H for j in range(L)]
         order = sorted(range(L), key=lambda j: -score[j])[:k]
@@ -41,12 +47,23 @@ def test_select_topk_matches_loops():
         for r, row in enumerate(rows):
             for h in range(H):
                 for l in range(L):
-                    assert att[b, r, h, l].item() == logits[b, h, row, 1 + l].item()  # cls key dropped
+                    ref = sum(queries[b, h, row, d].item() * keys[b, h, 1 + l, d].item() for d in range(5))
+                    assert att[b, r, h, l].item() == pytest.approx(ref, abs=1e-12)  # cls key dropped
+
+
+def test_row_logits_are_float32_under_half_autocast_and_do_not_overflow():
+    """q.k of a large-norm base: 4e4 x 4e4 x 4 terms overflows float16 (max 65504), not the rows."""
+    queries = torch.full((1, 1, 3, 4), 4e4).half()
+    keys = torch.full((1, 1, 3, 4), 4e4).half()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = row_logits(queries, keys, torch.tensor([[0, 2]]))
+    assert rows.dtype == torch.float32 and rows.shape == (1, 1, 2, 3)
+    assert torch.isfinite(rows).all() and rows[0, 0, 0, 0].item() == pytest.approx(4 * 4e4 * 4e4, rel=1e-3)
 
 
 def test_select_topk_rejects_k_above_patches():
     with pytest.raises(ValueError, match="k=10"):
-        select_topk(torch.randn(1, 2, 10, 10), 10)
+        select_topk(torch.randn(1, 2, 10, 3), torch.randn(1, 2, 10, 3), 10)
 
 
 def _layer_norm64(x, ln):
@@ -99,7 +116,7 @@ def test_compute_targets_shapes_and_consistency():
 def _targets(B=2, L=6, C=4, H=2, k=3):
     y = torch.randn(B, L, C, dtype=torch.float64) * 2 + 5
     feat, mean, std = patch_normalize(y)
-    att, idx = select_topk(torch.randn(B, H, L + 1, L + 1, dtype=torch.float64), k)
+    att, idx = select_topk(*qk(B, H, L)[:2], k)
     return y, Targets(feat=feat, feat_mean=mean, feat_std=std, attn=att, topk_idx=idx)
 
 
@@ -124,10 +141,10 @@ def test_attention_target_prefix_and_modes():
 
 
 def test_select_topk_with_k0_keeps_the_cls_row():
-    logits = torch.randn(2, 3, 5, 5)
-    att, idx = select_topk(logits, 0)
+    queries, keys, logits = qk(2, 3, 4, dtype=torch.float32)
+    att, idx = select_topk(queries, keys, 0)
     assert att.shape == (2, 1, 3, 4) and idx.shape == (2, 0)
-    assert torch.equal(att[:, 0], logits[:, :, 0, 1:])
+    torch.testing.assert_close(att[:, 0], logits[:, :, 0, 1:])
 
 
 @pytest.mark.parametrize("arch, size, prefix", [("vit_small_patch14_reg4_dinov2", 42, 5),  # cls + 4 registers

@@ -16,7 +16,7 @@ from ..base_targets import autocast, dtype_of
 from ..cache.codecs import attn_kl_rows, feat_rel_rms
 from ..cache.store import CacheCorruptError
 from ..models.base import base_forward
-from ..targets import enhance, query_rows
+from ..targets import enhance, query_rows, row_logits
 from ..views import draw_view, normalize
 
 # Tolerances of a recomputed view against the stored one, by storage dtype. Features: relative
@@ -74,9 +74,9 @@ def reference_view(base, pixels: torch.Tensor, meta: dict, topk_idx: np.ndarray,
     the *stored* top-k so rows are compared like for like even where near-ties rank differently."""
     with torch.inference_mode(), autocast(device, dtype_of(meta.get("compute_dtype"))):
         out = base_forward(base, normalize(pixels.to(device)), meta["last_layers"])
-    t = enhance(out.features, out.logits, int(meta["k_max"]))
-    rows = query_rows(torch.as_tensor(topk_idx, dtype=torch.long, device=device)[None])[0]
-    attn = out.logits.float()[0][:, rows, 1:].permute(1, 0, 2)  # (k+1, H, L): stored layout
+    t = enhance(out.features, out.queries, out.keys, int(meta["k_max"]))
+    rows = query_rows(torch.as_tensor(topk_idx, dtype=torch.long, device=device)[None])
+    attn = row_logits(out.queries, out.keys, rows)[0][:, :, 1:].permute(1, 0, 2)  # (k+1, H, L): stored layout
     ref = {name: getattr(t, name)[0].cpu().numpy() for name in ("feat", "feat_mean", "feat_std", "topk_idx")}
     return {**ref, "attn": attn.cpu().numpy()}
 

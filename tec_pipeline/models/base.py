@@ -19,10 +19,11 @@ from torch import Tensor, nn
 
 from ..config import ViTArch
 from ..errors import UserError
+from ..targets import row_logits
 from .checkpoints import EXPORT_FORMAT, CheckpointError, file_sha256, read_checkpoint
 
 __all__ = ["EXPORT_FORMAT", "CheckpointError", "UnsupportedBase", "NoFinalNorm", "file_sha256", "read_checkpoint",
-           "build_vit", "build_base_vit", "load_base_model", "base_forward", "attention_logits", "BaseOutputs"]
+           "build_vit", "build_base_vit", "load_base_model", "base_forward", "attention_qk", "BaseOutputs"]
 
 # Entries of full checkpoints that are not part of the encoder (heads, decoders, adapters, MIM tokens).
 _IGNORED_PREFIXES = ("head.", "head_dist.", "decoder", "mask_token", "masked_embed", "fc_norm.", "encoder_adaptor.",
@@ -183,21 +184,27 @@ def load_base_model(arch: ViTArch | str | None, checkpoint: str | Path | None, i
 
 @dataclass
 class BaseOutputs:
-    """What the base forward hands to target enhancement: patch tokens and [cls; patches] logits."""
+    """What the base forward hands to target enhancement: patch tokens, and the last block's scaled
+    queries and keys over [cls; patches], from which only the logit rows the targets keep are
+    computed (`targets.row_logits`)."""
 
     features: Tensor  # Y (B, L, C): mean of the last blocks' patch tokens, before the final norm
-    logits: Tensor  # A (B, H, 1+L, 1+L): pre-softmax q.k * head_dim^-0.5 of the last block over [cls; patches]
+    queries: Tensor  # q * head_dim^-0.5 (B, H, 1+L, head_dim)
+    keys: Tensor  # k (B, H, 1+L, head_dim)
+
+    @property
+    def logits(self) -> Tensor:
+        """All pre-softmax logits A (B, H, 1+L, 1+L) of the last block (pictures, checks)."""
+        return row_logits(self.queries, self.keys)
 
 
-def attention_logits(attn: nn.Module, x: Tensor) -> Tensor:
-    """Pre-softmax self-attention logits ``(q @ k^T) * head_dim^-0.5`` of a timm Attention.
-
-    `x` is the block's `norm1` output; q, k come from the block's own `qkv` weights.
-    """
+def attention_qk(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(q * head_dim^-0.5, k) of a timm Attention, each (B, H, N, head_dim), from the block's own
+    `qkv` weights; `x` is the block's `norm1` output. The scale goes on q before any product, so
+    a half-precision q.k of a large-norm base cannot overflow before it is scaled."""
     B, N, _ = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    return (q @ k.transpose(-2, -1)) * attn.scale
+    return attn.q_norm(qkv[0]) * attn.scale, attn.k_norm(qkv[1])
 
 
 def target_tokens(x: Tensor, num_prefix_tokens: int) -> Tensor:
@@ -213,7 +220,7 @@ def target_tokens(x: Tensor, num_prefix_tokens: int) -> Tensor:
 
 def base_forward(vit: VisionTransformer, images: Tensor, last_layers: int = 2) -> BaseOutputs:
     """Standard ViT forward that keeps the last `last_layers` blocks' patch tokens and the last
-    block's logits among cls and patches, for any number of prefix tokens.
+    block's queries and keys among cls and patches, for any number of prefix tokens.
 
     q and k are per-token maps of the block input (norm1, qkv), so computing them on the kept
     tokens alone gives exactly those rows and columns of the full logits.
@@ -225,9 +232,9 @@ def base_forward(vit: VisionTransformer, images: Tensor, last_layers: int = 2) -
     kept = []
     for i, block in enumerate(vit.blocks):
         if i == depth - 1:
-            logits = attention_logits(block.attn, block.norm1(target_tokens(x, vit.num_prefix_tokens)))
+            queries, keys = attention_qk(block.attn, block.norm1(target_tokens(x, vit.num_prefix_tokens)))
         x = block(x)
         if i >= depth - last_layers:
             kept.append(x[:, vit.num_prefix_tokens:])
     features = torch.stack(kept).mean(0)
-    return BaseOutputs(features=features, logits=logits)
+    return BaseOutputs(features=features, queries=queries, keys=keys)
