@@ -52,7 +52,7 @@ from stages.cache_targets import compute_shards  # noqa: E402
 from tec_pipeline.base_targets import load_base, view_targets  # noqa: E402
 from tec_pipeline.cache import assemble  # noqa: E402
 from tec_pipeline.cache.assemble import ShardWriterPool, default_writer_threads  # noqa: E402
-from tec_pipeline.cache.encode import empty_shard, encode_views  # noqa: E402
+from tec_pipeline.cache.encode import BatchChecks, empty_shard, encode_views, read_checks  # noqa: E402
 from tec_pipeline.cache.schema import array_specs  # noqa: E402
 from tec_pipeline.cache.store import create_cache  # noqa: E402
 from tec_pipeline.config import ViTArch, load_config  # noqa: E402
@@ -144,13 +144,14 @@ def instant_encode(meta: dict, recorded: dict, per_batch: int):
     V = int(meta["views"])
     done = {name: a for name, a in empty_shard(array_specs(meta), per_batch, V).items()
             if name not in ("crop", "valid", "label")}
-    errors = encode_views(replay(recorded, per_batch, V), torch.ones(per_batch, dtype=torch.bool),
+    checks = encode_views(replay(recorded, per_batch, V), torch.ones(per_batch, dtype=torch.bool),
                           np.ones((per_batch, V), bool), meta["feat_dtype"], meta["attn_dtype"], range(per_batch), done)
+    errors = torch.from_numpy(read_checks([checks])[0])
 
     def replayed(targets, valid, measure, feat_dtype, attn_dtype, images, out):
         for name, rows in out.items():
             np.copyto(rows, done[name][:len(rows)])
-        return errors[:int(measure.sum())]
+        return BatchChecks(images, V, errors[:int(measure.sum())])
 
     real, assemble.encode_views = assemble.encode_views, replayed
     try:

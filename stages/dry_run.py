@@ -31,7 +31,7 @@ def dry_run_estimate(cfg: Config, meta: dict, dataset: ViewDataset, forward, sta
     probe_meta = {**meta, "num_images": n, "images_per_shard": n}  # the batch is the probe's one shard
     probe = ShardAssembler(probe_meta, 0, cfg.cache.store_images)
     try:
-        _, encode_s = timed(lambda: probe.add(batch, targets))
+        _, encode_s = timed(lambda: (probe.add(batch, targets), probe.finish()))  # finish: its checks, read
     except NonFiniteTargetError as err:
         raise non_finite_error(err, meta) from None
     target_dir = local_dir(cfg.cache.path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tec_pipeline.cache import codecs
-from tec_pipeline.cache.encode import NonFiniteTargetError, encode_views, measured_views
+from tec_pipeline.cache.encode import NonFiniteTargetError, encode_views, measured_views, read_checks
 from tec_pipeline.errors import UserError
 
 B, V, L, C, H, K = 3, 4, 49, 24, 3, 5
@@ -143,11 +143,12 @@ def test_float16_and_float32_storage():
 
 
 def batch_of(data: dict[str, np.ndarray], valid: np.ndarray, measure: np.ndarray, feat_dtype="int8", attn_dtype="uint8"):
-    """``encode_views`` of images 10, 11, 12 into new host arrays -> (arrays, measured errors)."""
+    """``encode_views`` of images 10, 11, 12 into new host arrays, its checks read (``read_checks``)
+    -> (arrays, measured errors)."""
     targets = {k: torch.from_numpy(v.copy()) for k, v in data.items()}
     out = {k: np.full_like(v, 77) for k, v in encoded(realistic_targets(), feat_dtype, attn_dtype).items()}
-    errors = encode_views(targets, torch.from_numpy(valid), measure, feat_dtype, attn_dtype, [10, 11, 12], out)
-    return out, errors
+    checks = encode_views(targets, torch.from_numpy(valid), measure, feat_dtype, attn_dtype, [10, 11, 12], out)
+    return out, read_checks([checks])[0]
 
 
 def test_batch_encoding_zeroes_skipped_images_and_measures_the_sample():
@@ -210,6 +211,32 @@ def test_a_gpu_encodes_the_batch_at_once_into_the_same_bytes(monkeypatch):
     for name in blocks:
         np.testing.assert_array_equal(whole[name], blocks[name], err_msg=name)
     np.testing.assert_array_equal(whole_errors, block_errors)
-    data["attn"][1, 3, 0, 0, 0] = np.nan
+    data["attn"][1, 3, 0, 0, 0] = np.nan  # found when the checks are read, named as on the CPU
     with pytest.raises(NonFiniteTargetError, match="'attn' of image 11"):
         batch_of(data, np.ones(B, bool), measure)
+    data = realistic_targets()
+    data["topk_idx"][1, 1, 0] = L
+    with pytest.raises(ValueError, match=f"topk_idx outside 0..{L - 1}"):
+        batch_of(data, np.ones(B, bool), measure)
+
+
+def test_a_gpu_batch_leaves_its_checks_on_the_device_until_read(monkeypatch):
+    """On the device path encoding raises nothing and reads nothing: a non-finite target, an
+    out-of-range top-k index and a float16 overflow are each found by ``read_checks`` alone."""
+    from tec_pipeline.cache import encode
+
+    monkeypatch.setattr(encode, "whole_batch", lambda device: True)
+    data = realistic_targets()
+    data["feat"][2, 0, 0, 0] = np.inf
+    data["topk_idx"][0, 0, 0] = -1
+    data["feat_mean"][0, 0, 0] = 7e4
+    targets = {k: torch.from_numpy(v.copy()) for k, v in data.items()}
+    out = {k: np.zeros_like(v) for k, v in encoded(realistic_targets(), "int8", "uint8").items()}
+    checks = encode_views(targets, torch.ones(B, dtype=torch.bool), np.zeros((B, V), bool), "int8", "uint8",
+                          [10, 11, 12], out)  # nothing raised yet
+    assert checks.finite is not None and len(checks.flags) == 3  # top-k range, feat_mean and feat_std range
+    with pytest.raises(NonFiniteTargetError, match="'feat' of image 12"):  # the first failed check: non-finite
+        read_checks([checks])
+    checks.finite = torch.ones_like(checks.finite)
+    with pytest.raises(ValueError, match="topk_idx outside"):
+        read_checks([checks])

@@ -17,10 +17,11 @@ import time
 from typing import Optional
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from . import codecs
-from .encode import empty_shard, encode_views, measured_views
+from .encode import BatchChecks, empty_shard, encode_views, measured_views, read_checks
 from .schema import array_specs, shard_range
 from .storage import one_thread_per_shard
 
@@ -51,8 +52,12 @@ class ShardAssembler:
         self.feat_dtype, self.attn_dtype, self.views = meta["feat_dtype"], meta["attn_dtype"], int(meta["views"])
         self.sample = codecs.error_sample(len(self.images), self.views)
         fits = arrays is not None and len(arrays["valid"]) == len(self.images)  # every row is overwritten
-        self.data = arrays if fits else empty_shard(array_specs(meta), len(self.images), self.views)
+        # pinned where a GPU computes the targets: its copies into the rows are then asynchronous
+        self.data = arrays if fits else empty_shard(array_specs(meta), len(self.images), self.views,
+                                                    pinned=torch.cuda.is_available())
         self.raw: list[bytes] = [b""] * len(self.images)  # source image bytes, for stores that keep them
+        self.pending: list[tuple[np.ndarray, BatchChecks]] = []  # (measured view indices, checks) to read
+        self.copied: Optional[torch.cuda.Event] = None  # recorded after the last asynchronous copy
         self.errors: dict[int, np.ndarray] = {}
         self.filled = 0
         self.skipped: list[dict] = []
@@ -73,15 +78,18 @@ class ShardAssembler:
         pairs = rows[:, None] * self.views + np.arange(self.views)  # the views' indices in the shard
         measure = measured_views(pairs, valid, self.sample)
         out = self._encoded_rows(rows)
-        errors = encode_views(targets, batch["valid"], measure, self.feat_dtype, self.attn_dtype,
+        checks = encode_views(targets, batch["valid"], measure, self.feat_dtype, self.attn_dtype,
                               batch["index"].tolist(), out)
         for name, arr in out.items():
-            if not np.shares_memory(arr, self.data[name]):
+            if not np.shares_memory(arr, self.data[name]):  # new pageable arrays: the copy has completed
                 self.data[name][rows] = arr
+        self.pending.append((pairs[measure], checks))
+        if targets["feat"].is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
         self.data["crop"][rows] = np.where(valid[:, None, None], batch["crops"].numpy(), 0)
         self.data["valid"][rows] = valid
         self.data["label"][rows] = batch["label"].numpy()
-        self.errors.update(zip(pairs[measure].tolist(), errors))
         for row, index, ok, error, raw in zip(rows, batch["index"].tolist(), valid, batch["error"], batch["raw"]):
             self.raw[row] = raw
             if not ok:
@@ -92,8 +100,20 @@ class ShardAssembler:
     def full(self) -> bool:
         return self.filled == len(self.images)
 
+    def finish(self) -> None:
+        """Wait for the copies into the rows and read the batches' checks and errors, once per
+        shard (``encode.read_checks``); raises on a failed check. Idempotent."""
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
+        errors = read_checks([checks for _, checks in self.pending])
+        for (views, _), rows in zip(self.pending, errors):
+            self.errors.update(zip(views.tolist(), rows))
+        self.pending = []
+
     def stats(self) -> dict:
         """The shard's measured quantization error (``codecs.error_stats``), in view order."""
+        self.finish()
         rows = [self.errors[p] for p in sorted(self.errors)]
         return codecs.error_stats(np.asarray(rows, np.float64).reshape(-1, 4), self.feat_dtype, self.attn_dtype)
 
@@ -157,8 +177,9 @@ class ShardWriterPool:
         return ShardAssembler(self.writer.meta, shard, keep_raw, arrays)
 
     def put(self, assembled: ShardAssembler) -> None:
-        """Queue a full shard (blocks while the queue is full)."""
+        """Queue a full shard (blocks while the queue is full), its rows and checks complete."""
         self._raise()
+        assembled.finish()
         self.queue.put(assembled)
 
     def close(self) -> None:

@@ -84,26 +84,37 @@ def encode_attn_uint8(attn: Tensor, out: Optional[Tensor] = None) -> Tensor:
     return _store(y.mul_(float(np.float32(1 / ATTN_STEP))).round_().clamp_(0, UINT8_LEVELS), torch.uint8, out)
 
 
-def to_float16(x: Tensor, name: str, setting: str, out: Optional[Tensor] = None) -> Tensor:
+Checks = list  # of (bool tensor that must be True, the error to raise when it is not)
+
+
+def to_float16(x: Tensor, name: str, setting: str, out: Optional[Tensor] = None,
+               checks: Optional[Checks] = None) -> Tensor:
     """float16 copy of finite float32 ``x``; refuses values that would round to inf
-    (``|x| >= 65520``) instead of storing them, naming the `setting` that stores them as float32."""
-    if x.numel() and max(float(x.amax()), -float(x.amin())) >= FLOAT16_TO_INF:
-        raise UserError(f"'{name}' exceeds the float16 range (|x| > 65504): set {setting}=float32")
+    (``|x| >= 65520``) instead of storing them, naming the `setting` that stores them as float32.
+    With `checks`, the range test is appended there (a device bool, read later) instead of read now."""
+    error = UserError(f"'{name}' exceeds the float16 range (|x| > 65504): set {setting}=float32")
+    if x.numel():
+        in_range = x.abs().amax() < FLOAT16_TO_INF
+        if checks is not None:
+            checks.append((in_range, error))
+        elif not bool(in_range):
+            raise error
     return _store(x, torch.float16, out)
 
 
-def _float(x: Tensor, dtype: str, name: str, setting: str, out: Optional[Tensor]) -> Tensor:
+def _float(x: Tensor, dtype: str, name: str, setting: str, out: Optional[Tensor], checks: Optional[Checks]) -> Tensor:
     """float32 kept as is where `setting` is float32, float16 otherwise (mean / std of int8 features too)."""
     if dtype != "float32":
-        return to_float16(x, name, setting, out)
+        return to_float16(x, name, setting, out, checks)
     return x if out is None else out.copy_(x)
 
 
 def encode(targets: dict[str, Tensor], feat_dtype: str, attn_dtype: str,
-           out: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
+           out: Optional[dict[str, Tensor]] = None, checks: Optional[Checks] = None) -> dict[str, Tensor]:
     """Finite float32 targets (feat, feat_mean, feat_std, attn, any leading dims) and int64
     topk_idx -> tensors in their storage dtypes (``schema.array_specs``), on the same device;
-    written into `out` (tensors of those dtypes and shapes) when given."""
+    written into `out` (tensors of those dtypes and shapes) when given. Range checks go to
+    `checks` when given (`to_float16`), so a device need not be read per batch."""
     out = out or {}
     L = targets["feat"].shape[-2]
     index = torch.int16 if L <= np.iinfo(np.int16).max else torch.int32
@@ -113,11 +124,11 @@ def encode(targets: dict[str, Tensor], feat_dtype: str, attn_dtype: str,
         enc["feat"] = quantize_feat(targets["feat"], enc["feat_step"], out.get("feat"))
     for name in ("feat", "feat_mean", "feat_std"):
         if name not in enc:
-            enc[name] = _float(targets[name], feat_dtype, name, "cache.feat_dtype", out.get(name))
+            enc[name] = _float(targets[name], feat_dtype, name, "cache.feat_dtype", out.get(name), checks)
     if attn_dtype == "uint8":
         enc["attn"] = encode_attn_uint8(targets["attn"], out.get("attn"))
     else:
-        enc["attn"] = _float(targets["attn"], attn_dtype, "attn", "cache.attn_dtype", out.get("attn"))
+        enc["attn"] = _float(targets["attn"], attn_dtype, "attn", "cache.attn_dtype", out.get("attn"), checks)
     return enc
 
 

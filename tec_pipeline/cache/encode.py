@@ -7,12 +7,18 @@ contract), the targets are checked finite and in range with a few reductions, th
 (``codecs.encode``), and the views of the shard's error sample are decoded again to measure the
 quantization error (``codecs.error_sample``).
 
+On a GPU nothing of this waits for the device: the encoded bytes go to the shard's pinned host
+arrays by asynchronous copies, and the checks and errors stay on the device as a `BatchChecks`
+until the shard is complete, when `read_checks` reads all of them at once. On a CPU they are
+read as they are made, which costs nothing there.
+
 The float data path of ``CacheWriter.write_shard`` runs the same code on the CPU, so every cache
 is encoded by one implementation.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,11 +40,28 @@ class NonFiniteTargetError(UserError):
     """A target holds NaN or inf (e.g. the base forward overflowed its compute precision)."""
 
 
-def empty_shard(specs: dict[str, ArraySpec], images: int, views: int) -> dict[str, np.ndarray]:
-    """A shard's arrays in their storage dtypes (``schema.array_specs``), zeros (label -1)."""
-    out = {name: np.zeros((images, views, *s.tail) if s.per_view else (images,), s.dtype) for name, s in specs.items()}
+def empty_shard(specs: dict[str, ArraySpec], images: int, views: int, pinned: bool = False) -> dict[str, np.ndarray]:
+    """A shard's arrays in their storage dtypes (``schema.array_specs``), zeros (label -1); in
+    page-locked memory with `pinned`, so a GPU copies into them asynchronously."""
+    out = {}
+    for name, s in specs.items():
+        shape = (images, views, *s.tail) if s.per_view else (images,)
+        out[name] = (torch.zeros(shape, dtype=torch.from_numpy(np.empty(0, s.dtype)).dtype, pin_memory=True).numpy()
+                     if pinned else np.zeros(shape, s.dtype))
     out["label"][:] = -1
     return out
+
+
+@dataclass
+class BatchChecks:
+    """What encoding a batch leaves to read on the host: the measured error of its sampled views
+    and, from a GPU, its checks (read with the rest of its shard's by `read_checks`)."""
+
+    images: Sequence[int]  # the batch's image indices, to name one in an error
+    views: int
+    errors: Tensor  # (P, 4) float64, `view_errors`
+    finite: Optional[Tensor] = None  # (4, B*V) bool: each float target of each view finite; None: checked
+    flags: list = field(default_factory=list)  # (bool tensor that must hold, error to raise) pairs
 
 
 def measured_views(pairs: np.ndarray, valid: np.ndarray, sample: np.ndarray) -> np.ndarray:
@@ -68,10 +91,16 @@ def check_finite(block: dict[str, Tensor], images: Sequence[int], views: int, fi
             raise NonFiniteTargetError(f"'{FLOAT_KEYS[k]}' of image {images[(first + i) // views]} has non-finite values")
 
 
-def check_topk(topk_idx: Tensor, num_patches: int) -> None:
-    """Refuse top-k patch indices outside 0..L-1."""
-    if topk_idx.numel() and not (0 <= int(topk_idx.amin()) and int(topk_idx.amax()) < num_patches):
-        raise ValueError(f"topk_idx outside 0..{num_patches - 1}")
+def check_topk(topk_idx: Tensor, num_patches: int, flags: Optional[list] = None) -> None:
+    """Refuse top-k patch indices outside 0..L-1 (with `flags`: a device bool appended there)."""
+    if not topk_idx.numel():
+        return
+    error = ValueError(f"topk_idx outside 0..{num_patches - 1}")
+    ok = (topk_idx.amin() >= 0) & (topk_idx.amax() < num_patches)
+    if flags is not None:
+        flags.append((ok, error))
+    elif not bool(ok):
+        raise error
 
 
 def whole_batch(device: torch.device) -> bool:
@@ -79,18 +108,24 @@ def whole_batch(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def view_finite(flat: dict[str, Tensor]) -> Tensor:
+    """(4, views) bool: whether each float target of each view (flat leading dim) is all finite."""
+    return torch.stack([torch.isfinite(flat[name].flatten(1)).all(-1) for name in FLOAT_KEYS])
+
+
 def encode_blocks(targets: dict[str, Tensor], feat_dtype: str, attn_dtype: str, out: dict[str, Tensor],
-                  images: Sequence[int]) -> dict[str, Tensor]:
+                  images: Sequence[int], checks: BatchChecks) -> dict[str, Tensor]:
     """Check (``check_finite``) and encode (``codecs.encode``) (B, V, ...) targets into `out`
-    (host tensors in storage dtypes); returns the encoded tensors on the targets' device."""
+    (host tensors in storage dtypes); returns the encoded tensors on the targets' device. On a
+    GPU the checks go to `checks` and the copies to `out` are asynchronous (pinned `out`)."""
     B, V = targets["feat"].shape[:2]
     flat = {name: t.flatten(0, 1) for name, t in targets.items()}
     dest = {name: t.flatten(0, 1) for name, t in out.items()}
     if whole_batch(targets["feat"].device):  # the whole batch on the device, then its storage bytes to the host
-        check_finite(flat, images, V, 0)
-        enc = codecs.encode(flat, feat_dtype, attn_dtype)
+        checks.finite = view_finite(flat)
+        enc = codecs.encode(flat, feat_dtype, attn_dtype, checks=checks.flags)
         for name, t in enc.items():
-            dest[name].copy_(t)
+            dest[name].copy_(t, non_blocking=True)
         return {name: t.view(B, V, *t.shape[1:]) for name, t in enc.items()}
     for start in range(0, B * V, CPU_BLOCK_VIEWS):  # each block checked and encoded while in cache, into `out`
         part = slice(start, start + CPU_BLOCK_VIEWS)
@@ -121,20 +156,48 @@ def view_errors(targets: dict[str, Tensor], enc: dict[str, Tensor], measure: np.
 
 
 def encode_views(targets: dict[str, Tensor], valid: Tensor, measure: np.ndarray, feat_dtype: str, attn_dtype: str,
-                 images: Sequence[int], out: dict[str, np.ndarray]) -> np.ndarray:
+                 images: Sequence[int], out: dict[str, np.ndarray]) -> BatchChecks:
     """A batch's targets on their device -> its views in storage dtypes, written into `out` on
     the host (arrays (B, V, ...) of ``codecs.encode``'s names, e.g. a shard's rows); returns the
-    measured error of the views where `measure` is True (see ``view_errors``), on the host.
+    measured error of the views where `measure` is True (see ``view_errors``) with what is left
+    to check, as `BatchChecks` for `read_checks`.
 
     ``targets``: float32 feat (B, V, L, C), feat_mean / feat_std (B, V, C), attn
     (B, V, k+1, H, L) and int64 topk_idx (B, V, k), as ``base_targets.view_targets`` returns
     them; ``valid`` (B,) bool; ``measure`` (B, V) bool (``measured_views``); ``images`` the
-    image indices, for messages. Raises ``NonFiniteTargetError`` on NaN / inf.
+    image indices, for messages. Raises ``NonFiniteTargetError`` on NaN / inf (from a GPU: in
+    `read_checks`).
     """
     targets = zero_skipped({name: targets[name] for name in VIEW_TARGETS}, valid)
-    check_topk(targets["topk_idx"], targets["feat"].shape[-2])
-    enc = encode_blocks(targets, feat_dtype, attn_dtype, {name: torch.from_numpy(a) for name, a in out.items()}, images)
-    return view_errors(targets, enc, measure, feat_dtype, attn_dtype).cpu().numpy()
+    device = targets["feat"].device
+    checks = BatchChecks(images, targets["feat"].shape[1], torch.empty(0, 4, dtype=torch.float64))
+    check_topk(targets["topk_idx"], targets["feat"].shape[-2], checks.flags if whole_batch(device) else None)
+    dest = {name: torch.from_numpy(a) for name, a in out.items()}
+    enc = encode_blocks(targets, feat_dtype, attn_dtype, dest, images, checks)
+    checks.errors = view_errors(targets, enc, measure, feat_dtype, attn_dtype)
+    return checks
+
+
+def read_checks(batches: Sequence[BatchChecks]) -> list[np.ndarray]:
+    """Each batch's measured error on the host, (P, 4) float64, after raising the first failed
+    check (a non-finite target first, naming its image). One read of the device for all of them."""
+    parts = [t for b in batches for t in (b.errors, *([b.finite] if b.finite is not None else []),
+                                          *(ok for ok, _ in b.flags))]
+    if not parts:
+        return []
+    flat = torch.cat([t.double().flatten() for t in parts]).cpu().numpy()  # waits for the device once
+    host = iter(np.split(flat, np.cumsum([t.numel() for t in parts])[:-1]))
+    errors = []
+    for b in batches:
+        errors.append(next(host).reshape(-1, 4))
+        if b.finite is not None:
+            finite = next(host).reshape(len(FLOAT_KEYS), -1)
+            for k, i in zip(*np.nonzero(finite == 0)):
+                raise NonFiniteTargetError(f"'{FLOAT_KEYS[k]}' of image {b.images[i // b.views]} has non-finite values")
+        for _, error in b.flags:
+            if not next(host).item():
+                raise error
+    return errors
 
 
 def encode_float_shard(data: dict[str, np.ndarray], specs: dict[str, ArraySpec], feat_dtype: str, attn_dtype: str,
@@ -149,7 +212,8 @@ def encode_float_shard(data: dict[str, np.ndarray], specs: dict[str, ArraySpec],
                for name in VIEW_TARGETS}
     arrays = empty_shard(specs, n, V)
     encoded = {name: a for name, a in arrays.items() if name not in ("crop", "valid", "label")}
-    errors = encode_views(targets, torch.from_numpy(valid), measure, feat_dtype, attn_dtype, images, encoded)
+    checks = encode_views(targets, torch.from_numpy(valid), measure, feat_dtype, attn_dtype, images, encoded)
+    errors = read_checks([checks])[0]
     arrays.update(crop=np.where(valid[:, None, None], data["crop"], 0).astype(np.int32), valid=valid.astype(np.uint8),
                   label=np.asarray(data["label"], np.int64))
     return arrays, codecs.error_stats(errors, feat_dtype, attn_dtype)
