@@ -21,6 +21,8 @@ from tec_pipeline.cache_targets.verify import check_files, pick_views, verify_vi
 def verify_cache(url: str, sample: int = 8, seed: int = 0) -> bool:
     """Re-render `sample` random views from the cache's metadata, recompute them with the base
     model and compare with what is stored; one line per view, False on any mismatch."""
+    if sample < 0:
+        raise UserError(f"--sample {sample}: expected a number of views >= 0 (0: check the files only)")
     reader = open_cache(url)
     meta = reader.meta
     if "source" not in meta or "base" not in meta:

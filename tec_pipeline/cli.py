@@ -5,8 +5,11 @@ command line (`python -m experiments`), so both report bad input the same way.
 """
 from __future__ import annotations
 
+import functools
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import typer
 
@@ -39,8 +42,55 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+DEBUG_ENV = "TEC_DEBUG"  # set to 1: an unexpected error shows its traceback
+
+
+def os_error_line(err: OSError, during: str) -> str:
+    """An `OSError` as one line: the path(s) it names, the system's reason and the command."""
+    reason = err.strerror or str(err) or type(err).__name__
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    return f"{paths + ': ' if paths else ''}{reason} (during {during})"
+
+
+@contextmanager
+def guard(during: str = "the command") -> Iterator[None]:
+    """Every error a command meets as one red line, exit 2: the package's own (`UserError`) as it
+    words them, an `OSError` with the path it names, anything else by its type and first line plus
+    how to see its traceback (``TEC_DEBUG=1``, which re-raises it)."""
+    from .errors import UserError
+
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise  # the command line's own exits
+    except UserError as err:
+        fail(str(err))
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        if isinstance(err, OSError):
+            fail(os_error_line(err, during))
+        first = (str(err).strip().splitlines() or [""])[0]
+        fail(f"unexpected {type(err).__name__}{': ' + first if first else ''} (during {during}); "
+             f"run with {DEBUG_ENV}=1 for the traceback")
+
+
+def command(*args, **kwargs) -> Callable:
+    """`app.command`, the command's body under `guard`: no user sees a raw traceback by default."""
+    def register(fn: Callable) -> Callable:
+        during = args[0] if args else fn.__name__.replace("_", "-")
+
+        @functools.wraps(fn)
+        def guarded(*a, **k):
+            with guard(during):
+                return fn(*a, **k)
+        return app.command(*args, **kwargs)(guarded)
+    return register
+
+
 def run_stage(fn, *args, **kwargs):
-    """Call a stage; the user-facing errors of this package become one red line and exit 2."""
+    """Call a stage; the user-facing errors of this package become one red line and exit 2 (a
+    product command's `guard` reports the rest)."""
     from .errors import UserError
 
     try:
@@ -49,7 +99,7 @@ def run_stage(fn, *args, **kwargs):
         fail(str(err))
 
 
-@app.command("cache-targets")
+@command("cache-targets")
 def cache_targets(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
                   overwrite: bool = typer.Option(False, help="Replace an existing cache made with another config."),
                   dry_run: bool = typer.Option(False, "--dry-run", help="Print bytes per view, total size and free space; write nothing.")):
@@ -60,7 +110,7 @@ def cache_targets(config: Optional[Path] = ConfigOpt, overrides: Optional[List[s
     run_stage(run_cache_targets, cfg, overwrite=overwrite, dry_run=dry_run)
 
 
-@app.command()
+@command()
 def train(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
           resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.")):
     """Stage two: train the new model from a target cache (or online with targets.source=online)."""
@@ -70,7 +120,7 @@ def train(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = O
     run_stage(run_train, cfg, resume=resume)
 
 
-@app.command()
+@command()
 def export(run: Path = typer.Argument(..., help="A training run directory."),
            out: Optional[Path] = typer.Option(None, help="Output file (default RUN/encoder.safetensors, "
                                                          "RUN/encoder_mae.pth with --format mae)."),
@@ -102,21 +152,21 @@ def _score(config: Optional[Path], overrides: Optional[List[str]], resume: bool,
                f"{result['best_top1']:.2f} (epoch {result['best_epoch']:g}) -> {cfg.output}/result.json")
 
 
-@app.command()
+@command()
 def finetune(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
              resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.")):
     """Full fine-tuning of an encoder by Tab. 10 (AdamW, layer decay, RandAugment, Mixup/CutMix); top-1/top-5."""
     _score(config, overrides, resume, "finetune")
 
 
-@app.command()
+@command()
 def linprobe(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = OverridesArg,
              resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.")):
     """Linear probing by Tab. 11 (LARS, BatchNorm before the head); model.input_adapter=true: Tab. 4's variant."""
     _score(config, overrides, resume, "linprobe")
 
 
-@app.command()
+@command()
 def inspect(cache: str = typer.Argument(..., help="Cache path or fsspec URL.")):
     """Print a cache's metadata, counts, bytes per view and completeness."""
     from .cache.inspect import describe_cache
@@ -124,7 +174,7 @@ def inspect(cache: str = typer.Argument(..., help="Cache path or fsspec URL.")):
     typer.echo(run_stage(describe_cache, cache))
 
 
-@app.command()
+@command()
 def verify(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
            sample: int = typer.Option(8, "--sample", help="Views to re-render and recompute."),
            seed: int = typer.Option(0, help="Which views are sampled.")):
@@ -135,7 +185,7 @@ def verify(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
     raise typer.Exit(0 if ok else 1)
 
 
-@app.command("eval")
+@command("eval")
 def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
                                              help="NAME=CHECKPOINT; repeat. A tec-pipeline export needs no --arch."),
              train_dir: Path = typer.Option(..., help="Labelled ImageFolder to fit k-NN and the linear probe on."),
@@ -180,7 +230,7 @@ def _train_groups(groups: Path, train_dir: Path):
     return read_groups(groups, ImageFolderSource(train_dir))
 
 
-@app.command()
+@command()
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the run's cache, models, table and pictures go."),
          seed: int = typer.Option(0, help="Seed of the cache views, masks and initialisation (TEC and control)."),
          second_round: bool = typer.Option(False, "--second-round", help="Also train TEC from the exported TEC (Tab. 7)."),
@@ -192,7 +242,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the run's cache
     run_stage(run_demo, out, seed=seed, second_round=second_round, overrides=overrides or [], split=split_name(val))
 
 
-@app.command()
+@command()
 def ablate(items: List[str] = typer.Argument(..., metavar="CONFIGS",
                                              help="Ablation YAMLs, or a directory of them (its *.yaml, sorted), "
                                                   "e.g. configs/ablations; then dotted overrides (key=value) applied to every run."),

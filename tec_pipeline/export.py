@@ -20,6 +20,7 @@ from .config import ViTArch
 from .errors import UserError
 from .files import atomic_path
 from .models.base import EXPORT_FORMAT
+from .models.checkpoints import unreadable
 from .models.tec import TECModel
 from .places import CHECKPOINT
 
@@ -66,8 +67,8 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path}: no checkpoint (has this run saved one yet?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    except Exception as err:  # torch's message is many lines, with advice that would run pickled code
+        raise UserError(f"{path}: not a tec-pipeline checkpoint; {unreadable(err)}") from None
 
 
 def build_model(kwargs: dict) -> TECModel:

@@ -8,7 +8,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,8 @@ def atomic_path(path: str | Path, what: str = "the file") -> Iterator[Path]:
     except OSError as err:
         raise storage_error(path, what, err) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # a failed clean-up (no folder, a read-only one) must not hide why the write failed
+            tmp.unlink(missing_ok=True)
 
 
 def _write_all(fd: int, buffers: list) -> None:
@@ -126,7 +127,7 @@ def write_files_durably(files: dict[str, list], what: str = "the cache file", di
         raise storage_error(current, what, err) from None
     finally:
         for tmp in tmps.values():
-            if os.path.exists(tmp):
+            with suppress(OSError):  # as in `atomic_path`: the write's own error is the one to report
                 os.unlink(tmp)
 
 

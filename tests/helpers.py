@@ -89,13 +89,15 @@ def _as_rank(rank: int, world: int, port: int, fn: Callable[..., object], args: 
 
 
 @contextmanager
-def small_filesystem(path: Path, size: str = "2m") -> Iterator[Path]:
+def small_filesystem(path: Path, size: str = "2m", read_only: bool = False) -> Iterator[Path]:
     """A real filesystem of `size` at `path` (tmpfs, mounted here and unmounted after), which
-    runs out of space as a full disk does. Skips the test where mounting is not permitted."""
+    runs out of space as a full disk does, or refuses every write (`read_only`; even root's, where
+    file modes would not stop it). Skips the test where mounting is not permitted."""
     import pytest
 
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+    options = f"size={size}" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")

@@ -80,3 +80,123 @@ def test_a_zero_batch_is_one_line(command, tmp_path):
 def test_a_billion_views_dry_run_is_refused_at_once(images, tmp_path):
     line = one_error_line(invoke(*stage_one(tmp_path / "c.zarr", images, "data.views=1000000000"), "--dry-run"))
     assert line == "error: data.views=1000000000: expected a value in [1, 1024]"
+
+
+# ----------------------------------------------------------------------------- the command-level guard
+def test_an_unexpected_error_is_one_line_and_tec_debug_shows_its_traceback(monkeypatch):
+    from tec_pipeline.cache import inspect as inspect_module
+
+    def boom(url):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(inspect_module, "describe_cache", boom)
+    line = one_error_line(invoke("inspect", "x"))
+    assert line == "error: unexpected RuntimeError: boom (during inspect); run with TEC_DEBUG=1 for the traceback"
+    monkeypatch.setenv("TEC_DEBUG", "1")
+    result = invoke("inspect", "x")
+    assert isinstance(result.exception, RuntimeError) and str(result.exception).startswith("boom")
+
+
+def test_an_os_error_is_one_line_naming_the_path(monkeypatch):
+    from tec_pipeline.cache import inspect as inspect_module
+
+    def denied(url):
+        raise PermissionError(13, "Permission denied", "/some/where/tec_cache.json")
+
+    monkeypatch.setattr(inspect_module, "describe_cache", denied)
+    line = one_error_line(invoke("inspect", "x"))
+    assert line == "error: /some/where/tec_cache.json: Permission denied (during inspect)"
+
+
+def test_a_read_only_output_is_one_line_for_either_stage(images, tmp_path):
+    from helpers import small_filesystem
+
+    with small_filesystem(tmp_path / "ro", read_only=True) as ro:
+        line = one_error_line(invoke(*stage_one(ro / "c.zarr", images)))
+        assert f"{ro / 'c.zarr'}" in line and "Read-only file system" in line
+        line = one_error_line(invoke("train", *TINY_MODEL_ARGS, "targets.source=pixels", f"data.path={images}",
+                                     f"output={ro / 'run'}"))
+        assert f"{ro / 'run'}" in line and "Read-only file system" in line
+        assert list(ro.iterdir()) == []
+
+
+def test_a_write_under_a_file_reports_the_write_not_its_clean_up(tmp_path):
+    from tec_pipeline.errors import StorageError
+    from tec_pipeline.files import write_json
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match=r"^cannot write the run's config .*/file/config.json: "):
+        write_json(tmp_path / "file" / "config.json", {}, "the run's config")
+
+
+def test_an_output_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    line = one_error_line(invoke("train", *TINY_MODEL_ARGS, f"output={tmp_path / 'run'}"))
+    assert line == f"error: output={tmp_path / 'run'} is a file, not a folder: choose another output"
+
+
+@pytest.mark.parametrize("content, why", [("{not json", "not valid JSON"), ("[1, 2]", "no 'meta' mapping"),
+                                          ('{"format_version": 2}', "no 'meta' mapping")])
+def test_a_damaged_cache_metadata_file_is_one_line_and_overwrite_rebuilds(images, tmp_path, content, why):
+    url = tmp_path / "c.zarr"
+    assert invoke(*stage_one(url, images)).exit_code == 0
+    (url / "tec_cache.json").write_text(content)
+    for args in (["inspect", url], ["verify", url], ["train", *TINY_MODEL_ARGS, f"cache.path={url}",
+                                                     f"output={tmp_path / 'run'}"], stage_one(url, images)):
+        line = one_error_line(invoke(*args))
+        assert f"cache {url}: tec_cache.json is damaged ({why}" in line and "--overwrite" in line
+    result = invoke(*stage_one(url, images), "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert open_cache(str(url)).is_complete()
+
+
+def test_a_format_version_written_as_a_string_is_shown_as_one(images, tmp_path):
+    import json
+
+    url = tmp_path / "c.zarr"
+    assert invoke(*stage_one(url, images)).exit_code == 0
+    doc = json.loads((url / "tec_cache.json").read_text())
+    (url / "tec_cache.json").write_text(json.dumps({**doc, "format_version": "2"}))
+    assert "has format version '2', this tec-pipeline reads version 2" in one_error_line(invoke("inspect", url))
+
+
+@pytest.mark.parametrize("url, needle", [("foo://x/c.zarr", "storage protocol 'foo' is not available here"),
+                                         ("s3://", "no bucket named")])
+def test_a_cache_url_that_names_no_usable_place_is_one_line(images, url, needle):
+    pytest.importorskip("s3fs")
+    assert needle in one_error_line(invoke(*stage_one(url, images)))
+    assert needle in one_error_line(invoke("inspect", url))
+
+
+def test_an_unreachable_endpoint_is_not_called_a_missing_bucket(images, tmp_path, monkeypatch):
+    pytest.importorskip("s3fs")
+    for key, value in (("AWS_ACCESS_KEY_ID", "x"), ("AWS_SECRET_ACCESS_KEY", "y"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    config = tmp_path / "s3.yaml"  # a port with no server; one attempt, not botocore's retries
+    config.write_text("cache:\n  storage_options:\n    endpoint_url: http://127.0.0.1:9\n"
+                      "    config_kwargs: {retries: {max_attempts: 1}}\n")
+    line = one_error_line(invoke(*stage_one("s3://bucket/c.zarr", images), "-c", config))
+    assert "storage not reachable" in line and "does not exist" not in line
+
+
+def test_verify_with_a_negative_sample_is_one_line(tmp_path):
+    assert one_error_line(invoke("verify", tmp_path, "--sample", "-1")).startswith("error: --sample -1: expected")
+
+
+def test_a_text_file_as_a_checkpoint_is_one_line_naming_it(images, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_text("hello, not a checkpoint\n")
+    for args in (["export", run], ["train", *TINY_MODEL_ARGS, "targets.source=pixels", f"data.path={images}",
+                                   "data.num_workers=0", f"output={run}", "--resume"]):
+        line = one_error_line(invoke(*args))
+        assert f"{run / 'checkpoint.pt'}: not a tec-pipeline checkpoint" in line and "weights_only" not in line
+
+
+def test_a_garbage_safetensors_file_is_one_line_naming_it(images, tmp_path):
+    garbage = tmp_path / "encoder.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    line = one_error_line(invoke("finetune", f"model.checkpoint={garbage}", f"data.train={images}",
+                                 f"data.val={images}", f"output={tmp_path / 'ft'}"))
+    assert f"{garbage}: not a safetensors file" in line

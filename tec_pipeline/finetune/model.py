@@ -28,8 +28,11 @@ def recorded_arch(checkpoint: Optional[str]) -> Optional[ViTArch]:
         return None
     from safetensors import safe_open
 
-    with safe_open(str(checkpoint), framework="pt") as f:
-        return export_arch(dict(f.metadata() or {}))
+    try:
+        with safe_open(str(checkpoint), framework="pt") as f:
+            return export_arch(dict(f.metadata() or {}))
+    except Exception as err:  # safetensors raises its own error types
+        raise UserError(f"model.checkpoint={checkpoint}: not a safetensors file ({err})") from None
 
 
 def encoder_arch(cfg: FinetuneConfig) -> ViTArch:

@@ -17,6 +17,7 @@ from ..errors import UserError
 from ..export import CHECKPOINT, atomic_save, load_checkpoint
 from ..files import storage_error
 from ..models.base import NoFinalNorm, file_sha256
+from ..models.checkpoints import read_safetensors
 from ..models.tec import TECModel
 from ..places import IDENTITY_FILE, check_run_place
 from .schedule import Schedule
@@ -129,7 +130,14 @@ def check_resumable(path: Path, identity: dict) -> None:
     stored = path / IDENTITY_FILE
     if not stored.is_file():  # a run without a recorded identity: nothing to compare
         return
-    diff = first_difference(json.loads(stored.read_text()), identity, shared_only=True)
+    try:
+        recorded = json.loads(stored.read_text())
+    except (ValueError, UnicodeDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise UserError(f"{stored} is damaged (not the JSON mapping a run records); resume a run this tec-pipeline "
+                        "wrote, or choose another output")
+    diff = first_difference(recorded, identity, shared_only=True)
     if diff is not None:
         key, was, now = diff
         key = key.removeprefix("config.")
@@ -172,9 +180,7 @@ def init_from_checkpoint(model: TECModel, path: str) -> None:
     if not Path(path).is_file():
         raise UserError(f"model.init_checkpoint={path}: file not found")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
+        state = read_safetensors(Path(path))[0]
     else:
         state = load_checkpoint(Path(path)).get("model")
         if state is None:
