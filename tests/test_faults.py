@@ -200,3 +200,41 @@ def test_a_garbage_safetensors_file_is_one_line_naming_it(images, tmp_path):
     line = one_error_line(invoke("finetune", f"model.checkpoint={garbage}", f"data.train={images}",
                                  f"data.val={images}", f"output={tmp_path / 'ft'}"))
     assert f"{garbage}: not a safetensors file" in line
+
+
+# ----------------------------------------------------------------------------- values outside their meaning
+def test_eval_with_no_neighbours_is_one_line(images, tmp_path):
+    from tec_pipeline.evaluate.report import evaluate_models
+    from tec_pipeline.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--k 0: the k-NN needs at least one neighbour$"):
+        evaluate_models({}, images, images, k=0, floors=False)
+
+
+def test_eval_refuses_test_classes_that_never_occur_in_training(tmp_path):
+    """Their images could never be classified right: the score would be capped without a word."""
+    train = write_images(tmp_path / "train", 4, size=(32, 32), classes=2)  # c0, c1
+    test = write_images(tmp_path / "test", 2, size=(32, 32), classes=1)  # c0
+    (test / "c0").rename(test / "c7")
+    from tec_pipeline.evaluate.report import evaluate_models
+    from tec_pipeline.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        evaluate_models({}, train, test, floors=False)
+    assert str(err.value) == f"{test}: class folders ['c7'] never occur in the training folder {train}"
+
+
+def test_fine_tuning_on_one_class_is_one_line(tmp_path):
+    one = write_images(tmp_path / "one", 4, size=(32, 32), classes=1)
+    line = one_error_line(invoke("finetune", f"data.train={one}", f"data.val={one}", "data.img_size=32",
+                                 f"output={tmp_path / 'ft'}"))
+    assert line == f"error: data.train={one}: its images are of 1 class (c0); fine-tuning and probing need at least two"
+    assert not (tmp_path / "ft" / "checkpoint.pt").exists()
+
+
+def test_an_ablation_rows_error_names_its_file(tmp_path):
+    row = tmp_path / "x1_row.yaml"
+    row.write_text("# Tab. 6(x) a typo\ntargets: {kk: 3}\n")
+    result = invoke("ablate", row, "--cache", tmp_path, "--output", tmp_path / "runs")
+    assert result.exit_code == 1, result.output
+    assert f"refused: {row}: bad config key 'targets.kk'" in result.stdout

@@ -67,10 +67,13 @@ def checked_groups(groups: Optional[np.ndarray], train: ImageFolderSource) -> Op
 
 
 def evaluated_classes(train: ImageFolderSource, test_dir: Optional[str | Path]) -> list[str]:
-    """The class-folder names of the training folder and the scored test folder, sorted: one
-    label space for both, so a class missing from one side keeps its label on the other."""
+    """The class-folder names both folders are labelled by, sorted: the training folder's, so a
+    class the test folder lacks keeps its label; a test class the training folder lacks is refused."""
     test_classes = labelled_folder(test_dir).classes if test_dir is not None else []
-    return sorted(set(train.classes) | set(test_classes))
+    unseen = sorted(set(test_classes) - set(train.classes))
+    if unseen:  # no image of such a class could ever be classified right: the score would be capped, silently
+        raise EvalError(f"{test_dir}: class folders {unseen} never occur in the training folder {train.root}")
+    return sorted(train.classes)
 
 
 def fit_and_scored(features: Features, train_dir: str | Path, test_dir: Optional[str | Path], split: Split,
@@ -116,6 +119,8 @@ def evaluate_models(models: Mapping[str, Model], train_dir: str | Path, test_dir
     callable) hears which model is being evaluated.
     """
     check_split(split, test_dir)
+    if k < 1:
+        raise EvalError(f"--k {k}: the k-NN needs at least one neighbour")
     models = with_floors(models, seed) if floors else dict(models)
     train = labelled_folder(train_dir)
     classes = evaluated_classes(train, test_dir if split == "test" else None)

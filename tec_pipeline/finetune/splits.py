@@ -39,6 +39,10 @@ def open_splits(cfg: FinetuneConfig) -> tuple[LabelledImages, LabelledImages, di
     ``data.split`` "val" both come from the train split: the fifth `held_out_split` holds out is
     scored on and never trained on, so a recipe chosen there never saw the test split."""
     train, labels, classes = labelled_split(cfg, cfg.data.train)
+    present = np.unique(labels)
+    if len(present) < 2:  # a one-class classifier scores 100% whatever its encoder
+        raise UserError(f"data.train={cfg.data.train}: its images are of {len(present)} class "
+                        f"({', '.join(classes[i] for i in present)}); fine-tuning and probing need at least two")
     if cfg.data.split == "val":
         fit, held = held_out_split(train, labels, cfg.data.groups)
         train_set = LabelledImages(train, labels, train_transform(cfg), cfg.seed, indices=fit)
