@@ -173,6 +173,10 @@ def test_an_unreachable_endpoint_is_not_called_a_missing_bucket(images, tmp_path
     for key, value in (("AWS_ACCESS_KEY_ID", "x"), ("AWS_SECRET_ACCESS_KEY", "y"), ("AWS_DEFAULT_REGION", "us-east-1")):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    import fsspec
+
+    # cache.storage_options become the process's s3 defaults: restore them for the tests after this one
+    monkeypatch.setitem(fsspec.config.conf, "s3", dict(fsspec.config.conf.get("s3", {})))
     config = tmp_path / "s3.yaml"  # a port with no server; one attempt, not botocore's retries
     config.write_text("cache:\n  storage_options:\n    endpoint_url: http://127.0.0.1:9\n"
                       "    config_kwargs: {retries: {max_attempts: 1}}\n")
