@@ -160,3 +160,12 @@ def test_a_second_run_on_a_locked_cache_stops_at_once_and_a_killed_holder_leaves
     result = invoke(*stage_one(url, images))  # killed: the kernel dropped its lock
     assert result.exit_code == 0, result.output
     assert open_cache(str(url)).is_complete()
+
+
+def test_training_from_a_damaged_cache_is_refused_before_it_starts(cache, tmp_path):
+    feat = cache / "feat" / "c" / "1" / "0" / "0" / "0"
+    feat.write_bytes(b"")
+    run = tmp_path / "run"
+    line = one_error_line(invoke("train", *TINY_MODEL_ARGS, f"cache.path={cache}", f"output={run}"))
+    assert f"cache.path={cache}: shard 1: file feat/c/1/0/0/0 has 0 bytes" in line and "rerun cache-targets" in line
+    assert not (run / "checkpoint.pt").exists()

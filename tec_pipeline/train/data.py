@@ -62,6 +62,11 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
 
             use_storage_options(cfg.cache.path, cfg.cache.storage_options)
             reader = open_cache(cfg.cache.path)
+            damaged = sorted(reader.damaged_shards().items())  # one listing: refused now, not hours into the run
+            if damaged:
+                shard, why = damaged[0]
+                raise UserError(f"cache.path={cfg.cache.path}: shard {shard}: {why}; rerun cache-targets with the "
+                                f"same config to write it again")
         if not reader.is_complete():
             raise UserError(f"cache.path={cfg.cache.path}: the cache is incomplete (finish stage one first)")
         source = cache_image_source(reader, d.path) if render else None
