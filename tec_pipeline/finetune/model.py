@@ -129,4 +129,4 @@ def make_optimizer(cfg: FinetuneConfig, model: nn.Module, lr: float) -> torch.op
     if o.name == "lars":
         return lars(model, lr, o.weight_decay, o.momentum)
     return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
-                               betas=(o.beta1, o.beta2))
+                               betas=(o.beta1, o.beta2), fused=torch.cuda.is_available() or None)  # one kernel on CUDA
