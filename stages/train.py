@@ -17,18 +17,19 @@ import torch
 from accelerate import Accelerator
 
 from tec_pipeline.config import Config, to_dict
-from tec_pipeline.export import CHECKPOINT
+from tec_pipeline.export import CHECKPOINT, load_checkpoint
 from tec_pipeline.files import write_json
 from tec_pipeline.models.tec import TECModel, count_parameters
 from tec_pipeline.step import tec_losses
-from tec_pipeline.train.checkpoint import (IDENTITY_FILE, check_resumable, restore, run_dir, run_identity,
+from tec_pipeline.train.checkpoint import (IDENTITY_FILE, check_resumable, restore_state, run_dir, run_identity,
                                            save_state)
 from tec_pipeline.train.data import DataPipeline, open_data, step_targets
 from tec_pipeline.train.interfaces import TargetReader
 from tec_pipeline.train.loader import PlannedBatches, batch_loader
-from tec_pipeline.train.log import scalars
+from tec_pipeline.train.log import RunLog, scalars
 from tec_pipeline.train.loop import LoopRun, LoopSettings, compiled, make_accelerator, run_loop
 from tec_pipeline.train.model import effective_targets, new_model
+from tec_pipeline.train.monitor import PICTURE, Monitor, base_loader
 from tec_pipeline.train.order import EpochPlanner, mask_noise
 from tec_pipeline.train.schedule import make_schedule, param_groups
 from tec_pipeline.views import normalize
@@ -43,6 +44,7 @@ class TECRun(LoopRun):
     inner: TECModel  # the model before accelerate wrapped it
     kwargs: dict  # `TECModel` arguments, stored in each checkpoint
     step_losses: Callable = tec_losses  # `tec_losses`, compiled with train.compile
+    monitor: Optional[Monitor] = None  # train.monitor: the encoder scored against its base while it trains
 
     def loader(self, micro: int):
         """One loader for the rest of the run, from micro-batch `micro`: its workers plan and read
@@ -65,9 +67,26 @@ class TECRun(LoopRun):
         noise = batch["mask_noise"].to(acc.device, non_blocking=True)
         return self.step_losses(self.model, images, targets, t, self.cfg.model.mask_ratio, noise), images.shape[0]
 
+    def start(self, log: RunLog) -> None:
+        """The monitor's base score and starting point (where the history has none yet)."""
+        if self.monitor is not None:
+            self.monitor.start(self.inner, self.step, log)
+
+    def after_step(self, log: RunLog) -> None:
+        """At the monitor's interval: score the encoder; on the guard's warning with
+        ``train.monitor.stop_on_drop``, write the checkpoint and stop (before the schedule's end)."""
+        if self.monitor is None or not self.monitor.due(self.step):
+            return
+        warning = self.monitor.evaluate(self.inner, self.step, log)
+        if warning and self.cfg.train.monitor.stop_on_drop and self.step < self.schedule.total_steps:
+            self.save()
+            self.last_saved = self.step
+            raise self.monitor.stop(warning, self.step, self.ckpt_path)
+
     def save(self) -> None:
+        extra = {"monitor": self.monitor.state()} if self.monitor is not None else None
         save_state(self.ckpt_path, self.accelerator, self.model, self.optimizer, self.step, self.kwargs, self.cfg,
-                   self.schedule)
+                   self.schedule, extra)
 
 
 def setup_run(cfg: Config, accelerator: Accelerator, path: Path, reader: Optional[TargetReader]) -> TECRun:
@@ -83,9 +102,12 @@ def setup_run(cfg: Config, accelerator: Accelerator, path: Path, reader: Optiona
         data.base.to(accelerator.device)
     settings = LoopSettings(accum_steps=o.accum_steps, min_lr=o.min_lr, log_every=cfg.train.log_every,
                             checkpoint_every=cfg.train.checkpoint_every)
+    m = cfg.train.monitor
+    monitor = Monitor(m, accelerator, model.encoder, base_loader(cfg, data), schedule.total_steps,
+                      schedule.steps_per_epoch, str(path / PICTURE)) if m.train or m.val else None
     return TECRun(accelerator=accelerator, model=prepared, optimizer=optimizer, schedule=schedule, settings=settings,
                   ckpt_path=path / CHECKPOINT, cfg=cfg, data=data, inner=model, kwargs=kwargs,
-                  step_losses=compiled(tec_losses, cfg.train.compile, accelerator))
+                  step_losses=compiled(tec_losses, cfg.train.compile, accelerator), monitor=monitor)
 
 
 def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
@@ -103,7 +125,10 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
         identity = run_identity(cfg, run.data.identity, cached=run.data.source == "cache")
         if resume:
             check_resumable(path, identity)
-            run.step = run.last_saved = restore(run.ckpt_path, accelerator, run.model, run.optimizer)
+            state = load_checkpoint(run.ckpt_path)
+            run.step = run.last_saved = restore_state(state, accelerator, run.model, run.optimizer)
+            if run.monitor is not None:
+                run.monitor.load_state(state.get("monitor"), run.step)
         if accelerator.is_main_process:
             write_json(path / IDENTITY_FILE, identity, "the run's identity")
             write_json(path / "config.json", to_dict(cfg), "the run's config")

@@ -16,7 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config_file import read_yaml
 from .domains import (
-    BETA, COUNT, FLAG, NON_NEGATIVE, POSITIVE, SEED, Domain, Free, OneOf, Range, check_domains, vit_arch,
+    BETA, COUNT, FLAG, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Domain, Free, OneOf, Range, check_domains,
+    vit_arch,
 )
 from .errors import ConfigError
 
@@ -109,6 +110,29 @@ class OptimConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Stage two's online score (`tec_pipeline.train.monitor`): the encoder as it would be exported,
+    scored on frozen features of a labelled train / val pair while the run trains, against the
+    base's score. Off while `train` and `val` are empty."""
+
+    train: str = ""  # labelled images to fit on: an ImageFolder (root/<class>/x.png) or webdataset tars (.cls)
+    val: str = ""  # labelled images to score, of the same kind
+    kind: str = "imagefolder"  # imagefolder | webdataset
+    max_images: int = 0  # of each of train and val, evenly spaced in its order; 0: all
+    every: int = 0  # optimizer steps between evaluations; 0: every `every_epochs` epochs
+    every_epochs: int = 1
+    protocol: str = "knn"  # the score guarded and drawn: knn | linear (k-NN is logged either way)
+    k: int = 20  # the weighted k-NN's neighbours, as `eval --k`
+    temperature: float = 0.07  # its temperature, as eval's T
+    pool: str = "mean"  # mean of patch tokens | cls token (an MAE base never trains its cls token)
+    batch_size: int = 128  # images per forward, per process
+    drop_margin: float = 0.05  # a score this far (top-1, a fraction) below the best seen is a drop
+    below_base_after: Optional[float] = 0.5  # past this fraction of the run, a score below the base's warns; None: never
+    stop_on_drop: bool = False  # on a warning, write a checkpoint and stop (one line, exit 2)
+    probe_at_end: bool = False  # protocol knn: the linear probe too, at the last step
+
+
+@dataclass
 class TrainConfig:
     """Loop settings of stage two."""
 
@@ -116,6 +140,7 @@ class TrainConfig:
     log_every: int = 1  # optimizer steps between log records (JSONL, trackers, progress bar)
     checkpoint_every: int = 1000  # optimizer steps between checkpoints (one at the end too)
     compile: Optional[bool] = None  # torch.compile the step's forward and losses; None: on with CUDA, off elsewhere
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 @dataclass
@@ -207,6 +232,21 @@ DOMAINS: dict[str, Domain] = {
     "train.log_every": COUNT,
     "train.checkpoint_every": COUNT,
     "train.compile": FLAG,
+    "train.monitor.train": Free("a labelled image folder or tar pattern"),
+    "train.monitor.val": Free("a labelled image folder or tar pattern"),
+    "train.monitor.kind": OneOf(("imagefolder", "webdataset")),
+    "train.monitor.max_images": NON_NEGATIVE,  # 0: all
+    "train.monitor.every": NON_NEGATIVE,  # 0: by epochs
+    "train.monitor.every_epochs": COUNT,
+    "train.monitor.protocol": OneOf(("knn", "linear")),
+    "train.monitor.k": COUNT,
+    "train.monitor.temperature": POSITIVE,  # divides the similarities
+    "train.monitor.pool": OneOf(("mean", "cls")),
+    "train.monitor.batch_size": COUNT,
+    "train.monitor.drop_margin": PROBABILITY,  # top-1 is a fraction
+    "train.monitor.below_base_after": PROBABILITY,  # a fraction of the run; None: never
+    "train.monitor.stop_on_drop": FLAG,
+    "train.monitor.probe_at_end": FLAG,
     "cache.path": Free("a folder or fsspec URL"),
     "cache.store": OneOf(("zarr", "webdataset")),
     "cache.k_max": COUNT,  # zarr cannot chunk an empty axis; k=0 is a prefix of any k_max

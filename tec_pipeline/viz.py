@@ -1,4 +1,5 @@
-"""Pictures of a run: loss curves, and the attention of base and new model (the paper's Fig. 2 idea)."""
+"""Pictures of a run: loss curves, the monitor's score against its base, and the attention of base and
+new model (the paper's Fig. 2 idea)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .files import atomic_path
 from .models.base import base_forward
 from .views import IMAGENET_MEAN, IMAGENET_STD
 
@@ -43,6 +45,38 @@ def plot_loss_curves(logs: dict[str, str | Path], out: str | Path) -> Path:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
+MONITOR_METRICS = {"knn": "k-NN", "linear": "linear probe"}
+
+
+def plot_monitor(log: str | Path, out: str | Path) -> Path:
+    """A watched run (`train.monitor`) from its log: the loss against steps, and beside it each
+    monitored top-1 against steps with the base's as a dashed line of the same colour."""
+    plt = _pyplot()
+    recs = read_log(log)
+    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
+    losses = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    if losses:
+        loss_ax.plot(*zip(*losses), color="0.3")
+    loss_ax.set(title="training loss", xlabel="step")
+    for i, (metric, name) in enumerate(MONITOR_METRICS.items()):
+        pts = [(r["step"], 100 * r[f"monitor/{metric}_top1"]) for r in recs if f"monitor/{metric}_top1" in r]
+        if not pts:
+            continue
+        colour = f"C{i}"
+        score_ax.plot(*zip(*pts), marker="o", color=colour, label=f"new model, {name}")
+        base = next((r[f"monitor/base_{metric}_top1"] for r in recs if f"monitor/base_{metric}_top1" in r), None)
+        if base is not None:
+            score_ax.axhline(100 * base, color=colour, linestyle="--", label=f"base, {name}")
+    score_ax.set(title="monitor: top-1 % on its val images", xlabel="step")
+    if score_ax.lines:
+        score_ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out, "the monitor picture") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return Path(out)
 

@@ -8,6 +8,7 @@ import random
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -23,9 +24,12 @@ from ..places import IDENTITY_FILE, check_run_place
 from .schedule import Schedule
 
 # What a resume may change: where the run logs and writes, how fast it loads, where its data
-# lies (the data's identity is compared by content instead) and stage one's own settings.
+# lies (the data's identity is compared by content instead), stage one's own settings, and how it
+# is watched (the monitor never changes the weights; its history restarts where its images or
+# protocol change, `train.monitor.Monitor.load_state`).
 RESUMABLE_CHANGES = ("output", "train.log_every", "train.checkpoint_every", "data.num_workers", "data.path",
-                     "cache.path", "cache.storage_options", "cache.writer_threads", "base.compute_dtype")
+                     "cache.path", "cache.storage_options", "cache.writer_threads", "base.compute_dtype",
+                     "train.monitor")
 
 
 # ---------------------------------------------------------------- state and resume
@@ -74,12 +78,13 @@ def training_state(accelerator, model, optimizer, step: int) -> dict:
 
 
 def save_state(path: Path, accelerator, model, optimizer, step: int, kwargs: dict, cfg: Config,
-               schedule: Schedule) -> None:
-    """Full training state, atomically: `training_state`, the model's arguments, schedule and config."""
+               schedule: Schedule, extra: Optional[dict] = None) -> None:
+    """Full training state, atomically: `training_state`, the model's arguments, schedule and config,
+    and `extra` (what else the run continues from, e.g. the monitor's history)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {**training_state(accelerator, model, optimizer, step), "model_kwargs": kwargs,
-                 "schedule": asdict(schedule), "config": to_dict(cfg)}
+                 "schedule": asdict(schedule), "config": to_dict(cfg), **(extra or {})}
         atomic_save(state, path)
 
 

@@ -7,6 +7,7 @@ and hands it to `run_loop`; everything else is here, once.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ class LoopSettings:
 @dataclass(kw_only=True)
 class LoopRun:
     """What the loop drives. A stage fills the fields and implements `loader`, `losses` and `save`;
-    `after_step` and `save_due` have defaults."""
+    `start`, `after_step` and `save_due` have defaults."""
 
     accelerator: Accelerator
     model: torch.nn.Module  # as prepared by accelerate
@@ -79,6 +80,9 @@ class LoopRun:
     def save(self) -> None:
         """Write the checkpoint of step `self.step` (atomically)."""
         raise NotImplementedError
+
+    def start(self, log: RunLog) -> None:
+        """Called once before this process's first step, the log open (e.g. scoring the starting weights)."""
 
     def after_step(self, log: RunLog) -> None:
         """Called after every optimizer step, before the checkpoint (e.g. an evaluation)."""
@@ -113,7 +117,9 @@ def end_step(run: LoopRun, meter: Meter, lr: float, epoch: float, end: int, log:
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
     meter.next_step()
     bar.update(1)
+    paused = time.perf_counter()
     run.after_step(log)
+    meter.start += time.perf_counter() - paused  # an evaluation's time is not the training's throughput
     if save_due:
         run.save()
         run.last_saved = run.step
@@ -148,6 +154,13 @@ def run_loop(run: LoopRun, path: Path, stop_after: Optional[int], desc: str) -> 
     already finished)."""
     log, total = RunLog(path, run.accelerator, run.step), run.schedule.total_steps
     end = min(total, stop_after) if stop_after is not None else total
+    run.start(log)
     with tqdm(total=total, initial=run.step, desc=desc, unit="step",
               disable=not run.accelerator.is_local_main_process, dynamic_ncols=True) as bar:
-        return train_until(run, end, log, bar) or log.last()
+        return train_until(run, end, log, bar) or last_losses(log)
+
+
+def last_losses(log: RunLog) -> dict:
+    """The last record with losses in the run's log: an evaluation's record (a score) may follow it."""
+    lines = log.path.read_text().splitlines() if log.path.exists() else []
+    return next((r for r in map(json.loads, reversed(lines)) if "loss" in r), {})
