@@ -7,7 +7,9 @@ made by this pipeline (`configs/demo_base.yaml`, shipped under `assets/demo_base
 (stage two), 4. train the control: the base's own MAE run continued for as many steps as TEC
 trains (the fair "just train longer"), 5. export both, 6. evaluate random-init, pixels, base,
 control and TEC the same way (k-NN and linear probe), 7. draw the pictures, and print one table
-with the wall time of every stage and the cache size.
+with the wall time of every stage and the cache size. TEC's run is watched while it trains
+(``train.monitor`` in `configs/demo.yaml`): its score against the base's is printed at each
+evaluation, summed up in the report and drawn in ``monitor.png``.
 
 What the report says (verdict, margins, stage times) is `tec_pipeline.demo.report`. The demo's
 set-up here (`demo_configs`, `demo_data_settings`, `evaluate_on_demo`, `BASE_DIR`) is also what the
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
 from tec_pipeline.config import Config, load_config
-from tec_pipeline.demo.report import Timer, format_report, margins, split_file, verdict
+from tec_pipeline.demo.report import Timer, format_report, margins, monitor_summary, split_file, verdict
 from tec_pipeline.errors import UserError
 from tec_pipeline.files import write_json
 
@@ -84,17 +86,26 @@ def _pictures(tec: Config, out: Path, tec_encoder: Path, count: int = 6) -> list
     from tec_pipeline.data.sources import ImageFolderSource
     from tec_pipeline.models.base import load_base_model
     from tec_pipeline.views import normalize
-    from tec_pipeline.viz import plot_attention, plot_loss_curves
+    from tec_pipeline.viz import plot_attention, plot_loss_curves, plot_monitor
 
     curves = plot_loss_curves({"tec": Path(tec.output) / "log.jsonl", "control": out / "control" / "log.jsonl"},
                               out / "loss_curves.png")
+    watched = [plot_monitor(Path(tec.output) / "log.jsonl", out / "monitor.png")] if tec.train.monitor.train else []
     test = ImageFolderSource(Path(tec.data.path) / "test")
     picked = range(0, len(test), max(1, len(test) // count))[:count]
     images = normalize(torch.stack([torch.from_numpy(np.array(test.load(i))).permute(2, 0, 1) for i in picked]))
     base = load_base_model(None, tec.base.checkpoint)
     new = load_base_model(None, tec_encoder)
     attention = plot_attention(base, new, images, tec.targets.k, tec.targets.tau, out / "attention.png")
-    return [curves, attention]
+    return [curves, *watched, attention]
+
+
+def _watched(tec: Config) -> Optional[dict]:
+    """The monitor's summary of TEC's run (`demo.report.monitor_summary`), None where it was not watched."""
+    from tec_pipeline.export import CHECKPOINT, load_checkpoint
+
+    state = load_checkpoint(Path(tec.output) / CHECKPOINT).get("monitor")
+    return monitor_summary(state) if state else None
 
 
 def evaluate_on_demo(models: list[tuple], root: Path, output: Path, seed: int, split: str,
@@ -153,6 +164,9 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     report = {"seed": seed, "split": split, "overrides": list(overrides or []), "rows": rows,
               "margins": margins(rows, scored), "wall_s": timer.stages, "cache_bytes": open_cache(tec.cache.path).nbytes(),
               "tec_steps": tec_steps(tec), "pictures": [str(p) for p in pictures], "verdict": verdict(rows)}
+    watched = _watched(tec)
+    if watched:
+        report["monitor"] = watched
     write_json(out / split_file("report", split), report)
     print(format_report(report))
     return report

@@ -2,9 +2,9 @@
 pixels) with accelerate.
 
 A driver: the pieces live in `tec_pipeline.train` (data and model from the config, epoch order
-and masks, batches, the Tab. 8 schedule, checkpoints and identity, the loop) and
-`tec_pipeline.step` (the losses). What this module adds is what one TEC step is, and the order:
-set up, resume, write the run's identity, run the loop.
+and masks, batches, the Tab. 8 schedule, checkpoints and identity, the loop, the monitor) and
+`tec_pipeline.step` (the losses). What this module adds is what one TEC step is, when the run is
+watched (``train.monitor``), and the order: set up, resume, write the run's identity, run the loop.
 """
 from __future__ import annotations
 

@@ -319,3 +319,48 @@ def test_the_monitor_reads_the_device_only_at_its_evaluations(world, tmp_path, m
         assert run_train(cfg, reader=world["cache"])["step"] == 8
     assert outside == [], outside
     assert any("monitor" in path for _, path, _ in reads), "the evaluations read their features: the counter saw none"
+
+
+# ---------------------------------------------------------------- the demo's report and the picture
+def test_the_demo_reports_when_tec_passes_its_base():
+    from tec_pipeline.demo.report import format_monitor, format_report, margins, monitor_summary, verdict
+
+    state = {"base": {"knn": 0.126, "linear": 0.298, "seconds": 20.0},
+             "history": [{"step": 0, "epoch": 0.0, "knn": 0.119, "linear": 0.291, "seconds": 10.0},
+                         {"step": 156, "epoch": 2.0, "knn": 0.140, "linear": 0.334, "seconds": 12.0},
+                         {"step": 312, "epoch": 4.0, "knn": 0.122, "linear": 0.337, "seconds": 12.5}]}
+    summary = monitor_summary(state)
+    assert summary["seconds"] == 54.5 and summary["points"][1] == {"step": 156, "knn": 0.140, "linear": 0.334}
+    lines = format_monitor(summary).splitlines()
+    assert lines[0] == ("monitor, linear top-1 % by step  0: 29.1  156: 33.4  312: 33.7 "
+                        "(base 29.8; above it from step 156 on)")
+    assert lines[1].startswith("monitor, k-NN top-1 % by step  0: 11.9") and "above it at 1 of 3 points" in lines[1]
+    assert lines[2].startswith("monitor: 3 evaluations and the base's, 54 s")
+    hits = {"knn": "1100", "linear": "1010"}
+    table = [{"name": n, "knn": 0.5, "linear": 0.5, "probe_C": 0.01, "dim": 8, "hits": hits} for n in ("base", "control",
+                                                                                                      "tec")]
+    report = {"rows": table, "wall_s": {"eval": 2.0}, "cache_bytes": 1, "verdict": verdict(table),
+              "margins": margins(table)}
+    assert format_report({**report, "monitor": summary}).splitlines()[-3:] == lines
+    assert len(format_report(report).splitlines()) == 11  # an unwatched run prints what it printed before
+
+
+def test_the_monitor_picture_draws_loss_and_scores_from_a_log(tmp_path):
+    from tec_pipeline.viz import plot_monitor
+
+    records = [{"step": s, "loss": 5.0 - s / 10} for s in range(1, 9)]
+    records += [{"step": s, "monitor/knn_top1": 0.5 + s / 100, "monitor/base_knn_top1": 0.52} for s in (0, 4, 8)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = plot_monitor(tmp_path / "log.jsonl", tmp_path / "monitor.png")
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (900, 320)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("monitor.png.tmp")] == []
+
+
+def test_the_demo_watches_tec_on_its_own_digits_and_not_the_control(tmp_path):
+    from stages.demo import demo_configs
+
+    tec, control = demo_configs(tmp_path, 0, [])
+    m = tec.train.monitor
+    assert (Path(m.train), Path(m.val)) == (Path(tec.data.path) / "train", Path(tec.data.path) / "test")
+    assert m.protocol == "linear" and m.max_images == 2000 and not control.train.monitor.train

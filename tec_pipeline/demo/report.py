@@ -3,8 +3,9 @@
 The demo (`stages/demo.py`) evaluates random-init, pixels, base, control and TEC the same way
 (`evaluate.report`); this module reads those rows as the demo's question: the verdict (TEC
 above both the base and the control in both protocols), TEC's margins with their 95%
-intervals over the scored images, and the wall time of every stage. The evaluation itself
-knows nothing of these model names.
+intervals over the scored images, the wall time of every stage, and the scores TEC's run was
+watched by while it trained (``train.monitor``). The evaluation itself knows nothing of these
+model names.
 """
 from __future__ import annotations
 
@@ -78,9 +79,43 @@ def format_stages(stages: dict[str, float], cache_bytes: int) -> str:
     return "\n".join(lines)
 
 
+def monitor_summary(state: dict) -> dict:
+    """TEC's watched run (``train.monitor``) from its checkpoint's monitor state: the base's scores,
+    each point's, and the seconds the evaluations took (the base's once included)."""
+    base, points = state.get("base") or {}, state["history"]
+    seconds = sum(p["seconds"] for p in points) + base.get("seconds", 0.0)
+    return {"base": {m: base[m] for m in METRICS if m in base}, "seconds": seconds,
+            "points": [{k: p[k] for k in ("step", *METRICS) if k in p} for p in points]}
+
+
+def format_monitor(summary: dict) -> str:
+    """One line per monitored metric: top-1 by step, the base's, and from which step on TEC stays
+    above it (or at how many points it is above)."""
+    lines = []
+    for metric in sorted({m for p in summary["points"] for m in METRICS if m in p}, key=METRICS.index, reverse=True):
+        points = [(p["step"], p[metric]) for p in summary["points"] if metric in p]
+        base = summary["base"].get(metric)
+        by_step = "  ".join(f"{step}: {100 * value:.1f}" for step, value in points)
+        where = ""
+        if base is not None:
+            above = [value > base for _, value in points]
+            first = next((i for i in range(len(above)) if all(above[i:])), None)
+            where = (f"; above it from step {points[first][0]} on" if first is not None else
+                     f"; above it at {sum(above)} of {len(above)} points")
+            where = f" (base {100 * base:.1f}{where})"
+        lines.append(f"monitor, {METRIC_NAMES[metric]} top-1 % by step  {by_step}{where}")
+    lines.append(f"monitor: {len(summary['points'])} evaluations and the base's, {summary['seconds']:.0f} s of "
+                 "train TEC's time; the picture: monitor.png")
+    return "\n".join(lines)
+
+
 def format_report(report: dict) -> str:
-    """What one demo run prints: the table, the stage times, the verdict and TEC's margins."""
+    """What one demo run prints: the table, the stage times, the verdict and TEC's margins, and the
+    monitor's points where TEC's run was watched."""
     from ..evaluate.report import format_table  # imports torch; summaries read from reports need none
 
-    return "\n".join([format_table(report["rows"]), format_stages(report["wall_s"], report["cache_bytes"]),
-                      report["verdict"], format_margins(report["margins"])])
+    parts = [format_table(report["rows"]), format_stages(report["wall_s"], report["cache_bytes"]),
+             report["verdict"], format_margins(report["margins"])]
+    if report.get("monitor"):
+        parts.append(format_monitor(report["monitor"]))
+    return "\n".join(parts)

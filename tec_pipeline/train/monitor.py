@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from ..config import Config, MonitorConfig
@@ -67,7 +68,7 @@ class Monitor:
                                                        accelerator.process_index)
         self.encoder = copy.deepcopy(encoder).requires_grad_(False).eval()  # loads the export at each evaluation
         self.history: list[dict] = []  # one {step, epoch, knn[, linear], seconds} per evaluation
-        self.base_scores: Optional[dict] = None  # {knn, linear}: the base's, computed once
+        self.base_scores: Optional[dict] = None  # {knn[, linear], seconds}: the base's, computed once
         self.probe_C: Optional[float] = None  # the probe's C, chosen once (on the base's features)
 
     # ------------------------------------------------------------ schedule and state
@@ -119,9 +120,13 @@ class Monitor:
         (ytr, yte), n = (self.train.labels, self.val.labels), len(self.classes)
         if not linear:
             return {"knn": float(np.mean(knn_predict(train_X, ytr, val_X, self.cfg.k, self.cfg.temperature, n) == yte))}
-        if self.probe_C is None:  # chosen once, so the curve moves with the features alone
-            self.probe_C = choose_probe_C(train_X, ytr)
-        row = score_features((train_X, ytr), None, (val_X, yte), self.cfg.k, self.cfg.temperature, n, self.probe_C)
+        # One BLAS thread for the probe's solver: its matrices are small, and beside a training run's
+        # loader workers OpenBLAS's spinning threads made one fit about 20x slower on 2 cores.
+        with threadpool_limits(limits=1, user_api="blas"):
+            if self.probe_C is None:  # chosen once, so the curve moves with the features alone
+                self.probe_C = choose_probe_C(train_X, ytr)
+            row = score_features((train_X, ytr), None, (val_X, yte), self.cfg.k, self.cfg.temperature, n,
+                                 self.probe_C)
         return {"knn": row["knn"], "linear": row["linear"]}
 
     def start(self, model, step: int, log: RunLog) -> None:
@@ -132,8 +137,9 @@ class Monitor:
             with torch.random.fork_rng(devices=[]):  # a base of random weights draws its init
                 base = self.base().to(self.accelerator.device)
             self.base_scores = self.scores(base, self.cfg.protocol == "linear" or self.cfg.probe_at_end)
+            self.base_scores["seconds"] = time.perf_counter() - began
             self.say(f"monitor: base {self.describe(self.base_scores, None)} "
-                     f"({time.perf_counter() - began:.1f} s, once per run)")
+                     f"({self.base_scores['seconds']:.1f} s, once per run)")
         if not self.history:
             self.evaluate(model, step, log)
 
