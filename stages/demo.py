@@ -101,9 +101,11 @@ def _pictures(tec: Config, out: Path, tec_encoder: Path, count: int = 6) -> list
 
 
 def _watched(tec: Config) -> Optional[dict]:
-    """The monitor's summary of TEC's run (`demo.report.monitor_summary`), None where it was not watched."""
+    """The monitor's summary of TEC's run (`demo.report.monitor_summary`), None where it is not watched."""
     from tec_pipeline.export import CHECKPOINT, load_checkpoint
 
+    if not tec.train.monitor.train:
+        return None
     state = load_checkpoint(Path(tec.output) / CHECKPOINT).get("monitor")
     return monitor_summary(state) if state else None
 
@@ -132,7 +134,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     """The main job: data, cache, TEC, control, export, eval, pictures; returns the report.
 
     `split` "val" scores on a held-out fifth of the training digits (`evaluate_models`)
-    instead of the test digits: what to compare when choosing a setting.
+    instead of the test digits: what to compare when choosing a setting; TEC's run is then not
+    watched (``train.monitor`` scores the test digits).
     """
     from stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
@@ -140,7 +143,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tec, control = demo_configs(out, seed, list(overrides or []), Path(base_dir))
+    unwatched = ["train.monitor.train=", "train.monitor.val="] if split == "val" else []  # it reads the test digits
+    tec, control = demo_configs(out, seed, [*unwatched, *(overrides or [])], Path(base_dir))
     timer = Timer()
     with timer.stage("data"):
         root = Path(tec.data.path)

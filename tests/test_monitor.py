@@ -333,8 +333,8 @@ def test_the_demo_reports_when_tec_passes_its_base():
     assert summary["seconds"] == 54.5 and summary["points"][1] == {"step": 156, "knn": 0.140, "linear": 0.334}
     lines = format_monitor(summary).splitlines()
     assert lines[0] == ("monitor, linear top-1 % by step  0: 29.1  156: 33.4  312: 33.7 "
-                        "(base 29.8; above it from step 156 on)")
-    assert lines[1].startswith("monitor, k-NN top-1 % by step  0: 11.9") and "above it at 1 of 3 points" in lines[1]
+                        "(base 29.8; above it at 2 of 3 points, from step 156 on)")
+    assert lines[1].startswith("monitor, k-NN top-1 % by step  0: 11.9") and lines[1].endswith("at 1 of 3 points)")
     assert lines[2].startswith("monitor: 3 evaluations and the base's, 54 s")
     hits = {"knn": "1100", "linear": "1010"}
     table = [{"name": n, "knn": 0.5, "linear": 0.5, "probe_C": 0.01, "dim": 8, "hits": hits} for n in ("base", "control",
@@ -364,3 +364,4 @@ def test_the_demo_watches_tec_on_its_own_digits_and_not_the_control(tmp_path):
     m = tec.train.monitor
     assert (Path(m.train), Path(m.val)) == (Path(tec.data.path) / "train", Path(tec.data.path) / "test")
     assert m.protocol == "linear" and m.max_images == 2000 and not control.train.monitor.train
+    assert m.every_epochs == 2 and not m.stop_on_drop  # watching never stops the demo's run

@@ -89,8 +89,8 @@ def monitor_summary(state: dict) -> dict:
 
 
 def format_monitor(summary: dict) -> str:
-    """One line per monitored metric: top-1 by step, the base's, and from which step on TEC stays
-    above it (or at how many points it is above)."""
+    """One line per monitored metric: top-1 by step, the base's, at how many points TEC is above it
+    and from which step on it stays there."""
     lines = []
     for metric in sorted({m for p in summary["points"] for m in METRICS if m in p}, key=METRICS.index, reverse=True):
         points = [(p["step"], p[metric]) for p in summary["points"] if metric in p]
@@ -100,9 +100,8 @@ def format_monitor(summary: dict) -> str:
         if base is not None:
             above = [value > base for _, value in points]
             first = next((i for i in range(len(above)) if all(above[i:])), None)
-            where = (f"; above it from step {points[first][0]} on" if first is not None else
-                     f"; above it at {sum(above)} of {len(above)} points")
-            where = f" (base {100 * base:.1f}{where})"
+            since = f", from step {points[first][0]} on" if first is not None else ""
+            where = f" (base {100 * base:.1f}; above it at {sum(above)} of {len(above)} points{since})"
         lines.append(f"monitor, {METRIC_NAMES[metric]} top-1 % by step  {by_step}{where}")
     lines.append(f"monitor: {len(summary['points'])} evaluations and the base's, {summary['seconds']:.0f} s of "
                  "train TEC's time; the picture: monitor.png")

@@ -23,7 +23,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from ..config import Config, MonitorConfig
@@ -120,13 +119,9 @@ class Monitor:
         (ytr, yte), n = (self.train.labels, self.val.labels), len(self.classes)
         if not linear:
             return {"knn": float(np.mean(knn_predict(train_X, ytr, val_X, self.cfg.k, self.cfg.temperature, n) == yte))}
-        # One BLAS thread for the probe's solver: its matrices are small, and beside a training run's
-        # loader workers OpenBLAS's spinning threads made one fit about 20x slower on 2 cores.
-        with threadpool_limits(limits=1, user_api="blas"):
-            if self.probe_C is None:  # chosen once, so the curve moves with the features alone
-                self.probe_C = choose_probe_C(train_X, ytr)
-            row = score_features((train_X, ytr), None, (val_X, yte), self.cfg.k, self.cfg.temperature, n,
-                                 self.probe_C)
+        if self.probe_C is None:  # chosen once, so the curve moves with the features alone
+            self.probe_C = choose_probe_C(train_X, ytr)
+        row = score_features((train_X, ytr), None, (val_X, yte), self.cfg.k, self.cfg.temperature, n, self.probe_C)
         return {"knn": row["knn"], "linear": row["linear"]}
 
     def start(self, model, step: int, log: RunLog) -> None:
