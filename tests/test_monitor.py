@@ -213,8 +213,8 @@ def test_the_guard_stops_a_run_whose_encoder_turns_random(world, tmp_path, monke
     monkeypatch.setattr(train_stage.TECRun, "after_step", turning_random)
     out = tmp_path / "run"
     cfg = watched(world, out, drop_margin=0.2, stop_on_drop=True, below_base_after=None)
-    with pytest.raises(MonitorStop, match=r"^train.monitor.stop_on_drop: k-NN top-1 \S+ at step 4 is \S+ below the "
-                                          r"best seen .*checkpoint .*checkpoint.pt written"):
+    with pytest.raises(MonitorStop, match=r"^train.monitor.stop_on_drop: k-NN top-1 \S+ at step 4 is \S+ points "
+                                          r"below the best seen .*checkpoint .*checkpoint.pt written"):
         run_train(cfg, reader=world["cache"])
     records = monitor_records(out)
     assert [r["step"] for r in records] == [0, 2, 4] and "monitor/warning" in records[-1]
@@ -229,7 +229,7 @@ def test_the_guard_warns_below_the_base_late_in_the_run(world):
     mon = Monitor(cfg, Accelerator(cpu=True), some_encoder(), None, total_steps=10, steps_per_epoch=5)
     mon.base_scores = {"knn": 0.6}
     for step, score, warned in [(0, 0.5, None), (4, 0.55, None), (6, 0.58, "below the base's 60.0% past 50%"),
-                                (8, 0.7, None), (10, 0.58, "is 12.0% below the best seen (70.0% at step 8")]:
+                                (8, 0.7, None), (10, 0.58, "is 12.0 points below the best seen (70.0% at step 8")]:
         mon.history.append({"step": step, "knn": score})
         warning = mon.guard(mon.history[-1])
         assert warning is None if warned is None else warned in warning, (step, warning)

@@ -165,8 +165,9 @@ class Monitor:
         score, name = point[metric], NAMES[metric]
         best = max(self.history, key=lambda p: p.get(metric, -1.0))
         if score < best[metric] - c.drop_margin:
-            return (f"{name} top-1 {score:.1%} at step {point['step']} is {best[metric] - score:.1%} below the best "
-                    f"seen ({best[metric]:.1%} at step {best['step']}; train.monitor.drop_margin={c.drop_margin})")
+            return (f"{name} top-1 {score:.1%} at step {point['step']} is {100 * (best[metric] - score):.1f} points "
+                    f"below the best seen ({best[metric]:.1%} at step {best['step']}; "
+                    f"train.monitor.drop_margin={c.drop_margin})")
         base = (self.base_scores or {}).get(metric)
         late = c.below_base_after is not None and point["step"] >= c.below_base_after * self.total_steps
         if base is not None and late and score < base:
