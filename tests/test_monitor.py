@@ -293,29 +293,11 @@ def test_the_monitor_settings_load_and_are_checked():
 def test_the_monitor_reads_the_device_only_at_its_evaluations(world, tmp_path, monkeypatch):
     """test_step_speed's check with the monitor on: over 8 steps logged and watched every 4, our code
     reads tensors on the host only inside the end of steps 4 and 8 (and before the first step)."""
-    from test_step_speed import counted_reads
-    from tec_pipeline.train import loop
+    from test_step_speed import reads_outside_records
 
-    reads, outside = [], []
-    real_end_step, real_micro_step = loop.end_step, loop.micro_step
-
-    def end_step(run, *args, **kwargs):
-        before = len(reads)
-        out = real_end_step(run, *args, **kwargs)
-        if run.step not in (4, 8):
-            outside.extend(reads[before:])
-        return out
-
-    def micro_step(*args, **kwargs):
-        before = len(reads)
-        real_micro_step(*args, **kwargs)
-        outside.extend(reads[before:])
-
-    monkeypatch.setattr(loop, "end_step", end_step)
-    monkeypatch.setattr(loop, "micro_step", micro_step)
     cfg = watched(world, tmp_path / "run", every=4)
     cfg.train = replace(cfg.train, log_every=4)
-    with counted_reads(reads):
+    with reads_outside_records(monkeypatch, (4, 8)) as (reads, outside):
         assert run_train(cfg, reader=world["cache"])["step"] == 8
     assert outside == [], outside
     assert any("monitor" in path for _, path, _ in reads), "the evaluations read their features: the counter saw none"

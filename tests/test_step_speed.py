@@ -101,32 +101,39 @@ def counted_reads(calls: list):
             setattr(torch.Tensor, name, real)
 
 
-@pytest.mark.parametrize("stage", ["train", "finetune"])
-def test_no_device_reads_between_log_records(stage, tmp_path, monkeypatch):
-    """Over 8 steps logged every 4 and saved only at the end, our code reads tensors on the host only
-    inside the records and checkpoints of steps 4 and 8, never in a step's own work."""
+@contextmanager
+def reads_outside_records(monkeypatch, record_steps: tuple[int, ...]):
+    """(reads, outside): every host read of a tensor by our code (`counted_reads`), and those made
+    outside the loop's end of a step in `record_steps` (a step's own work, or another step's end)."""
     from tec_pipeline.train import loop
 
     reads, outside = [], []
-    real_end_step = loop.end_step
+    real_end_step, real_micro_step = loop.end_step, loop.micro_step
 
     def end_step(run, *args, **kwargs):  # reads here belong to the record / checkpoint of run.step
         before = len(reads)
         out = real_end_step(run, *args, **kwargs)
-        if run.step not in (4, 8):
+        if run.step not in record_steps:
             outside.extend(reads[before:])
         return out
 
     def micro_step(*args, **kwargs):
         before = len(reads)
-        loop_micro_step(*args, **kwargs)
+        real_micro_step(*args, **kwargs)
         outside.extend(reads[before:])
 
-    loop_micro_step = loop.micro_step
     monkeypatch.setattr(loop, "end_step", end_step)
     monkeypatch.setattr(loop, "micro_step", micro_step)
-    run = {"train": _train_eight_steps, "finetune": _finetune_eight_steps}[stage]
     with counted_reads(reads):
+        yield reads, outside
+
+
+@pytest.mark.parametrize("stage", ["train", "finetune"])
+def test_no_device_reads_between_log_records(stage, tmp_path, monkeypatch):
+    """Over 8 steps logged every 4 and saved only at the end, our code reads tensors on the host only
+    inside the records and checkpoints of steps 4 and 8, never in a step's own work."""
+    run = {"train": _train_eight_steps, "finetune": _finetune_eight_steps}[stage]
+    with reads_outside_records(monkeypatch, (4, 8)) as (reads, outside):
         steps = run(tmp_path)
     assert steps == 8
     assert outside == [], outside
