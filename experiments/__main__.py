@@ -1,7 +1,8 @@
 """`python -m experiments NAME`: the studies' command line, run from the repository root.
 
-Bad input is reported as `tec-pipeline` reports it (one red line, exit 2): the helpers are the
-product CLI's own. Each study module is imported inside its command, so `--help` stays fast.
+Bad input and unexpected errors are reported as `tec-pipeline` reports them (one red line, exit 2;
+`TEC_DEBUG=1` for a traceback): the helpers are the product CLI's own. Each study module is
+imported inside its command, so `--help` stays fast.
 """
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from typing import List, Optional
 
 import typer
 
-from tec_pipeline.cli import VAL_HELP, OverridesArg, run_stage, split_name
+from tec_pipeline.cli import VAL_HELP, OverridesArg, guarded_command, run_stage, split_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Studies on the built-in demo: several seeds, the shipped base, fine-tuning, what caching costs.")
 
 
-@app.command("demo-seeds")
+@guarded_command(app, "demo-seeds")
 def demo_seeds(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds to run; repeat the option."),
                out: Path = typer.Option(Path("runs/demo_seeds"), help="One sub-folder per seed, and seeds.json."),
                val: bool = typer.Option(False, "--val", help=VAL_HELP),
@@ -27,7 +28,7 @@ def demo_seeds(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds 
     run_stage(run_demo_seeds, list(seeds), out, overrides=overrides or [], split=split_name(val))
 
 
-@app.command("demo-base")
+@guarded_command(app, "demo-base")
 def demo_base(out: Path = typer.Option(Path("assets/demo_base"), help="Where the base's encoder and model go."),
               overrides: Optional[List[str]] = OverridesArg):
     """Train the demo's MAE base with this pipeline (configs/demo_base.yaml) and export it."""
@@ -36,7 +37,7 @@ def demo_base(out: Path = typer.Option(Path("assets/demo_base"), help="Where the
     run_stage(make_demo_base, out, overrides=overrides or [])
 
 
-@app.command("demo-finetune")
+@guarded_command(app, "demo-finetune")
 def demo_finetune(run: Path = typer.Option(Path("runs/demo"), help="A finished demo run folder (its tec/ and control/), "
                                                                    "or a demo-seeds folder: seed N then uses its seed<N>/."),
                   seeds: List[int] = typer.Option([0], "--seed", help="Fine-tuning seeds; repeat the option."),
@@ -52,7 +53,7 @@ def demo_finetune(run: Path = typer.Option(Path("runs/demo"), help="A finished d
     run_stage(run_demo_finetune, run, list(seeds), out, overrides=overrides or [], split=split_name(val))
 
 
-@app.command("caching-costs")
+@guarded_command(app, "caching-costs")
 def caching_costs(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds to run; repeat the option."),
                   out: Path = typer.Option(Path("runs/caching_costs"), help="One sub-folder per seed and variant, and costs.json."),
                   only: Optional[List[str]] = typer.Option(None, "--only", help="Run only these variants (a margin needs its reference run too); repeat the option."),

@@ -75,8 +75,9 @@ def guard(during: str = "the command") -> Iterator[None]:
              f"run with {DEBUG_ENV}=1 for the traceback")
 
 
-def command(*args, **kwargs) -> Callable:
-    """`app.command`, the command's body under `guard`: no user sees a raw traceback by default."""
+def guarded_command(typer_app: typer.Typer, *args, **kwargs) -> Callable:
+    """`typer_app.command`, the command's body under `guard`: no user sees a raw traceback by
+    default (the product's commands and the studies' alike)."""
     def register(fn: Callable) -> Callable:
         during = args[0] if args else fn.__name__.replace("_", "-")
 
@@ -84,8 +85,13 @@ def command(*args, **kwargs) -> Callable:
         def guarded(*a, **k):
             with guard(during):
                 return fn(*a, **k)
-        return app.command(*args, **kwargs)(guarded)
+        return typer_app.command(*args, **kwargs)(guarded)
     return register
+
+
+def command(*args, **kwargs) -> Callable:
+    """A `tec-pipeline` command under `guard` (`guarded_command`)."""
+    return guarded_command(app, *args, **kwargs)
 
 
 def run_stage(fn, *args, **kwargs):

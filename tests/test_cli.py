@@ -111,6 +111,17 @@ def test_a_study_reports_bad_input_as_the_product_does():
     assert len(lines) == 1 and lines[0].startswith("error: unknown variant 'tec-V3'"), result.stderr
 
 
+def test_a_study_meeting_an_os_error_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    """The studies run under the product's guard: an OSError on a path the user gave is one line."""
+    monkeypatch.delenv("TEC_DEBUG", raising=False)
+    taken = tmp_path / "a_file"
+    taken.write_text("not a folder")
+    result = RUNNER.invoke(studies_app, ["demo-seeds", "--seed", "0", "--out", str(taken)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(taken) in lines[0] and "demo-seeds" in lines[0], result.stderr
+
+
 # ----------------------------------------------------------------------------- one-line errors
 @pytest.mark.parametrize("command", ["cache-targets", "train"])
 @pytest.mark.parametrize("override, key", [("targets.kk=3", "targets.kk"), ("optim.epochs=many", "optim.epochs"),
