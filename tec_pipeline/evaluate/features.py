@@ -17,6 +17,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from ..data import open_source_at
 from ..data.sources import ImageFolderSource
 from ..views import normalize
 from .errors import EvalError
@@ -45,6 +46,26 @@ def class_labels(source: ImageFolderSource, classes: Sequence[str] | None) -> np
     if missing:
         raise EvalError(f"{source.root}: class folders {missing} are not among the evaluated classes")
     return np.asarray([index[source.classes[label]] for label in source.labels], dtype=np.int64)
+
+
+def labelled_split(kind: str, path: str | Path, classes: Sequence[str] | None, name: str,
+                   needs: str) -> tuple[object, np.ndarray, list]:
+    """(source, labels, class names) of one labelled split: an ImageFolder's class folders
+    (`classes`: the train split's, so a val split agrees), or webdataset tars whose .cls texts
+    are class indices. `name` names the split in an error, `needs` says who needs the labels."""
+    if kind == "imagefolder":
+        source = labelled_folder(path)
+        names = list(classes or source.classes)
+        return source, class_labels(source, names), names
+    source = open_source_at("webdataset", str(path))
+    labels = np.asarray(source.labels, dtype=np.int64)
+    if len(labels) == 0 or labels.min() < 0:
+        raise EvalError(f"{name}: {needs} needs a .cls class index for every image"
+                        + (f"; {source.name(int(np.argmin(labels)))} has none" if len(labels) else ", found no images"))
+    names = list(classes or [str(c) for c in range(int(labels.max()) + 1)])
+    if labels.max() >= len(names):
+        raise EvalError(f"{name}: class index {labels.max()} is beyond the train split's {len(names)} classes")
+    return source, labels, names
 
 
 def image_batches(source: ImageFolderSource, size: int, batch_size: int) -> Iterator[Tensor]:

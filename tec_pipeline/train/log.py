@@ -29,9 +29,10 @@ class RunLog:
             with atomic_path(self.path, "the run log") as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept))
 
-    def last(self) -> dict:
+    def last_losses(self) -> dict:
+        """The last record with losses: an evaluation's record (a score) may follow it."""
         lines = self.path.read_text().splitlines() if self.path.exists() else []
-        return json.loads(lines[-1]) if lines else {}
+        return next((r for r in map(json.loads, reversed(lines)) if "loss" in r), {})
 
     def write(self, record: dict) -> None:
         if self.accelerator.is_main_process:

@@ -7,7 +7,6 @@ and hands it to `run_loop`; everything else is here, once.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +69,8 @@ class LoopRun:
     last_saved: int = -1  # the step of the last checkpoint written, -1 before the first
 
     def loader(self, micro: int) -> Iterable:
-        """This process's batches of the epoch that micro-batch `micro` falls in, from that batch on."""
+        """This process's batches from micro-batch `micro` on: the rest of its epoch or of the run
+        (the loop asks again, from where it is, when they run out)."""
         raise NotImplementedError
 
     def losses(self, batch, micro: int) -> tuple[dict[str, Tensor], int]:
@@ -157,10 +157,5 @@ def run_loop(run: LoopRun, path: Path, stop_after: Optional[int], desc: str) -> 
     run.start(log)
     with tqdm(total=total, initial=run.step, desc=desc, unit="step",
               disable=not run.accelerator.is_local_main_process, dynamic_ncols=True) as bar:
-        return train_until(run, end, log, bar) or last_losses(log)
+        return train_until(run, end, log, bar) or log.last_losses()
 
-
-def last_losses(log: RunLog) -> dict:
-    """The last record with losses in the run's log: an evaluation's record (a score) may follow it."""
-    lines = log.path.read_text().splitlines() if log.path.exists() else []
-    return next((r for r in map(json.loads, reversed(lines)) if "loss" in r), {})

@@ -17,10 +17,9 @@ import torch
 from torch import Tensor
 
 from ..config import MonitorConfig
-from ..data import open_source_at
 from ..data.sources import ImageSource
 from ..errors import UserError
-from ..evaluate.features import class_labels, image_batches, labelled_folder, pool_features
+from ..evaluate.features import image_batches, labelled_split, pool_features
 from ..views import normalize
 
 
@@ -62,27 +61,15 @@ def block_sizes(n: int, processes: int) -> list[int]:
 
 
 def labelled(cfg: MonitorConfig, key: str, classes: Optional[list[str]]) -> tuple[ImageSource, np.ndarray, list]:
-    """(source, labels, class names) of ``train.monitor.<key>``: an ImageFolder labelled by its class
-    folders (`classes`: the train split's, so val agrees), or webdataset tars with a .cls class index
-    per image. Every problem is one line naming the key."""
+    """(source, labels, class names) of ``train.monitor.<key>`` (`evaluate.features.labelled_split`;
+    `classes`: the train split's, so val agrees); every problem is one line naming the key."""
     path = getattr(cfg, key)
+    name = f"train.monitor.{key}={path}"
     try:
-        if cfg.kind == "imagefolder":
-            source = labelled_folder(path)
-            names = classes or source.classes
-            return source, class_labels(source, names), list(names)
-        source = open_source_at("webdataset", path)
+        return labelled_split(cfg.kind, path, classes, name, "the monitor")
     except UserError as err:
-        raise UserError(f"train.monitor.{key}={path}: {err}") from None
-    labels = np.asarray(source.labels, dtype=np.int64)
-    if labels.min() < 0:
-        raise UserError(f"train.monitor.{key}={path}: the monitor needs a .cls class index for every image; "
-                        f"{source.name(int(np.argmin(labels)))} has none")
-    names = classes or [str(c) for c in range(int(labels.max()) + 1)]
-    if labels.max() >= len(names):
-        raise UserError(f"train.monitor.{key}={path}: class index {labels.max()} is beyond the "
-                        f"{len(names)} classes of train.monitor.train")
-    return source, labels, names
+        message = str(err)
+        raise UserError(message if message.startswith(name) else f"{name}: {message}") from None
 
 
 def open_sets(cfg: MonitorConfig, size: int, processes: int, index: int) -> tuple[LabelledSet, LabelledSet, list]:
