@@ -181,27 +181,36 @@ def decode(enc: dict[str, np.ndarray], feat_dtype: str, attn_dtype: str) -> dict
 TARGET_FIELDS = ("feat", "feat_mean", "feat_std", "attn", "topk_idx")  # a batch's targets, feat_step aside
 
 
+def decode_feat(feat: Tensor, feat_step: Optional[Tensor] = None) -> Tensor:
+    """float32 features from their stored dtype, where they are: int8 ``q`` (..., L, C) with its
+    float16 steps ``s`` (..., C) -> ``float32(q) * float32(s)[..., None, :]`` (as `decode_feat_int8`);
+    float16 widened, float32 kept."""
+    if feat.dtype == torch.int8:
+        if feat_step is None:
+            raise ValueError("int8 features need their feat_step")
+        return feat.float() * feat_step.float()[..., None, :]
+    return feat.float()
+
+
+def decode_attn(attn: Tensor) -> Tensor:
+    """float32 attention logits from their stored dtype, where they are: uint8 ``u`` ->
+    ``float32(u) * float32(-ATTN_STEP)``, the logits minus their row max (as `decode_attn_uint8`);
+    float16 widened, float32 kept."""
+    if attn.dtype == torch.uint8:
+        return attn.float() * float(np.float32(-ATTN_STEP))  # the float32 step, exactly
+    return attn.float()
+
+
 def decode_targets(feat: Tensor, feat_mean: Tensor, feat_std: Tensor, attn: Tensor, topk_idx: Tensor,
                    feat_step: Optional[Tensor] = None) -> Targets:
-    """float32 `Targets` from a batch in its stored dtypes, computed where the tensors are.
-
-    * ``feat`` int8 ``q`` (B, L, C) with ``feat_step`` float16 ``s`` (B, C):
-      ``feat = float32(q) * float32(s)[:, None, :]`` (as `decode_feat_int8`);
-    * ``attn`` uint8 ``u``: ``attn = float32(u) * float32(-ATTN_STEP)``, the logits minus their row
-      max (as `decode_attn_uint8`);
-    * float16 arrays are widened to float32, float32 ones kept; ``topk_idx`` becomes int64.
+    """float32 `Targets` from a batch in its stored dtypes, computed where the tensors are
+    (`decode_feat`, `decode_attn`; ``topk_idx`` becomes int64).
 
     Every widening is exact and each product is one correctly rounded float32 multiply, as in
     `decode`'s numpy math, so the values are bit-identical to a reader's ``read_shard``.
     """
-    if feat.dtype == torch.int8:
-        if feat_step is None:
-            raise ValueError("int8 features need their feat_step")
-        feat = feat.float() * feat_step.float()[:, None, :]
-    if attn.dtype == torch.uint8:
-        attn = attn.float() * float(np.float32(-ATTN_STEP))  # the float32 step, exactly
-    return Targets(feat=feat.float(), feat_mean=feat_mean.float(), feat_std=feat_std.float(), attn=attn.float(),
-                   topk_idx=topk_idx.long())
+    return Targets(feat=decode_feat(feat, feat_step), feat_mean=feat_mean.float(), feat_std=feat_std.float(),
+                   attn=decode_attn(attn), topk_idx=topk_idx.long())
 
 
 def decode_batch(batch: dict[str, Tensor], device: torch.device | str) -> Targets:

@@ -146,11 +146,9 @@ def view_errors(targets: dict[str, Tensor], enc: dict[str, Tensor], measure: np.
     got = {name: t.flatten(0, 1)[pick] for name, t in enc.items()}
     out = torch.zeros(len(pick), 4, dtype=torch.float64, device=device)
     if len(pick) and feat_dtype != "float32":
-        feat = torch.mul(got["feat"], got["feat_step"].float()[:, None, :]) if feat_dtype == "int8" else got["feat"].float()
-        out[:, 0], out[:, 1] = codecs.feat_error_sums(ref["feat"], feat)
+        out[:, 0], out[:, 1] = codecs.feat_error_sums(ref["feat"], codecs.decode_feat(got["feat"], got.get("feat_step")))
     if len(pick) and attn_dtype != "float32":
-        attn = torch.mul(got["attn"], float(np.float32(-codecs.ATTN_STEP))) if attn_dtype == "uint8" else got["attn"].float()
-        kl = codecs.attn_kl_rows(ref["attn"], attn)
+        kl = codecs.attn_kl_rows(ref["attn"], codecs.decode_attn(got["attn"]))
         out[:, 2], out[:, 3] = kl.flatten(1).sum(-1), kl[0].numel()
     return out
 
