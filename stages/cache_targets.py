@@ -7,7 +7,8 @@ its enhancement (Eq. 2, top-k) `tec_pipeline.base_targets`, the storage encoding
 storage `tec_pipeline.cache.store`, and settings, processes and reports
 `tec_pipeline.cache_targets`. What it adds is the loop around them:
 
-- DataLoader workers decode and render; the main thread runs batched base forwards under
+- DataLoader workers decode and render (``data.loader=pil``), or read the files only and the
+  views are rendered on the compute device (``dali``); the main thread runs batched base forwards under
   `inference_mode` in `base.compute_dtype` (auto: fp16 autocast on CUDA, fp32 on CPU) and
   encodes the targets to their storage dtypes on the same device; a pool of
   `cache.writer_threads` threads compresses and writes whole shards, so compute and storage
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import Tensor
 
@@ -32,7 +33,9 @@ from tec_pipeline.cache.encode import NonFiniteTargetError
 from tec_pipeline.cache.storage import use_storage_options
 from tec_pipeline.config import Config
 from tec_pipeline.data import open_source
-from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader
+from tec_pipeline.data.view_dataset import BatchViews, ViewDataset, shard_batches, view_loader
+from tec_pipeline.render import open_renderer, resolve_loader
+from tec_pipeline.cache_targets.drift import drift_to_others
 from tec_pipeline.cache_targets.processes import gather, open_for_writing, process_state, split_pending
 from tec_pipeline.cache_targets.settings import (
     cache_meta, check_base, check_settings, images_per_batch, non_finite_error,
@@ -57,30 +60,39 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     device = state.device
     base.to(device)
     precision = compute_setting(cfg.base.compute_dtype, device)
-    meta = cache_meta(cfg, source, base, precision)
-    dataset = ViewDataset(source, cfg.seed, cfg.data.views, cfg.data.img_size,
-                          (cfg.data.scale_min, cfg.data.scale_max), keep_raw=cfg.cache.store_images)
+    loader = resolve_loader(cfg.data.loader, device)
+    meta = cache_meta(cfg, source, base, precision, loader)
+    dataset = ViewDataset(source, cfg.seed, cfg.data.views, cfg.data.img_size, (cfg.data.scale_min, cfg.data.scale_max),
+                          keep_raw=cfg.cache.store_images, files_only=loader != "pil")
+    renderer = open_renderer(loader, cfg.data.img_size, device, images_per_batch(cfg) * cfg.data.views,
+                             cfg.data.num_workers)
+    views_of = BatchViews(renderer, cfg.data.views, source.name)
     forward = partial(view_targets, base, last_layers=cfg.targets.last_layers, k_max=cfg.cache.k_max,
                       device=device, dtype=compute_dtype(precision))
     if dry_run:
-        return dry_run_estimate(cfg, meta, dataset, forward, state)
+        return dry_run_estimate(cfg, meta, dataset, views_of, forward, state)
     with open_for_writing(cfg.cache.path, meta, overwrite, state) as writer:  # rank 0 holds the cache's lock
         writer.direct_io = cfg.cache.direct_io
         print_repairs(writer.repaired, cfg.cache.path)
         pending, mine = split_pending(writer, state)
-        local = compute_shards(cfg, writer, dataset, forward, mine, state)
+        local = compute_shards(cfg, writer, dataset, forward, mine, state, views_of)
         state.wait_for_everyone()
         summary = merge_summaries(gather(local, state), meta, time.perf_counter() - start)
         if state.is_main_process:
+            if pending:  # the drift to the other renderers, which decides whether training may use them
+                summary["renderer_drift"] = drift_to_others(base, device, source, meta)
             summary = finish_cache(cfg.cache.path, writer, summary, len(pending), source)
             print_summary(summary, cfg.cache.path)
         state.wait_for_everyone()
     return summary
 
 
-def compute_shards(cfg: Config, writer, dataset: ViewDataset, forward: Forward, shards: list[int], state) -> dict:
+def compute_shards(cfg: Config, writer, dataset: ViewDataset, forward: Forward, shards: list[int], state,
+                   views_of: Optional[BatchViews] = None) -> dict:
     """Compute and write `shards` (this process's pending ones); returns this run's counts.
 
+    `views_of` gives a batch's views (rendered on the device for ``data.loader=dali``); by default
+    the loader workers rendered them.
     `forward` gives a batch's targets on the compute device; they are encoded there
     (`ShardAssembler.add`) and whole shards go to a pool of `cache.writer_threads` writers. A
     non-finite target stops the run naming `base.compute_dtype`; its shard is never queued."""
@@ -91,7 +103,8 @@ def compute_shards(cfg: Config, writer, dataset: ViewDataset, forward: Forward, 
     out = ShardWriterPool(writer, cfg.cache.writer_threads or default_writer_threads())
     start = time.perf_counter()
     try:
-        images, skipped = assemble_shards(cfg, writer, loader, forward, out, bar)
+        views_of = views_of or BatchViews(None, cfg.data.views, dataset.source.name)
+        images, skipped = assemble_shards(cfg, writer, loader, views_of, forward, out, bar)
         out.close()
     except NonFiniteTargetError as err:
         raise non_finite_error(err, writer.meta) from None
@@ -104,17 +117,19 @@ def compute_shards(cfg: Config, writer, dataset: ViewDataset, forward: Forward, 
             "write_seconds": out.seconds, "shards": len(shards), "loop_seconds": time.perf_counter() - start}
 
 
-def assemble_shards(cfg: Config, writer, loader, forward: Forward, out: ShardWriterPool, bar) -> tuple[int, list]:
+def assemble_shards(cfg: Config, writer, loader, views_of: BatchViews, forward: Forward, out: ShardWriterPool,
+                    bar) -> tuple[int, list]:
     """The loop: each batch's targets encoded into its shard, a full shard to the writers.
     Returns the images done and the skipped ones."""
     assembling: dict[int, ShardAssembler] = {}  # shard -> its arrays so far
     images, skipped, start = 0, [], time.perf_counter()
-    for batch in loader:  # views (B, V, 3, S, S) uint8 of B images of one shard
+    for batch in loader:  # B images of one shard
+        views = views_of(batch)  # (B, V, 3, S, S) uint8
         check_bad_images(batch, cfg.data.on_bad_image)
         shard = int(batch["index"][0]) // cfg.cache.images_per_shard
         if shard not in assembling:
             assembling[shard] = out.assembler(shard, cfg.cache.store_images)
-        assembling[shard].add(batch, forward(batch["views"]))
+        assembling[shard].add(batch, forward(views))
         if assembling[shard].full:
             full = assembling.pop(shard)
             out.put(full)

@@ -60,8 +60,8 @@ class TECRun(LoopRun):
 
     def losses(self, batch: dict, micro: int):
         """Targets of the batch (cached, online or pixels), then Eq. 3 + 4 on the masked views."""
-        acc, t = self.accelerator, effective_targets(self.cfg)
-        images = normalize(batch["images"].to(acc.device, non_blocking=True))
+        acc, t, d = self.accelerator, effective_targets(self.cfg), self.cfg.data
+        images = normalize(self.data.images(batch, acc.device, d.img_size, d.batch_size, d.num_workers))
         patch = self.inner.encoder.patch_embed.patch_size[0]
         targets = step_targets(self.data, batch, images, t, patch, acc.autocast())
         noise = batch["mask_noise"].to(acc.device, non_blocking=True)
@@ -91,7 +91,7 @@ class TECRun(LoopRun):
 
 def setup_run(cfg: Config, accelerator: Accelerator, path: Path, reader: Optional[TargetReader]) -> TECRun:
     """Targets, model (checked against what the targets can serve), AdamW groups and schedule."""
-    data = open_data(cfg, reader=reader)
+    data = open_data(cfg, reader=reader, device=accelerator.device)
     model, kwargs = new_model(cfg, data)
     schedule = make_schedule(cfg, data.usable_images, accelerator.num_processes, cfg.train.max_steps)
     o = cfg.optim
@@ -122,7 +122,7 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
     accelerator = make_accelerator(cfg.optim.mixed_precision, cfg.optim.accum_steps, path)
     try:
         run = setup_run(cfg, accelerator, path, reader)
-        identity = run_identity(cfg, run.data.identity, cached=run.data.source == "cache")
+        identity = run_identity(cfg, run.data.identity, cached=run.data.source == "cache", renderer=run.data.loader)
         if resume:
             check_resumable(path, identity)
             state = load_checkpoint(run.ckpt_path)

@@ -3,8 +3,8 @@ compare them with what is stored.
 
 Checked in order, each failure one line: the recorded files of every completed shard, that no
 shard is missing, that the source and the base weights are those that wrote the cache, then
-each sampled view (its crop, features, attention rows and top-k) against the tolerances of
-`tec_pipeline.cache_targets.verify`.
+each sampled view, re-rendered by the renderer that made the cache (its crop, features, attention
+rows and top-k), against the tolerances of `tec_pipeline.cache_targets.verify`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tec_pipeline.cache.store import open_cache
 from tec_pipeline.config import ViTArch
 from tec_pipeline.data import open_source_at
 from tec_pipeline.errors import UserError
-from tec_pipeline.cache_targets.verify import check_files, pick_views, verify_view
+from tec_pipeline.cache_targets.verify import cache_renderer, check_files, pick_views, verify_view
 
 
 def verify_cache(url: str, sample: int = 8, seed: int = 0) -> bool:
@@ -42,8 +42,9 @@ def verify_cache(url: str, sample: int = 8, seed: int = 0) -> bool:
         return False
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base.to(device)
+    renderer = cache_renderer(meta, device)
     picks = pick_views(reader, missing, sample, seed)
-    good = sum(verify_view(reader, source, base, device, image, view) for image, view in picks)
+    good = sum(verify_view(reader, source, base, renderer, image, view) for image, view in picks)
     print(f"verify: {good} of {len(picks)} sampled views match within tolerance; "
           f"cache {'OK' if ok and good == len(picks) else 'FAILED'}")
     return ok and good == len(picks)

@@ -86,6 +86,9 @@ class DataConfig:
     scale_max: float = 1.0
     batch_size: int = 64
     num_workers: int = 2
+    # who renders views: pil (loader workers decode and resize) | dali (workers read bytes, DALI renders
+    # on the compute device) | auto (dali on CUDA where DALI is installed, else pil)
+    loader: str = "auto"
     on_bad_image: str = "error"  # error | skip
     # training: epoch e uses view e mod V (cycle), a seeded random one of the V (random), or, online
     # only, a new crop drawn by (seed, epoch, image) (fresh: the authors' regime)
@@ -215,6 +218,7 @@ DOMAINS: dict[str, Domain] = {
     "data.scale_max": Range(0, 1, low_open=True),
     "data.batch_size": COUNT,
     "data.num_workers": NON_NEGATIVE,
+    "data.loader": OneOf(("auto", "pil", "dali")),
     "data.on_bad_image": OneOf(("error", "skip")),
     "data.view_mode": OneOf(("cycle", "random", "fresh")),
     "data.buffer_shards": COUNT,

@@ -62,15 +62,18 @@ def assert_same(a: dict, b: dict) -> None:
         assert np.array_equal(a[key], b[key]), key
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
+def write_mixed_images(root: Path) -> Path:
     """10 images in 2 class folders, assorted sizes and modes."""
-    root = tmp_path_factory.mktemp("images")
     modes = ["RGB", "L", "RGBA", "P", "RGB"]
     for i in range(NUM_IMAGES):
-        (root / f"c{i % 2}").mkdir(exist_ok=True)
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         picture(i, (36 + 3 * i, 40 - i), modes[i % 5]).save(root / f"c{i % 2}" / f"{i:02d}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return write_mixed_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

@@ -49,11 +49,12 @@ def images_per_batch(cfg: Config) -> int:
     return max(1, cfg.data.batch_size // cfg.data.views)
 
 
-def cache_meta(cfg: Config, source, base, precision: str) -> dict:
+def cache_meta(cfg: Config, source, base, precision: str, loader: str) -> dict:
     """Metadata of the cache: layout for the store, `identity` for resume checks, and what
     `verify` needs to rebuild any view (source location, checkpoint path, view settings, the
-    compute precision). `precision` is ``base.compute_dtype`` resolved (fp16, bf16 or fp32): a
-    cache made in one precision is not resumed in another."""
+    compute precision, the renderer). `precision` is ``base.compute_dtype`` resolved (fp16, bf16
+    or fp32) and `loader` ``data.loader`` resolved (pil or dali): a cache made in one precision or
+    with one renderer is not resumed with another."""
     d, c = cfg.data, cfg.cache
     arch = {**asdict(cfg.base.arch), "img_size": d.img_size}
     ckpt = cfg.base.checkpoint
@@ -64,7 +65,7 @@ def cache_meta(cfg: Config, source, base, precision: str) -> dict:
         "base": {"arch": arch, "checkpoint_sha256": ckpt_sha, "compute_dtype": precision},
         "seed": cfg.seed,
         "data": {"img_size": d.img_size, "views": d.views, "scale_min": d.scale_min, "scale_max": d.scale_max,
-                 "fingerprint": fingerprint, "num_images": len(source)},
+                 "fingerprint": fingerprint, "num_images": len(source), "loader": loader},
         "targets": {"last_layers": cfg.targets.last_layers},
         "cache": {"k_max": c.k_max, "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "store": c.store},
     }

@@ -15,9 +15,12 @@ import torch
 from ..base_targets import autocast, dtype_of
 from ..cache.codecs import attn_kl_rows, feat_rel_rms
 from ..cache.store import CacheCorruptError
+from ..data.sources import BadImageError, image_size
+from ..errors import UserError
 from ..models.base import base_forward
+from ..render import ViewRenderer, dali_missing, open_renderer
 from ..targets import enhance, query_rows, row_logits
-from ..views import draw_view, normalize
+from ..views import normalize, sample_view
 
 # Tolerances of a recomputed view against the stored one, by storage dtype. Features: relative
 # RMS of Yf; attention: KL of the row softmaxes at tau=1.8. Each bound sits above its storage
@@ -49,9 +52,17 @@ def pick_views(reader, missing: list[int], sample: int, seed: int) -> list[tuple
     return [(images[p // reader.views], int(p % reader.views)) for p in sorted(picks)]
 
 
-def verify_view(reader, source, base, device, image: int, view: int) -> bool:
+def cache_renderer(meta: dict, device: torch.device) -> ViewRenderer:
+    """The renderer that made the cache (``data.loader`` in its identity; pil before it was recorded)."""
+    loader = meta["identity"]["data"].get("loader", "pil")
+    if loader == "dali" and dali_missing():
+        raise UserError(f"the cache was rendered with data.loader=dali: {dali_missing()}")
+    return open_renderer(loader, meta["img_size"], device, 1)
+
+
+def verify_view(reader, source, base, renderer: ViewRenderer, image: int, view: int) -> bool:
     """Recompute one view and compare; prints one line."""
-    meta = reader.meta
+    meta, device = reader.meta, renderer.device
     where = f"image {image} view {view} ({source.name(image)})"
     try:
         stored = reader.read_view(image, view)
@@ -61,11 +72,20 @@ def verify_view(reader, source, base, device, image: int, view: int) -> bool:
     if not stored["valid"]:
         print(f"skip {where}: marked skipped (undecodable when the cache was written)")
         return True
-    pixels, params = draw_view(source.load(image), meta["seed"], image, view, meta["img_size"], tuple(meta["scale"]))
+    try:
+        raw = source.raw(image)
+        params = sample_view(meta["seed"], image, view, *image_size(raw, source.name(image)), tuple(meta["scale"]))
+    except BadImageError as err:
+        print(f"FAIL {where}: {err}")
+        return False
+    pixels, errors = renderer.render([np.frombuffer(raw, np.uint8)], params.as_array()[None])
+    if errors[0]:
+        print(f"FAIL {where}: {errors[0]}")
+        return False
     if not np.array_equal(stored["crop"], params.as_array()):
         print(f"FAIL {where}: stored crop {stored['crop'].tolist()} != drawn crop {params.as_array().tolist()}")
         return False
-    ref = reference_view(base, pixels[None], meta, stored["topk_idx"], device)  # the drawn crop is the stored one
+    ref = reference_view(base, pixels, meta, stored["topk_idx"], device)  # the drawn crop is the stored one
     return compare_view(where, stored, ref, meta)
 
 

@@ -51,6 +51,16 @@ def decode_rgb(data: bytes | str | Path, name: str) -> Image.Image:
         raise BadImageError(f"{name}: cannot decode image ({type(err).__name__}: {reason})") from None
 
 
+def image_size(data: bytes, name: str) -> tuple[int, int]:
+    """(height, width) from the file's header alone, as stored (no EXIF rotation, as `decode_rgb`)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.height, im.width
+    except Exception as err:
+        reason = " ".join(str(err).split())
+        raise BadImageError(f"{name}: cannot decode image (its header: {type(err).__name__}: {reason})") from None
+
+
 class ImageFolderSource:
     """`root/class/x.jpg` (labels by sorted class folder) or a flat `root/x.jpg` (label -1)."""
 

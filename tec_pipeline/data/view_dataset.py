@@ -2,33 +2,38 @@
 
 One item is one image with all its V views: the image is decoded once, and the V crops
 come from `views.draw_view(seed, image, view)`, so an item is the same on any worker,
-in any order, in any run. Batches never straddle a cache shard, so every run (resumed,
+in any order, in any run. With `files_only` (a device-side renderer, ``data.loader=dali``) the
+worker reads the file and its header only: the item carries the encoded file and the V crops,
+and the renderer makes the views on the compute device. Batches never straddle a cache shard, so every run (resumed,
 one process or many) feeds the base model exactly the same batches.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..views import draw_view
-from .sources import BadImageError, ImageSource, decode_rgb
+from ..render import ViewRenderer, pack_files, render_files
+from ..views import draw_view, sample_view
+from .sources import BadImageError, ImageSource, decode_rgb, image_size
 
 
 class ViewDataset(Dataset):
     """Item `i`: the V rendered views of image `i` (uint8), their crop params, label and validity."""
 
     def __init__(self, source: ImageSource, seed: int, views: int, img_size: int,
-                 scale: tuple[float, float], keep_raw: bool = False):
+                 scale: tuple[float, float], keep_raw: bool = False, files_only: bool = False):
         self.source, self.seed, self.views, self.img_size = source, seed, views, img_size
-        self.scale, self.keep_raw = tuple(scale), keep_raw
+        self.scale, self.keep_raw, self.files_only = tuple(scale), keep_raw, files_only
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
+        if self.files_only:
+            return self._file_item(index)
         raw = b""
         try:
             if self.keep_raw:
@@ -52,6 +57,17 @@ class ViewDataset(Dataset):
             "raw": raw,
         }
 
+    def _file_item(self, index: int) -> dict:
+        """The encoded file and its V crops, drawn from the header's size: the views are rendered later."""
+        try:
+            raw = self.source.raw(index)
+            height, width = image_size(raw, self.source.name(index))
+        except (BadImageError, OSError) as err:
+            return {**self._placeholder(index, str(err)), "file": b""}
+        crops = [sample_view(self.seed, index, v, height, width, self.scale) for v in range(self.views)]
+        return {"index": index, "crops": torch.from_numpy(np.stack([p.as_array() for p in crops])), "valid": True,
+                "label": self.source.label(index), "error": "", "file": raw, "raw": raw if self.keep_raw else b""}
+
     def _placeholder(self, index: int, error: str) -> dict:
         """A black item marked invalid, so batch shapes stay fixed."""
         return {
@@ -66,16 +82,38 @@ class ViewDataset(Dataset):
 
 
 def collate_views(items: list[dict]) -> dict:
-    """Stack tensors; keep per-image scalars and strings as lists."""
+    """Stack tensors; keep per-image scalars and strings as lists; encoded files packed (`pack_files`)."""
+    pixels = ({"views": torch.stack([it["views"] for it in items])} if "file" not in items[0]
+              else pack_files([it["file"] for it in items]))  # views (B, V, 3, S, S) uint8, or the files
     return {
+        **pixels,
         "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
-        "views": torch.stack([it["views"] for it in items]),  # (B, V, 3, S, S) uint8
         "crops": torch.stack([it["crops"] for it in items]),  # (B, V, 5) int32
         "valid": torch.tensor([it["valid"] for it in items], dtype=torch.bool),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
         "error": [it["error"] for it in items],
         "raw": [it["raw"] for it in items],
     }
+
+
+class BatchViews:
+    """A loader batch's views, (B, V, 3, S, S) uint8: stacked by the workers, or rendered now on the
+    compute device from the files they read (`files_only`). A file the renderer cannot decode marks
+    its image invalid with a line naming it (``data.on_bad_image`` then stops or skips)."""
+
+    def __init__(self, renderer: Optional[ViewRenderer], views: int, name_of: Callable[[int], str]):
+        self.renderer, self.views, self.name_of = renderer, views, name_of
+
+    def __call__(self, batch: dict):
+        if "views" in batch:
+            return batch["views"]
+        crops = batch["crops"].reshape(-1, 5).numpy()
+        views, errors = render_files(self.renderer, batch, crops, self.views, batch["valid"].numpy())
+        for i, why in enumerate(errors):
+            if why:
+                batch["valid"][i] = False
+                batch["error"][i] = f"{self.name_of(int(batch['index'][i]))}: {why}"
+        return views.view(len(errors), self.views, *views.shape[1:])
 
 
 def shard_batches(ranges: Iterable[range], batch_images: int) -> list[list[int]]:

@@ -104,10 +104,11 @@ def restore_state(state: dict, accelerator, model, optimizer) -> int:
 
 
 # ---------------------------------------------------------------- identity
-def run_identity(cfg: Config, data_identity: object, cached: bool) -> dict:
+def run_identity(cfg: Config, data_identity: object, cached: bool, renderer: str = "pil") -> dict:
     """What a run's weights depend on: its config less `RESUMABLE_CHANGES`, the data it reads
     (a cache's identity or an image folder's fingerprint, so rebuilt data at the same path
-    counts) and the checkpoints it starts from, by content. A cached run's base is already in
+    counts), who renders its views (``data.loader`` resolved: ``auto`` may differ between
+    machines) and the checkpoints it starts from, by content. A cached run's base is already in
     the cache's identity (and `spec.check_cache_base` holds base.checkpoint to it), so it is
     not hashed again."""
     config = config_identity(cfg, RESUMABLE_CHANGES)
@@ -116,7 +117,8 @@ def run_identity(cfg: Config, data_identity: object, cached: bool) -> dict:
               (("base.checkpoint", base), ("model.init_checkpoint", cfg.model.init_checkpoint))
               if path and Path(path).is_file()}
     # through JSON, as it is stored: tuples become lists, so a resume compares like with like
-    return json.loads(json.dumps({"config": config, "data": data_identity, "checkpoint_sha256": starts}))
+    return json.loads(json.dumps({"config": config, "data": data_identity, "renderer": renderer,
+                                  "checkpoint_sha256": starts}))
 
 
 def config_identity(cfg, resumable: tuple[str, ...]) -> dict:

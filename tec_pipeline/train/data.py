@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Optional, Union
+from typing import Callable, ContextManager, Optional, Union
 
 import numpy as np
 import torch
@@ -16,7 +16,10 @@ from ..config import Config, TargetConfig
 from ..data import open_source_at
 from ..errors import UserError
 from ..models.base import load_base_model
+from ..cache_targets.drift import check_renderer
+from ..data.sources import BadImageError
 from ..pixels import pixel_targets
+from ..render import ViewRenderer, open_renderer, render_files, resolve_loader
 from ..targets import Targets, attention_rows
 from .batches import CachedBatches, OnlineBatches
 from .images import cache_image_source
@@ -40,18 +43,38 @@ class DataPipeline:
     base: Optional[torch.nn.Module] = None  # online: the base model in the loop
     meta: Optional[dict] = None  # the cache's metadata (cached runs)
     identity: Union[dict, str, None] = None  # what the data is: the cache's identity, else the images' fingerprint
+    loader: str = "pil"  # data.loader resolved: who renders the views (`tec_pipeline.render`)
+    name_of: Optional[Callable[[int], str]] = None  # image index -> its file, for errors
+    renderer: Optional[ViewRenderer] = None  # data.loader=dali: made on the step's device at first use
 
     @property
     def usable_images(self) -> int:
         return int(self.valid.sum()) if self.valid is not None else sum(len(r) for r in self.shards)
 
+    def images(self, batch: dict, device: torch.device, img_size: int, batch_size: int, threads: int) -> Tensor:
+        """A batch's views (B, 3, S, S) uint8 on `device`: rendered by the loader workers, or here
+        from the files they read (``data.loader=dali``); an undecodable file is one line naming it."""
+        if "images" in batch:
+            return batch["images"].to(device, non_blocking=True)
+        if self.renderer is None:
+            self.renderer = open_renderer(self.loader, img_size, device, batch_size, threads)
+        views, errors = render_files(self.renderer, batch, batch["crop"].numpy(), 1)
+        for index, why in zip(batch["index"].tolist(), errors):
+            if why:
+                raise BadImageError(f"{self.name_of(index)}: {why}")
+        return views
 
-def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] = None) -> DataPipeline:
-    """Open the target source named by ``targets.source`` and the images its views are rendered from.
+
+def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] = None,
+              device: torch.device = torch.device("cpu")) -> DataPipeline:
+    """Open the target source named by ``targets.source`` and the images its views are rendered from
+    (by ``data.loader`` for the step's `device`).
 
     `reader` replaces opening ``cache.path`` (an already opened cache, e.g. in memory).
     """
     t, d = cfg.targets, cfg.data
+    loader = resolve_loader(d.loader, device) if render else "pil"
+    files_only = loader != "pil"
     if t.source == "cache" and d.view_mode == "fresh":
         raise UserError("data.view_mode=fresh draws a new crop every epoch, which a cache of fixed views cannot "
                         "serve; use targets.source=online or pixels, or data.view_mode=cycle or random")
@@ -70,19 +93,23 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
         if not reader.is_complete():
             raise UserError(f"cache.path={cfg.cache.path}: the cache is incomplete (finish stage one first)")
         source = cache_image_source(reader, d.path) if render else None
-        make = CachedBatches(reader, source, d.img_size, attention_rows(t.attention, t.k), d.buffer_shards, render)
+        make = CachedBatches(reader, source, d.img_size, attention_rows(t.attention, t.k), d.buffer_shards, render,
+                             files_only)
         check_cache_base(reader.meta, cfg.base.checkpoint)
+        if render:
+            check_renderer(reader.meta, reader.summary, loader)
         return DataPipeline("cache", cache_spec(reader.meta), reader_shards(reader), valid_mask(reader),
-                            reader.views, make, meta=reader.meta, identity=reader.meta.get("identity"))
+                            reader.views, make, meta=reader.meta, identity=reader.meta.get("identity"),
+                            loader=loader, name_of=source.name if source is not None else None)
     source = open_source_at(d.kind, d.path)
     shards = uniform_shards(len(source), cfg.cache.images_per_shard)  # same order as a cache of this config
-    make = OnlineBatches(source, d.img_size, cfg.seed, (d.scale_min, d.scale_max))
+    make = OnlineBatches(source, d.img_size, cfg.seed, (d.scale_min, d.scale_max), files_only)
     if t.source == "online":
         base = load_base_model(cfg.base.arch, cfg.base.checkpoint, img_size=d.img_size)
         return DataPipeline("online", base_spec(base, d.img_size), shards, None, d.views, make, base,
-                            identity=source.fingerprint())
+                            identity=source.fingerprint(), loader=loader, name_of=source.name)
     return DataPipeline("pixels", pixel_spec(d.img_size, patch_size(cfg)), shards, None, d.views, make,
-                        identity=source.fingerprint())
+                        identity=source.fingerprint(), loader=loader, name_of=source.name)
 
 
 def step_targets(data: DataPipeline, batch: dict, images: Tensor, t: TargetConfig, patch: int,

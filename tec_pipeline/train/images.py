@@ -19,11 +19,17 @@ class CacheImageSource:
     def __len__(self) -> int:
         return self.reader.num_images
 
-    def load(self, index: int) -> Image.Image:
+    def name(self, index: int) -> str:
+        return f"cache image {index}"
+
+    def raw(self, index: int) -> bytes:
         data = self.reader.image_bytes(index)
         if data is None:
-            raise BadImageError(f"cache image {index}: not stored in the cache")
-        return decode_rgb(data, f"cache image {index}")
+            raise BadImageError(f"{self.name(index)}: not stored in the cache")
+        return data
+
+    def load(self, index: int) -> Image.Image:
+        return decode_rgb(self.raw(index), self.name(index))
 
 
 def cache_image_source(reader: TargetReader, data_path: str = "") -> ImageSource:

@@ -1,0 +1,124 @@
+"""The ``dali`` view renderer: one DALI graph (region-of-interest decode, cubic antialiased resize
+of the crop, horizontal flip) fed per batch with the files' bytes and each view's window.
+
+The graph runs where the views are needed: ``mixed`` decoding on CUDA (the result lands in device
+memory), ``cpu`` elsewhere. DALI fails a whole batch when one file cannot be decoded, so a
+failed batch is rendered again file by file to name the bad ones.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from contextlib import contextmanager
+from typing import Sequence
+
+import numpy as np
+import torch
+from nvidia.dali import fn, math as dmath, pipeline_def, types
+from torch import Tensor
+
+from .render import decode_window
+from .views import ViewParams
+
+
+@pipeline_def(exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+def view_graph(size: int, decoder_device: str):
+    """encoded bytes, window (anchor, shape), crop region in the window, flip -> (S, S, 3) uint8."""
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+    anchor = fn.external_source(name="anchor", dtype=types.INT32)
+    shape = fn.external_source(name="shape", dtype=types.INT32)
+    start = fn.external_source(name="start", dtype=types.FLOAT)
+    end = fn.external_source(name="end", dtype=types.FLOAT)
+    flip = fn.external_source(name="flip", dtype=types.INT32)
+    image_hw = fn.cast(fn.peek_image_shape(encoded, adjust_orientation=False)[0:2], dtype=types.INT32)
+    shape = dmath.min(anchor + shape, image_hw) - anchor  # the window trimmed at the image's far edges
+    window = fn.decoders.image_slice(encoded, anchor, shape, device=decoder_device, output_type=types.RGB,
+                                     axis_names="HW", adjust_orientation=False)
+    view = fn.resize(window, size=[size, size], roi_start=start, roi_end=end, roi_relative=False,
+                     interp_type=types.INTERP_CUBIC, antialias=True)
+    return fn.flip(view, horizontal=flip, vertical=0)
+
+
+@contextmanager
+def captured_stderr():
+    """The process's stderr (file descriptor 2) while the block runs, as a list filled on exit: the
+    decoders print why a file failed there, and only there."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(tmp.read().decode(errors="replace").splitlines())
+
+
+def decode_failure(printed: list[str]) -> str:
+    """Why the decoder failed, from what it printed ("... - Premature end of JPEG data. ...")."""
+    plain = (re.sub(r"\x1b\[[0-9;]*m", "", line) for line in printed)  # colour codes
+    said = [re.sub(r"^(\s*\[[^]]*\])+", "", line).strip() for line in plain if line.strip()]  # [ERROR] [decoder]
+    return " ".join(said[-1].split())[:200] if said else "the decoder failed on it"
+
+
+class DaliRenderer:
+    """`render.ViewRenderer` on DALI; batches of up to `max_batch` views."""
+
+    name = "dali"
+
+    def __init__(self, size: int, device: torch.device, max_batch: int, threads: int = 1):
+        self.size, self.device, self.max_batch = size, device, max_batch
+        self.threads = max(1, threads)
+        self.graph = self._build()
+
+    def _build(self):
+        """A new graph: a DALI graph that failed a batch fails every later run too."""
+        cuda = self.device.type == "cuda"
+        graph = view_graph(self.size, "mixed" if cuda else "cpu", batch_size=self.max_batch, num_threads=self.threads,
+                           device_id=(self.device.index or 0) if cuda else None)
+        graph.build()
+        return graph
+
+    def render(self, encoded: Sequence[np.ndarray], crops: np.ndarray) -> tuple[Tensor, list[str]]:
+        views = torch.zeros(len(crops), self.size, self.size, 3, dtype=torch.uint8, device=self.device)
+        errors = [""] * len(crops)
+        for lo in range(0, len(crops), self.max_batch):
+            part = slice(lo, lo + self.max_batch)
+            try:
+                with captured_stderr() as printed:
+                    views[part] = self._run(encoded[part], crops[part])
+                sys.stderr.write("".join(line + "\n" for line in printed))  # what a good batch printed is kept
+            except RuntimeError:  # the files are tried one by one below, each failure said once
+                self.graph = self._build()
+                for i in range(lo, min(lo + self.max_batch, len(crops))):
+                    try:
+                        with captured_stderr() as printed:
+                            views[i:i + 1] = self._run(encoded[i:i + 1], crops[i:i + 1])
+                    except RuntimeError:
+                        errors[i] = f"cannot decode image (DALI: {decode_failure(printed)})"
+                        self.graph = self._build()
+        return views.permute(0, 3, 1, 2).contiguous(), errors  # (N, 3, S, S)
+
+    def _run(self, encoded: Sequence[np.ndarray], crops: np.ndarray) -> Tensor:
+        """One graph run over len(crops) <= max_batch views -> (n, S, S, 3) uint8 on the device."""
+        windows = [decode_window(ViewParams.from_array(c), self.size) for c in crops]
+        feeds = {"encoded": [np.frombuffer(e, np.uint8) for e in encoded],
+                 "anchor": [np.asarray(w[0], np.int32) for w in windows],
+                 "shape": [np.asarray(w[1], np.int32) for w in windows],
+                 "start": [np.asarray(w[2], np.float32) for w in windows],
+                 "end": [np.asarray(w[3], np.float32) for w in windows],
+                 "flip": [np.asarray(int(c[4]), np.int32) for c in crops]}
+        for name, data in feeds.items():
+            self.graph.feed_input(name, data)
+        (out,) = self.graph.run()
+        if self.device.type != "cuda":
+            return torch.from_numpy(out.as_array())
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        views = torch.empty(len(crops), self.size, self.size, 3, dtype=torch.uint8, device=self.device)
+        feed_ndarray(out.as_tensor(), views, cuda_stream=torch.cuda.current_stream(self.device))
+        return views
