@@ -10,7 +10,10 @@
 #              living across epochs), eager and compiled, and online with the base in the step:
 #              images/s, data-wait fraction, MFU, device syncs per step (benchmarks/stage_two_run.py);
 #   stage one's ceiling: the host side behind an instant forward, targets encoded on the GPU, 1/4
-#              writer threads, zstd and uncompressed (benchmarks/stage_one_ceiling.py).
+#              writer threads, zstd and uncompressed (benchmarks/stage_one_ceiling.py);
+#   stage two's ceiling: MAE's loader, the pil loader, DALI rendering on the GPU (mixed) and the
+#              host side behind an instant step, 4 and 12 workers, and the targets' drift between
+#              DALI's CPU and GPU renderings (benchmarks/stage_two_ceiling.py).
 #
 # Usage:  bash benchmarks/gpu.sh              # needs one CUDA GPU; at most 8 minutes
 #         bash benchmarks/gpu.sh --dry        # print the commands and the time limits, run nothing
@@ -25,7 +28,7 @@ case "${1:-}" in
   "") ;;
   --dry) MODE=dry ;;
   --cpu-smoke) MODE=smoke ;;
-  -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,/^set -euo/{/^set -euo/!p}' "$0"; exit 0 ;;
   *) echo "error: unknown argument '$1' (expected --dry, --cpu-smoke or nothing)" >&2; exit 2 ;;
 esac
 
@@ -52,7 +55,9 @@ if [[ $MODE == smoke ]]; then
   CEILING=("$PY" benchmarks/stage_one_ceiling.py --device cpu --archs tiny --storage int8/uint8 --img-size 32
            --images 16 --views 2 --batch 8 --shard-images 8 --writer-shards 2 --writer-threads 1 --record-images 1
            --k-max 5 --compress zstd none --out "$RES/gpu_stage_one_ceiling.json")
-  LIMIT1=120; LIMIT2=240; LIMIT3=120
+  CEILING2=("$PY" benchmarks/stage_two_ceiling.py --device cpu --img-size 32 --images 16 --views 2 --batch 4
+            --shard-images 8 --k-max 3 --epochs 2 --workers 1 --out "$RES/gpu_stage_two_ceiling.json")
+  LIMIT1=120; LIMIT2=240; LIMIT3=120; LIMIT4=120
 else
   # ViT-B/16 base, 512 images x 2 views = 1024 views per pass (3 passes: bare, cache-targets, bare).
   STAGE1=("$PY" benchmarks/cache_targets.py --device cuda --arch vit_base_patch16_224 --img-size 224 --images 512
@@ -66,14 +71,18 @@ else
   # The host side with the GPU as the compute device.
   CEILING=("$PY" benchmarks/stage_one_ceiling.py --device cuda --archs vit_b16 --images 256 --writer-threads 1 4 --io direct --encode device
            --compress zstd none --repeats 2 --out "$RES/gpu_stage_one_ceiling.json")
-  LIMIT1=120; LIMIT2=270; LIMIT3=90
+  # Stage two's host side with DALI decoding on the GPU; 192 photo JPEGs, ViT-B/16 int8/uint8 targets.
+  CEILING2=("$PY" benchmarks/stage_two_ceiling.py --device cuda --images 192 --batch 64 --epochs 2 --workers 4 12
+            --out "$RES/gpu_stage_two_ceiling.json")
+  LIMIT1=110; LIMIT2=240; LIMIT3=75; LIMIT4=55
 fi
 
 if [[ $MODE == dry ]]; then
   printf "%q " "${STAGE1[@]}"; echo
   printf "%q " "${STAGE2[@]}"; echo
   printf "%q " "${CEILING[@]}"; echo
-  echo "time limits: stage one ${LIMIT1} s + stage two ${LIMIT2} s + ceiling ${LIMIT3} s = $((LIMIT1 + LIMIT2 + LIMIT3)) s"
+  printf "%q " "${CEILING2[@]}"; echo
+  echo "time limits: stage one ${LIMIT1} s + stage two ${LIMIT2} s + ceiling ${LIMIT3} s + stage two's ceiling ${LIMIT4} s = $((LIMIT1 + LIMIT2 + LIMIT3 + LIMIT4)) s"
   exit 0
 fi
 
@@ -99,6 +108,7 @@ start=$SECONDS
 run "$LIMIT1" "stage one" "${STAGE1[@]}"
 run "$LIMIT2" "stage two" "${STAGE2[@]}"
 run "$LIMIT3" "stage one's ceiling" "${CEILING[@]}"
+run "$LIMIT4" "stage two's ceiling" "${CEILING2[@]}"
 
 "$PY" - "$RES" "$((SECONDS - start))" <<'EOF'
 import json, sys
@@ -128,6 +138,15 @@ for row in json.loads(ceiling.read_text()).get("rows", []) if ceiling.is_file() 
     what = " ".join(str(row[k]) for k in ("storage", "compress") if k in row)
     threads = f", {row['threads']} writer thread(s)" if "threads" in row else ""
     rows.append(("ceiling", f"{row['row']} {what}{threads}".strip(), row["views_per_s"], "views/s"))
+ceiling2 = res / "gpu_stage_two_ceiling.json"
+two = json.loads(ceiling2.read_text()) if ceiling2.is_file() else {"rows": [], "drift": []}
+for row in two["rows"]:
+    chunks = f" {row['compress']}" if row["compress"] else ""
+    rows.append(("ceiling 2", f"{row['path']}{chunks}, {row['workers']} workers", row["views_per_s"], "views/s"))
+    rows.append(("ceiling 2", f"{row['path']}{chunks}, {row['workers']} workers: host CPU", row["cpu_us"], "us/view"))
+for d in two["drift"]:
+    rows.append(("ceiling 2", f"drift {d['renderers']}: feature rel RMS", d["feat_rel_rms"], "fraction"))
+    rows.append(("ceiling 2", f"drift {d['renderers']}: attention KL", d["attn_kl"], ""))
 print(f"TEC benchmark on {s1['device']} ({seconds} s; logs and JSON in {res})")
 w = max(len(r[1]) for r in rows)
 print(f"{'stage':<10} {'measure':<{w}} {'value':>12} unit")

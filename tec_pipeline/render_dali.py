@@ -105,14 +105,7 @@ class DaliRenderer:
 
     def _run(self, encoded: Sequence[np.ndarray], crops: np.ndarray) -> Tensor:
         """One graph run over len(crops) <= max_batch views -> (n, S, S, 3) uint8 on the device."""
-        windows = [decode_window(ViewParams.from_array(c), self.size) for c in crops]
-        feeds = {"encoded": [np.frombuffer(e, np.uint8) for e in encoded],
-                 "anchor": [np.asarray(w[0], np.int32) for w in windows],
-                 "shape": [np.asarray(w[1], np.int32) for w in windows],
-                 "start": [np.asarray(w[2], np.float32) for w in windows],
-                 "end": [np.asarray(w[3], np.float32) for w in windows],
-                 "flip": [np.asarray(int(c[4]), np.int32) for c in crops]}
-        for name, data in feeds.items():
+        for name, data in graph_feeds(encoded, crops, self.size).items():
             self.graph.feed_input(name, data)
         (out,) = self.graph.run()
         if self.device.type != "cuda":
@@ -122,3 +115,14 @@ class DaliRenderer:
         views = torch.empty(len(crops), self.size, self.size, 3, dtype=torch.uint8, device=self.device)
         feed_ndarray(out.as_tensor(), views, cuda_stream=torch.cuda.current_stream(self.device))
         return views
+
+
+def graph_feeds(encoded: Sequence[np.ndarray], crops: np.ndarray, size: int) -> dict[str, list[np.ndarray]]:
+    """`view_graph`'s inputs for a batch: the files and, per view, its `decode_window` and flip (host work)."""
+    windows = [decode_window(ViewParams.from_array(c), size) for c in crops]
+    return {"encoded": [np.frombuffer(e, np.uint8) for e in encoded],
+            "anchor": [np.asarray(w[0], np.int32) for w in windows],
+            "shape": [np.asarray(w[1], np.int32) for w in windows],
+            "start": [np.asarray(w[2], np.float32) for w in windows],
+            "end": [np.asarray(w[3], np.float32) for w in windows],
+            "flip": [np.asarray(int(c[4]), np.int32) for c in crops]}

@@ -28,17 +28,22 @@ def test_cpu_smoke_runs_both_stages_and_prints_one_table(tmp_path):
     assert done.stdout.count("TEC benchmark on") == 1 and "cache compiled, 6 steps: images/s" in done.stdout
     ceiling = [r["measure"] for r in summary["rows"] if r["stage"] == "ceiling"]
     assert any(m.startswith("(b) writer, direct I/O int8/uint8 none") for m in ceiling) and any(m.startswith("(c)") for m in ceiling)
+    two = {r["measure"]: r["value"] for r in summary["rows"] if r["stage"] == "ceiling 2"}
+    for path in ("MAE online", "pil zstd", "dali zstd", "host side zstd", "host side none"):
+        assert two[f"{path}, 1 workers"] > 0 and two[f"{path}, 1 workers: host CPU"] > 0
+    assert 0 < two["drift pil (cpu) vs dali (cpu): feature rel RMS"] < 0.1
 
 
 def test_dry_prints_the_commands_and_a_budget_of_at_most_8_minutes_and_gpu_mode_needs_a_gpu(tmp_path):
     dry = gpu_sh("--dry", out=tmp_path)
     lines = dry.stdout.strip().splitlines()
-    assert dry.returncode == 0 and len(lines) == 4
+    assert dry.returncode == 0 and len(lines) == 5
     assert "cache_targets.py" in lines[0] and "--device cuda" in lines[0]
     assert "stage_two_run.py" in lines[1] and "--steps 200" in lines[1] and "--images 4096" in lines[1]
     assert "--views 2" in lines[1] and "stage_one_ceiling.py" in lines[2] and "--device cuda" in lines[2]
-    limits = [int(part.split()[-2]) for part in lines[3].split("=")[0].split("+")]
-    assert len(limits) == 3 and sum(limits) == int(lines[3].split("=")[1].split()[0]) <= 8 * 60
+    assert "stage_two_ceiling.py" in lines[3] and "--device cuda" in lines[3]
+    limits = [int(part.split()[-2]) for part in lines[4].split("=")[0].split("+")]
+    assert len(limits) == 4 and sum(limits) == int(lines[4].split("=")[1].split()[0]) <= 8 * 60
     assert gpu_sh("--bogus", out=tmp_path).returncode == 2
     if not torch.cuda.is_available():
         refused = gpu_sh(out=tmp_path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -480,6 +481,45 @@ def test_one_loader_across_epochs_gives_the_per_epoch_batches(world):
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["feat"], b["feat"])
         assert torch.equal(a["mask_noise"], b["mask_noise"])
     assert [int(b["view"][0]) for b in spanning] != [int(spanning[0]["view"][0])] * 7  # views cycle by epoch
+
+
+def test_loader_threads_give_the_batches_of_worker_processes(world):
+    """data.loader=dali reads with threads of the training process: the same batches in the same
+    order as worker processes; a thread's error reaches the consumer; stopping early ends them."""
+    import threading
+
+    from tec_pipeline.cache.store import open_cache
+    from tec_pipeline.train.loader import PlannedBatches, batch_loader
+    from tec_pipeline.train.order import EpochPlanner
+
+    planner = EpochPlanner(uniform_shards(N_IMAGES, PER_SHARD), None, 0, 2, VIEWS, "random", 4, 1, 0, 4)
+    make = CachedBatches(open_cache(world["zarr_float32"]), world["source"], 32, attn_rows=4, buffer_shards=2,
+                         files_only=True)
+    masks = partial(mask_noise, 0, batch=4, num_patches=16)
+    batches = PlannedBatches(planner, 4, make, 1, 11, masks)
+    processes = list(batch_loader(batches, num_workers=2))
+    threads = list(batch_loader(batches, num_workers=3, threads=True))
+    assert len(processes) == len(threads) == 10
+    for a, b in zip(processes, threads):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    running = threading.active_count()
+    it = iter(batch_loader(batches, num_workers=2, threads=True))
+    next(it)
+    it.close()  # the consumer stops after one batch
+    deadline = time.time() + 5
+    while threading.active_count() > running and time.time() < deadline:
+        time.sleep(0.02)
+    assert threading.active_count() == running
+
+    class Broken:
+        def expect(self, images, views):
+            pass
+
+        def __call__(self, images, views):
+            raise UserError("image 3: broken on purpose")
+
+    with pytest.raises(UserError, match="image 3: broken on purpose"):
+        list(batch_loader(PlannedBatches(planner, 4, Broken(), 0, 4), num_workers=2, threads=True))
 
 
 def test_views_come_from_images_stored_in_a_webdataset_cache(world, tmp_path):

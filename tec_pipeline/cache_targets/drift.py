@@ -18,7 +18,7 @@ import torch
 from ..cache.codecs import ATTN_STEP, FEAT_MIN_STEP, KL_TAU, attn_kl_rows
 from ..data.sources import BadImageError, ImageSource, image_size
 from ..errors import UserError
-from ..render import LOADERS, dali_missing, open_renderer
+from ..render import LOADERS, ViewRenderer, dali_missing, open_renderer
 from ..views import sample_view
 from .verify import reference_view
 
@@ -47,21 +47,27 @@ def drift_sample(source: ImageSource, meta: dict, views: int) -> tuple[list[byte
 
 def measure_drift(base, device: torch.device, source: ImageSource, meta: dict, other: str,
                   views: int = DRIFT_VIEWS) -> dict:
-    """Feature relative RMS and attention KL (tau = 1.8) between the targets of the same views drawn
-    by the cache's renderer and by `other`; attention rows are compared at the first renderer's
-    top-k, so a near-tie that ranks differently does not count as drift."""
+    """`targets_drift` between the cache's renderer and `other` on the first `views` images' view 0."""
     files, crops = drift_sample(source, meta, views)
-    encoded = [np.frombuffer(f, np.uint8) for f in files]
-    drawn = {}
-    for name in (meta["identity"]["data"].get("loader", "pil"), other):
-        pixels, errors = open_renderer(name, meta["img_size"], device, max(1, len(files))).render(encoded, crops)
-        drawn[name] = (pixels, errors)
+    made = meta["identity"]["data"].get("loader", "pil")
+    first, second = (open_renderer(name, meta["img_size"], device, max(1, len(files))) for name in (made, other))
+    return targets_drift(base, meta, [np.frombuffer(f, np.uint8) for f in files], crops, first, second)
+
+
+def targets_drift(base, meta: dict, encoded: list[np.ndarray], crops: np.ndarray, first: ViewRenderer,
+                  second: ViewRenderer) -> dict:
+    """Feature relative RMS and attention KL (tau = 1.8) between the targets of the same views drawn
+    by two renderers, the base run on the first renderer's device as the cache's recorded
+    precision asks. Attention rows are compared at the first rendering's top-k, so a near-tie
+    that ranks differently does not count as drift."""
+    device = first.device
+    (mine, bad_a), (theirs, bad_b) = first.render(encoded, crops), second.render(encoded, crops)
+    theirs = theirs.to(device)
     err_sq = ref_sq = 0.0
     kls = []
-    for i in range(len(files)):
-        if any(errors[i] for _, errors in drawn.values()):
+    for i in range(len(encoded)):
+        if bad_a[i] or bad_b[i]:
             continue
-        (mine, _), (theirs, _) = drawn.values()
         topk = reference_view(base, mine[i:i + 1], meta, np.arange(int(meta["k_max"])), device)["topk_idx"]
         a, b = (reference_view(base, p[i:i + 1], meta, topk, device) for p in (mine, theirs))
         err_sq += float(((a["feat"] - b["feat"]).astype(np.float64) ** 2).sum())
