@@ -137,6 +137,9 @@ def test_stage_one_with_dali_is_reproducible_and_records_its_renderer(dali_cache
     with pytest.raises(UserError, match="data.loader"):  # another renderer is another cache
         run_cache_targets(load_config(None, overrides(dali_cache, images, "data.loader=pil")))
     assert verify_cache(str(dali_cache), sample=8)
+    from tec_pipeline.cache.inspect import describe_cache
+
+    assert "views rendered by: dali (targets' drift under pil: feature rel RMS" in describe_cache(str(dali_cache))
 
 
 def test_stage_one_with_dali_in_two_processes_gives_the_same_arrays(dali_cache, images, tmp_path):

@@ -38,6 +38,7 @@ def describe_cache(url: str) -> str:
         f"targets: L={meta['num_patches']} C={meta['feat_dim']} H={meta['heads']} k_max={meta['k_max']}; "
         f"feat {meta['feat_dtype']}, attn {meta['attn_dtype']}, {_chunk_codec(meta)}"
         + (", source images stored" if meta.get("store_images") else ""),
+        _renderer(meta, doc.get("summary") or {}),
         f"shards: {done} / {reader.num_shards} done ({meta['images_per_shard']} images each)",
         f"bytes on storage: {_size(nbytes)}"
         + (f" ({_size(nbytes / done_views)} per written view)" if done_views else ""),
@@ -51,6 +52,14 @@ def describe_cache(url: str) -> str:
         lines.append("summary:")
         lines += [f"  {key} = {value}" for key, value in sorted(flatten(extra).items())]
     return "\n".join(lines)
+
+
+def _renderer(meta: dict, summary: dict) -> str:
+    """Who rendered the views (``data.loader``) and how far each other renderer moves the targets."""
+    made = meta.get("identity", {}).get("data", {}).get("loader", "pil")
+    drift = [f"{name}: feature rel RMS {100 * d['feat_rel_rms']:.2f}%, attn KL {d['attn_kl']:.1e}"
+             for name, d in sorted((summary.get("renderer_drift") or {}).items()) if d]
+    return f"views rendered by: {made}" + (f" (targets' drift under {'; '.join(drift)})" if drift else "")
 
 
 def _completeness(reader, missing: list[int], damaged: dict[int, str]) -> list[str]:
