@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from stages.verify import verify_cache
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError
+from tec_pipeline.render import dali_missing
 from tec_pipeline.cache_targets.processes import own_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +137,10 @@ def test_dry_run_measures_and_writes_nothing(images, tmp_path, capsys):
 # ----------------------------------------------------------------------------- bad images
 
 
-def test_bad_images_stop_the_run_or_are_skipped(images, tmp_path, capsys):
+@pytest.mark.parametrize("loader", ["pil", pytest.param("dali", marks=pytest.mark.skipif(
+    dali_missing() is not None and platform.machine() != "x86_64", reason="no DALI wheel for this machine"))])
+def test_bad_images_stop_the_run_or_are_skipped(images, tmp_path, capsys, loader):
+    """Whoever decodes (the loader workers, or DALI on the device), a bad file is one line naming it."""
     root = tmp_path / "mixed"
     root.mkdir()
     for i in range(3):
@@ -145,9 +150,10 @@ def test_bad_images_stop_the_run_or_are_skipped(images, tmp_path, capsys):
     (root / "b_truncated.jpg").write_bytes(jpeg.getvalue()[:300])
     (root / "c_text.jpg").write_bytes(b"just some text, not a picture\n")
     with pytest.raises(UserError, match="b_truncated.jpg: cannot decode") as err:
-        run_cache_targets(config("memory://bad.zarr", root))
+        run_cache_targets(config("memory://bad.zarr", root, f"data.loader={loader}"))
     assert "\n" not in str(err.value)
-    summary = run_cache_targets(config("memory://bad.zarr", root, "data.on_bad_image=skip"), overwrite=True)
+    summary = run_cache_targets(config("memory://bad.zarr", root, "data.on_bad_image=skip", f"data.loader={loader}"),
+                                overwrite=True)
     assert [s["name"] for s in summary["skipped"]] == ["b_truncated.jpg", "c_text.jpg"]
     out = capsys.readouterr().out
     assert "2 skipped" in out and "skipped c_text.jpg" in out

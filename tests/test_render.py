@@ -25,7 +25,7 @@ from tec_pipeline.export import CHECKPOINT, load_checkpoint
 from tec_pipeline.render import (decode_window, dali_missing, open_renderer, pack_files, render_files,
                                  resolve_loader, unpack_files)
 from tec_pipeline.views import ViewParams, sample_view
-from test_cache_targets import arrays, assert_same, overrides, picture, write_mixed_images
+from test_cache_targets import arrays, assert_same, overrides, write_mixed_images
 from test_train import read_log
 
 if dali_missing() and platform.machine() != "x86_64":
@@ -160,25 +160,6 @@ def test_stage_one_with_dali_resumes_to_the_same_arrays(dali_cache, images, tmp_
     summary = run_cache_targets(cfg)
     assert summary["images"] == 6  # shards 1 and 2 (4 and 2 images) computed again
     assert_same(arrays(url), arrays(dali_cache))
-
-
-def test_bad_files_under_dali_stop_the_run_or_are_skipped(tmp_path):
-    root = tmp_path / "mixed"
-    root.mkdir()
-    for i in range(3):
-        picture(i, (40, 40)).save(root / f"a{i}.png")
-    jpeg = io.BytesIO()
-    picture(9, (64, 64)).save(jpeg, "JPEG")
-    (root / "b_truncated.jpg").write_bytes(jpeg.getvalue()[:300])
-    (root / "c_text.jpg").write_bytes(b"just some text, not a picture\n")
-    with pytest.raises(UserError, match="b_truncated.jpg: cannot decode") as err:
-        run_cache_targets(load_config(None, overrides("memory://dali_bad.zarr", root, "data.loader=dali")))
-    assert "\n" not in str(err.value)
-    summary = run_cache_targets(load_config(None, overrides("memory://dali_bad.zarr", root, "data.loader=dali",
-                                                            "data.on_bad_image=skip")), overwrite=True)
-    assert [s["name"] for s in summary["skipped"]] == ["b_truncated.jpg", "c_text.jpg"]
-    data = arrays("memory://dali_bad.zarr")
-    assert data["valid"].tolist() == [1, 1, 1, 0, 0] and not data["feat"][3:].any()
 
 
 # ----------------------------------------------------------------------------- stage two
