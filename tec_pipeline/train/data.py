@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..base_targets import compute_targets
 from ..cache.codecs import decode_batch
+from ..cache.pq import PqCodec
 from ..config import Config, TargetConfig
 from ..data import open_source_at
 from ..errors import UserError
@@ -40,6 +41,7 @@ class DataPipeline:
     base: Optional[torch.nn.Module] = None  # online: the base model in the loop
     meta: Optional[dict] = None  # the cache's metadata (cached runs)
     identity: Union[dict, str, None] = None  # what the data is: the cache's identity, else the images' fingerprint
+    feat_codec: Optional[PqCodec] = None  # a pq cache's fitted parts: its codes are decoded with them
 
     @property
     def usable_images(self) -> int:
@@ -73,7 +75,8 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
         make = CachedBatches(reader, source, d.img_size, attention_rows(t.attention, t.k), d.buffer_shards, render)
         check_cache_base(reader.meta, cfg.base.checkpoint)
         return DataPipeline("cache", cache_spec(reader.meta), reader_shards(reader), valid_mask(reader),
-                            reader.views, make, meta=reader.meta, identity=reader.meta.get("identity"))
+                            reader.views, make, meta=reader.meta, identity=reader.meta.get("identity"),
+                            feat_codec=reader.feat_codec)
     source = open_source_at(d.kind, d.path)
     shards = uniform_shards(len(source), cfg.cache.images_per_shard)  # same order as a cache of this config
     make = OnlineBatches(source, d.img_size, cfg.seed, (d.scale_min, d.scale_max))
@@ -90,7 +93,7 @@ def step_targets(data: DataPipeline, batch: dict, images: Tensor, t: TargetConfi
     """One micro-batch's float32 targets on the images' device: dequantized from the cache, computed
     by the base model (under the run's `autocast`), or the patch-normalized pixels of `images`."""
     if data.source == "cache":
-        return decode_batch(batch, images.device)
+        return decode_batch(batch, images.device, data.feat_codec)
     if data.source == "online":
         with torch.no_grad(), autocast:
             return compute_targets(data.base, images, t.last_layers, attention_rows(t.attention, t.k) - 1)
