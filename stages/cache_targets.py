@@ -13,7 +13,7 @@ storage `tec_pipeline.cache.store`, and settings, processes and reports
   `cache.writer_threads` threads compresses and writes whole shards, so compute and storage
   overlap.
 - Under `accelerate launch` each process takes a contiguous range of shards; rank 0 creates
-  the cache (with `cache.feat_dtype=pq`, fits its parts on the first shard's views:
+  the cache (with `cache.feat_dtype=pq`, fits its parts on views spread over the source:
   `cache_targets.pq_fit`) and finalizes it once every process is done.
 - A rerun skips completed shards; batches never straddle shards, so a resumed run feeds the
   base model exactly the batches of an uninterrupted one and writes the same arrays.

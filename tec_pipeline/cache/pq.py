@@ -1,6 +1,7 @@
 """Product quantization of the feature target on a per-cache PCA basis (``cache.feat_dtype=pq``).
 
-A cache fits its parts once, on the patches of some of its first shard's views (`fit_pq`):
+A cache fits its parts once, on the patches of some of its views (`fit_pq`; which views:
+``cache_targets.pq_fit``):
 
 - the rotation R (C, C): the eigenvectors of the patches' second moment ``S = Yᵀ Y / N`` by
   descending eigenvalue (`principal_directions`). Yf is normalized per view and channel over the
@@ -32,7 +33,7 @@ from ..errors import UserError
 CENTROIDS = 256  # one uint8 code per sub-vector
 KMEANS_ITERS = 12
 FIT_SEED = 0
-FIT_VIEWS = 256  # views of the first shard the parts are fitted on (fewer when it holds fewer)
+FIT_VIEWS = 256  # views the parts are fitted on (fewer when the source holds fewer)
 NEAREST_CPU_ROWS = 128  # patches per distance block on a CPU: the block stays in cache
 NEAREST_DEVICE_VALUES = 2**26  # distances per block on an accelerator (256 MB of float32)
 

@@ -1,8 +1,10 @@
 """Stage one's fit of a pq cache's parts (``cache.feat_dtype=pq``; the codec is ``cache.pq``).
 
-The parts are fitted once per cache, before any shard is written, on the base's features of
-views of the first shard: up to ``pq.FIT_VIEWS`` views, all views of images evenly spread over
-that shard (`fit_images`), computed by the same forward as the shards'. Process 0 fits them,
+The parts are fitted once per cache, before any shard is written, on the base's features of up
+to ``pq.FIT_VIEWS`` views: all views of images evenly spread over the whole source (`fit_images`),
+computed by the same forward as the shards'. Not the first shard's images alone: an ImageFolder
+lists its images class by class, so its first shard would often hold one class (the demo's first
+256 digits are all zeros, an ImageNet shard one synset). Process 0 fits them,
 stores them and records their digest in the cache's identity (``CacheWriter.record_feat_codec``);
 the other processes wait, then read them. A rerun over a cache that recorded its parts reuses
 them, so every shard of a cache, whichever run or process wrote it, is encoded with the same
@@ -24,12 +26,11 @@ from .processes import on_main
 from .settings import images_per_batch
 
 
-def fit_images(first_shard: range, views: int, limit: int = FIT_VIEWS) -> list[int]:
-    """The images whose views the parts are fitted on: ``ceil(limit / views)`` of the first
-    shard's (all of them when it holds fewer), evenly spread over it."""
-    count = min(len(first_shard), -(-limit // views))
-    picks = np.unique(np.linspace(0, len(first_shard) - 1, count).round().astype(np.int64))
-    return [first_shard[int(i)] for i in picks]
+def fit_images(num_images: int, views: int, limit: int = FIT_VIEWS) -> list[int]:
+    """The images whose views the parts are fitted on: ``ceil(limit / views)`` of the source's
+    `num_images` (all of them when it holds fewer), evenly spread over it."""
+    count = min(num_images, -(-limit // views))
+    return np.unique(np.linspace(0, num_images - 1, count).round().astype(np.int64)).tolist()
 
 
 def fit_features(cfg: Config, dataset: ViewDataset, forward, images: list[int]) -> Tensor:
@@ -43,8 +44,8 @@ def fit_features(cfg: Config, dataset: ViewDataset, forward, images: list[int]) 
         feats.append(feat[batch["valid"].to(feat.device)].flatten(0, 1).float().cpu())
     feat = torch.cat(feats)
     if not len(feat):
-        raise UserError(f"cache.feat_dtype=pq: none of the {len(images)} images of the first shard the parts are "
-                        f"fitted on could be decoded (data.path={cfg.data.path})")
+        raise UserError(f"cache.feat_dtype=pq: none of the {len(images)} images the parts are fitted on could be "
+                        f"decoded (data.path={cfg.data.path})")
     return feat
 
 
@@ -57,7 +58,7 @@ def feat_codec(cfg: Config, writer, dataset: ViewDataset, forward, state) -> Opt
 
     def fit_and_record() -> None:
         if writer.feat_codec is None:
-            feat = fit_features(cfg, dataset, forward, fit_images(writer.shard_range(0), cfg.data.views))
+            feat = fit_features(cfg, dataset, forward, fit_images(len(dataset), cfg.data.views))
             writer.record_feat_codec(fit_pq(feat, cfg.cache.pq_subvectors, FIT_SEED))
 
     on_main(fit_and_record, state)
