@@ -29,6 +29,7 @@ from numcodecs import Zstd
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
+import merge_runs  # benchmarks/ is on the path of a script run from it
 from tec_pipeline.base_targets import load_base, view_targets
 from tec_pipeline.cache.codecs import encode_attn_uint8, feat_rel_rms, feat_steps, quantize_feat
 from tec_pipeline.cache.pq import kmeans, nearest, principal_directions, subvectors
@@ -286,20 +287,8 @@ TIMINGS = ("encode_us", "decode_us", "fit_s")
 
 
 def combine(paths: list[str]) -> dict:
-    """Runs of this script -> one result: bytes and errors must agree (they are deterministic);
-    each timing becomes the median of the runs, with every run's value beside it."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    out = runs[0]
-    for i, row in enumerate(out["rows"]):
-        same = [r["rows"][i] for r in runs]
-        for key in list(row):
-            values = [s[key] for s in same]
-            if key in TIMINGS:
-                row[key], row[key + "_runs"] = statistics.median(values), values
-            elif any(v != values[0] for v in values):
-                raise SystemExit(f"runs differ in {row['targets']} {row['family']} {row['setting']}: {key} {values}")
-    out["info"]["runs"] = len(runs)
-    return out
+    """Runs of this script -> one result (`merge_runs.combine`: bytes and errors must agree)."""
+    return merge_runs.combine(paths, TIMINGS, lambda row: f"{row['targets']} {row['family']} {row['setting']}")
 
 
 def main() -> None:
