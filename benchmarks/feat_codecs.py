@@ -31,7 +31,8 @@ from sklearn.datasets import load_sample_images
 
 import merge_runs  # benchmarks/ is on the path of a script run from it
 from tec_pipeline.base_targets import load_base, view_targets
-from tec_pipeline.cache.codecs import encode_attn_uint8, feat_rel_rms, feat_steps, quantize_feat
+from tec_pipeline.cache.codecs import encode_attn_uint8, feat_steps, quantize_feat
+from tec_pipeline.cache.fidelity import feat_rel_rms
 from tec_pipeline.cache.pq import kmeans, nearest, principal_directions, subvectors
 from tec_pipeline.config import ViTArch
 from tec_pipeline.demo.data import build_demo_data
@@ -224,7 +225,7 @@ def other_arrays(t: dict) -> dict:
 
 
 def errors(ref: torch.Tensor, approx: torch.Tensor) -> dict:
-    """Relative RMS over all values (`codecs.feat_rel_rms`) and the mean cosine per patch."""
+    """Relative RMS over all values (`fidelity.feat_rel_rms`) and the mean cosine per patch."""
     cos = torch.nn.functional.cosine_similarity(approx.double(), ref.double(), dim=-1)
     return {"rel_rms": feat_rel_rms(ref, approx), "cosine": float(cos.mean())}
 

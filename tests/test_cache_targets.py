@@ -62,15 +62,18 @@ def assert_same(a: dict, b: dict) -> None:
         assert np.array_equal(a[key], b[key]), key
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """10 images in 2 class folders, assorted sizes and modes."""
-    root = tmp_path_factory.mktemp("images")
+def write_images(root: Path) -> Path:
+    """10 images in 2 class folders under `root`, assorted sizes and modes."""
     modes = ["RGB", "L", "RGBA", "P", "RGB"]
     for i in range(NUM_IMAGES):
         (root / f"c{i % 2}").mkdir(exist_ok=True)
         picture(i, (36 + 3 * i, 40 - i), modes[i % 5]).save(root / f"c{i % 2}" / f"{i:02d}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")
@@ -389,7 +392,7 @@ def test_verify_recomputes_in_the_cache_precision(images, tmp_path, capsys):
     import torch
 
     from tec_pipeline.base_targets import load_base
-    from tec_pipeline.cache.codecs import feat_rel_rms
+    from tec_pipeline.cache.fidelity import feat_rel_rms
     from tec_pipeline.config import ViTArch
     from tec_pipeline.data.sources import ImageFolderSource
     from tec_pipeline.cache_targets import verify

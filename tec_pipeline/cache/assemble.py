@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import codecs
+from . import fidelity
 from .encode import BatchChecks, empty_shard, encode_views, measured_views, read_checks
 from .pq import PqCodec
 from .schema import array_specs, shard_range
@@ -52,7 +52,7 @@ class ShardAssembler:
                  pq: Optional[PqCodec] = None):
         self.shard, self.images, self.keep_raw, self.pq = shard, shard_range(meta, shard), keep_raw, pq
         self.feat_dtype, self.attn_dtype, self.views = meta["feat_dtype"], meta["attn_dtype"], int(meta["views"])
-        self.sample = codecs.error_sample(len(self.images), self.views)
+        self.sample = fidelity.error_sample(len(self.images), self.views)
         fits = arrays is not None and len(arrays["valid"]) == len(self.images)  # every row is overwritten
         # pinned where a GPU computes the targets: its copies into the rows are then asynchronous
         self.data = arrays if fits else empty_shard(array_specs(meta), len(self.images), self.views,
@@ -114,11 +114,11 @@ class ShardAssembler:
         self.pending = []
 
     def stats(self) -> dict:
-        """The shard's measured quantization error (``codecs.error_stats``), in view order."""
+        """The shard's measured quantization error (``fidelity.error_stats``), in view order."""
         self.finish()
         rows = [self.errors[p] for p in sorted(self.errors)]
-        rows = np.asarray(rows, np.float64).reshape(-1, len(codecs.ERROR_COLUMNS))
-        return codecs.error_stats(rows, self.feat_dtype, self.attn_dtype)
+        rows = np.asarray(rows, np.float64).reshape(-1, len(fidelity.ERROR_COLUMNS))
+        return fidelity.error_stats(rows, self.feat_dtype, self.attn_dtype)
 
     @property
     def raw_images(self) -> Optional[list[bytes]]:

@@ -5,7 +5,7 @@ only storage-dtype bytes (at int8/uint8 about a quarter of the float32 bytes) cr
 host. On the device, per batch: the rows of skipped images are zeroed (the store's
 contract), the targets are checked finite and in range with a few reductions, they are encoded
 (``codecs.encode``), and the views of the shard's error sample are decoded again to measure the
-quantization error (``codecs.error_sample``).
+quantization error (``fidelity.error_sample``).
 
 On a GPU nothing of this waits for the device: the encoded bytes go to the shard's pinned host
 arrays by asynchronous copies, and the checks and errors stay on the device as a `BatchChecks`
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from . import codecs
+from . import codecs, fidelity
 from .pq import PqCodec
 from .schema import ArraySpec
 
@@ -139,7 +139,7 @@ def encode_blocks(targets: dict[str, Tensor], feat_dtype: str, attn_dtype: str, 
 
 def view_errors(targets: dict[str, Tensor], enc: dict[str, Tensor], measure: np.ndarray, feat_dtype: str,
                 attn_dtype: str, pq: Optional[PqCodec] = None) -> Tensor:
-    """(P, 6) float64 sums ``codecs.ERROR_COLUMNS`` (feature squared error and reference,
+    """(P, 6) float64 sums ``fidelity.ERROR_COLUMNS`` (feature squared error and reference,
     attention KL and rows, feature cosine and patches) of the views where `measure` (B, V) is
     True, from their float targets and the stored values ``q s`` / ``ẑ Rᵀ`` / ``-0.1 u`` / float16
     (float32 differences). float32 storage is exact: its terms are zeros."""
@@ -147,13 +147,13 @@ def view_errors(targets: dict[str, Tensor], enc: dict[str, Tensor], measure: np.
     pick = torch.as_tensor(np.flatnonzero(measure), device=device)
     ref = {name: t.flatten(0, 1)[pick] for name, t in targets.items()}
     got = {name: t.flatten(0, 1)[pick] for name, t in enc.items()}
-    out = torch.zeros(len(pick), len(codecs.ERROR_COLUMNS), dtype=torch.float64, device=device)
+    out = torch.zeros(len(pick), len(fidelity.ERROR_COLUMNS), dtype=torch.float64, device=device)
     if len(pick) and feat_dtype != "float32":
         feat = codecs.decode_feat(got["feat"], got.get("feat_step"), pq)
-        out[:, 0], out[:, 1] = codecs.feat_error_sums(ref["feat"], feat)
-        out[:, 4], out[:, 5] = codecs.feat_cosine_sums(ref["feat"], feat)
+        out[:, 0], out[:, 1] = fidelity.feat_error_sums(ref["feat"], feat)
+        out[:, 4], out[:, 5] = fidelity.feat_cosine_sums(ref["feat"], feat)
     if len(pick) and attn_dtype != "float32":
-        kl = codecs.attn_kl_rows(ref["attn"], codecs.decode_attn(got["attn"]))
+        kl = fidelity.attn_kl_rows(ref["attn"], codecs.decode_attn(got["attn"]))
         out[:, 2], out[:, 3] = kl.flatten(1).sum(-1), kl[0].numel()
     return out
 
@@ -173,7 +173,7 @@ def encode_views(targets: dict[str, Tensor], valid: Tensor, measure: np.ndarray,
     """
     targets = zero_skipped({name: targets[name] for name in VIEW_TARGETS}, valid)
     device = targets["feat"].device
-    checks = BatchChecks(images, targets["feat"].shape[1], torch.empty(0, len(codecs.ERROR_COLUMNS), dtype=torch.float64))
+    checks = BatchChecks(images, targets["feat"].shape[1], torch.empty(0, len(fidelity.ERROR_COLUMNS), dtype=torch.float64))
     check_topk(targets["topk_idx"], targets["feat"].shape[-2], checks.flags if whole_batch(device) else None)
     dest = {name: torch.from_numpy(a) for name, a in out.items()}
     enc = encode_blocks(targets, feat_dtype, attn_dtype, dest, images, checks, pq)
@@ -192,7 +192,7 @@ def read_checks(batches: Sequence[BatchChecks]) -> list[np.ndarray]:
     host = iter(np.split(flat, np.cumsum([t.numel() for t in parts])[:-1]))
     errors = []
     for b in batches:
-        errors.append(next(host).reshape(-1, len(codecs.ERROR_COLUMNS)))
+        errors.append(next(host).reshape(-1, len(fidelity.ERROR_COLUMNS)))
         if b.finite is not None:
             finite = next(host).reshape(len(FLOAT_KEYS), -1)
             for k, i in zip(*np.nonzero(finite == 0)):
@@ -206,12 +206,12 @@ def read_checks(batches: Sequence[BatchChecks]) -> list[np.ndarray]:
 def encode_float_shard(data: dict[str, np.ndarray], specs: dict[str, ArraySpec], feat_dtype: str, attn_dtype: str,
                        images: range, pq: Optional[PqCodec] = None) -> tuple[dict[str, np.ndarray], dict]:
     """A whole shard of float targets on the host (``writer.expected_shapes``) -> (its arrays in
-    storage dtypes, its measured error ``codecs.error_stats``), through ``encode_views`` on the
+    storage dtypes, its measured error ``fidelity.error_stats``), through ``encode_views`` on the
     CPU (`pq`: the cache's fitted parts). Skipped images' rows (``valid`` 0) become the encoding
     of zeros, their crops zeros."""
     valid = np.asarray(data["valid"]).astype(bool)
     n, V = data["feat"].shape[:2]
-    measure = measured_views(np.arange(n * V).reshape(n, V), valid, codecs.error_sample(n, V))
+    measure = measured_views(np.arange(n * V).reshape(n, V), valid, fidelity.error_sample(n, V))
     targets = {name: torch.from_numpy(np.asarray(data[name], np.float32 if name in FLOAT_KEYS else np.int64))
                for name in VIEW_TARGETS}
     arrays = empty_shard(specs, n, V)
@@ -220,4 +220,4 @@ def encode_float_shard(data: dict[str, np.ndarray], specs: dict[str, ArraySpec],
     errors = read_checks([checks])[0]
     arrays.update(crop=np.where(valid[:, None, None], data["crop"], 0).astype(np.int32), valid=valid.astype(np.uint8),
                   label=np.asarray(data["label"], np.int64))
-    return arrays, codecs.error_stats(errors, feat_dtype, attn_dtype)
+    return arrays, fidelity.error_stats(errors, feat_dtype, attn_dtype)

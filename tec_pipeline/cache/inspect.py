@@ -1,7 +1,7 @@
 """``tec-pipeline inspect``: a cache's metadata, progress, size and recorded error as text."""
 from __future__ import annotations
 
-from . import codecs
+from . import fidelity
 from ..config import flatten
 from .pq_parts import PARTS_GROUP
 from .schema import pq_description, pq_parts_digest, read_markers
@@ -73,12 +73,12 @@ def _completeness(reader, missing: list[int], damaged: dict[int, str]) -> list[s
         lines = [f"complete: no ({'; '.join(why)}); rerun cache-targets with the same config to write "
                  f"{'them' if len(missing) + len(damaged) > 1 else 'it'}"]
         stats = [m["stats"] for s, m in read_markers(reader.fs, reader.root).items() if s not in damaged]
-        quant = codecs.aggregate_errors(stats)
+        quant = fidelity.aggregate_errors(stats)
         skipped = [i for s in stats for i in s.get("invalid", [])]
     if quant:
         lines.append(f"quantization error (over {quant.get('error_views', 0)} sampled views): feat relative RMS "
                      f"{100 * quant.get('feat_rel_rms', 0.0):.2f}%, mean cosine {quant.get('feat_cosine', 1.0):.4f}; "
-                     f"attn mean KL(tau={quant.get('tau', codecs.KL_TAU)}) {quant.get('attn_kl', 0.0):.2e}")
+                     f"attn mean KL(tau={quant.get('tau', fidelity.KL_TAU)}) {quant.get('attn_kl', 0.0):.2e}")
     lines.append(f"skipped images: {len(skipped)}" + (f" (first: {_list(skipped)})" if skipped else ""))
     return lines
 

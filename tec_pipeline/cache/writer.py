@@ -16,7 +16,7 @@ import numpy as np
 from .. import __version__
 from ..errors import StorageError, UserError
 from ..files import storage_error, write_bytes
-from . import codecs
+from . import fidelity
 from .encode import encode_float_shard
 from .pq import PqCodec
 from .pq_parts import read_parts, write_parts
@@ -165,7 +165,7 @@ class CacheWriter:
         completion (the marker: its files and stats).
 
         ``enc``: every array of ``schema.array_specs``, leading dims [images in shard, views] (or
-        [images]); ``stats``: its measured error (``codecs.error_stats``), returned with
+        [images]); ``stats``: its measured error (``fidelity.error_stats``), returned with
         ``bytes``, ``bytes_per_view`` and ``invalid`` (skipped image indices) added. A full disk
         or an I/O error raises ``StorageError`` naming the shard and the file, and no marker is
         written: a rerun writes the shard again. A completed shard is never rewritten.
@@ -211,7 +211,7 @@ class CacheWriter:
         total = int(sum(s["bytes"] for s in stats))
         views = int(self.meta["num_images"]) * int(self.meta["views"])
         added: dict[str, Any] = {
-            "quantization": codecs.aggregate_errors(stats),
+            "quantization": fidelity.aggregate_errors(stats),
             "skipped_images": [i for s in stats for i in s["invalid"]],
             "bytes": total, "bytes_per_view": total / views,
         }

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..base_targets import autocast, dtype_of
-from ..cache.codecs import aggregate_errors, attn_kl_rows, feat_rel_rms
+from ..cache.fidelity import aggregate_errors, attn_kl_rows, feat_rel_rms
 from ..cache.schema import read_markers
 from ..cache.store import CacheCorruptError
 from ..models.base import base_forward
@@ -22,7 +22,7 @@ from ..views import draw_view, normalize
 
 # Tolerances of a recomputed view against the stored one, by storage dtype. Features: relative
 # RMS of Yf; attention: KL of the row softmaxes at tau=1.8. Each bound sits above its storage
-# dtype's own rounding error (what stage one records per shard, ``codecs.error_stats``, and
+# dtype's own rounding error (what stage one records per shard, ``fidelity.error_stats``, and
 # ``inspect`` shows), so rounding alone never fails a view. Reduced-precision compute (a cache
 # made under fp16 or bf16 autocast, recomputed in it) adds its own noise on top: one view alone
 # runs other kernels than a batch; the bounds below are bf16's, the coarser of the two.
