@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ import zarr
 from helpers import run_as_ranks
 from stages.cache_targets import run_cache_targets
 from stages.verify import verify_cache
-from tec_pipeline.cache import codecs
+from tec_pipeline.cache import codecs, fidelity
 from tec_pipeline.cache.inspect import describe_cache
 from tec_pipeline.cache.pq import CENTROIDS, fit_pq
 from tec_pipeline.cache.pq_parts import write_parts
@@ -28,7 +27,7 @@ from tec_pipeline.cache.store import create_cache, open_cache
 from tec_pipeline.cache.storage import fs_root
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError
-from test_cache_targets import NUM_IMAGES, REPO, arrays, assert_same, config, file_bytes, images, overrides  # noqa: F401
+from test_cache_targets import NUM_IMAGES, REPO, arrays, assert_same, config, file_bytes, overrides, write_images
 
 M = 8
 PQ = ("cache.feat_dtype=pq", f"cache.pq_subvectors={M}", "cache.attn_dtype=uint8")
@@ -61,7 +60,7 @@ def test_encode_picks_the_nearest_centroid_and_decode_matches_float64():
         assert (chosen - dist.min(1).values <= 1e-4 * (1 + dist.min(1).values)).all()
     ref = torch.stack([Q[m][codes.reshape(-1, M)[:, m].long()] for m in range(M)], -1).flatten(1) @ R.T
     np.testing.assert_allclose(codec.decode(codes).reshape(-1, 32).numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
-    assert codecs.feat_rel_rms(x, codec.decode(codes)) < 0.6  # coarse, but a fitted code, not noise
+    assert fidelity.feat_rel_rms(x, codec.decode(codes)) < 0.6  # coarse, but a fitted code, not noise
 
 
 def test_the_fit_is_deterministic_and_its_digest_names_its_parts():
@@ -84,15 +83,20 @@ def test_error_stats_report_the_mean_cosine():
     ref = features(2)
     approx = ref.clone()
     approx[0, 0] = -approx[0, 0]  # one of 32 patches opposite: mean cosine (31 - 1) / 32
-    sums = torch.stack([*codecs.feat_error_sums(ref, approx), torch.zeros(2), torch.zeros(2),
-                        *codecs.feat_cosine_sums(ref, approx)], -1)
-    stats = codecs.error_stats(sums.numpy(), "pq", "uint8")
+    sums = torch.stack([*fidelity.feat_error_sums(ref, approx), torch.zeros(2), torch.zeros(2),
+                        *fidelity.feat_cosine_sums(ref, approx)], -1)
+    stats = fidelity.error_stats(sums.numpy(), "pq", "uint8")
     assert stats["feat_cosine"] == pytest.approx(30 / 32) and stats["feat_patches"] == 32
-    assert codecs.aggregate_errors([stats, stats])["feat_cosine"] == pytest.approx(30 / 32)
-    assert codecs.error_stats(sums.numpy(), "float32", "uint8")["feat_cosine"] == 1.0  # exact storage
+    assert fidelity.aggregate_errors([stats, stats])["feat_cosine"] == pytest.approx(30 / 32)
+    assert fidelity.error_stats(sums.numpy(), "float32", "uint8")["feat_cosine"] == 1.0  # exact storage
 
 
 # ----------------------------------------------------------------------------- stage one
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +205,13 @@ def test_two_processes_share_the_parts_process_0_fitted(pq_cache, images, tmp_pa
     assert run_as_ranks(run_cache_targets, load_config(None, overrides(url, images, *PQ)), timeout=120) == [0, 0]
     assert open_cache(str(url)).doc["summary"]["processes"] == 2
     assert file_bytes(url) == file_bytes(pq_cache)
+
+
+def test_a_dry_run_fits_on_its_batch_and_writes_nothing(pq_cache, images, tmp_path):
+    url = tmp_path / "dry.zarr"
+    est = run_cache_targets(config(url, images, *PQ), dry_run=True)
+    assert 0 < est["bytes_per_view"] < open_cache(str(pq_cache)).summary["bytes_per_view"] * 2
+    assert not url.exists()
 
 
 def test_pq_settings_are_one_line_errors(images, tmp_path):
