@@ -5,8 +5,8 @@ fits on its first shard and encodes the rest: ``int8`` (today's, the reference);
 (4-bit, a float16 step per patch and group of g channels); ``pca`` (top-r principal directions
 fitted per cache, float16; coefficients at 8 or 4 bits with a float16 step per view and
 component); ``pq`` (M sub-vectors x 256 k-means centroids per cache, uint8 codes), also after the
-PCA rotation (``pq-pca``). PCA and k-means are torch code here (float64 covariance, seeded Lloyd
-iterations), so reruns give identical bytes. Targets: `vitb_sets` (a random-init ViT-B/16, a
+PCA rotation (``pq-pca``, the library's ``cache.feat_dtype=pq``, whose PCA and seeded k-means these
+use: float64 covariance, seeded Lloyd iterations, so reruns give identical bytes). Targets: `vitb_sets` (a random-init ViT-B/16, a
 stand-in whose spectrum is not a trained model's) and `demo_sets` (the demo base's real features).
 
     .venv/bin/python benchmarks/feat_codecs.py --out /tmp/run1.json      # one run (a few minutes)
@@ -29,8 +29,11 @@ from numcodecs import Zstd
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
+import merge_runs  # benchmarks/ is on the path of a script run from it
 from tec_pipeline.base_targets import load_base, view_targets
-from tec_pipeline.cache.codecs import encode_attn_uint8, feat_rel_rms, feat_steps, quantize_feat
+from tec_pipeline.cache.codecs import encode_attn_uint8, feat_steps, quantize_feat
+from tec_pipeline.cache.fidelity import feat_rel_rms
+from tec_pipeline.cache.pq import kmeans, nearest, principal_directions, subvectors
 from tec_pipeline.config import ViTArch
 from tec_pipeline.demo.data import build_demo_data
 from tec_pipeline.models.base import load_base_model
@@ -97,16 +100,6 @@ class Group4(Codec):
         return (q * enc["step"].float()[..., None]).flatten(-2)
 
 
-def principal_directions(sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending) and directions (C, C) of the patches' second moment, in float64.
-    Yf has zero mean per view and channel by construction, so no centring is needed."""
-    y = sample.reshape(-1, sample.shape[-1]).double()
-    values, vectors = torch.linalg.eigh(y.T @ y / len(y))
-    vectors = vectors.flip(-1)
-    vectors = vectors * torch.where(vectors.sum(0) < 0, -1.0, 1.0)  # a fixed sign per direction
-    return values.flip(-1), vectors
-
-
 class PCA(Codec):
     """Coefficients on a per-cache basis of the top `r` directions, `bits` 8 or 4, a float16 step
     per (view, component); the basis is stored float16 and used as stored on both sides."""
@@ -117,7 +110,7 @@ class PCA(Codec):
         self.setting = f"r={r}, {'int8' if bits == 8 else '4-bit'}"
 
     def fit(self, sample: torch.Tensor) -> None:
-        self.parts = {"basis": principal_directions(sample)[1][:, :self.r].half()}
+        self.parts = {"basis": principal_directions(sample.flatten(0, -2))[:, :self.r].half()}
 
     def encode(self, x: torch.Tensor) -> dict:
         z = x @ self.parts["basis"].float()
@@ -128,27 +121,6 @@ class PCA(Codec):
     def decode(self, enc: dict) -> torch.Tensor:
         q = enc["coef"] if self.bits == 8 else unpack4(enc["coef"])
         return (q.float() * enc["step"].float()[..., None, :]) @ self.parts["basis"].float().T
-
-
-def kmeans(z: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
-    """Lloyd's k-means of every sub-space at once: z (M, N, d) -> centroids (M, k, d), started
-    from k distinct seeded samples; an empty cluster keeps its centroid."""
-    gen = torch.Generator().manual_seed(seed)
-    cent = z[:, torch.randperm(z.shape[1], generator=gen)[:k]].clone()
-    for _ in range(iters):
-        codes = nearest(z, cent)
-        total = torch.zeros_like(cent).scatter_add_(1, codes[..., None].expand_as(z), z)
-        count = torch.zeros(cent.shape[:2]).scatter_add_(1, codes, torch.ones(codes.shape))
-        cent = torch.where(count[..., None] > 0, total / count.clamp_min(1)[..., None], cent)
-    return cent
-
-
-def nearest(z: torch.Tensor, cent: torch.Tensor, rows: int = 128) -> torch.Tensor:
-    """Index of the nearest centroid (M, N) of z (M, N, d) among cent (M, k, d), in row blocks
-    small enough to stay in cache (2x faster here than blocks of 2048)."""
-    half_norm = 0.5 * (cent * cent).sum(-1)[:, None, :]
-    return torch.cat([(half_norm - z[:, i:i + rows] @ cent.transpose(1, 2)).argmin(-1)
-                      for i in range(0, z.shape[1], rows)], dim=1)
 
 
 class PQ(Codec):
@@ -165,10 +137,10 @@ class PQ(Codec):
         """(..., C) -> (M, rows, d): sub-vector j holds the columns j, j+M, j+2M, ..."""
         if self.rotate:
             x = x @ self.parts["rotation"].float()
-        return x.reshape(-1, x.shape[-1] // self.m, self.m).permute(2, 0, 1)
+        return subvectors(x.reshape(-1, x.shape[-1]), self.m)
 
     def fit(self, sample: torch.Tensor) -> None:
-        self.parts = {"rotation": principal_directions(sample)[1].half()} if self.rotate else {}
+        self.parts = {"rotation": principal_directions(sample.flatten(0, -2)).half()} if self.rotate else {}
         z = self._split(sample)
         self.parts["codebooks"] = kmeans(z, 256, self.iters, self.seed).half()
 
@@ -253,7 +225,7 @@ def other_arrays(t: dict) -> dict:
 
 
 def errors(ref: torch.Tensor, approx: torch.Tensor) -> dict:
-    """Relative RMS over all values (`codecs.feat_rel_rms`) and the mean cosine per patch."""
+    """Relative RMS over all values (`fidelity.feat_rel_rms`) and the mean cosine per patch."""
     cos = torch.nn.functional.cosine_similarity(approx.double(), ref.double(), dim=-1)
     return {"rel_rms": feat_rel_rms(ref, approx), "cosine": float(cos.mean())}
 
@@ -316,20 +288,8 @@ TIMINGS = ("encode_us", "decode_us", "fit_s")
 
 
 def combine(paths: list[str]) -> dict:
-    """Runs of this script -> one result: bytes and errors must agree (they are deterministic);
-    each timing becomes the median of the runs, with every run's value beside it."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    out = runs[0]
-    for i, row in enumerate(out["rows"]):
-        same = [r["rows"][i] for r in runs]
-        for key in list(row):
-            values = [s[key] for s in same]
-            if key in TIMINGS:
-                row[key], row[key + "_runs"] = statistics.median(values), values
-            elif any(v != values[0] for v in values):
-                raise SystemExit(f"runs differ in {row['targets']} {row['family']} {row['setting']}: {key} {values}")
-    out["info"]["runs"] = len(runs)
-    return out
+    """Runs of this script -> one result (`merge_runs.combine`: bytes and errors must agree)."""
+    return merge_runs.combine(paths, TIMINGS, lambda row: f"{row['targets']} {row['family']} {row['setting']}")
 
 
 def main() -> None:

@@ -148,7 +148,7 @@ def instant_encode(meta: dict, recorded: dict, per_batch: int):
                           np.ones((per_batch, V), bool), meta["feat_dtype"], meta["attn_dtype"], range(per_batch), done)
     errors = torch.from_numpy(read_checks([checks])[0])
 
-    def replayed(targets, valid, measure, feat_dtype, attn_dtype, images, out):
+    def replayed(targets, valid, measure, feat_dtype, attn_dtype, images, out, pq=None):
         for name, rows in out.items():
             np.copyto(rows, done[name][:len(rows)])
         return BatchChecks(images, V, errors[:int(measure.sum())])

@@ -37,6 +37,10 @@ VARIANTS: dict[str, Variant] = {
     "tec-V2-float32": Variant("tec", ("data.views=2", "cache.feat_dtype=float32", "cache.attn_dtype=float32"),
                               "tec-V2"),
     "tec-V2-int8": Variant("tec", ("data.views=2", "cache.feat_dtype=int8", "cache.attn_dtype=uint8"), "tec-V2"),
+    # pq features (uint8 attention as int8's): M = 32 codes per patch stores a quarter of int8's feature
+    # bytes at the demo base's width (2,048 of 8,448 B), M = 16 an eighth; each against the int8 cache
+    **{f"tec-V2-pq{m}": Variant("tec", ("data.views=2", "cache.feat_dtype=pq", f"cache.pq_subvectors={m}",
+                                        "cache.attn_dtype=uint8"), "tec-V2-int8") for m in (32, 16)},
     "control-fresh": Variant("control", FRESH, None),
     "control-V2": Variant("control", ("data.views=2",), "control-fresh"),  # TEC's default views, cycled
 }
@@ -61,8 +65,14 @@ def variant_config(out: Path, seed: int, name: str, tec_overrides: Sequence[str]
         steps = f"train.max_steps={tec_schedule_steps(tec)}"
         return demo_configs(out, seed, [], control_overrides=[f"output={run}", steps, *variant.overrides])[1]
     tec = demo_configs(out, seed, [f"output={run}", *tec_overrides, *variant.overrides])[0]
-    cache = out / f"cache-V{tec.data.views}-{tec.cache.feat_dtype}.zarr"
+    cache = out / f"cache-V{tec.data.views}-{stored_features(tec)}.zarr"
     return replace(tec, cache=replace(tec.cache, path=str(cache)))
+
+
+def stored_features(cfg: Config) -> str:
+    """How a cache stores its features, in its folder's name: the dtype, pq with its sub-vectors."""
+    c = cfg.cache
+    return f"pq{c.pq_subvectors}" if c.feat_dtype == "pq" else c.feat_dtype
 
 
 def train_variant(cfg: Config, timer: Timer) -> tuple[Path, dict]:

@@ -14,7 +14,8 @@ storage `tec_pipeline.cache.store`, and settings, processes and reports
   `cache.writer_threads` threads compresses and writes whole shards, so compute and storage
   overlap.
 - Under `accelerate launch` each process takes a contiguous range of shards; rank 0 creates
-  the cache and finalizes it once every process is done.
+  the cache (with `cache.feat_dtype=pq`, fits its parts on views spread over the source:
+  `cache_targets.pq_fit`) and finalizes it once every process is done.
 - A rerun skips completed shards; batches never straddle shards, so a resumed run feeds the
   base model exactly the batches of an uninterrupted one and writes the same arrays.
 """
@@ -37,6 +38,7 @@ from tec_pipeline.data.view_dataset import BatchViews, ViewDataset, shard_batche
 from tec_pipeline.render import open_renderer, resolve_loader
 from tec_pipeline.cache_targets.drift import drift_to_others
 from tec_pipeline.cache_targets.processes import gather, open_for_writing, process_state, split_pending
+from tec_pipeline.cache_targets.pq_fit import feat_codec
 from tec_pipeline.cache_targets.settings import (
     cache_meta, check_base, check_settings, images_per_batch, non_finite_error,
 )
@@ -74,6 +76,7 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     with open_for_writing(cfg.cache.path, meta, overwrite, state) as writer:  # rank 0 holds the cache's lock
         writer.direct_io = cfg.cache.direct_io
         print_repairs(writer.repaired, cfg.cache.path)
+        feat_codec(cfg, writer, dataset, forward, state)  # a pq cache's parts: recorded before any shard
         pending, mine = split_pending(writer, state)
         local = compute_shards(cfg, writer, dataset, forward, mine, state, views_of)
         state.wait_for_everyone()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from tec_pipeline.cache.assemble import ShardAssembler, default_writer_threads
 from tec_pipeline.cache.encode import NonFiniteTargetError
+from tec_pipeline.cache.pq import fit_pq
 from tec_pipeline.config import Config
 from tec_pipeline.data.view_dataset import BatchViews, ViewDataset, view_loader
 from tec_pipeline.cache_targets.estimate import (
@@ -30,7 +31,8 @@ def dry_run_estimate(cfg: Config, meta: dict, dataset: ViewDataset, views_of: Ba
     forward(views)  # warm-up: first-call allocations and kernel selection are not the steady state
     targets, compute_s = timed(lambda: forward(views), state.device)
     probe_meta = {**meta, "num_images": n, "images_per_shard": n}  # the batch is the probe's one shard
-    probe = ShardAssembler(probe_meta, 0, cfg.cache.store_images)
+    pq = fit_pq(targets["feat"], cfg.cache.pq_subvectors) if meta["feat_dtype"] == "pq" else None  # on the batch
+    probe = ShardAssembler(probe_meta, 0, cfg.cache.store_images, pq=pq)
     try:
         _, encode_s = timed(lambda: (probe.add(batch, targets), probe.finish()))  # finish: its checks, read
     except NonFiniteTargetError as err:

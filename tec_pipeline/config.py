@@ -153,7 +153,10 @@ class CacheConfig:
     path: str = "cache/default.zarr"  # a local path or an fsspec URL
     store: str = "zarr"  # zarr | webdataset
     k_max: int = 15  # attention rows stored; any k <= k_max is a prefix
-    feat_dtype: str = "float16"  # float32 | float16 | int8
+    # float32 | float16 | int8 | pq: product-quantized on a PCA basis fitted per cache, pq_subvectors
+    # uint8 codes per patch (see docs/architecture.md)
+    feat_dtype: str = "float16"
+    pq_subvectors: Optional[int] = None  # feat_dtype=pq: codes (bytes) per patch, dividing the base's width; required
     attn_dtype: str = "float16"  # float32 | float16 | uint8
     images_per_shard: int = 256
     compress: str = "zstd"  # zstd | lz4 | none: the chunks' codec (lz4 / none: zarr only)
@@ -254,7 +257,8 @@ DOMAINS: dict[str, Domain] = {
     "cache.path": Free("a folder or fsspec URL"),
     "cache.store": OneOf(("zarr", "webdataset")),
     "cache.k_max": COUNT,  # zarr cannot chunk an empty axis; k=0 is a prefix of any k_max
-    "cache.feat_dtype": OneOf(("float32", "float16", "int8")),
+    "cache.feat_dtype": OneOf(("float32", "float16", "int8", "pq")),
+    "cache.pq_subvectors": COUNT,  # must divide the base's feature width: checked once the base is built
     "cache.attn_dtype": OneOf(("float32", "float16", "uint8")),
     "cache.images_per_shard": COUNT,
     "cache.compress": OneOf(("zstd", "lz4", "none")),

@@ -128,6 +128,7 @@ class MemoryCache:
         self.images_per_shard = int(meta["images_per_shard"])
         self.num_shards = -(-self.num_images // self.images_per_shard)
         self.reads = 0  # read_shard calls (tests check chunk-aware reading with it)
+        self.feat_codec = None  # float features: no pq parts
 
     @property
     def summary(self) -> dict:

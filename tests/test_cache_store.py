@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tec_pipeline.cache import CacheCorruptError, CacheMismatchError, create_cache, open_cache
-from tec_pipeline.cache.codecs import attn_kl_rows
+from tec_pipeline.cache.fidelity import attn_kl_rows
 from tec_pipeline.cache.inspect import describe_cache
 from tec_pipeline.errors import UserError
 

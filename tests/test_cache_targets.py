@@ -64,8 +64,8 @@ def assert_same(a: dict, b: dict) -> None:
         assert np.array_equal(a[key], b[key]), key
 
 
-def write_mixed_images(root: Path) -> Path:
-    """10 images in 2 class folders, assorted sizes and modes."""
+def write_images(root: Path) -> Path:
+    """10 images in 2 class folders under `root`, assorted sizes and modes."""
     modes = ["RGB", "L", "RGBA", "P", "RGB"]
     for i in range(NUM_IMAGES):
         (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def write_mixed_images(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    return write_mixed_images(tmp_path_factory.mktemp("images"))
+    return write_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")
@@ -150,18 +150,18 @@ def test_bad_images_stop_the_run_or_are_skipped(images, tmp_path, capsys, loader
     (root / "b_truncated.jpg").write_bytes(jpeg.getvalue()[:300])
     (root / "c_text.jpg").write_bytes(b"just some text, not a picture\n")
     with pytest.raises(UserError, match="b_truncated.jpg: cannot decode") as err:
-        run_cache_targets(config("memory://bad.zarr", root, f"data.loader={loader}"))
+        run_cache_targets(config(f"memory://bad-{loader}.zarr", root, f"data.loader={loader}"))
     assert "\n" not in str(err.value)
-    summary = run_cache_targets(config("memory://bad.zarr", root, "data.on_bad_image=skip", f"data.loader={loader}"),
-                                overwrite=True)
+    summary = run_cache_targets(config(f"memory://bad-{loader}.zarr", root, "data.on_bad_image=skip",
+                                       f"data.loader={loader}"), overwrite=True)
     assert [s["name"] for s in summary["skipped"]] == ["b_truncated.jpg", "c_text.jpg"]
     out = capsys.readouterr().out
     assert "2 skipped" in out and "skipped c_text.jpg" in out
-    reader = open_cache("memory://bad.zarr")
+    reader = open_cache(f"memory://bad-{loader}.zarr")
     assert reader.is_complete() and [s["name"] for s in reader.doc["summary"]["skipped"]] == ["b_truncated.jpg", "c_text.jpg"]
-    data = arrays("memory://bad.zarr")
+    data = arrays(f"memory://bad-{loader}.zarr")
     assert data["valid"].tolist() == [1, 1, 1, 0, 0] and not data["feat"][3:].any()
-    assert verify_cache("memory://bad.zarr", sample=10)
+    assert verify_cache(f"memory://bad-{loader}.zarr", sample=10)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -398,7 +398,7 @@ def test_verify_recomputes_in_the_cache_precision(images, tmp_path, capsys):
     import torch
 
     from tec_pipeline.base_targets import load_base
-    from tec_pipeline.cache.codecs import feat_rel_rms
+    from tec_pipeline.cache.fidelity import feat_rel_rms
     from tec_pipeline.config import ViTArch
     from tec_pipeline.data.sources import ImageFolderSource
     from tec_pipeline.cache_targets import verify

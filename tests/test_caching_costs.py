@@ -75,3 +75,29 @@ def test_a_row_made_with_other_overrides_is_refused(tmp_path):
     _row(tmp_path / "seed0" / "tec-V1", "10", "10", [0, 1], 5.0)
     with pytest.raises(UserError, match="tec-V1/row.json was made with overrides.*give the same --set"):
         run_caching_costs([0], tmp_path, only=["tec-V1"], tec_overrides=["optim.epochs=12"])
+
+
+def test_the_pq_variants_store_codes_against_the_int8_cache(tmp_path):
+    cfg = {name: variant_config(tmp_path, 0, name) for name in ("tec-V2-int8", "tec-V2-pq32", "tec-V2-pq16")}
+    assert [(c.cache.feat_dtype, c.cache.pq_subvectors, c.cache.attn_dtype) for c in cfg.values()] == [
+        ("int8", None, "uint8"), ("pq", 32, "uint8"), ("pq", 16, "uint8")]
+    assert len({c.cache.path for c in cfg.values()}) == 3  # a cache per codec setting
+    assert VARIANTS["tec-V2-pq32"].reference == VARIANTS["tec-V2-pq16"].reference == "tec-V2-int8"
+
+
+@pytest.mark.parametrize("name, m", [("tec-V2-pq32", 32), ("tec-V2-pq16", 16)])
+def test_a_pq_variant_caches_and_trains_on_tiny_settings(tmp_path, name, m):
+    from experiments.caching_costs import train_variant
+    from tec_pipeline.cache.store import open_cache
+    from tec_pipeline.demo.data import build_demo_data
+    from tec_pipeline.demo.report import Timer
+
+    build_demo_data(tmp_path / "demo", train_size=16, test_size=4)
+    tiny = [f"data.path={tmp_path / 'demo'}", "train.max_steps=2", "data.batch_size=8", "data.num_workers=0",
+            "cache.images_per_shard=8", "train.monitor.train=''", "train.monitor.val=''"]
+    cfg = variant_config(tmp_path / "out", 0, name, tiny)
+    _, facts = train_variant(cfg, Timer())
+    reader = open_cache(cfg.cache.path)
+    assert facts["steps"] == 2 and reader.read_shard(0)["feat"].shape == (8, 2, 64, 128)
+    assert reader.open_shard(0).take([0], [1], 1)["feat"].shape == (1, 64, m)  # training reads the codes
+    assert 0 < reader.summary["quantization"]["feat_rel_rms"] < 0.5

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tec_pipeline.cache import codecs
+from tec_pipeline.cache import codecs, fidelity
 from tec_pipeline.cache.encode import NonFiniteTargetError, encode_views, measured_views, read_checks
 from tec_pipeline.errors import UserError
 
@@ -154,7 +154,7 @@ def batch_of(data: dict[str, np.ndarray], valid: np.ndarray, measure: np.ndarray
 def test_batch_encoding_zeroes_skipped_images_and_measures_the_sample():
     data = realistic_targets()
     valid = np.array([True, False, True])
-    sample = codecs.error_sample(B, V, limit=5)
+    sample = fidelity.error_sample(B, V, limit=5)
     assert sample.tolist() == [0, 3, 6, 8, 11]  # evenly spread over the 12 views
     measure = measured_views(np.arange(B * V).reshape(B, V), valid, sample)
     assert np.flatnonzero(measure).tolist() == [0, 3, 8, 11]  # image 1 (views 4..7) is skipped
@@ -170,9 +170,9 @@ def test_batch_encoding_zeroes_skipped_images_and_measures_the_sample():
         approx = arrays["feat"][i, v] * arrays["feat_step"][i, v].astype(np.float32)
         assert row[0] == pytest.approx(((approx - ref) ** 2).sum(), rel=1e-5)  # float32 terms and sums
         assert row[1] == pytest.approx((ref ** 2).sum(), rel=1e-5)
-        kl = codecs.attn_kl_rows(data["attn"][i, v], arrays["attn"][i, v] * np.float32(-0.1))
+        kl = fidelity.attn_kl_rows(data["attn"][i, v], arrays["attn"][i, v] * np.float32(-0.1))
         assert row[2] == pytest.approx(float(kl.sum()), rel=1e-9) and row[3] == (K + 1) * H
-    stats = codecs.error_stats(errors, "int8", "uint8")
+    stats = fidelity.error_stats(errors, "int8", "uint8")
     assert stats["error_views"] == 4 and 0 < stats["feat_rel_rms"] < 0.03 and 0 < stats["attn_kl"] < 1e-3
 
 

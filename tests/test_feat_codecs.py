@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import feat_codecs as fc  # noqa: E402  (benchmarks/ is scripts, not a package)
 
-from tec_pipeline.cache.codecs import feat_rel_rms  # noqa: E402
+from tec_pipeline.cache.fidelity import feat_rel_rms  # noqa: E402
 
 L, C = 16, 64
 

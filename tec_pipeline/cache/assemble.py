@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import codecs
+from . import fidelity
 from .encode import BatchChecks, empty_shard, encode_views, measured_views, read_checks
+from .pq import PqCodec
 from .schema import array_specs, shard_range
 from .storage import one_thread_per_shard
 
@@ -47,10 +48,11 @@ class ShardAssembler:
     images with their decode error. ``errors`` holds the measured views' error sums by view.
     """
 
-    def __init__(self, meta: dict, shard: int, keep_raw: bool, arrays: Optional[dict[str, np.ndarray]] = None):
-        self.shard, self.images, self.keep_raw = shard, shard_range(meta, shard), keep_raw
+    def __init__(self, meta: dict, shard: int, keep_raw: bool, arrays: Optional[dict[str, np.ndarray]] = None,
+                 pq: Optional[PqCodec] = None):
+        self.shard, self.images, self.keep_raw, self.pq = shard, shard_range(meta, shard), keep_raw, pq
         self.feat_dtype, self.attn_dtype, self.views = meta["feat_dtype"], meta["attn_dtype"], int(meta["views"])
-        self.sample = codecs.error_sample(len(self.images), self.views)
+        self.sample = fidelity.error_sample(len(self.images), self.views)
         fits = arrays is not None and len(arrays["valid"]) == len(self.images)  # every row is overwritten
         # pinned where a GPU computes the targets: its copies into the rows are then asynchronous
         self.data = arrays if fits else empty_shard(array_specs(meta), len(self.images), self.views,
@@ -79,7 +81,7 @@ class ShardAssembler:
         measure = measured_views(pairs, valid, self.sample)
         out = self._encoded_rows(rows)
         checks = encode_views(targets, batch["valid"], measure, self.feat_dtype, self.attn_dtype,
-                              batch["index"].tolist(), out)
+                              batch["index"].tolist(), out, self.pq)
         for name, arr in out.items():
             if not np.shares_memory(arr, self.data[name]):  # new pageable arrays: the copy has completed
                 self.data[name][rows] = arr
@@ -112,10 +114,11 @@ class ShardAssembler:
         self.pending = []
 
     def stats(self) -> dict:
-        """The shard's measured quantization error (``codecs.error_stats``), in view order."""
+        """The shard's measured quantization error (``fidelity.error_stats``), in view order."""
         self.finish()
         rows = [self.errors[p] for p in sorted(self.errors)]
-        return codecs.error_stats(np.asarray(rows, np.float64).reshape(-1, 4), self.feat_dtype, self.attn_dtype)
+        rows = np.asarray(rows, np.float64).reshape(-1, len(fidelity.ERROR_COLUMNS))
+        return fidelity.error_stats(rows, self.feat_dtype, self.attn_dtype)
 
     @property
     def raw_images(self) -> Optional[list[bytes]]:
@@ -174,7 +177,7 @@ class ShardWriterPool:
         faulted in page by page, on the thread that fills them."""
         with self._lock:
             arrays = self.spare.pop() if self.spare else None
-        return ShardAssembler(self.writer.meta, shard, keep_raw, arrays)
+        return ShardAssembler(self.writer.meta, shard, keep_raw, arrays, self.writer.feat_codec)
 
     def put(self, assembled: ShardAssembler) -> None:
         """Queue a full shard (blocks while the queue is full), its rows and checks complete."""

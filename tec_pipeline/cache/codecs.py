@@ -4,7 +4,7 @@ float32 math: numpy for readers (``decode``) and torch for a training batch on t
 (``decode_batch``), so the loader moves the compact bytes only.
 
 The lossy pair below aims at <= 160 KB per ViT-B/16 view at k=15, feature relative RMS <= 2 %
-and attention KL <= 1e-3; ``error_stats`` records what each cache reaches.
+and attention KL <= 1e-3; ``fidelity.error_stats`` records what each cache reaches.
 
 - ``feat`` int8: step ``s = max(1/16, absmax_c / 127)`` per (image, view, channel), stored
   float16 as ``feat_step``; ``q = clip(round(x / s), -127, 127)``. The patch-normalized target
@@ -15,6 +15,9 @@ and attention KL <= 1e-3; ``error_stats`` records what each cache reaches.
   by its max and the non-negative ``max - x`` is stored with step 0.1, clipped to 255 steps
   (logits 25.5 below the max carry weight < exp(-25.5 / tau) ~ 1e-6 at tau = 1.8).
   Decoded uint8 attention is therefore the logits **minus their row max**.
+- ``feat`` pq: M uint8 codes per patch, product quantization on the cache's fitted PCA basis
+  (``pq``: ``x̂ = ẑ Rᵀ``, ``ẑ[m::M] = Q[m, c_m]``); its error is what the cache records, not a
+  bound fixed here (15 % relative RMS at M = C / 4 on the demo base).
 - float16 stores both as is (overflow beyond 65504 is refused, not silently made inf).
 """
 from __future__ import annotations
@@ -23,19 +26,17 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
 from ..targets import Targets
+from .pq import PqCodec
 
 FEAT_MIN_STEP = 1.0 / 16
 INT8_LEVELS = 127
 ATTN_STEP = 0.1
 UINT8_LEVELS = 255
 FLOAT16_TO_INF = 65520.0  # 65504 + half its ulp: from here float16 rounds to inf (the tie goes to even, inf)
-KL_TAU = 1.8  # the paper's MAE ViT-B temperature (Tab. 9), where the error is reported
-ERROR_SAMPLE_VIEWS = 64  # views per shard on which the quantization error is measured
 
 
 def _blocks(shape: tuple[int, ...], block_ndim: int):
@@ -109,12 +110,21 @@ def _float(x: Tensor, dtype: str, name: str, setting: str, out: Optional[Tensor]
     return x if out is None else out.copy_(x)
 
 
+def fitted(pq: Optional[PqCodec]) -> PqCodec:
+    """The cache's fitted pq parts, which pq features cannot be encoded or decoded without."""
+    if pq is None:
+        raise ValueError("pq features need the cache's fitted parts (CacheWriter.record_feat_codec)")
+    return pq
+
+
 def encode(targets: dict[str, Tensor], feat_dtype: str, attn_dtype: str,
-           out: Optional[dict[str, Tensor]] = None, checks: Optional[Checks] = None) -> dict[str, Tensor]:
+           out: Optional[dict[str, Tensor]] = None, checks: Optional[Checks] = None,
+           pq: Optional[PqCodec] = None) -> dict[str, Tensor]:
     """Finite float32 targets (feat, feat_mean, feat_std, attn, any leading dims) and int64
     topk_idx -> tensors in their storage dtypes (``schema.array_specs``), on the same device;
     written into `out` (tensors of those dtypes and shapes) when given. Range checks go to
-    `checks` when given (`to_float16`), so a device need not be read per batch."""
+    `checks` when given (`to_float16`), so a device need not be read per batch. `pq`: the
+    cache's fitted parts, for ``feat_dtype=pq``."""
     out = out or {}
     L = targets["feat"].shape[-2]
     index = torch.int16 if L <= np.iinfo(np.int16).max else torch.int32
@@ -122,6 +132,8 @@ def encode(targets: dict[str, Tensor], feat_dtype: str, attn_dtype: str,
     if feat_dtype == "int8":
         enc["feat_step"] = feat_steps(targets["feat"], out.get("feat_step"))
         enc["feat"] = quantize_feat(targets["feat"], enc["feat_step"], out.get("feat"))
+    elif feat_dtype == "pq":
+        enc["feat"] = _store(fitted(pq).encode(targets["feat"]), torch.uint8, out.get("feat"))
     for name in ("feat", "feat_mean", "feat_std"):
         if name not in enc:
             enc[name] = _float(targets[name], feat_dtype, name, "cache.feat_dtype", out.get(name), checks)
@@ -159,13 +171,24 @@ def to_float32(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def decode(enc: dict[str, np.ndarray], feat_dtype: str, attn_dtype: str) -> dict[str, np.ndarray]:
+def decode_feat_pq(codes: np.ndarray, pq: PqCodec) -> np.ndarray:
+    """uint8 codes (..., L, M) -> float32 (..., L, C), one view at a time (`PqCodec.decode`)."""
+    out = np.empty(codes.shape[:-1] + pq.rotation.shape[:1], np.float32)
+    for pos in _blocks(codes.shape, 2):
+        out[pos] = pq.decode(torch.from_numpy(np.ascontiguousarray(codes[pos]))).numpy()
+    return out
+
+
+def decode(enc: dict[str, np.ndarray], feat_dtype: str, attn_dtype: str,
+           pq: Optional[PqCodec] = None) -> dict[str, np.ndarray]:
     """Stored arrays -> float32 feat/feat_mean/feat_std/attn, int64 topk_idx, int32 crop,
-    uint8 valid, int64 label. Works for any leading dims."""
+    uint8 valid, int64 label. Works for any leading dims; `pq`: the cache's fitted parts."""
     out = {"crop": enc["crop"].astype(np.int32, copy=False), "valid": enc["valid"].astype(np.uint8, copy=False),
            "label": enc["label"].astype(np.int64, copy=False), "topk_idx": enc["topk_idx"].astype(np.int64)}
     if feat_dtype == "int8":
         out["feat"] = decode_feat_int8(enc["feat"], enc["feat_step"])
+    elif feat_dtype == "pq":
+        out["feat"] = decode_feat_pq(enc["feat"], fitted(pq))
     else:
         out["feat"] = to_float32(enc["feat"])
     for name in ("feat_mean", "feat_std"):
@@ -181,10 +204,13 @@ def decode(enc: dict[str, np.ndarray], feat_dtype: str, attn_dtype: str) -> dict
 TARGET_FIELDS = ("feat", "feat_mean", "feat_std", "attn", "topk_idx")  # a batch's targets, feat_step aside
 
 
-def decode_feat(feat: Tensor, feat_step: Optional[Tensor] = None) -> Tensor:
+def decode_feat(feat: Tensor, feat_step: Optional[Tensor] = None, pq: Optional[PqCodec] = None) -> Tensor:
     """float32 features from their stored dtype, where they are: int8 ``q`` (..., L, C) with its
     float16 steps ``s`` (..., C) -> ``float32(q) * float32(s)[..., None, :]`` (as `decode_feat_int8`);
-    float16 widened, float32 kept."""
+    uint8 pq codes (..., L, M) -> ``ẑ Rᵀ`` with the cache's parts `pq` (`PqCodec.decode`, moved to
+    `feat`'s device once); float16 widened, float32 kept."""
+    if feat.dtype == torch.uint8:
+        return fitted(pq).decode(feat)
     if feat.dtype == torch.int8:
         if feat_step is None:
             raise ValueError("int8 features need their feat_step")
@@ -202,84 +228,20 @@ def decode_attn(attn: Tensor) -> Tensor:
 
 
 def decode_targets(feat: Tensor, feat_mean: Tensor, feat_std: Tensor, attn: Tensor, topk_idx: Tensor,
-                   feat_step: Optional[Tensor] = None) -> Targets:
+                   feat_step: Optional[Tensor] = None, pq: Optional[PqCodec] = None) -> Targets:
     """float32 `Targets` from a batch in its stored dtypes, computed where the tensors are
     (`decode_feat`, `decode_attn`; ``topk_idx`` becomes int64).
 
     Every widening is exact and each product is one correctly rounded float32 multiply, as in
-    `decode`'s numpy math, so the values are bit-identical to a reader's ``read_shard``.
+    `decode`'s numpy math, so the values are bit-identical to a reader's ``read_shard``; pq
+    features come from a matrix product, whose float32 sums may round otherwise on a batch.
     """
-    return Targets(feat=decode_feat(feat, feat_step), feat_mean=feat_mean.float(), feat_std=feat_std.float(),
+    return Targets(feat=decode_feat(feat, feat_step, pq), feat_mean=feat_mean.float(), feat_std=feat_std.float(),
                    attn=decode_attn(attn), topk_idx=topk_idx.long())
 
 
-def decode_batch(batch: dict[str, Tensor], device: torch.device | str) -> Targets:
+def decode_batch(batch: dict[str, Tensor], device: torch.device | str, pq: Optional[PqCodec] = None) -> Targets:
     """A batch's cached targets as float32 `Targets` on `device`: the stored dtypes travel to the
-    device and are decoded there (`decode_targets`)."""
+    device and are decoded there (`decode_targets`; `pq`: the cache's fitted parts, for pq codes)."""
     names = TARGET_FIELDS + (("feat_step",) if "feat_step" in batch else ())
-    return decode_targets(**{name: batch[name].to(device, non_blocking=True) for name in names})
-
-
-# ----------------------------------------------------------------------------- error
-
-
-def attn_kl_rows(ref, approx, tau: float = KL_TAU) -> Tensor:
-    """KL(softmax(ref / tau) || softmax(approx / tau)) of every row (last axis), float64
-    (arrays or tensors, on ``ref``'s device)."""
-    ref = torch.as_tensor(ref).double()
-    lp = torch.log_softmax(ref / tau, dim=-1)
-    lq = torch.log_softmax(torch.as_tensor(approx, device=ref.device).double() / tau, dim=-1)
-    return F.kl_div(lq, lp, reduction="none", log_target=True).sum(dim=-1)  # sum p (log p - log q)
-
-
-def feat_error_sums(ref, approx) -> tuple[Tensor, Tensor]:
-    """``(sum (approx - ref)^2, sum ref^2)`` over the last two axes (L, C), float32 terms and
-    (pairwise) sums, returned as float64 (arrays or tensors, on ``ref``'s device)."""
-    ref = torch.as_tensor(ref).float()
-    diff = torch.as_tensor(approx, device=ref.device).float() - ref
-    return (diff * diff).sum(dim=(-2, -1)).double(), (ref * ref).sum(dim=(-2, -1)).double()
-
-
-def feat_rel_rms(ref, approx) -> float:
-    """``||approx - ref|| / ||ref||`` (relative RMS) over everything, float64."""
-    err, den = (float(x.sum()) for x in feat_error_sums(ref, approx))
-    return float(np.sqrt(err / den)) if den > 0 else float(np.sqrt(err))
-
-
-def error_sample(images: int, views: int, limit: int = ERROR_SAMPLE_VIEWS) -> np.ndarray:
-    """The views of a shard of `images` x `views` whose quantization error is measured, as
-    indices ``image * views + view``: up to ``limit`` of them, evenly spread over the shard and
-    deterministic. Known from the shard's size alone, so each batch measures its own share; the
-    views of skipped images are left out when measured (``measured_views``)."""
-    total = images * views
-    return np.unique(np.linspace(0, total - 1, min(limit, total)).round().astype(np.int64))
-
-
-def error_stats(errors: np.ndarray, feat_dtype: str, attn_dtype: str) -> dict:
-    """A shard's measured error from its measured views' sums, (P, 4) float64 rows of
-    ``(feat_sq_err, feat_sq_ref, attn_kl_sum, attn_rows)`` in view order.
-
-    Returns sums (so shards aggregate exactly) and the shard's own values: ``feat_sq_err``,
-    ``feat_sq_ref``, ``feat_rel_rms``, ``attn_kl_sum``, ``attn_rows``, ``attn_kl`` (mean over
-    rows of KL at tau = 1.8), ``error_views``. float32 stores are exact and report 0.
-    """
-    sq_err, sq_ref, kl_sum, rows = (float(x) for x in np.asarray(errors, np.float64).reshape(-1, 4).sum(axis=0))
-    stats = {"error_views": int(len(errors)), "feat_sq_err": 0.0, "feat_sq_ref": 0.0, "feat_rel_rms": 0.0,
-             "attn_kl_sum": 0.0, "attn_rows": 0, "attn_kl": 0.0}
-    if feat_dtype != "float32" and len(errors):
-        stats.update(feat_sq_err=sq_err, feat_sq_ref=sq_ref, feat_rel_rms=float(np.sqrt(sq_err / max(sq_ref, 1e-300))))
-    if attn_dtype != "float32" and rows:
-        stats.update(attn_kl_sum=kl_sum, attn_rows=int(rows), attn_kl=kl_sum / rows)
-    return stats
-
-
-def aggregate_errors(stats: list[dict]) -> dict:
-    """Cache-wide errors from per-shard stats (as returned by ``write_shard``)."""
-    sq_err = sum(s.get("feat_sq_err", 0.0) for s in stats)
-    sq_ref = sum(s.get("feat_sq_ref", 0.0) for s in stats)
-    kl_sum = sum(s.get("attn_kl_sum", 0.0) for s in stats)
-    rows = sum(s.get("attn_rows", 0) for s in stats)
-    return {"feat_rel_rms": float(np.sqrt(sq_err / sq_ref)) if sq_ref > 0 else 0.0,
-            "attn_kl": kl_sum / rows if rows else 0.0,
-            "error_views": int(sum(s.get("error_views", 0) for s in stats)),
-            "tau": KL_TAU}
+    return decode_targets(**{name: batch[name].to(device, non_blocking=True) for name in names}, pq=pq)

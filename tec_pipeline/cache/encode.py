@@ -5,7 +5,7 @@ only storage-dtype bytes (at int8/uint8 about a quarter of the float32 bytes) cr
 host. On the device, per batch: the rows of skipped images are zeroed (the store's
 contract), the targets are checked finite and in range with a few reductions, they are encoded
 (``codecs.encode``), and the views of the shard's error sample are decoded again to measure the
-quantization error (``codecs.error_sample``).
+quantization error (``fidelity.error_sample``).
 
 On a GPU nothing of this waits for the device: the encoded bytes go to the shard's pinned host
 arrays by asynchronous copies, and the checks and errors stay on the device as a `BatchChecks`
@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from . import codecs
+from . import codecs, fidelity
+from .pq import PqCodec
 from .schema import ArraySpec
 
 FLOAT_KEYS = ("feat", "feat_mean", "feat_std", "attn")
@@ -59,7 +60,7 @@ class BatchChecks:
 
     images: Sequence[int]  # the batch's image indices, to name one in an error
     views: int
-    errors: Tensor  # (P, 4) float64, `view_errors`
+    errors: Tensor  # (P, 6) float64, `view_errors`
     finite: Optional[Tensor] = None  # (4, B*V) bool: each float target of each view finite; None: checked
     flags: list = field(default_factory=list)  # (bool tensor that must hold, error to raise) pairs
 
@@ -114,16 +115,17 @@ def view_finite(flat: dict[str, Tensor]) -> Tensor:
 
 
 def encode_blocks(targets: dict[str, Tensor], feat_dtype: str, attn_dtype: str, out: dict[str, Tensor],
-                  images: Sequence[int], checks: BatchChecks) -> dict[str, Tensor]:
-    """Check (``check_finite``) and encode (``codecs.encode``) (B, V, ...) targets into `out`
-    (host tensors in storage dtypes); returns the encoded tensors on the targets' device. On a
-    GPU the checks go to `checks` and the copies to `out` are asynchronous (pinned `out`)."""
+                  images: Sequence[int], checks: BatchChecks, pq: Optional[PqCodec] = None) -> dict[str, Tensor]:
+    """Check (``check_finite``) and encode (``codecs.encode``; `pq`: the cache's fitted parts)
+    (B, V, ...) targets into `out` (host tensors in storage dtypes); returns the encoded tensors on
+    the targets' device. On a GPU the checks go to `checks` and the copies to `out` are
+    asynchronous (pinned `out`)."""
     B, V = targets["feat"].shape[:2]
     flat = {name: t.flatten(0, 1) for name, t in targets.items()}
     dest = {name: t.flatten(0, 1) for name, t in out.items()}
     if whole_batch(targets["feat"].device):  # the whole batch on the device, then its storage bytes to the host
         checks.finite = view_finite(flat)
-        enc = codecs.encode(flat, feat_dtype, attn_dtype, checks=checks.flags)
+        enc = codecs.encode(flat, feat_dtype, attn_dtype, checks=checks.flags, pq=pq)
         for name, t in enc.items():
             dest[name].copy_(t, non_blocking=True)
         return {name: t.view(B, V, *t.shape[1:]) for name, t in enc.items()}
@@ -131,30 +133,33 @@ def encode_blocks(targets: dict[str, Tensor], feat_dtype: str, attn_dtype: str, 
         part = slice(start, start + CPU_BLOCK_VIEWS)
         block = {name: t[part] for name, t in flat.items()}
         check_finite(block, images, V, start)
-        codecs.encode(block, feat_dtype, attn_dtype, {name: t[part] for name, t in dest.items()})
+        codecs.encode(block, feat_dtype, attn_dtype, {name: t[part] for name, t in dest.items()}, pq=pq)
     return out
 
 
 def view_errors(targets: dict[str, Tensor], enc: dict[str, Tensor], measure: np.ndarray, feat_dtype: str,
-                attn_dtype: str) -> Tensor:
-    """(P, 4) float64 ``(feat_sq_err, feat_sq_ref, attn_kl_sum, attn_rows)`` of the views where
-    `measure` (B, V) is True, from their float targets and the stored values ``q s`` / ``-0.1 u``
-    / float16 (float32 differences). float32 storage is exact: its terms are zeros."""
+                attn_dtype: str, pq: Optional[PqCodec] = None) -> Tensor:
+    """(P, 6) float64 sums ``fidelity.ERROR_COLUMNS`` (feature squared error and reference,
+    attention KL and rows, feature cosine and patches) of the views where `measure` (B, V) is
+    True, from their float targets and the stored values ``q s`` / ``ẑ Rᵀ`` / ``-0.1 u`` / float16
+    (float32 differences). float32 storage is exact: its terms are zeros."""
     device = targets["feat"].device
     pick = torch.as_tensor(np.flatnonzero(measure), device=device)
     ref = {name: t.flatten(0, 1)[pick] for name, t in targets.items()}
     got = {name: t.flatten(0, 1)[pick] for name, t in enc.items()}
-    out = torch.zeros(len(pick), 4, dtype=torch.float64, device=device)
+    out = torch.zeros(len(pick), len(fidelity.ERROR_COLUMNS), dtype=torch.float64, device=device)
     if len(pick) and feat_dtype != "float32":
-        out[:, 0], out[:, 1] = codecs.feat_error_sums(ref["feat"], codecs.decode_feat(got["feat"], got.get("feat_step")))
+        feat = codecs.decode_feat(got["feat"], got.get("feat_step"), pq)
+        out[:, 0], out[:, 1] = fidelity.feat_error_sums(ref["feat"], feat)
+        out[:, 4], out[:, 5] = fidelity.feat_cosine_sums(ref["feat"], feat)
     if len(pick) and attn_dtype != "float32":
-        kl = codecs.attn_kl_rows(ref["attn"], codecs.decode_attn(got["attn"]))
+        kl = fidelity.attn_kl_rows(ref["attn"], codecs.decode_attn(got["attn"]))
         out[:, 2], out[:, 3] = kl.flatten(1).sum(-1), kl[0].numel()
     return out
 
 
 def encode_views(targets: dict[str, Tensor], valid: Tensor, measure: np.ndarray, feat_dtype: str, attn_dtype: str,
-                 images: Sequence[int], out: dict[str, np.ndarray]) -> BatchChecks:
+                 images: Sequence[int], out: dict[str, np.ndarray], pq: Optional[PqCodec] = None) -> BatchChecks:
     """A batch's targets on their device -> its views in storage dtypes, written into `out` on
     the host (arrays (B, V, ...) of ``codecs.encode``'s names, e.g. a shard's rows); returns the
     measured error of the views where `measure` is True (see ``view_errors``) with what is left
@@ -163,21 +168,21 @@ def encode_views(targets: dict[str, Tensor], valid: Tensor, measure: np.ndarray,
     ``targets``: float32 feat (B, V, L, C), feat_mean / feat_std (B, V, C), attn
     (B, V, k+1, H, L) and int64 topk_idx (B, V, k), as ``base_targets.view_targets`` returns
     them; ``valid`` (B,) bool; ``measure`` (B, V) bool (``measured_views``); ``images`` the
-    image indices, for messages. Raises ``NonFiniteTargetError`` on NaN / inf (from a GPU: in
+    image indices, for messages; ``pq`` the cache's fitted parts (``feat_dtype=pq``). Raises ``NonFiniteTargetError`` on NaN / inf (from a GPU: in
     `read_checks`).
     """
     targets = zero_skipped({name: targets[name] for name in VIEW_TARGETS}, valid)
     device = targets["feat"].device
-    checks = BatchChecks(images, targets["feat"].shape[1], torch.empty(0, 4, dtype=torch.float64))
+    checks = BatchChecks(images, targets["feat"].shape[1], torch.empty(0, len(fidelity.ERROR_COLUMNS), dtype=torch.float64))
     check_topk(targets["topk_idx"], targets["feat"].shape[-2], checks.flags if whole_batch(device) else None)
     dest = {name: torch.from_numpy(a) for name, a in out.items()}
-    enc = encode_blocks(targets, feat_dtype, attn_dtype, dest, images, checks)
-    checks.errors = view_errors(targets, enc, measure, feat_dtype, attn_dtype)
+    enc = encode_blocks(targets, feat_dtype, attn_dtype, dest, images, checks, pq)
+    checks.errors = view_errors(targets, enc, measure, feat_dtype, attn_dtype, pq)
     return checks
 
 
 def read_checks(batches: Sequence[BatchChecks]) -> list[np.ndarray]:
-    """Each batch's measured error on the host, (P, 4) float64, after raising the first failed
+    """Each batch's measured error on the host, (P, 6) float64, after raising the first failed
     check (a non-finite target first, naming its image). One read of the device for all of them."""
     parts = [t for b in batches for t in (b.errors, *([b.finite] if b.finite is not None else []),
                                           *(ok for ok, _ in b.flags))]
@@ -187,7 +192,7 @@ def read_checks(batches: Sequence[BatchChecks]) -> list[np.ndarray]:
     host = iter(np.split(flat, np.cumsum([t.numel() for t in parts])[:-1]))
     errors = []
     for b in batches:
-        errors.append(next(host).reshape(-1, 4))
+        errors.append(next(host).reshape(-1, len(fidelity.ERROR_COLUMNS)))
         if b.finite is not None:
             finite = next(host).reshape(len(FLOAT_KEYS), -1)
             for k, i in zip(*np.nonzero(finite == 0)):
@@ -199,19 +204,20 @@ def read_checks(batches: Sequence[BatchChecks]) -> list[np.ndarray]:
 
 
 def encode_float_shard(data: dict[str, np.ndarray], specs: dict[str, ArraySpec], feat_dtype: str, attn_dtype: str,
-                 images: range) -> tuple[dict[str, np.ndarray], dict]:
+                       images: range, pq: Optional[PqCodec] = None) -> tuple[dict[str, np.ndarray], dict]:
     """A whole shard of float targets on the host (``writer.expected_shapes``) -> (its arrays in
-    storage dtypes, its measured error ``codecs.error_stats``), through ``encode_views`` on the
-    CPU. Skipped images' rows (``valid`` 0) become the encoding of zeros, their crops zeros."""
+    storage dtypes, its measured error ``fidelity.error_stats``), through ``encode_views`` on the
+    CPU (`pq`: the cache's fitted parts). Skipped images' rows (``valid`` 0) become the encoding
+    of zeros, their crops zeros."""
     valid = np.asarray(data["valid"]).astype(bool)
     n, V = data["feat"].shape[:2]
-    measure = measured_views(np.arange(n * V).reshape(n, V), valid, codecs.error_sample(n, V))
+    measure = measured_views(np.arange(n * V).reshape(n, V), valid, fidelity.error_sample(n, V))
     targets = {name: torch.from_numpy(np.asarray(data[name], np.float32 if name in FLOAT_KEYS else np.int64))
                for name in VIEW_TARGETS}
     arrays = empty_shard(specs, n, V)
     encoded = {name: a for name, a in arrays.items() if name not in ("crop", "valid", "label")}
-    checks = encode_views(targets, torch.from_numpy(valid), measure, feat_dtype, attn_dtype, images, encoded)
+    checks = encode_views(targets, torch.from_numpy(valid), measure, feat_dtype, attn_dtype, images, encoded, pq)
     errors = read_checks([checks])[0]
     arrays.update(crop=np.where(valid[:, None, None], data["crop"], 0).astype(np.int32), valid=valid.astype(np.uint8),
                   label=np.asarray(data["label"], np.int64))
-    return arrays, codecs.error_stats(errors, feat_dtype, attn_dtype)
+    return arrays, fidelity.error_stats(errors, feat_dtype, attn_dtype)

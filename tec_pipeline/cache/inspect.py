@@ -1,9 +1,10 @@
 """``tec-pipeline inspect``: a cache's metadata, progress, size and recorded error as text."""
 from __future__ import annotations
 
-from . import codecs
+from . import fidelity
 from ..config import flatten
-from .schema import read_markers
+from .pq_parts import PARTS_GROUP
+from .schema import pq_description, pq_parts_digest, read_markers
 from .store import open_cache
 
 
@@ -18,6 +19,13 @@ def _size(n: float) -> str:
 def _chunk_codec(meta: dict) -> str:
     compress = meta.get("compress", "zstd")
     return f"zstd level {meta['zstd_level']}" if compress == "zstd" else f"{compress} + crc32c"
+
+
+def _feat_codec(meta: dict) -> str:
+    if meta["feat_dtype"] != "pq":
+        return meta["feat_dtype"]
+    digest = pq_parts_digest(meta)
+    return f"pq ({pq_description(meta)}, parts {PARTS_GROUP}/ sha256 {digest[:12] if digest else 'not fitted yet'})"
 
 
 def describe_cache(url: str) -> str:
@@ -36,7 +44,7 @@ def describe_cache(url: str) -> str:
         f"store: {meta['store']} (format {doc['format_version']}, written by tec-pipeline {doc.get('package_version', '?')})",
         f"images: {reader.num_images} x {reader.views} views = {reader.num_images * reader.views} views",
         f"targets: L={meta['num_patches']} C={meta['feat_dim']} H={meta['heads']} k_max={meta['k_max']}; "
-        f"feat {meta['feat_dtype']}, attn {meta['attn_dtype']}, {_chunk_codec(meta)}"
+        f"feat {_feat_codec(meta)}, attn {meta['attn_dtype']}, {_chunk_codec(meta)}"
         + (", source images stored" if meta.get("store_images") else ""),
         _renderer(meta, doc.get("summary") or {}),
         f"shards: {done} / {reader.num_shards} done ({meta['images_per_shard']} images each)",
@@ -74,12 +82,12 @@ def _completeness(reader, missing: list[int], damaged: dict[int, str]) -> list[s
         lines = [f"complete: no ({'; '.join(why)}); rerun cache-targets with the same config to write "
                  f"{'them' if len(missing) + len(damaged) > 1 else 'it'}"]
         stats = [m["stats"] for s, m in read_markers(reader.fs, reader.root).items() if s not in damaged]
-        quant = codecs.aggregate_errors(stats)
+        quant = fidelity.aggregate_errors(stats)
         skipped = [i for s in stats for i in s.get("invalid", [])]
     if quant:
         lines.append(f"quantization error (over {quant.get('error_views', 0)} sampled views): feat relative RMS "
-                     f"{100 * quant.get('feat_rel_rms', 0.0):.2f}%, attn mean KL(tau={quant.get('tau', codecs.KL_TAU)}) "
-                     f"{quant.get('attn_kl', 0.0):.2e}")
+                     f"{100 * quant.get('feat_rel_rms', 0.0):.2f}%, mean cosine {quant.get('feat_cosine', 1.0):.4f}; "
+                     f"attn mean KL(tau={quant.get('tau', fidelity.KL_TAU)}) {quant.get('attn_kl', 0.0):.2e}")
     lines.append(f"skipped images: {len(skipped)}" + (f" (first: {_list(skipped)})" if skipped else ""))
     return lines
 

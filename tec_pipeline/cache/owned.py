@@ -1,7 +1,8 @@
 """A cache's own files, by name, and what their completion records claim about them.
 
 `--overwrite` removes exactly the files a cache writes: its metadata, the completion markers, the
-data of either store (zarr's ``zarr.json`` and shard files, webdataset's tars) and the temporary
+data of either store (zarr's ``zarr.json`` and shard files, webdataset's tars), a pq cache's
+parts (the zarr group ``feat_codec``) and the temporary
 names a crashed write leaves beside them. Anything else in the folder (a file the user put there)
 is never touched, and a folder holding such files and no cache metadata is not taken as a cache.
 
@@ -16,11 +17,13 @@ import posixpath
 import re
 
 from ..files import is_local
+from .pq_parts import PART_DIMS, PARTS_GROUP
 from .schema import DATA_KEYS, DONE_DIR, META_FILE, read_markers
 
 LOCK_FILE = "tec_cache.lock"  # stage one's writing lock (`cache.lock`): kept, an unlocked file means nothing
 _TMP = r"(\.tmp-[0-9a-f]{8})?"  # `files.temporary_name`'s suffix
 _ARRAYS = "|".join((*DATA_KEYS, "feat_step"))
+_PARTS = "|".join(PART_DIMS)  # a pq cache's fitted parts (`pq_parts`)
 OWN_FILE = re.compile("|".join([
     re.escape(META_FILE) + _TMP,
     rf"{DONE_DIR}/shard-\d+\.json{_TMP}",
@@ -28,6 +31,8 @@ OWN_FILE = re.compile("|".join([
     rf"({_ARRAYS})/zarr\.json",
     rf"({_ARRAYS})/c(/\d+)+{_TMP}",
     rf"shard-\d{{5}}-(v\d{{2}}|img)-\d{{3}}\.tar{_TMP}",
+    rf"{PARTS_GROUP}/zarr\.json",
+    rf"{PARTS_GROUP}/({_PARTS})/(zarr\.json|c(/\d+)+)",
 ]))
 
 

@@ -13,7 +13,8 @@ import numpy as np
 
 from . import codecs
 from .owned import damaged_shards
-from .schema import CacheCorruptError, array_specs, done_shards, marker_path, num_shards, shard_range
+from .pq_parts import read_parts
+from .schema import CacheCorruptError, array_specs, done_shards, marker_path, num_shards, pq_parts_digest, shard_range
 from .storage import RangeReader, fresh_exists, join, read_json
 
 TARGET_KEYS = ("crop", "feat", "feat_step", "feat_mean", "feat_std", "attn", "topk_idx")  # what training reads
@@ -25,8 +26,8 @@ class ShardBuffer:
 
     ``arrays`` are ``[n, views, ...]`` as ``_read_encoded`` returns them (or already decoded
     float32 arrays: then the batch is float32). Dequantization is left to the consumer
-    (``codecs.decode_batch``, once per batch on the compute device), so a shard in
-    memory costs its stored size, not 4x it in float32.
+    (``codecs.decode_batch`` with the reader's ``feat_codec``, once per batch on the compute
+    device), so a shard in memory costs its stored size, not 4x it in float32.
     """
 
     def __init__(self, arrays: dict[str, np.ndarray]):
@@ -88,6 +89,8 @@ class CacheReader:
         self.num_images = int(self.meta["num_images"])
         self.views = int(self.meta["views"])
         self.num_shards = num_shards(self.meta)
+        # a pq cache's fitted parts (`pq_parts`), which its codes decode with; None: not pq, or none recorded yet
+        self.feat_codec = read_parts(url, fs, root, self.meta) if pq_parts_digest(self.meta) is not None else None
         self._load_markers()
         self._reset_caches()
 
@@ -127,7 +130,8 @@ class CacheReader:
 
     def __getstate__(self) -> dict:
         # Readers travel to DataLoader workers: caches (open descriptors, lru wrappers) stay behind.
-        keep = ("url", "_fs", "_fs_pid", "root", "doc", "meta", "num_images", "views", "num_shards", "_markers")
+        keep = ("url", "_fs", "_fs_pid", "root", "doc", "meta", "num_images", "views", "num_shards", "_markers",
+                "feat_codec")
         return {k: v for k, v in self.__dict__.items() if k in keep}
 
     def __setstate__(self, state: dict) -> None:
@@ -195,7 +199,7 @@ class CacheReader:
         topk_idx, int32 crop ``[n, views, ...]``; uint8 valid, int64 label ``[n]``."""
         self._marker(shard)
         enc = self._read_encoded(shard)
-        return codecs.decode(enc, self.meta["feat_dtype"], self.meta["attn_dtype"])
+        return codecs.decode(enc, self.meta["feat_dtype"], self.meta["attn_dtype"], self.feat_codec)
 
     def open_shard(self, shard: int, wanted: tuple[np.ndarray, np.ndarray] | None = None) -> ShardBuffer:
         """A shard's training targets (``TARGET_KEYS``) in their stored dtypes, for training
@@ -212,7 +216,7 @@ class CacheReader:
         shard = image // int(self.meta["images_per_shard"])
         self._marker(shard)
         enc = self._read_view_encoded(shard, image - self.shard_range(shard).start, view)
-        return codecs.decode(enc, self.meta["feat_dtype"], self.meta["attn_dtype"])
+        return codecs.decode(enc, self.meta["feat_dtype"], self.meta["attn_dtype"], self.feat_codec)
 
     def image_bytes(self, image: int) -> bytes | None:
         """The encoded source image (webdataset caches made with ``store_images``), else None."""

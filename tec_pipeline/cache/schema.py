@@ -24,6 +24,7 @@ from ..config import DOMAINS, flatten
 from ..errors import UserError
 from ..places import CACHE_FILE
 from .chunk_codec import COMPRESS
+from .pq import CENTROIDS, check_subvectors
 from .storage import join, read_json
 
 # 2: in each shard file the chunks of one view index lie together (view-major), so an epoch that
@@ -34,7 +35,7 @@ META_FILE = CACHE_FILE
 DONE_DIR = "_done"
 
 STORES = ("zarr", "webdataset")
-FEAT_DTYPES = ("float32", "float16", "int8")
+FEAT_DTYPES = ("float32", "float16", "int8", "pq")
 ATTN_DTYPES = ("float32", "float16", "uint8")
 REQUIRED_META = ("store", "num_images", "views", "num_patches", "feat_dim", "heads", "k_max",
                  "images_per_shard", "feat_dtype", "attn_dtype", "zstd_level", "identity")
@@ -42,7 +43,8 @@ REQUIRED_META = ("store", "num_images", "views", "num_patches", "feat_dim", "hea
 # resumed run would write shards that do not fit the ones already there.
 LAYOUT_KEYS = ("store", "num_images", "views", "num_patches", "feat_dim", "heads", "k_max",
                "images_per_shard", "feat_dtype", "attn_dtype", "compress", "zstd_level", "store_images",
-               "max_part_bytes")
+               "max_part_bytes", "pq_subvectors")
+PQ_PARTS_KEY = "pq_parts_sha256"  # identity.cache: the digest of a pq cache's fitted parts, once recorded
 DEFAULT_MAX_PART_BYTES = 256 * 2**20  # webdataset: tar parts of at most ~256 MiB
 
 # Arrays indexed [image, view, ...] ("per view") and [image] ("per image").
@@ -86,6 +88,8 @@ def normalize_meta(meta: dict) -> dict:
                          ("compress", COMPRESS)):
         if meta[key] not in choices:
             raise UserError(f"cache.{key}='{meta[key]}': expected one of {', '.join(choices)}")
+    if meta["feat_dtype"] == "pq":
+        check_subvectors(int(meta.get("pq_subvectors") or 0), int(meta["feat_dim"]))
     if meta["store_images"] and meta["store"] != "webdataset":
         raise UserError("cache.store_images=true needs cache.store=webdataset")
     if meta["compress"] != "zstd" and meta["store"] != "zarr":
@@ -109,14 +113,16 @@ def array_specs(meta: dict) -> dict[str, ArraySpec]:
 
     Why these dtypes: int8 features carry a per (view, channel) step array ``feat_step``
     (float16, ~1.5 KB/view at C=768); mean/std follow the feature precision (float16 unless
-    float32 is asked for: 3 KB instead of 6 KB per view); top-k indices fit int16.
+    float32 is asked for: 3 KB instead of 6 KB per view); top-k indices fit int16. pq features
+    are M uint8 codes per patch (``pq``), their parts stored once per cache (``pq_parts``).
     """
     L, C, H, k = (int(meta[x]) for x in ("num_patches", "feat_dim", "heads", "k_max"))
     feat_dtype, attn_dtype = meta["feat_dtype"], meta["attn_dtype"]
     stat_dtype = "float32" if feat_dtype == "float32" else "float16"
     specs = [
         ArraySpec("crop", (5,), "int32"),
-        ArraySpec("feat", (L, C), feat_dtype),
+        ArraySpec("feat", (L, int(meta["pq_subvectors"])) if feat_dtype == "pq" else (L, C),
+                  "uint8" if feat_dtype == "pq" else feat_dtype),
         ArraySpec("feat_mean", (C,), stat_dtype),
         ArraySpec("feat_std", (C,), stat_dtype),
         ArraySpec("attn", (k + 1, H, L), attn_dtype),
@@ -127,6 +133,30 @@ def array_specs(meta: dict) -> dict[str, ArraySpec]:
     if feat_dtype == "int8":
         specs.insert(2, ArraySpec("feat_step", (C,), "float16"))
     return {s.name: s for s in specs}
+
+
+def pq_parts_digest(meta: dict) -> str | None:
+    """The recorded digest of a pq cache's fitted parts; None before they are recorded (or not pq)."""
+    return meta["identity"].get("cache", {}).get(PQ_PARTS_KEY)
+
+
+def with_recorded_parts(run_meta: dict, cache_meta: dict) -> dict:
+    """`run_meta` holding the parts digest `cache_meta` records: a run that reopens a pq cache
+    reuses its fitted parts, so they are part of what it resumes, not something it must know."""
+    digest = pq_parts_digest(cache_meta)
+    if digest is None or pq_parts_digest(run_meta) is not None:
+        return run_meta
+    return {**run_meta, "identity": with_parts_digest(run_meta["identity"], digest)}
+
+
+def with_parts_digest(identity: dict, digest: str) -> dict:
+    """`identity` with the digest of the cache's pq parts under ``cache``."""
+    return {**identity, "cache": {**identity.get("cache", {}), PQ_PARTS_KEY: digest}}
+
+
+def pq_description(meta: dict) -> str:
+    """``M x 256``: a pq cache's setting as one short text."""
+    return f"{meta['pq_subvectors']} sub-vectors x {CENTROIDS} centroids"
 
 
 def num_shards(meta: dict) -> int:

@@ -19,7 +19,7 @@ from .owned import damaged_shards, foreign_files, remove_own_files
 from .reader import CacheReader
 from .schema import (
     FORMAT_VERSION, META_FILE, REQUIRED_META, CacheCorruptError, CacheMismatchError, check_same_cache, dump_json,
-    marker_path, normalize_meta,
+    marker_path, normalize_meta, with_recorded_parts,
 )
 from .storage import check_bucket, fs_root, join, read_json, storage_errors
 from .wds_read import WdsReader
@@ -79,7 +79,8 @@ def create_cache(url: str, meta: dict, overwrite: bool = False, owner: bool = Fa
     """A writer for the cache at ``url`` (local path or fsspec URL).
 
     - no cache there: create it (metadata file first, then the store layout);
-    - a cache made with the same identity and layout: reopen it, completed shards stay;
+    - a cache made with the same identity and layout: reopen it, completed shards stay (a pq
+      cache's fitted parts too: ``writer.feat_codec``);
     - a different one: ``CacheMismatchError`` naming the first differing key, unless
       ``overwrite`` (then its own files are removed and it is recreated; nothing else in the
       folder is touched). ``overwrite`` always starts afresh.
@@ -110,10 +111,11 @@ def create_cache(url: str, meta: dict, overwrite: bool = False, owner: bool = Fa
 
 def _reopen(url: str, fs, root: str, meta: dict, repair: bool) -> CacheWriter:
     doc = _read_document(url, fs, root)
-    check_same_cache(url, doc["meta"], meta)
+    check_same_cache(url, doc["meta"], with_recorded_parts(meta, doc["meta"]))
     repaired = forget_damaged(fs, root, doc) if repair else {}
     writer = _WRITERS[meta["store"]](url, fs, root, doc["meta"])
     writer.repaired = repaired
+    writer.load_feat_codec()  # a pq cache reuses the parts it recorded
     return writer
 
 

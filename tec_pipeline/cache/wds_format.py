@@ -9,7 +9,7 @@ Samples go to part 0 until the next would push it past ``meta["max_part_bytes"]`
 part 1, and so on. Sample key = the zero-padded image index; members (webdataset naming
 ``{key}.{suffix}``):
 
-- view tars: ``{key}.{array}.npy.zst`` for feat, feat_step (int8 only), feat_mean, feat_std,
+- view tars: ``{key}.{array}.npy.zst`` for feat (pq: its codes), feat_step (int8 only), feat_mean, feat_std,
   attn, topk_idx of that one view in the storage dtype (``codecs``), ``.npy`` bytes compressed
   by zstd (level from meta, with checksum: a damaged member is detected), and ``{key}.json``:
   image index, view, valid, label and the view's crop ``[top, left, height, width, flip]``;
@@ -26,11 +26,13 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from typing import Optional
 
 import numpy as np
 from numcodecs import Zstd
 
 from . import codecs
+from .pq import PqCodec
 from .schema import array_specs
 
 TAR_BLOCK = 512
@@ -67,10 +69,11 @@ def stored_arrays(meta: dict) -> list[str]:
     return [n for n, s in array_specs(meta).items() if s.per_view and n != "crop"]
 
 
-def decode_sample(sample: dict[str, bytes], meta: dict) -> dict[str, np.ndarray]:
+def decode_sample(sample: dict[str, bytes], meta: dict, pq: Optional[PqCodec] = None) -> dict[str, np.ndarray]:
     """One view-tar sample (``{suffix: bytes}``, as ``webdataset`` yields it with no decoders)
-    -> the decoded arrays of ``CacheReader.read_view`` for that image and view."""
-    return codecs.decode(sample_arrays(sample, meta), meta["feat_dtype"], meta["attn_dtype"])
+    -> the decoded arrays of ``CacheReader.read_view`` for that image and view (`pq`: a pq
+    cache's parts, the reader's ``feat_codec``)."""
+    return codecs.decode(sample_arrays(sample, meta), meta["feat_dtype"], meta["attn_dtype"], pq)
 
 
 def sample_arrays(sample: dict[str, bytes], meta: dict) -> dict[str, np.ndarray]:

@@ -9,18 +9,20 @@ marker", and the refusal to finalize while a shard is missing. Reading is `reade
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from .. import __version__
 from ..errors import StorageError, UserError
 from ..files import storage_error, write_bytes
-from . import codecs
+from . import fidelity
 from .encode import encode_float_shard
+from .pq import PqCodec
+from .pq_parts import read_parts, write_parts
 from .schema import (
-    FORMAT_VERSION, META_FILE, array_specs, dump_json, done_shards, marker_path, num_shards, read_markers,
-    shard_range,
+    FORMAT_VERSION, META_FILE, array_specs, dump_json, done_shards, marker_path, num_shards, pq_parts_digest,
+    read_markers, shard_range, with_parts_digest,
 )
 from .storage import fresh_exists, join, read_json
 
@@ -49,6 +51,7 @@ class CacheWriter:
     direct_io = True
     lock = None  # `lock.CacheLock` of the owning writer (`create_cache(owner=True)`)
     repaired: dict[int, str] = {}  # shards found damaged on reopening and taken as not done: {shard: why}
+    feat_codec: Optional[PqCodec] = None  # a pq cache's fitted parts, once recorded (`record_feat_codec`)
 
     def __init__(self, url: str, fs, root: str, meta: dict):
         self.url, self.fs, self.root, self.meta = url, fs, root, meta
@@ -71,6 +74,34 @@ class CacheWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- a pq cache's fitted parts
+
+    def load_feat_codec(self) -> Optional[PqCodec]:
+        """The fitted parts the cache's metadata records (read and checked), or None before any are
+        recorded; kept as ``feat_codec``. Processes that did not fit them call this once the
+        fitting one has recorded them."""
+        if self.meta["feat_dtype"] != "pq":
+            return None
+        meta = read_json(self.fs, join(self.root, META_FILE))["meta"]
+        if pq_parts_digest(meta) is not None:
+            self.meta = {**self.meta, "identity": meta["identity"]}
+            self.feat_codec = read_parts(self.url, self.fs, self.root, meta)
+        return self.feat_codec
+
+    def record_feat_codec(self, codec: PqCodec) -> None:
+        """Make `codec` this pq cache's parts: written to storage (``pq_parts``), then their digest
+        recorded in the metadata's identity, before any shard is done (shards are encoded with them)."""
+        if self.meta["feat_dtype"] != "pq":
+            raise ValueError(f"cache {self.url} stores {self.meta['feat_dtype']} features: it has no pq parts")
+        if self._done or pq_parts_digest(self.meta) is not None:
+            raise ValueError(f"cache {self.url}: its pq parts are recorded once, before any shard is written")
+        write_parts(self.url, self.fs, self.root, codec)
+        path = join(self.root, META_FILE)
+        doc = read_json(self.fs, path)
+        doc["meta"]["identity"] = with_parts_digest(doc["meta"]["identity"], codec.sha256())
+        write_bytes(self.fs, path, dump_json(doc))
+        self.meta, self.feat_codec = doc["meta"], codec
 
     # -- store-specific
 
@@ -124,7 +155,8 @@ class CacheWriter:
         """
         rng = self.shard_range(shard)
         self._check_arrays(shard, data, {k: (v, None) for k, v in expected_shapes(self.meta, len(rng)).items()}, images)
-        arrays, stats = encode_float_shard(data, self.specs, self.meta["feat_dtype"], self.meta["attn_dtype"], rng)
+        arrays, stats = encode_float_shard(data, self.specs, self.meta["feat_dtype"], self.meta["attn_dtype"], rng,
+                                           self.feat_codec)
         return self.write_encoded_shard(shard, arrays, stats, images)
 
     def write_encoded_shard(self, shard: int, enc: dict[str, np.ndarray], stats: dict,
@@ -133,7 +165,7 @@ class CacheWriter:
         completion (the marker: its files and stats).
 
         ``enc``: every array of ``schema.array_specs``, leading dims [images in shard, views] (or
-        [images]); ``stats``: its measured error (``codecs.error_stats``), returned with
+        [images]); ``stats``: its measured error (``fidelity.error_stats``), returned with
         ``bytes``, ``bytes_per_view`` and ``invalid`` (skipped image indices) added. A full disk
         or an I/O error raises ``StorageError`` naming the shard and the file, and no marker is
         written: a rerun writes the shard again. A completed shard is never rewritten.
@@ -179,7 +211,7 @@ class CacheWriter:
         total = int(sum(s["bytes"] for s in stats))
         views = int(self.meta["num_images"]) * int(self.meta["views"])
         added: dict[str, Any] = {
-            "quantization": codecs.aggregate_errors(stats),
+            "quantization": fidelity.aggregate_errors(stats),
             "skipped_images": [i for s in stats for i in s["invalid"]],
             "bytes": total, "bytes_per_view": total / views,
         }

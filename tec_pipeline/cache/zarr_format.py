@@ -15,6 +15,9 @@ too), so a missing chunk means damage.
 """
 from __future__ import annotations
 
+import zarr
+
+from ..files import is_local
 from .schema import ArraySpec
 
 MAX_UINT_64 = 2**64 - 1
@@ -43,3 +46,11 @@ def shard_key(name: str, ndim: int, shard: int) -> str:
     """The shard file of an array, relative to the group (zarr's default '/' key encoding)."""
     return "/".join([name, "c", str(shard)] + ["0"] * (ndim - 1))
 
+
+
+def zarr_store(url: str, fs, root: str):
+    """zarr's store of a cache folder: LocalStore for local paths (atomic file writes), FsspecStore
+    for any other URL."""
+    if is_local(fs):
+        return zarr.storage.LocalStore(root)
+    return zarr.storage.FsspecStore.from_url(url)

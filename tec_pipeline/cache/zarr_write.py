@@ -17,15 +17,8 @@ from zarr.errors import ContainsArrayError
 from ..files import is_local, write_bytes, write_files_durably
 from .chunk_codec import ChunkCodec
 from .writer import CacheWriter
-from .zarr_format import DIM_NAMES, MAX_UINT_64, array_layout, shard_key
+from .zarr_format import DIM_NAMES, MAX_UINT_64, array_layout, shard_key, zarr_store
 from .storage import join, parallel_map
-
-
-def _zarr_store(writer: CacheWriter):
-    """LocalStore for local paths (atomic file writes), FsspecStore for any other URL."""
-    if is_local(writer.fs):
-        return zarr.storage.LocalStore(writer.root)
-    return zarr.storage.FsspecStore.from_url(writer.url)
 
 
 class ZarrWriter(CacheWriter):
@@ -33,7 +26,7 @@ class ZarrWriter(CacheWriter):
 
     def _init_layout(self) -> None:
         """Create the group and arrays, or open the ones already there (idempotent)."""
-        group = zarr.open_group(_zarr_store(self), mode="a", zarr_format=3)
+        group = zarr.open_group(zarr_store(self.url, self.fs, self.root), mode="a", zarr_format=3)
         self._arrays, self._codecs = {}, {}
         for name, spec in self.specs.items():
             shape, chunks, shards = array_layout(spec, self.meta)

@@ -15,7 +15,8 @@ import math
 import numpy as np
 import torch
 
-from ..cache.codecs import ATTN_STEP, FEAT_MIN_STEP, KL_TAU, attn_kl_rows
+from ..cache.codecs import ATTN_STEP, FEAT_MIN_STEP
+from ..cache.fidelity import KL_TAU, attn_kl_rows
 from ..data.sources import BadImageError, ImageSource, image_size
 from ..errors import UserError
 from ..render import LOADERS, ViewRenderer, dali_missing, open_renderer

@@ -4,13 +4,14 @@ finalizes it. With one process each helper here is the identity or a plain call.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from ..cache.store import create_cache
 from ..errors import UserError
 
+T = TypeVar("T")
 
 def process_state():
     """accelerate's PartialState; on a machine without CUDA it must be told to use CPU
@@ -45,14 +46,13 @@ def gather(obj: Any, state) -> list:
     return out
 
 
-def open_for_writing(url: str, meta: dict, overwrite: bool, state):
-    """Rank 0 creates (or checks, repairs and reopens) the cache and holds its writing lock until
-    the writer is closed; the others reopen it afterwards. A refusal on rank 0 (another run
-    holding the lock included) is sent to every process so none waits forever."""
-    writer, error = None, None
+def on_main(fn: Callable[[], T], state) -> T | None:
+    """``fn()`` on rank 0 alone, the others waiting for it (None there). A refusal on rank 0
+    (`UserError`) is sent to every process and raised there too, so none waits forever."""
+    result, error = None, None
     if state.is_main_process:
         try:
-            writer = create_cache(url, meta, overwrite=overwrite, owner=True)
+            result = fn()
         except UserError as err:
             error = str(err)
             if state.num_processes == 1:
@@ -60,6 +60,14 @@ def open_for_writing(url: str, meta: dict, overwrite: bool, state):
     error = broadcast(error, state)
     if error is not None:
         raise UserError(error)
+    return result
+
+
+def open_for_writing(url: str, meta: dict, overwrite: bool, state):
+    """Rank 0 creates (or checks, repairs and reopens) the cache and holds its writing lock until
+    the writer is closed; the others reopen it afterwards (`on_main`: a refusal on rank 0, another
+    run holding the lock included, stops every process)."""
+    writer = on_main(lambda: create_cache(url, meta, overwrite=overwrite, owner=True), state)
     if not state.is_main_process:
         writer = create_cache(url, meta, overwrite=False)
     return writer

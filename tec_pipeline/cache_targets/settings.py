@@ -13,6 +13,7 @@ from .. import __version__
 from ..base_targets import base_sha256, compute_dtype, dtype_name
 from ..config import Config
 from ..data import source_location
+from ..cache.pq import check_subvectors
 from ..cache.storage import fs_root
 from ..errors import UserError
 from ..files import is_local
@@ -41,6 +42,11 @@ def check_base(cfg: Config, base) -> None:
                         f"{cfg.data.img_size}px image at patch {patch}")
     if cfg.targets.last_layers > len(base.blocks):
         raise UserError(f"targets.last_layers={cfg.targets.last_layers} exceeds the base depth {len(base.blocks)}")
+    if cfg.cache.feat_dtype == "pq":
+        if cfg.cache.pq_subvectors is None:
+            raise UserError(f"cache.feat_dtype=pq needs cache.pq_subvectors: codes per patch, dividing the base's "
+                            f"feature width {base.embed_dim} (e.g. {base.embed_dim // 4}; fewer is smaller and coarser)")
+        check_subvectors(cfg.cache.pq_subvectors, base.embed_dim)
 
 
 def images_per_batch(cfg: Config) -> int:
@@ -60,6 +66,7 @@ def cache_meta(cfg: Config, source, base, precision: str, loader: str) -> dict:
     ckpt = cfg.base.checkpoint
     ckpt_sha = base_sha256(ckpt, base)
     fingerprint = source.fingerprint()  # stats every file of an ImageFolder: once
+    pq = {"pq_subvectors": c.pq_subvectors} if c.feat_dtype == "pq" else {}  # the parts' digest joins once fitted
     # Keys mirror the config, so a refused rerun names the setting to change ("data.views").
     identity = {
         "base": {"arch": arch, "checkpoint_sha256": ckpt_sha, "compute_dtype": precision},
@@ -67,14 +74,14 @@ def cache_meta(cfg: Config, source, base, precision: str, loader: str) -> dict:
         "data": {"img_size": d.img_size, "views": d.views, "scale_min": d.scale_min, "scale_max": d.scale_max,
                  "fingerprint": fingerprint, "num_images": len(source), "loader": loader},
         "targets": {"last_layers": cfg.targets.last_layers},
-        "cache": {"k_max": c.k_max, "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "store": c.store},
+        "cache": {"k_max": c.k_max, "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "store": c.store, **pq},
     }
     return {
         "store": c.store, "num_images": len(source), "views": d.views,
         "num_patches": base.patch_embed.num_patches, "feat_dim": base.embed_dim,
         "heads": base.blocks[-1].attn.num_heads, "k_max": c.k_max, "images_per_shard": c.images_per_shard,
         "feat_dtype": c.feat_dtype, "attn_dtype": c.attn_dtype, "compress": c.compress, "zstd_level": c.zstd_level,
-        "store_images": c.store_images, "identity": identity,
+        "store_images": c.store_images, **pq, "identity": identity,
         "source": {"kind": d.kind, "path": source_location(d.kind, d.path), "num_images": len(source),
                    "fingerprint": fingerprint},
         "base": {"arch": arch, "checkpoint": str(Path(ckpt).absolute()) if ckpt else None,

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..base_targets import compute_targets
 from ..cache.codecs import decode_batch
+from ..cache.pq import PqCodec
 from ..config import Config, TargetConfig
 from ..data import open_source_at
 from ..errors import UserError
@@ -46,6 +47,7 @@ class DataPipeline:
     loader: str = "pil"  # data.loader resolved: who renders the views (`tec_pipeline.render`)
     name_of: Optional[Callable[[int], str]] = None  # image index -> its file, for errors
     renderer: Optional[ViewRenderer] = None  # data.loader=dali: made on the step's device at first use
+    feat_codec: Optional[PqCodec] = None  # a pq cache's fitted parts: its codes are decoded with them
 
     @property
     def usable_images(self) -> int:
@@ -100,7 +102,8 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
             check_renderer(reader.meta, reader.summary, loader)
         return DataPipeline("cache", cache_spec(reader.meta), reader_shards(reader), valid_mask(reader),
                             reader.views, make, meta=reader.meta, identity=reader.meta.get("identity"),
-                            loader=loader, name_of=source.name if source is not None else None)
+                            loader=loader, name_of=source.name if source is not None else None,
+                            feat_codec=reader.feat_codec)
     source = open_source_at(d.kind, d.path)
     shards = uniform_shards(len(source), cfg.cache.images_per_shard)  # same order as a cache of this config
     make = OnlineBatches(source, d.img_size, cfg.seed, (d.scale_min, d.scale_max), files_only)
@@ -117,7 +120,7 @@ def step_targets(data: DataPipeline, batch: dict, images: Tensor, t: TargetConfi
     """One micro-batch's float32 targets on the images' device: dequantized from the cache, computed
     by the base model (under the run's `autocast`), or the patch-normalized pixels of `images`."""
     if data.source == "cache":
-        return decode_batch(batch, images.device)
+        return decode_batch(batch, images.device, data.feat_codec)
     if data.source == "online":
         with torch.no_grad(), autocast:
             return compute_targets(data.base, images, t.last_layers, attention_rows(t.attention, t.k) - 1)

@@ -7,6 +7,7 @@ from typing import Optional, Protocol
 import numpy as np
 from torch import Tensor
 
+from ..cache.pq import PqCodec
 from ..cache.reader import ShardBuffer
 
 
@@ -18,6 +19,7 @@ class TargetReader(Protocol):
     num_images: int
     views: int
     num_shards: int
+    feat_codec: Optional[PqCodec]  # a pq cache's fitted parts (`decode_batch` needs them); None otherwise
 
     @property
     def summary(self) -> dict: ...  # stage one's record of the finished cache ("skipped_images", ...)
