@@ -137,8 +137,12 @@ def test_dry_run_measures_and_writes_nothing(images, tmp_path, capsys):
 # ----------------------------------------------------------------------------- bad images
 
 
-@pytest.mark.parametrize("loader", ["pil", pytest.param("dali", marks=pytest.mark.skipif(
-    dali_missing() is not None and platform.machine() != "x86_64", reason="no DALI wheel for this machine"))])
+# Both renderers where DALI has a wheel (it must then be installed: the set-up installs it).
+LOADERS = ["pil", pytest.param("dali", marks=pytest.mark.skipif(
+    dali_missing() is not None and platform.machine() != "x86_64", reason="no DALI wheel for this machine"))]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
 def test_bad_images_stop_the_run_or_are_skipped(images, tmp_path, capsys, loader):
     """Whoever decodes (the loader workers, or DALI on the device), a bad file is one line naming it."""
     root = tmp_path / "mixed"
@@ -219,14 +223,21 @@ def test_verify_detects_corrupt_and_missing_chunks(reference, images, tmp_path, 
     assert "FAIL shard 2: file attn/c/2/0/0/0/0 missing" in capsys.readouterr().out
 
 
-def test_sigkill_mid_run_then_rerun_gives_identical_arrays(reference, images, tmp_path):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_sigkill_mid_run_then_rerun_gives_identical_arrays(reference, images, tmp_path, loader):
     """Kill -9 the CLI once a shard is durable; the rerun redoes only the rest, same arrays."""
     url = tmp_path / "killed.zarr"
+    if loader == "pil":
+        expected = reference[2]
+    else:  # an uninterrupted run with the same renderer
+        run_cache_targets(config(tmp_path / "whole.zarr", images, f"data.loader={loader}"))
+        expected = arrays(tmp_path / "whole.zarr")
     slow_writes = ("import time; from tec_pipeline.cache import writer; w = writer.CacheWriter.write_encoded_shard; "
                    "writer.CacheWriter.write_encoded_shard = lambda *a, **k: (w(*a, **k), time.sleep(1.0))[0]; "
                    "from tec_pipeline.cli import main; main()")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", slow_writes, "cache-targets", *overrides(url, images)],
+    proc = subprocess.Popen([sys.executable, "-c", slow_writes, "cache-targets",
+                             *overrides(url, images, f"data.loader={loader}")],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -244,10 +255,10 @@ def test_sigkill_mid_run_then_rerun_gives_identical_arrays(reference, images, tm
     reader = open_cache(str(url))
     assert not reader.is_complete() and 0 < len(reader.missing_shards()) < 3
     assert not verify_cache(str(url), sample=1)  # incomplete is never reported as fine
-    summary = run_cache_targets(config(url, images))
+    summary = run_cache_targets(config(url, images, f"data.loader={loader}"))
     assert 0 < summary["images"] < NUM_IMAGES  # completed shards were skipped
     assert open_cache(str(url)).is_complete()
-    assert_same(arrays(url), reference[2])
+    assert_same(arrays(url), expected)
 
 
 # ----------------------------------------------------------------------------- processes

@@ -1,6 +1,7 @@
 """The view renderers (`tec_pipeline.render`): DALI against PIL on the same crops, undecodable files,
 and both stages with ``data.loader=dali`` on DALI's CPU pipelines (as they run on CUDA with
-``mixed`` decoding): same bytes on a rerun, kill and resume, two processes, the renderer in the
+``mixed`` decoding): same bytes on a rerun, resume, two processes (stage one's kill-and-resume and
+bad files with DALI: tests/test_cache_targets.py), the renderer in the
 cache's identity, and training with another renderer than the cache's only where its measured
 drift is below int8's own error."""
 import io
@@ -16,7 +17,6 @@ from helpers import run_as_ranks
 from stages.cache_targets import run_cache_targets
 from stages.train import run_train
 from stages.verify import verify_cache
-from tec_pipeline.cache.schema import marker_path
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.cache_targets.drift import INT8_FEAT_REL_RMS, UINT8_ATTN_KL, check_renderer
 from tec_pipeline.config import load_config
@@ -146,19 +146,6 @@ def test_stage_one_with_dali_in_two_processes_gives_the_same_arrays(dali_cache, 
     url = tmp_path / "two.zarr"
     cfg = load_config(None, overrides(url, images, "data.loader=dali"))
     assert run_as_ranks(run_cache_targets, cfg, timeout=120) == [0, 0]
-    assert_same(arrays(url), arrays(dali_cache))
-
-
-def test_stage_one_with_dali_resumes_to_the_same_arrays(dali_cache, images, tmp_path):
-    url = tmp_path / "resumed.zarr"
-    cfg = load_config(None, overrides(url, images, "data.loader=dali"))
-    run_cache_targets(cfg)
-    (url / "tec_cache.json").write_text(json.dumps({**json.loads((url / "tec_cache.json").read_text()),
-                                                     "complete": False, "summary": {}}))  # a run killed ...
-    for shard in (1, 2):  # ... before these shards were marked done
-        (url / marker_path("", shard).lstrip("/")).unlink()
-    summary = run_cache_targets(cfg)
-    assert summary["images"] == 6  # shards 1 and 2 (4 and 2 images) computed again
     assert_same(arrays(url), arrays(dali_cache))
 
 
