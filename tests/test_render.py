@@ -1,9 +1,9 @@
 """The view renderers (`tec_pipeline.render`): DALI against PIL on the same crops, undecodable files,
 and both stages with ``data.loader=dali`` on DALI's CPU pipelines (as they run on CUDA with
-``mixed`` decoding): same bytes on a rerun, resume, two processes (stage one's kill-and-resume and
-bad files with DALI: tests/test_cache_targets.py), the renderer in the
-cache's identity, and training with another renderer than the cache's only where its measured
-drift is below int8's own error."""
+``mixed`` decoding): same bytes and losses on a rerun, training's resume, two processes, the
+renderer in the cache's identity, and training with another renderer than the cache's only where
+its measured drift is below int8's own error. Stage one's kill-and-resume and bad files run with
+both renderers in tests/test_cache_targets.py."""
 import io
 import json
 import platform
