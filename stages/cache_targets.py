@@ -76,7 +76,7 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     with open_for_writing(cfg.cache.path, meta, overwrite, state) as writer:  # rank 0 holds the cache's lock
         writer.direct_io = cfg.cache.direct_io
         print_repairs(writer.repaired, cfg.cache.path)
-        feat_codec(cfg, writer, dataset, forward, state)  # a pq cache's parts: recorded before any shard
+        feat_codec(cfg, writer, dataset, views_of, forward, state)  # a pq cache's parts: recorded before any shard
         pending, mine = split_pending(writer, state)
         local = compute_shards(cfg, writer, dataset, forward, mine, state, views_of)
         state.wait_for_everyone()

@@ -5,6 +5,7 @@ resumed run, decoded for training, audited by inspect and verify."""
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from tec_pipeline.cache.store import create_cache, open_cache
 from tec_pipeline.cache.storage import fs_root
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError
+from tec_pipeline.render import dali_missing
 from test_cache_targets import NUM_IMAGES, REPO, arrays, assert_same, config, file_bytes, overrides, write_images
 
 M = 8
@@ -172,6 +174,16 @@ def test_webdataset_store_holds_the_same_codes(pq_cache, images):
     reader = open_cache(url)
     assert reader.feat_codec.sha256() == open_cache(str(pq_cache)).feat_codec.sha256()
     assert_same(arrays(url), arrays(pq_cache))
+
+
+@pytest.mark.skipif(dali_missing() is not None and platform.machine() != "x86_64", reason="no DALI wheel here")
+def test_a_dali_rendered_cache_fits_its_parts_on_dali_views(pq_cache, images, tmp_path):
+    """The parts are fitted on the views as the cache renders them (here DALI's, on the CPU)."""
+    url = tmp_path / "dali.zarr"
+    run_cache_targets(config(url, images, *PQ, "data.loader=dali"))
+    reader = open_cache(str(url))
+    assert reader.is_complete() and reader.feat_codec.sha256() != open_cache(str(pq_cache)).feat_codec.sha256()
+    assert verify_cache(str(url), sample=4)
 
 
 def test_sigkill_mid_run_then_rerun_reuses_the_parts_and_writes_the_same_bytes(pq_cache, images, tmp_path):

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..cache.pq import FIT_SEED, FIT_VIEWS, PqCodec, fit_pq
 from ..config import Config
-from ..data.view_dataset import ViewDataset, view_loader
+from ..data.view_dataset import BatchViews, ViewDataset, view_loader
 from ..errors import UserError
 from .processes import on_main
 from .settings import images_per_batch
@@ -33,14 +33,15 @@ def fit_images(num_images: int, views: int, limit: int = FIT_VIEWS) -> list[int]
     return np.unique(np.linspace(0, num_images - 1, count).round().astype(np.int64)).tolist()
 
 
-def fit_features(cfg: Config, dataset: ViewDataset, forward, images: list[int]) -> Tensor:
-    """float32 Yf (N, L, C) on the CPU of every view of the decodable ones of `images`, from
-    `forward` (stage one's base forward: uint8 views -> targets on the compute device)."""
+def fit_features(cfg: Config, dataset: ViewDataset, views_of: BatchViews, forward, images: list[int]) -> Tensor:
+    """float32 Yf (N, L, C) on the CPU of every view of the decodable ones of `images`, rendered as
+    the shards' are (`views_of`), from `forward` (stage one's base forward: uint8 views -> targets
+    on the compute device)."""
     step = images_per_batch(cfg)
     batches = [images[i:i + step] for i in range(0, len(images), step)]
     feats = []
     for batch in view_loader(dataset, batches, cfg.data.num_workers):
-        feat = forward(batch["views"])["feat"]  # (B, V, L, C)
+        feat = forward(views_of(batch))["feat"]  # (B, V, L, C)
         feats.append(feat[batch["valid"].to(feat.device)].flatten(0, 1).float().cpu())
     feat = torch.cat(feats)
     if not len(feat):
@@ -49,7 +50,7 @@ def fit_features(cfg: Config, dataset: ViewDataset, forward, images: list[int]) 
     return feat
 
 
-def feat_codec(cfg: Config, writer, dataset: ViewDataset, forward, state) -> Optional[PqCodec]:
+def feat_codec(cfg: Config, writer, dataset: ViewDataset, views_of: BatchViews, forward, state) -> Optional[PqCodec]:
     """The cache's pq parts for this run (None unless ``cache.feat_dtype=pq``): the recorded ones
     where the cache has them, else fitted by process 0 (seed ``pq.FIT_SEED``) and recorded before
     any shard is written; the other processes then read them."""
@@ -58,7 +59,7 @@ def feat_codec(cfg: Config, writer, dataset: ViewDataset, forward, state) -> Opt
 
     def fit_and_record() -> None:
         if writer.feat_codec is None:
-            feat = fit_features(cfg, dataset, forward, fit_images(len(dataset), cfg.data.views))
+            feat = fit_features(cfg, dataset, views_of, forward, fit_images(len(dataset), cfg.data.views))
             writer.record_feat_codec(fit_pq(feat, cfg.cache.pq_subvectors, FIT_SEED))
 
     on_main(fit_and_record, state)
