@@ -9,3 +9,12 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """10 images in 2 class folders, assorted sizes and modes (`test_cache_targets.write_images`),
+    once per module that asks for them."""
+    from test_cache_targets import write_images
+
+    return write_images(tmp_path_factory.mktemp("images"))

@@ -74,11 +74,6 @@ def write_images(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    return write_images(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(scope="module")
 def reference(images):
     url = "memory://reference.zarr"
     summary = run_cache_targets(config(url, images))

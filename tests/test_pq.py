@@ -29,7 +29,7 @@ from tec_pipeline.cache.storage import fs_root
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError
 from tec_pipeline.render import dali_missing
-from test_cache_targets import NUM_IMAGES, REPO, arrays, assert_same, config, file_bytes, overrides, write_images
+from test_cache_targets import NUM_IMAGES, REPO, arrays, assert_same, config, file_bytes, overrides
 
 M = 8
 PQ = ("cache.feat_dtype=pq", f"cache.pq_subvectors={M}", "cache.attn_dtype=uint8")
@@ -94,11 +94,6 @@ def test_error_stats_report_the_mean_cosine():
 
 
 # ----------------------------------------------------------------------------- stage one
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

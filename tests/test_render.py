@@ -25,7 +25,7 @@ from tec_pipeline.export import CHECKPOINT, load_checkpoint
 from tec_pipeline.render import (decode_window, dali_missing, open_renderer, pack_files, render_files,
                                  resolve_loader, unpack_files)
 from tec_pipeline.views import ViewParams, sample_view
-from test_cache_targets import arrays, assert_same, overrides, write_images
+from test_cache_targets import arrays, assert_same, overrides
 from test_train import read_log
 
 if dali_missing() and platform.machine() != "x86_64":
@@ -109,11 +109,6 @@ def test_the_loader_setting_resolves_per_device(monkeypatch, capsys):
 
 
 # ----------------------------------------------------------------------------- stage one
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")
