@@ -37,6 +37,12 @@ def dali_missing() -> Optional[str]:
     return None
 
 
+def cache_loader(meta: dict) -> str:
+    """The renderer a cache's views were made with (``data.loader`` in its identity; caches from
+    before it was recorded were rendered by pil)."""
+    return meta.get("identity", {}).get("data", {}).get("loader", "pil")
+
+
 def resolve_loader(setting: str, device: torch.device) -> str:
     """``data.loader`` as used on `device`: ``auto`` is dali on CUDA where DALI is installed, else pil
     (on CUDA without DALI, one line says so); ``dali`` without DALI is refused in one line."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from . import fidelity
 from ..config import flatten
+from ..render import cache_loader
 from .pq_parts import PARTS_GROUP
 from .schema import pq_description, pq_parts_digest, read_markers
 from .store import open_cache
@@ -64,7 +65,7 @@ def describe_cache(url: str) -> str:
 
 def _renderer(meta: dict, summary: dict) -> str:
     """Who rendered the views (``data.loader``) and how far each other renderer moves the targets."""
-    made = meta.get("identity", {}).get("data", {}).get("loader", "pil")
+    made = cache_loader(meta)
     drift = [f"{name}: feature rel RMS {100 * d['feat_rel_rms']:.2f}%, attn KL {d['attn_kl']:.1e}"
              for name, d in sorted((summary.get("renderer_drift") or {}).items()) if d]
     return f"views rendered by: {made}" + (f" (targets' drift under {'; '.join(drift)})" if drift else "")

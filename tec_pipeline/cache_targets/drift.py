@@ -19,7 +19,7 @@ from ..cache.codecs import ATTN_STEP, FEAT_MIN_STEP
 from ..cache.fidelity import KL_TAU, attn_kl_rows
 from ..data.sources import BadImageError, ImageSource, image_size
 from ..errors import UserError
-from ..render import LOADERS, ViewRenderer, dali_missing, open_renderer
+from ..render import LOADERS, ViewRenderer, cache_loader, dali_missing, open_renderer
 from ..views import sample_view
 from .verify import reference_view
 
@@ -50,7 +50,7 @@ def measure_drift(base, device: torch.device, source: ImageSource, meta: dict, o
                   views: int = DRIFT_VIEWS) -> dict:
     """`targets_drift` between the cache's renderer and `other` on the first `views` images' view 0."""
     files, crops = drift_sample(source, meta, views)
-    made = meta["identity"]["data"].get("loader", "pil")
+    made = cache_loader(meta)
     first, second = (open_renderer(name, meta["img_size"], device, max(1, len(files))) for name in (made, other))
     return targets_drift(base, meta, [np.frombuffer(f, np.uint8) for f in files], crops, first, second)
 
@@ -69,8 +69,8 @@ def targets_drift(base, meta: dict, encoded: list[np.ndarray], crops: np.ndarray
     for i in range(len(encoded)):
         if bad_a[i] or bad_b[i]:
             continue
-        topk = reference_view(base, mine[i:i + 1], meta, np.arange(int(meta["k_max"])), device)["topk_idx"]
-        a, b = (reference_view(base, p[i:i + 1], meta, topk, device) for p in (mine, theirs))
+        a = reference_view(base, mine[i:i + 1], meta, None, device)  # at its own top-k
+        b = reference_view(base, theirs[i:i + 1], meta, a["topk_idx"], device)
         err_sq += float(((a["feat"] - b["feat"]).astype(np.float64) ** 2).sum())
         ref_sq += float((a["feat"].astype(np.float64) ** 2).sum())
         kls.append(float(attn_kl_rows(a["attn"], b["attn"]).mean()) if a["attn"].size else 0.0)
@@ -81,7 +81,7 @@ def targets_drift(base, meta: dict, encoded: list[np.ndarray], crops: np.ndarray
 
 def drift_to_others(base, device: torch.device, source: ImageSource, meta: dict) -> dict:
     """`measure_drift` to each renderer other than the cache's that can run here, by name."""
-    made = meta["identity"]["data"]["loader"]
+    made = cache_loader(meta)
     others = [name for name in LOADERS if name != made and not (name == "dali" and dali_missing())]
     return {name: measure_drift(base, device, source, meta, name) for name in others}
 
@@ -90,7 +90,7 @@ def check_renderer(meta: dict, summary: dict, loader: str) -> None:
     """Stage two renders with `loader` (``data.loader`` resolved): the cache's own renderer, or
     another whose recorded drift is below int8's own error (one line says so); else refused in
     one line naming ``data.loader``."""
-    made = meta.get("identity", {}).get("data", {}).get("loader", "pil")
+    made = cache_loader(meta)
     if loader == made:
         return
     drift = (summary.get("renderer_drift") or {}).get(loader)

@@ -9,6 +9,8 @@ under fp16 or bf16 autocast, that precision's noise; the tolerances below bound 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -19,7 +21,7 @@ from ..cache.store import CacheCorruptError
 from ..data.sources import BadImageError, image_size
 from ..errors import UserError
 from ..models.base import base_forward
-from ..render import ViewRenderer, dali_missing, open_renderer
+from ..render import ViewRenderer, cache_loader, dali_missing, open_renderer
 from ..targets import enhance, query_rows, row_logits
 from ..views import normalize, sample_view
 
@@ -61,7 +63,7 @@ def pick_views(reader, missing: list[int], sample: int, seed: int) -> list[tuple
 
 def cache_renderer(meta: dict, device: torch.device) -> ViewRenderer:
     """The renderer that made the cache (``data.loader`` in its identity; pil before it was recorded)."""
-    loader = meta["identity"]["data"].get("loader", "pil")
+    loader = cache_loader(meta)
     if loader == "dali" and dali_missing():
         raise UserError(f"the cache was rendered with data.loader=dali: {dali_missing()}")
     return open_renderer(loader, meta["img_size"], device, 1)
@@ -96,13 +98,15 @@ def verify_view(reader, source, base, renderer: ViewRenderer, image: int, view: 
     return compare_view(where, stored, ref, meta, feat_tolerance(reader))
 
 
-def reference_view(base, pixels: torch.Tensor, meta: dict, topk_idx: np.ndarray, device) -> dict[str, np.ndarray]:
+def reference_view(base, pixels: torch.Tensor, meta: dict, topk_idx: Optional[np.ndarray], device) -> dict[str, np.ndarray]:
     """The base model's targets for one view (pixels (1, 3, S, S) uint8); attention rows taken at
-    the *stored* top-k so rows are compared like for like even where near-ties rank differently."""
+    the given (e.g. *stored*) top-k so rows are compared like for like even where near-ties rank
+    differently, or at the view's own top-k when `topk_idx` is None."""
     with torch.inference_mode(), autocast(device, dtype_of(meta.get("compute_dtype"))):
         out = base_forward(base, normalize(pixels.to(device)), meta["last_layers"])
     t = enhance(out.features, out.queries, out.keys, int(meta["k_max"]))
-    rows = query_rows(torch.as_tensor(topk_idx, dtype=torch.long, device=device)[None])
+    topk = t.topk_idx if topk_idx is None else torch.as_tensor(topk_idx, dtype=torch.long, device=device)[None]
+    rows = query_rows(topk)
     attn = row_logits(out.queries, out.keys, rows)[0][:, :, 1:].permute(1, 0, 2)  # (k+1, H, L): stored layout
     ref = {name: getattr(t, name)[0].cpu().numpy() for name in ("feat", "feat_mean", "feat_std", "topk_idx")}
     return {**ref, "attn": attn.cpu().numpy()}
