@@ -60,8 +60,8 @@ class TECRun(LoopRun):
 
     def losses(self, batch: dict, micro: int):
         """Targets of the batch (cached, online or pixels), then Eq. 3 + 4 on the masked views."""
-        acc, t, d = self.accelerator, effective_targets(self.cfg), self.cfg.data
-        images = normalize(self.data.images(batch, acc.device, d.img_size, d.batch_size, d.num_workers))
+        acc, t = self.accelerator, effective_targets(self.cfg)
+        images = normalize(self.data.images(batch, acc.device))
         patch = self.inner.encoder.patch_embed.patch_size[0]
         targets = step_targets(self.data, batch, images, t, patch, acc.autocast())
         noise = batch["mask_noise"].to(acc.device, non_blocking=True)

@@ -46,20 +46,19 @@ class DataPipeline:
     identity: Union[dict, str, None] = None  # what the data is: the cache's identity, else the images' fingerprint
     loader: str = "pil"  # data.loader resolved: who renders the views (`tec_pipeline.render`)
     name_of: Optional[Callable[[int], str]] = None  # image index -> its file, for errors
-    renderer: Optional[ViewRenderer] = None  # data.loader=dali: made on the step's device at first use
+    renderer: Optional[ViewRenderer] = None  # data.loader=dali: renders on the step's device
     feat_codec: Optional[PqCodec] = None  # a pq cache's fitted parts: its codes are decoded with them
 
     @property
     def usable_images(self) -> int:
         return int(self.valid.sum()) if self.valid is not None else sum(len(r) for r in self.shards)
 
-    def images(self, batch: dict, device: torch.device, img_size: int, batch_size: int, threads: int) -> Tensor:
+    def images(self, batch: dict, device: torch.device) -> Tensor:
         """A batch's views (B, 3, S, S) uint8 on `device`: rendered by the loader workers, or here
-        from the files they read (``data.loader=dali``); an undecodable file is one line naming it."""
+        from the files they read (``data.loader=dali``, by the renderer `open_data` made for this
+        device); an undecodable file is one line naming it."""
         if "images" in batch:
             return batch["images"].to(device, non_blocking=True)
-        if self.renderer is None:
-            self.renderer = open_renderer(self.loader, img_size, device, batch_size, threads)
         views, errors = render_files(self.renderer, batch, batch["crop"].numpy(), 1)
         for index, why in zip(batch["index"].tolist(), errors):
             if why:
@@ -77,6 +76,7 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
     t, d = cfg.targets, cfg.data
     loader = resolve_loader(d.loader, device) if render else "pil"
     files_only = loader != "pil"
+    renderer = open_renderer(loader, d.img_size, device, d.batch_size, d.num_workers) if files_only else None
     if t.source == "cache" and d.view_mode == "fresh":
         raise UserError("data.view_mode=fresh draws a new crop every epoch, which a cache of fixed views cannot "
                         "serve; use targets.source=online or pixels, or data.view_mode=cycle or random")
@@ -102,7 +102,7 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
             check_renderer(reader.meta, reader.summary, loader)
         return DataPipeline("cache", cache_spec(reader.meta), reader_shards(reader), valid_mask(reader),
                             reader.views, make, meta=reader.meta, identity=reader.meta.get("identity"),
-                            loader=loader, name_of=source.name if source is not None else None,
+                            loader=loader, name_of=source.name if source is not None else None, renderer=renderer,
                             feat_codec=reader.feat_codec)
     source = open_source_at(d.kind, d.path)
     shards = uniform_shards(len(source), cfg.cache.images_per_shard)  # same order as a cache of this config
@@ -110,9 +110,9 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
     if t.source == "online":
         base = load_base_model(cfg.base.arch, cfg.base.checkpoint, img_size=d.img_size)
         return DataPipeline("online", base_spec(base, d.img_size), shards, None, d.views, make, base,
-                            identity=source.fingerprint(), loader=loader, name_of=source.name)
+                            identity=source.fingerprint(), loader=loader, name_of=source.name, renderer=renderer)
     return DataPipeline("pixels", pixel_spec(d.img_size, patch_size(cfg)), shards, None, d.views, make,
-                        identity=source.fingerprint(), loader=loader, name_of=source.name)
+                        identity=source.fingerprint(), loader=loader, name_of=source.name, renderer=renderer)
 
 
 def step_targets(data: DataPipeline, batch: dict, images: Tensor, t: TargetConfig, patch: int,
