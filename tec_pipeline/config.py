@@ -288,12 +288,21 @@ def load_structured(schema: type, paths: Sequence[str | Path | None], overrides:
         layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
     cfg = OmegaConf.structured(schema)
     for origin, layer in layers:
+        words_back(layer, domains)
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
             raise _one_line(err, origin) from None
     check_domains(lambda key: OmegaConf.select(cfg, key), domains, ConfigError)
     return OmegaConf.to_object(cfg)
+
+
+def words_back(layer, domains: dict[str, Domain]) -> None:
+    """YAML reads `no` (and off, false) as the boolean false, in files and in dotted overrides alike;
+    a setting whose allowed names include "no" (``optim.mixed_precision``) gets that name back."""
+    for key, domain in domains.items():
+        if isinstance(domain, OneOf) and "no" in domain.values and OmegaConf.select(layer, key) is False:
+            OmegaConf.update(layer, key, "no")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),

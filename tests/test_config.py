@@ -139,3 +139,19 @@ def test_fine_tuning_settings_are_held_to_their_domains(override, allowed):
     with pytest.raises(ConfigError) as info:
         load_finetune_config(None, ["data.train=a", "data.val=b", override])
     assert str(info.value) == allowed
+
+
+@pytest.mark.parametrize("spelling", ["no", "off", "false", "'no'"])
+def test_mixed_precision_no_is_read_as_the_name_not_a_boolean(tmp_path, spelling):
+    """YAML reads no, off and false as the boolean false: on the command line and in a file the
+    setting whose allowed names include "no" still gets "no"."""
+    from tec_pipeline.finetune.config import load_finetune_config
+
+    assert load_config(None, [f"optim.mixed_precision={spelling}"]).optim.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text(f"optim: {{mixed_precision: {spelling}}}\n")
+    assert load_config(path).optim.mixed_precision == "no"
+    ft = load_finetune_config(None, [f"optim.mixed_precision={spelling}", "data.train=a", "data.val=b"])
+    assert ft.optim.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="optim.mixed_precision"):
+        load_config(None, ["optim.mixed_precision=yes"])
