@@ -125,16 +125,25 @@ def render_files(renderer: ViewRenderer, batch: dict[str, Tensor], crops: np.nda
     skipped or undecodable, and one error per file ("" when it rendered)."""
     files = unpack_files(batch)
     kept = [f for f in range(len(files)) if valid is None or valid[f]]
-    rows = torch.tensor([f * per_file + v for f in kept for v in range(per_file)], dtype=torch.long)
-    views = torch.zeros(len(files) * per_file, 3, renderer.size, renderer.size, dtype=torch.uint8,
-                        device=renderer.device)
+    rows = [f * per_file + v for f in kept for v in range(per_file)]
     errors = [""] * len(files)
-    if kept:
-        pixels, failed = renderer.render([files[f] for f in kept for _ in range(per_file)], crops[rows.numpy()])
-        views[rows.to(views.device)] = pixels
-        for row, why in enumerate(failed):
-            errors[kept[row // per_file]] = errors[kept[row // per_file]] or why
+    if len(kept) == len(files):  # the usual batch: the renderer's views are the batch's, in order
+        views, failed = renderer.render([files[f] for f in kept for _ in range(per_file)], crops)
+    else:
+        views = torch.zeros(len(files) * per_file, 3, renderer.size, renderer.size, dtype=torch.uint8,
+                            device=renderer.device)
+        failed = []
+        if kept:
+            pixels, failed = renderer.render([files[f] for f in kept for _ in range(per_file)], crops[rows])
+            views[to_device(torch.tensor(rows, dtype=torch.long), views.device)] = pixels
+    for row, why in enumerate(failed):
+        errors[kept[row // per_file]] = errors[kept[row // per_file]] or why
     return views, errors
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without the host waiting: pinned, then copied on the device's stream."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def open_renderer(name: str, size: int, device: torch.device, max_batch: int, threads: int = 1) -> ViewRenderer:

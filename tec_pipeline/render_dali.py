@@ -2,8 +2,11 @@
 of the crop, horizontal flip) fed per batch with the files' bytes and each view's window.
 
 The graph runs where the views are needed: ``mixed`` decoding on CUDA (the result lands in device
-memory), ``cpu`` elsewhere. DALI fails a whole batch when one file cannot be decoded, so a
-failed batch is rendered again file by file to name the bad ones.
+memory), ``cpu`` elsewhere. On CUDA it runs on DALI's dynamic executor bound to torch's current
+stream: DALI's outputs are ordered on that stream and copied into torch's tensor on it, so the
+host never waits for the device's work (the default executor would return only after the host had
+synchronized with it). DALI fails a whole batch when one file cannot be decoded, so a failed batch
+is rendered again file by file to name the bad ones.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from .render import decode_window
 from .views import ViewParams
 
 
-@pipeline_def(exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+@pipeline_def(exec_dynamic=True, prefetch_queue_depth=1)  # one batch in flight: fed, run, read
 def view_graph(size: int, decoder_device: str):
     """encoded bytes, window (anchor, shape), crop region in the window, flip -> (S, S, 3) uint8."""
     encoded = fn.external_source(name="encoded", dtype=types.UINT8)
@@ -105,15 +108,16 @@ class DaliRenderer:
 
     def _run(self, encoded: Sequence[np.ndarray], crops: np.ndarray) -> Tensor:
         """One graph run over len(crops) <= max_batch views -> (n, S, S, 3) uint8 on the device."""
-        for name, data in graph_feeds(encoded, crops, self.size).items():
-            self.graph.feed_input(name, data)
-        (out,) = self.graph.run()
+        feeds = graph_feeds(encoded, crops, self.size)
         if self.device.type != "cuda":
+            (out,) = self.graph.run(**feeds)
             return torch.from_numpy(out.as_array())
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
+        stream = torch.cuda.current_stream(self.device)
+        (out,) = self.graph.run(stream, **feeds)  # outputs ordered on torch's stream, no host wait
         views = torch.empty(len(crops), self.size, self.size, 3, dtype=torch.uint8, device=self.device)
-        feed_ndarray(out.as_tensor(), views, cuda_stream=torch.cuda.current_stream(self.device))
+        feed_ndarray(out.as_tensor(), views, cuda_stream=stream)
         return views
 
 

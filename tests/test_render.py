@@ -205,3 +205,24 @@ def test_a_training_batch_renders_alike_either_way(dali_cache, images):
         views[loader] = data.images(batch, CPU)
     diff = (views["pil"].int() - views["dali"].int()).abs().float()
     assert views["dali"].shape == (4, 3, 32, 32) and diff.mean() < 1.5
+
+
+def test_a_batch_of_good_files_hands_the_renderers_views_over_as_they_are():
+    """The usual batch (no file skipped) is the renderer's own tensor: no index of rows is made
+    and copied to the device (on CUDA an unpinned copy made the host wait for the device). With
+    a skipped file, the kept rows are placed by an index and the skipped views stay black."""
+    made = []
+
+    class Recording:
+        name, size, device = "dali", 8, CPU
+
+        def render(self, encoded, crops):
+            made.append(torch.full((len(crops), 3, 8, 8), len(made) + 1, dtype=torch.uint8))
+            return made[-1], [""] * len(crops)
+
+    files = pack_files([b"a", b"bb", b"ccc"])
+    crops = np.zeros((6, 5), np.int32)
+    views, errors = render_files(Recording(), files, crops, 2)
+    assert views is made[0] and errors == ["", "", ""]
+    views, _ = render_files(Recording(), files, crops, 2, np.array([True, False, True]))
+    assert views[[0, 1, 4, 5]].eq(2).all() and not views[2:4].any()
