@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from stages.finetune import run_finetune
 from stages.train import run_train
-from tec_pipeline.config import load_config, to_dict
+from tec_pipeline.config import Config, load_config, to_dict
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT, export_run
 from tec_pipeline.files import write_json
@@ -22,6 +22,7 @@ from tec_pipeline.finetune.config import load_finetune_config
 from tec_pipeline.finetune.state import RESULT_FILE
 from tec_pipeline.train.ablations import ablation_title, format_finetune_rows, format_rows
 from tec_pipeline.train.interfaces import TargetReader
+from tec_pipeline.train.model import step_graph
 
 
 def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader, overrides: Sequence[str] = (),
@@ -33,7 +34,8 @@ def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader,
     error names it), ``cache.path=<cache>``
     and ``targets.source=cache``, then `overrides`. Each run goes to ``<output>/<yaml stem>``
     and resumes there if it was interrupted (a finished one is only read back); a row whose settings
-    equal an earlier row's is that row's result (``same_as``), not trained again. A setting
+    equal an earlier row's is that row's result (``same_as``), not trained again. Rows train
+    grouped by step graph (`training_order`); the table keeps the given order. A setting
     the cache cannot serve (e.g. k > k_max) makes that row "refused"; the others still run.
     `cache` is a cache path/URL or an already opened reader. With `finetune` (a fine-tune config,
     `ft_overrides` over it) each trained row is exported, fine-tuned into ``<row>/finetune`` and
@@ -43,31 +45,53 @@ def run_ablations(config_paths: Sequence[str | Path], cache: str | TargetReader,
     if missing:
         raise UserError(f"ablation config not found: {missing[0]}")
     reader = None if isinstance(cache, (str, Path)) else cache
-    cache_override = [f"cache.path={cache}"] if reader is None else []
-    rows, trained = [], {}  # trained: a row's settings (less its output) -> that row
-    for path in map(Path, config_paths):
-        row = {"name": path.stem, "title": ablation_title(path), "status": "done"}
+    layers = [*([f"cache.path={cache}"] if reader is None else []), "targets.source=cache", *overrides]
+    rows, configs = load_rows(config_paths, base_config, layers, output)
+    trained = {}  # a row's settings (less its output) -> that row's index
+    for i in training_order(configs):
+        cfg, key = configs[i], settings_key(configs[i])
+        if key in trained:  # Tab. 6 repeats its reference in several panels (a1 = c3 = f1)
+            continue
         try:
-            cfg = load_config(base_config, [*cache_override, "targets.source=cache", *overrides], extra_files=[path])
-            key = settings_key(cfg)
-            same = trained.get(key)
-            if same is not None:  # Tab. 6 repeats its reference in several panels (a1 = c3 = f1)
-                rows.append({**same, "name": path.stem, "title": row["title"], "same_as": same["name"]})
-                continue
-            cfg = replace(cfg, output=str(Path(output) / path.stem))
             summary = run_train(cfg, resume=Path(cfg.output, CHECKPOINT).exists(), reader=reader)
-            row.update(step=summary["step"], **summary["losses"])
+            rows[i].update(step=summary["step"], **summary["losses"])
             if finetune is not None:
-                row.update(finetune_row(Path(cfg.output), finetune, ft_overrides))
-            trained[key] = row
+                rows[i].update(finetune_row(Path(cfg.output), finetune, ft_overrides))
+            trained[key] = i
         except UserError as err:
-            row.update(status=f"refused: {err}")
-        rows.append(row)
+            rows[i].update(status=f"refused: {err}")
+    for i, cfg in configs.items():
+        same = trained.get(settings_key(cfg))
+        if same is not None and same != i:
+            rows[i] = {**rows[same], "name": rows[i]["name"], "title": rows[i]["title"], "same_as": rows[same]["name"]}
     print(format_rows(rows))
     if finetune is not None:
         print(format_finetune_rows(rows))
         write_json(Path(output) / "finetune.json", rows, "the fine-tuned ablation table")
     return rows
+
+
+def load_rows(config_paths: Sequence[str | Path], base_config: Optional[str | Path], layers: Sequence[str],
+              output: str) -> tuple[list[dict], dict[int, Config]]:
+    """Each row's table entry and, where its YAML loads, its config (by row index) writing to
+    ``<output>/<yaml stem>``; a row whose YAML is refused is marked so."""
+    rows, configs = [], {}
+    for i, path in enumerate(map(Path, config_paths)):
+        rows.append({"name": path.stem, "title": ablation_title(path), "status": "done"})
+        try:
+            cfg = load_config(base_config, layers, extra_files=[path])
+            configs[i] = replace(cfg, output=str(Path(output) / path.stem))
+        except UserError as err:
+            rows[i].update(status=f"refused: {err}")
+    return rows, configs
+
+
+def training_order(configs: dict[int, Config]) -> list[int]:
+    """The rows in the order they train: grouped by step graph (`train.model.step_graph`), in the
+    order each graph first appears, so a compiled step is built once per graph (Tab. 6's d1 and
+    e1 train right after a4, whose graph they share); in table order within a graph."""
+    graphs = list(dict.fromkeys(step_graph(cfg) for cfg in configs.values()))
+    return sorted(configs, key=lambda i: (graphs.index(step_graph(configs[i])), i))
 
 
 def settings_key(cfg) -> str:

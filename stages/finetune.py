@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -21,13 +21,14 @@ from tec_pipeline.export import CHECKPOINT, load_checkpoint
 from tec_pipeline.files import write_json
 from tec_pipeline.finetune.config import FinetuneConfig
 from tec_pipeline.finetune.data import LabelledImages, criterion, epoch_keys, mixup, seed_everything
-from tec_pipeline.finetune.model import build_model, make_optimizer
+from tec_pipeline.finetune.model import build_model, classification_loss, make_optimizer, step_graph
 from tec_pipeline.finetune.score import best_of, evaluate
 from tec_pipeline.finetune.splits import open_splits
 from tec_pipeline.finetune.state import finetune_identity, save_run, write_result
 from tec_pipeline.train.checkpoint import IDENTITY_FILE, check_resumable, restore_state, run_dir
 from tec_pipeline.train.log import RunLog, scalars
-from tec_pipeline.train.loop import LoopRun, LoopSettings, make_accelerator, run_loop
+from tec_pipeline.train.loop import (PRECISIONS, LoopRun, LoopSettings, compiled, end_run, make_accelerator, prepare,
+                                     run_loop)
 from tec_pipeline.train.schedule import make_schedule
 
 
@@ -40,6 +41,7 @@ class FinetuneRun(LoopRun):
     val_loader: DataLoader
     mixup: Optional[object]  # timm Mixup, or None (the probe)
     loss: torch.nn.Module
+    step_loss: Callable = classification_loss  # compiled with train.compile
     history: list = field(default_factory=list)  # one {epoch, step, top1, top5} per evaluation
     hits: Optional[str] = None  # the last evaluation's top-1 hits, in val-split order
 
@@ -60,7 +62,8 @@ class FinetuneRun(LoopRun):
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)  # targets (B, classes), rows sum to 1
-        return {"loss": self.loss(self.model(images), targets)}, images.shape[0]
+        loss = self.step_loss(self.model, self.loss, images, targets, PRECISIONS[self.cfg.optim.mixed_precision])
+        return {"loss": loss}, images.shape[0]
 
     def after_step(self, log: RunLog) -> None:
         """At the end of every epoch: score the val split, keep the record and the best so far."""
@@ -88,13 +91,14 @@ def setup_run(cfg: FinetuneConfig, accelerator: Accelerator, path: Path) -> tupl
     schedule = make_schedule(cfg, len(train_set), accelerator.num_processes, cfg.train.max_steps)
     optimizer = make_optimizer(cfg, model, schedule.lr)
     val_loader = DataLoader(val_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
-    model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
+    model, optimizer, val_loader = prepare(accelerator, model, optimizer, val_loader)
     mix = mixup(cfg, classes)
     settings = LoopSettings(accum_steps=cfg.optim.accum_steps, min_lr=cfg.optim.min_lr,
                             log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every)
     run = FinetuneRun(accelerator=accelerator, model=model, optimizer=optimizer, schedule=schedule, settings=settings,
                       ckpt_path=path / CHECKPOINT, cfg=cfg, train_set=train_set, val_loader=val_loader, mixup=mix,
-                      loss=criterion(cfg, mix is not None))
+                      loss=criterion(cfg, mix is not None),
+                      step_loss=compiled(classification_loss, cfg.train.compile, accelerator, step_graph(cfg)))
     return run, data
 
 
@@ -125,5 +129,5 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, stop_after: Optional
         total = run.schedule.total_steps
         result = write_result(path, cfg, run.step, total, run.history, run.hits) if accelerator.is_main_process else {}
     finally:
-        accelerator.end_training()
+        end_run(accelerator)
     return result

@@ -27,8 +27,9 @@ from tec_pipeline.train.data import DataPipeline, open_data, step_targets
 from tec_pipeline.train.interfaces import TargetReader
 from tec_pipeline.train.loader import PlannedBatches, batch_loader
 from tec_pipeline.train.log import RunLog, scalars
-from tec_pipeline.train.loop import LoopRun, LoopSettings, compiled, make_accelerator, run_loop
-from tec_pipeline.train.model import effective_targets, new_model
+from tec_pipeline.train.loop import (PRECISIONS, LoopRun, LoopSettings, compiled, end_run, make_accelerator, prepare,
+                                     run_loop)
+from tec_pipeline.train.model import effective_targets, new_model, step_graph
 from tec_pipeline.train.monitor import PICTURE, Monitor, base_loader
 from tec_pipeline.train.order import EpochPlanner, mask_noise
 from tec_pipeline.train.schedule import make_schedule, param_groups
@@ -65,7 +66,9 @@ class TECRun(LoopRun):
         patch = self.inner.encoder.patch_embed.patch_size[0]
         targets = step_targets(self.data, batch, images, t, patch, acc.autocast())
         noise = batch["mask_noise"].to(acc.device, non_blocking=True)
-        return self.step_losses(self.model, images, targets, t, self.cfg.model.mask_ratio, noise), images.shape[0]
+        losses = self.step_losses(self.model, images, targets, t, self.cfg.model.mask_ratio, noise,
+                                  PRECISIONS[self.cfg.optim.mixed_precision])
+        return losses, images.shape[0]
 
     def start(self, log: RunLog) -> None:
         """The monitor's base score and starting point (where the history has none yet)."""
@@ -97,7 +100,7 @@ def setup_run(cfg: Config, accelerator: Accelerator, path: Path, reader: Optiona
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.decay_tokens), lr=schedule.lr,
                                   betas=(o.beta1, o.beta2), fused=accelerator.device.type == "cuda" or None)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    prepared, optimizer = prepare(accelerator, model, optimizer)
     if data.base is not None:
         data.base.to(accelerator.device)
     settings = LoopSettings(accum_steps=o.accum_steps, min_lr=o.min_lr, log_every=cfg.train.log_every,
@@ -107,7 +110,8 @@ def setup_run(cfg: Config, accelerator: Accelerator, path: Path, reader: Optiona
                       schedule.steps_per_epoch, str(path / PICTURE)) if m.train or m.val else None
     return TECRun(accelerator=accelerator, model=prepared, optimizer=optimizer, schedule=schedule, settings=settings,
                   ckpt_path=path / CHECKPOINT, cfg=cfg, data=data, inner=model, kwargs=kwargs,
-                  step_losses=compiled(tec_losses, cfg.train.compile, accelerator), monitor=monitor)
+                  step_losses=compiled(tec_losses, cfg.train.compile, accelerator, step_graph(cfg)),
+                  monitor=monitor)
 
 
 def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
@@ -136,6 +140,6 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
         accelerator.init_trackers("tec", config=scalars(cfg))
         last = run_loop(run, path, stop_after, desc=f"train {run.data.source}")
     finally:
-        accelerator.end_training()
+        end_run(accelerator)
     return {"step": run.step, "losses": {k: v for k, v in last.items() if k.startswith("loss")},
             "output": str(path), "checkpoint": str(run.ckpt_path), "finished": run.step >= run.schedule.total_steps}

@@ -73,6 +73,20 @@ def guard(during: str = "the command") -> Iterator[None]:
         first = (str(err).strip().splitlines() or [""])[0]
         fail(f"unexpected {type(err).__name__}{': ' + first if first else ''} (during {during}); "
              f"run with {DEBUG_ENV}=1 for the traceback")
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """The command's processes leave their group together (the runs of a command share one group:
+    `train.loop.end_run`); nothing to do where torch was never imported or no group was made."""
+    import sys
+
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def guarded_command(typer_app: typer.Typer, *args, **kwargs) -> Callable:

@@ -9,18 +9,21 @@ from torch import Tensor
 from .config import TargetConfig
 from .losses import attention_loss, feature_loss
 from .models.tec import TECModel, TECOutput
-from .base_targets import compute_targets
+from .base_targets import autocast, compute_targets
 from .targets import Targets, attention_target, feature_target
 
 
 def tec_losses(model: Callable[..., TECOutput], images: Tensor, targets: Targets, cfg: TargetConfig,
-               mask_ratio: float = 0.75, noise: Optional[Tensor] = None) -> dict[str, Tensor]:
+               mask_ratio: float = 0.75, noise: Optional[Tensor] = None,
+               precision: Optional[torch.dtype] = None) -> dict[str, Tensor]:
     """New model forward on masked `images` and both losses; ``loss = L_fea + L_att``.
 
     `model` is a `TECModel` or its wrapper (DDP, compiled); it has an attention branch exactly
-    when ``cfg.attention`` is not "none" (`train.model.model_kwargs`)."""
+    when ``cfg.attention`` is not "none" (`train.model.model_kwargs`). The forward runs under
+    autocast to `precision` (None: float32); the losses take its outputs to float32."""
     att = attention_target(targets, cfg.attention, cfg.k)
-    out = model(images, topk_idx=att[1] if att is not None else None, mask_ratio=mask_ratio, noise=noise)
+    with autocast(images.device, precision):
+        out = model(images, topk_idx=att[1] if att is not None else None, mask_ratio=mask_ratio, noise=noise)
     losses = {}
     if out.feat is not None:
         losses["loss_fea"] = feature_loss(out.feat, feature_target(targets, cfg.norm), out.mask)

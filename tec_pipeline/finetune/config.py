@@ -74,6 +74,7 @@ class FtTrain:
     max_steps: Optional[int] = None  # optimizer steps of the whole schedule (default: epochs x steps per epoch)
     log_every: int = 10
     checkpoint_every: int = 1000  # optimizer steps between checkpoints; one after every epoch's evaluation too
+    compile: Optional[bool] = None  # torch.compile the step's forward and loss; None: on with CUDA, off elsewhere
 
 
 @dataclass
@@ -139,6 +140,7 @@ DOMAINS: dict[str, Domain] = {  # every setting's allowed values, as `config.DOM
     "train.max_steps": COUNT,
     "train.log_every": COUNT,
     "train.checkpoint_every": COUNT,
+    "train.compile": FLAG,
 }
 
 

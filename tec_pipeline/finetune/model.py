@@ -6,6 +6,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
+import json
+
 import torch
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
@@ -14,6 +16,7 @@ from torch import Tensor, nn
 
 from ..config import ViTArch
 from ..errors import UserError
+from ..base_targets import autocast
 from ..export import load_run_model
 from ..models.base import create_vit, export_arch, load_base_model
 from ..models.tec import TECModel
@@ -106,6 +109,24 @@ def linear_probe(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     model.requires_grad_(False)
     model.head = probe_head(model.embed_dim, num_classes, cfg.model.head_init_std)
     return model
+
+
+def classification_loss(model: nn.Module, criterion: nn.Module, images: Tensor, targets: Tensor,
+                        precision: Optional[torch.dtype] = None) -> Tensor:
+    """The step's loss: logits (B, classes) of `images` under autocast to `precision` (None: float32),
+    then `criterion` against `targets` ((B,) labels, or (B, classes) Mixup rows) in float32."""
+    with autocast(images.device, precision):
+        logits = model(images)
+    return criterion(logits.float(), targets)
+
+
+def step_graph(cfg: FinetuneConfig) -> str:
+    """What the compiled step's graph depends on: the protocol, the model, the augmentation that
+    shapes the targets, the batch's shape and the precision (not the lr, epochs or data paths)."""
+    model = {k: v for k, v in asdict(cfg.model).items() if k != "checkpoint"}
+    return json.dumps({"protocol": cfg.protocol, "model": model, "mixup": cfg.aug.mixup > 0 or cfg.aug.cutmix > 0,
+                       "smoothing": cfg.aug.smoothing, "img_size": cfg.data.img_size,
+                       "batch_size": cfg.data.batch_size, "precision": cfg.optim.mixed_precision}, sort_keys=True)
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -35,15 +36,61 @@ def make_accelerator(mixed_precision: str, accum_steps: int, path: Path) -> Acce
         raise UserError(f"optim.mixed_precision={mixed_precision}: {reason}") from None
 
 
-def compiled(fn: Callable, setting: Optional[bool], accelerator: Accelerator) -> Callable:
+def end_run(accelerator: Accelerator) -> None:
+    """accelerate's `end_training` less its teardown of the process group: one process may train
+    run after run on the same group (`ablate` under ``accelerate launch``, each row then its
+    fine-tune), and a group torn down after the first would fail the second. The command line
+    closes the group when its command ends (`cli.guard`)."""
+    for t in accelerator.trackers:
+        t.finish()
+
+
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # optim.mixed_precision -> autocast dtype
+
+
+def prepare(accelerator: Accelerator, model: torch.nn.Module, *rest):
+    """`accelerator.prepare(model, *rest)`, less the autocast accelerate puts around the model's
+    forward. accelerate makes that autocast object anew for every run and stores it on the model
+    instance; a compiled step is guarded on its identity, so each run in a process compiled the
+    step again and the dead runs' entries counted towards torch's recompile limit. The steps apply
+    the run's precision themselves instead (`PRECISIONS`, `base_targets.autocast`), from constants,
+    so two runs with the same graph share one compiled step. ``_original_forward`` goes too: it is
+    what accelerate's unwrap would put back, and there is nothing to put back."""
+    prepared = accelerator.prepare(model, *rest)
+    vars(model).pop("forward", None)
+    vars(model).pop("_original_forward", None)
+    return prepared
+
+
+# The step graphs compiled since torch's compile caches were last cleared, as (function, graph).
+# torch keeps at most 8 compiled entries per function (its default recompile limit) and counts the
+# entries of finished runs too; a process that trains run after run (`ablate`) clears the caches
+# before a ninth graph could hit that limit, and reuses what it holds for a graph it has seen.
+_HELD: list[tuple[str, str]] = []
+HELD_GRAPHS = 4  # under torch's 8, with room for the recompiles a graph may need on its own (DDP's parts)
+
+
+def compiled(fn: Callable, setting: Optional[bool], accelerator: Accelerator, graph: str) -> Callable:
     """`fn` through `torch.compile` when ``train.compile`` asks for it (None: on CUDA only, where
-    fusing the step's kernels pays for the compile time). On one process the step must be one
-    graph (``fullgraph``: a graph break is an error, not a silent slowdown); under DDP, dynamo
-    splits the graph at the gradient buckets by design."""
+    fusing the step's kernels pays for the compile time). Without DDP the step must be one graph
+    (``fullgraph``: a graph break is an error, not a silent slowdown); under DDP (several
+    processes, or one launched as a group) dynamo runs DDP's own forward uncompiled (its hooks),
+    compiles the model inside it split at the gradient buckets, and the losses after it as a
+    graph of their own.
+
+    `graph` names what the compiled graph depends on (`train.model.step_graph`): a run whose
+    graph this process compiled already reuses it; a new one may first clear torch's caches
+    (`_HELD`), so any number of runs in one process stays under torch's recompile limit."""
     on = accelerator.device.type == "cuda" if setting is None else setting
     if not on:
         return fn
-    return torch.compile(fn, fullgraph=accelerator.num_processes == 1)
+    held = (fn.__qualname__, f"{graph}|{accelerator.num_processes}|{accelerator.device.type}")
+    if held not in _HELD:
+        if len(_HELD) >= HELD_GRAPHS:
+            torch.compiler.reset()
+            _HELD.clear()
+        _HELD.append(held)
+    return torch.compile(fn, fullgraph=accelerator.distributed_type == DistributedType.NO)
 
 
 @dataclass(kw_only=True)

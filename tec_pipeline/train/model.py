@@ -2,6 +2,7 @@
 (fresh, Tab. 6d's base encoder, or another run's), checked against what the targets can serve."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Optional
 
@@ -58,6 +59,17 @@ def model_kwargs(cfg: Config, spec: TargetSpec) -> dict:
         "adapter_norm_eps": m.adapter_norm_eps,
         "patch_bias_init": m.patch_bias_init,
     }
+
+
+def step_graph(cfg: Config) -> str:
+    """The settings the compiled step's graph depends on, as one string: the model and its target
+    branches (Tab. 6's adapters, norm, attention, k, tau), the mask ratio, the batch's shape, the
+    source and the precision. Epochs, lr, seed and the first weights (Tab. 6d, e) are not among
+    them: runs that differ only there share one compiled step. The base's width comes from the
+    cache, the same for every run that reads it."""
+    model = {k: v for k, v in asdict(cfg.model).items() if k not in ("init_from_base", "init_checkpoint")}
+    return json.dumps({"model": model, "targets": asdict(effective_targets(cfg)), "img_size": cfg.data.img_size,
+                       "batch_size": cfg.data.batch_size, "precision": cfg.optim.mixed_precision}, sort_keys=True)
 
 
 def new_model(cfg: Config, data: "DataPipeline"):
