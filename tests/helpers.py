@@ -68,12 +68,24 @@ def run_as_ranks(fn: Callable[..., object], *args, world: int = 2, timeout: floa
     return [p.exitcode for p in procs]
 
 
+def run_alone(fn: Callable[..., object], *args, timeout: float = 180) -> int:
+    """Run `fn(*args)` in one forked process that is no rank of a group (as a plain `python` or
+    `tec-pipeline` command runs): accelerate's single-process path, with a state of its own
+    (a run's mixed precision, say); its exit code, 0 for success."""
+    proc = multiprocessing.get_context("fork").Process(target=_as_rank, args=(0, 0, 0, fn, args))
+    proc.start()
+    proc.join(timeout=timeout)
+    return proc.exitcode
+
+
 def _as_rank(rank: int, world: int, port: int, fn: Callable[..., object], args: tuple) -> None:
+    """One forked process: rank `rank` of `world` (world 0: no group at all)."""
     code = 1
     try:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                          ACCELERATE_USE_CPU="true")
+        if world:
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                              LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
         import torch
         from accelerate.state import AcceleratorState
 
