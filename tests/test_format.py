@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +156,138 @@ def test_the_standalone_reader_refuses_an_unwritten_shard(tmp_path):
     assert example.read_view(url, 1, 1)["crop"].tolist() == open_cache(url).read_view(1, 1)["crop"].tolist()
     with pytest.raises(SystemExit, match="shard 1 is not complete"):
         example.read_view(url, 2, 0)
+
+
+# ----------------------------------------------------------------------------- the spec names all a cache holds
+
+SPEC = REPO / "docs" / "format.md"
+# Stage one's caches, one of each kind a name can appear in: the arrays of every feature codec, both
+# stores, source images kept, pq parts in either store, and a skipped image (skipped lists, zeros).
+STAGE_ONE = {
+    "zarr-pq": ["cache.feat_dtype=pq", "cache.pq_subvectors=8", "cache.attn_dtype=uint8"],
+    "zarr-int8-lz4": ["cache.feat_dtype=int8", "cache.attn_dtype=float16", "cache.compress=lz4"],
+    "webdataset-int8": ["cache.store=webdataset", "cache.store_images=true", "cache.feat_dtype=int8",
+                        "cache.attn_dtype=uint8"],
+    "webdataset-pq": ["cache.store=webdataset", "cache.feat_dtype=pq", "cache.pq_subvectors=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> dict[str, Path]:
+    """Complete caches from stage one (with a file that is no image, skipped) and, from the
+    library, an incomplete one of each store (one shard of three written)."""
+    from stages.cache_targets import run_cache_targets
+    from test_cache_targets import config, write_images
+
+    images = write_images(tmp_path_factory.mktemp("format-images"))
+    (images / "c1" / "99-broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    root, made = tmp_path_factory.mktemp("format"), {}
+    for name, extra in STAGE_ONE.items():
+        made[name] = root / name
+        run_cache_targets(config(made[name], images, "data.on_bad_image=skip", *extra))
+    for store in ("zarr", "webdataset"):
+        made[f"{store}-incomplete"] = root / f"{store}-incomplete"
+        writer = create_cache(str(made[f"{store}-incomplete"]), make_meta(store, "int8", "uint8"))
+        write_shards(writer, make_targets(), shards=[1])
+    return made
+
+
+def key_paths(value, prefix: str = "") -> set[str]:
+    """Dotted paths of every leaf of a JSON value (an empty mapping or list is a leaf; the items of a
+    list of mappings share the path ``name[]``)."""
+    if isinstance(value, dict) and value:
+        return {p for key, item in value.items() for p in key_paths(item, f"{prefix}.{key}" if prefix else key)}
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        return {p for item in value for p in key_paths(item, prefix + "[]")}
+    return {prefix}
+
+
+def spec_sections() -> dict[str, str]:
+    """{heading: the text under it, up to the next heading}."""
+    sections, heading = {}, ""
+    for line in SPEC.read_text().splitlines():
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        sections[heading] = sections.get(heading, "") + line + "\n"
+    return sections
+
+
+def spec_names(*headings: str) -> list[str]:
+    """The code spans under every heading holding one of `headings`, whole document when none given."""
+    sections = spec_sections()
+    text = "".join(body for title, body in sections.items() if not headings or any(h in title for h in headings))
+    return re.findall(r"`([^`\n]+)`", text)
+
+
+def named(actual: str, names: list[str]) -> bool:
+    """Whether `actual` is one of `names`, where ``<placeholder>`` stands for any non-empty text (a
+    name that is a placeholder alone, as ``<shard>`` in the notation, names nothing)."""
+    patterns = [re.split(r"<[^<>]+>", name) for name in names]
+    return any(re.fullmatch(".+?".join(map(re.escape, parts)), actual) for parts in patterns if "".join(parts))
+
+
+def unnamed(actuals, names: list[str]) -> list[str]:
+    return sorted(a for a in set(actuals) if not named(a, names))
+
+
+FILE_SECTIONS = ("Files", "zarr store", "pq parts")  # where the spec names files (not tar members)
+
+
+def files(root: Path) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+
+
+def test_the_check_catches_a_name_the_spec_does_not_give():
+    """Not vacuous: a key, file or member added to caches later (a grown cache's lineage, say)
+    is reported until docs/format.md names it."""
+    added = ["meta.lineage.views", "summary.grown_views", "shards.0.views", "shard-00000-v00-000.idx", "feat/c/0/0"]
+    assert unnamed(added, spec_names()) == sorted(added)
+    assert unnamed(["lineage.json"], spec_names(*FILE_SECTIONS)) == ["lineage.json"]
+    assert unnamed(["stats.skipped", "json"], spec_names("Completion markers")) == ["json", "stats.skipped"]
+
+
+def test_the_spec_names_every_file_and_json_key_a_cache_holds(caches):
+    names, marker_names = spec_names(), spec_names("Completion markers")
+    for kind, root in caches.items():
+        assert unnamed(files(root), spec_names(*FILE_SECTIONS)) == [], kind
+        doc = json.loads((root / "tec_cache.json").read_text())
+        if kind.endswith("incomplete"):  # the library tests' identity is made up: stage one's caches hold the real one
+            del doc["meta"]["identity"]
+        assert unnamed(key_paths(doc), names) == [], kind
+        for marker in (root / "_done").glob("*.json"):
+            assert unnamed(key_paths(json.loads(marker.read_text())), marker_names) == [], (kind, marker.name)
+
+
+def test_the_spec_names_every_zarr_array_with_its_axes_dtype_codecs_and_attributes(caches):
+    names, all_names = spec_names("zarr store", "pq parts"), spec_names()
+    tables = "".join(body for title, body in spec_sections().items()
+                     if "zarr store" in title or "pq parts" in title).splitlines()
+    seen = set()
+    for kind, root in caches.items():
+        for path in root.rglob("zarr.json"):
+            node, meta = path.parent.relative_to(root).as_posix(), json.loads(path.read_text())
+            assert unnamed(meta, all_names) == [] and unnamed(meta["attributes"], names) == [], (kind, node)
+            if meta["node_type"] == "array":  # its table row gives its axes and this dtype
+                seen.add(node)
+                codecs = re.findall(r'"name": "([^"]+)"', json.dumps(meta["codecs"]))
+                assert unnamed(codecs, names) == [], (kind, node)
+                rows = [line for line in tables if line.startswith(f"| `{node}` |")]
+                assert len(rows) == 1, (kind, node)
+                assert f"`[{', '.join(meta['dimension_names'])}]`" in rows[0], (kind, node)
+                assert f"`{meta['data_type']}`" in rows[0], (kind, node)
+    assert {"feat_step", "feat_codec/rotation", "feat_codec/codebooks", "label", "valid"} <= seen
+
+
+def test_the_spec_names_every_webdataset_member_and_sample_key(caches):
+    names = spec_names("webdataset store")
+    suffixes = set()
+    for kind, root in caches.items():
+        for path in root.glob("*.tar"):
+            with tarfile.open(path) as tar:
+                for member in tar.getmembers():
+                    assert named(member.name, names), (kind, path.name, member.name)
+                    suffixes.add(member.name.partition(".")[2])
+                    if member.name.endswith(".json"):
+                        info = json.loads(tar.extractfile(member).read())
+                        assert unnamed(key_paths(info), names) == [], (kind, member.name)
+    assert {"feat.npy.zst", "feat_step.npy.zst", "json", "png", "bin"} <= suffixes
