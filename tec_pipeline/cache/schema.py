@@ -1,6 +1,6 @@
 """Cache schema: metadata checks, array layout, identity comparison and completion markers.
 
-A cache is a directory or fsspec URL holding
+A cache is a directory or fsspec URL (docs/format.md specifies every file and key) holding
 
 - ``tec_cache.json``: format version, ``meta`` (sizes, dtypes, the ``identity`` of the run
   that made it), the per-shard completion listing, the ``complete`` flag and the summary;
