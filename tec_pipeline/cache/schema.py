@@ -1,6 +1,6 @@
 """Cache schema: metadata checks, array layout, identity comparison and completion markers.
 
-A cache is a directory or fsspec URL holding
+A cache is a directory or fsspec URL (docs/format.md specifies every file and key) holding
 
 - ``tec_cache.json``: format version, ``meta`` (sizes, dtypes, the ``identity`` of the run
   that made it), the per-shard completion listing, the ``complete`` flag and the summary;
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +28,12 @@ from .chunk_codec import COMPRESS
 from .pq import CENTROIDS, check_subvectors
 from .storage import join, read_json
 
-# 2: in each shard file the chunks of one view index lie together (view-major), so an epoch that
-# uses one view per image reads one contiguous range per shard and array; a version-1 cache (chunks
-# image by image) is refused, not read in the wrong order.
-FORMAT_VERSION = 2
+# "MAJOR.MINOR" (docs/format.md, "Versions"). A reader reads every minor of its own major: a minor
+# only adds what an older reader may ignore. 2: in each shard file the chunks of one view index lie
+# together (view-major), so an epoch that uses one view per image reads one contiguous range per
+# shard and array; a major-1 cache (chunks image by image) is refused, not read in the wrong order.
+# Caches before the version was written "MAJOR.MINOR" hold the integer 1 or 2 (= "1.0", "2.0").
+FORMAT_VERSION = "2.0"
 META_FILE = CACHE_FILE
 DONE_DIR = "_done"
 
@@ -106,6 +109,15 @@ def normalize_meta(meta: dict) -> dict:
     if not isinstance(meta["identity"], dict):
         raise ValueError("cache meta 'identity' must be a dict")
     return meta
+
+
+def parse_version(value: Any) -> tuple[int, int] | None:
+    """(major, minor) of a recorded ``format_version``: the text "MAJOR.MINOR", or the integer MAJOR
+    that caches hold from before it was text; None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value, 0
+    match = re.fullmatch(r"(\d+)\.(\d+)", value) if isinstance(value, str) else None
+    return (int(match[1]), int(match[2])) if match else None
 
 
 def array_specs(meta: dict) -> dict[str, ArraySpec]:

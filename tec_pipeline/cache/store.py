@@ -19,7 +19,7 @@ from .owned import damaged_shards, foreign_files, remove_own_files
 from .reader import CacheReader
 from .schema import (
     FORMAT_VERSION, META_FILE, REQUIRED_META, CacheCorruptError, CacheMismatchError, check_same_cache, dump_json,
-    marker_path, normalize_meta, with_recorded_parts,
+    marker_path, normalize_meta, parse_version, with_recorded_parts,
 )
 from .storage import check_bucket, fs_root, join, read_json, storage_errors
 from .wds_read import WdsReader
@@ -43,16 +43,29 @@ def _read_document(url: str, fs, root: str) -> dict:
         raise _corrupt(url, f"not valid JSON ({err})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict):
         raise _corrupt(url, "no 'meta' mapping")
-    version = doc.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(f"cache {url} has format version {version!r}, this tec-pipeline reads version "
-                        f"{FORMAT_VERSION} (views laid out so an epoch reads only its own); rebuild it with "
-                        f"`tec-pipeline cache-targets` and the same config plus --overwrite")
+    _check_version(url, doc.get("format_version"))
     missing = [k for k in REQUIRED_META if k not in doc["meta"]]
     if missing or doc["meta"]["store"] not in _READERS:
         raise _corrupt(url, f"its meta lacks {missing[0]}" if missing else f"unknown store {doc['meta']['store']!r}")
     doc["meta"].setdefault("compress", "zstd")  # a meta with no compress key describes zstd chunks
     return doc
+
+
+def _check_version(url: str, recorded) -> None:
+    """Read every minor version of this reader's major (a minor only adds what may be ignored);
+    refuse a newer major (a later tec-pipeline wrote it) and an older one (it must be rebuilt),
+    each in one line naming both versions (docs/format.md, "Versions")."""
+    version, ours = parse_version(recorded), parse_version(FORMAT_VERSION)
+    if version is None:
+        raise _corrupt(url, f"format_version {recorded!r} is not MAJOR.MINOR")
+    shown = f"{version[0]}.{version[1]}"
+    if version[0] > ours[0]:
+        raise UserError(f"cache {url} has format version {shown}, newer than the {FORMAT_VERSION} this tec-pipeline "
+                        f"reads: upgrade tec-pipeline to read it")
+    if version[0] < ours[0]:
+        raise UserError(f"cache {url} has format version {shown}, this tec-pipeline reads version {FORMAT_VERSION} "
+                        f"(views laid out so an epoch reads only its own); rebuild it with "
+                        f"`tec-pipeline cache-targets` and the same config plus --overwrite")
 
 
 def _corrupt(url: str, why: str) -> CacheCorruptError:
