@@ -7,7 +7,6 @@ written. Each is recognised by a file it writes before anything else of its own.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -19,9 +18,17 @@ IDENTITY_FILE = "identity.json"  # a run's identity: written before its first st
 RUN_FILES = (CHECKPOINT, IDENTITY_FILE)
 
 
+def resolved(path: str | Path) -> Path:
+    """`path` as the filesystem reaches it: absolute, every symlink followed, then ``..`` taken
+    (a parent of a link is the link target's parent, not the folder the link sits in)."""
+    return Path(path).expanduser().resolve()
+
+
 def _holder(path: str | Path, names: tuple[str, ...]) -> Optional[Path]:
-    """`path` itself or the nearest folder above it that holds a file of `names`; None if none does."""
-    path = Path(os.path.abspath(path))
+    """`path` itself or the nearest folder above it that holds a file of `names`; None if none does.
+    Followed through symlinks (`resolved`): a run reached through a link to a folder in a cache is
+    inside that cache."""
+    path = resolved(path)
     for folder in (path, *path.parents):
         try:
             if any((folder / name).is_file() for name in names):
@@ -32,7 +39,7 @@ def _holder(path: str | Path, names: tuple[str, ...]) -> Optional[Path]:
 
 
 def _where(path: str | Path, holder: Path, what: str) -> str:
-    return f"is {what}" if holder == Path(os.path.abspath(path)) else f"is inside {what} {holder}"
+    return f"is {what}" if holder == resolved(path) else f"is inside {what} {holder}"
 
 
 def check_run_place(output: str | Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -16,12 +17,14 @@ from ..cache.schema import first_difference, short_value
 from ..config import Config, flatten, to_dict
 from ..errors import UserError
 from ..export import CHECKPOINT, atomic_save, load_checkpoint
-from ..files import storage_error
 from ..models.base import NoFinalNorm, file_sha256
 from ..models.checkpoints import read_safetensors
 from ..models.tec import TECModel
 from ..places import IDENTITY_FILE, check_run_place
 from .schedule import Schedule
+
+RUN_WRITES = (CHECKPOINT, IDENTITY_FILE, "config.json", "params.json", "result.json")  # atomically, by name
+UNFINISHED = re.compile(r"\.tmp-[0-9a-f]{8}")  # `files.temporary_name`'s suffix
 
 # What a resume may change: where the run logs and writes, how fast it loads, where its data
 # lies (the data's identity is compared by content instead), stage one's own settings, and how it
@@ -34,8 +37,10 @@ RESUMABLE_CHANGES = ("output", "train.log_every", "train.checkpoint_every", "dat
 
 # ---------------------------------------------------------------- state and resume
 def run_dir(cfg: Config, resume: bool) -> Path:
-    """The run's folder: refused if it already holds a run and `resume` is off, or holds none to
-    resume, if it is (or lies inside) a target cache, or if it cannot be made."""
+    """The run's folder, checked but not made: refused if it already holds a run and `resume` is
+    off, or holds none to resume, or if it is (or lies inside) a target cache. The run's first
+    write makes it (`files.atomic_path`), after every setting has been checked, so a refused run
+    leaves no empty folder. What a save killed half-way left (`checkpoint.pt.tmp-*`) is removed."""
     path = Path(cfg.output)
     check_run_place(path)
     if path.exists() and not path.is_dir():
@@ -45,11 +50,17 @@ def run_dir(cfg: Config, resume: bool) -> Path:
         raise UserError(f"output={path} already holds a run; pass --resume to continue it or choose another output")
     if resume and not ckpt.exists():
         raise UserError(f"--resume: output={path} has no checkpoint to continue from")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise storage_error(path, "the run's folder", err) from None
+    remove_unfinished_saves(path)
     return path
+
+
+def remove_unfinished_saves(path: Path) -> None:
+    """Remove the temporary files a killed save of the run's own files left (`files.temporary_name`:
+    ``name.tmp-`` and 8 hex digits; the rename that would have made them the file never ran)."""
+    for name in RUN_WRITES:
+        for leftover in path.glob(f"{name}.tmp-*"):
+            if UNFINISHED.fullmatch(leftover.name[len(name):]):
+                leftover.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
@@ -90,17 +101,39 @@ def save_state(path: Path, accelerator, model, optimizer, step: int, kwargs: dic
 
 def restore(path: Path, accelerator, model, optimizer) -> int:
     """Load a checkpoint's weights, AdamW moments, loss scaler and RNG; returns its step."""
-    return restore_state(load_checkpoint(path), accelerator, model, optimizer)
+    return restore_state(load_checkpoint(path), accelerator, model, optimizer, path)
 
 
-def restore_state(state: dict, accelerator, model, optimizer) -> int:
-    """`restore` from an already loaded checkpoint (a run that keeps more in it reads it once)."""
-    accelerator.unwrap_model(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+def restore_state(state: dict, accelerator, model, optimizer, path: Path | str = CHECKPOINT) -> int:
+    """`restore` from an already loaded checkpoint (a run that keeps more in it reads it once);
+    `path`, the file it was read from, is named where it does not fit this run's model."""
+    own = accelerator.unwrap_model(model)
+    saved = state.get("model")
+    why = other_weights(own.state_dict(), saved) if isinstance(saved, dict) else "no model weights in it"
+    if why is None:
+        try:
+            own.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as err:  # no optimizer state, or one of other parameter groups
+            why = f"its optimizer state does not fit ({' '.join(str(err).split())})"
+    if why is not None:
+        raise UserError(f"{path}: not a checkpoint of this run's model ({why}); resume with the settings that "
+                        f"wrote it, or choose another output")
     if accelerator.scaler is not None and state["scaler"] is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def other_weights(own: dict, saved: dict) -> Optional[str]:
+    """The first weight where a saved state dict differs from the model's, in words; None if none does."""
+    for key, value in own.items():
+        if key not in saved:
+            return f"no '{key}' in it"
+        if tuple(saved[key].shape) != tuple(value.shape):
+            return f"'{key}' is {tuple(saved[key].shape)} in it, {tuple(value.shape)} in this model"
+    extra = next((key for key in saved if key not in own), None)
+    return None if extra is None else f"'{extra}' in it has no place in this model"
 
 
 # ---------------------------------------------------------------- identity
