@@ -177,7 +177,8 @@ def run_eval(models: Sequence[tuple[str, Optional[Union[ViTArch, str]], Optional
     table and write it with its settings as JSON to `output`."""
     from ..models.base import load_base_model
 
-    encoders = {name: load_base_model(arch, checkpoint, img_size) for name, arch, checkpoint in models}
+    encoders = {name: load_base_model(arch, checkpoint, img_size, setting="--arch")
+                for name, arch, checkpoint in models}
     rows = evaluate_models(encoders, train_dir, test_dir, pool, k, T, batch_size, device, floors, seed,
                            pixel_size, probe_C, log=echo, split=split, train_groups=train_groups)
     echo(format_table(rows))
