@@ -33,16 +33,12 @@ def check_settings(cfg: Config) -> None:
 
 
 def check_base(cfg: Config, base) -> None:
-    """Settings that need the built base: patch grid, k_max, last_layers."""
-    patch = base.patch_embed.patch_size[0]
-    if cfg.data.img_size % patch:
-        raise UserError(f"data.img_size={cfg.data.img_size} is not divisible by the base patch size {patch}")
-    num_patches = base.patch_embed.num_patches
+    """Settings that need the built base (its patch grid and width; the rules on its sizes were
+    checked before it was built, `check_settings`): k_max, pq_subvectors."""
+    patch, num_patches = base.patch_embed.patch_size[0], base.patch_embed.num_patches
     if cfg.cache.k_max > num_patches:
         raise UserError(f"cache.k_max={cfg.cache.k_max} exceeds the {num_patches} patches of a "
                         f"{cfg.data.img_size}px image at patch {patch}")
-    if cfg.targets.last_layers > len(base.blocks):
-        raise UserError(f"targets.last_layers={cfg.targets.last_layers} exceeds the base depth {len(base.blocks)}")
     if cfg.cache.feat_dtype == "pq":
         if cfg.cache.pq_subvectors is None:
             raise UserError(f"cache.feat_dtype=pq needs cache.pq_subvectors: codes per patch, dividing the base's "
