@@ -304,3 +304,60 @@ def test_a_shard_completed_while_inspect_lists_files_is_not_called_missing(image
     monkeypatch.setattr(owned, "_files", listing_then_finish)
     reader = open_cache(str(url))
     assert reader.damaged_shards() == {}
+
+
+# ----------------------------------------------------------------------------- past the list: a careless user
+def test_a_run_into_a_folder_of_someone_elses_files_is_refused(images, tmp_path):
+    """Without identity.json (a run's first write) nothing in the folder is a run's: a run would
+    overwrite a config.json or log.jsonl of the same name."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"mine": true}')
+    before = digest(folder)
+    line = one_error_line(invoke(*pixels_run(images, folder)))
+    assert line == f"error: output={folder} holds config.json and no run (identity.json): a run writes config.json, " \
+                   "log.jsonl and more there; choose a new or empty folder"
+    assert digest(folder) == before
+
+
+@pytest.mark.parametrize("command", ["train", "cache-targets"])
+def test_a_run_or_cache_inside_the_image_folder_it_reads_is_refused(images, tmp_path, command):
+    """The image folder is scanned whole: a run's pictures or a cache written there would join the data."""
+    before = digest(images)
+    if command == "train":
+        line = one_error_line(invoke(*pixels_run(images, images / "run")))
+        assert line.startswith(f"error: output={images / 'run'} is inside data.path={images}, a folder read as images")
+    else:
+        line = one_error_line(invoke(*stage_one(images / "c" / "c.zarr", images)))
+        assert line.startswith(f"error: cache.path={images / 'c' / 'c.zarr'} is inside data.path={images}")
+    assert digest(images) == before and sorted(p.name for p in images.iterdir()) == ["c0", "c1"]
+
+
+def test_export_never_replaces_a_file_it_did_not_write(pixels_checkpoint, tmp_path):
+    mine = tmp_path / "weights.safetensors"
+    mine.write_bytes(b"a user's file")
+    for fmt in ("timm", "mae"):
+        line = one_error_line(invoke("export", pixels_checkpoint, "--out", mine, "--format", fmt))
+        assert line.startswith(f"error: --out {mine}: an existing file that is not a tec-pipeline export")
+    assert mine.read_bytes() == b"a user's file"
+    assert one_error_line(invoke("export", pixels_checkpoint, "--out", tmp_path)).startswith(f"error: --out {tmp_path}: "
+                                                                                             "a folder")
+    out = tmp_path / "encoder.safetensors"  # an export of ours is replaced, at any path
+    for _ in range(2):
+        assert invoke("export", pixels_checkpoint, "--out", out).exit_code == 0
+    for _ in range(2):  # and so is the run's own default file of either format
+        assert invoke("export", pixels_checkpoint, "--format", "mae").exit_code == 0
+
+
+def test_eval_never_replaces_a_file_it_did_not_write_and_names_what_it_was_given(images, pixels_checkpoint, tmp_path):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    ckpt = pixels_checkpoint / "checkpoint.pt"
+    common = ["--train-dir", images, "--test-dir", images]
+    line = one_error_line(invoke("eval", "-m", f"a={ckpt}", *common, "--out", notes))
+    assert line.startswith(f"error: --out {notes}: an existing file that is not an eval report")
+    assert notes.read_text() == '{"mine": 1}'
+    line = one_error_line(invoke("eval", "-m", f"a={pixels_checkpoint}", *common))
+    assert line == f"error: {pixels_checkpoint}: a folder, not a checkpoint file (a run keeps its own in checkpoint.pt)"
+    line = one_error_line(invoke("eval", "-m", f"a={ckpt}", *common, "--img-size", "31"))
+    assert line == "error: --img-size 31: not divisible by the patch size 8 of --model a"

@@ -19,6 +19,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..places import CHECKPOINT
 
 EXPORT_FORMAT = "tec-pipeline-export"
 # Where a family keeps its encoder in the file, first match wins: EMA weights before online ones
@@ -141,6 +142,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], str, dict]:
     safetensors file with ``format=tec-pipeline-export`` metadata (entry "tec-export").
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file (a run keeps its own in {CHECKPOINT})")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     meta: dict = {}

@@ -20,11 +20,13 @@ from ..export import CHECKPOINT, atomic_save, load_checkpoint
 from ..models.base import NoFinalNorm, file_sha256
 from ..models.checkpoints import read_safetensors
 from ..models.tec import TECModel
-from ..places import IDENTITY_FILE, check_run_place
+from ..places import IDENTITY_FILE, check_apart, check_run_place
 from .schedule import Schedule
 
 RUN_WRITES = (CHECKPOINT, IDENTITY_FILE, "config.json", "params.json", "result.json")  # atomically, by name
 UNFINISHED = re.compile(r"\.tmp-[0-9a-f]{8}")  # `files.temporary_name`'s suffix
+# The settings naming folders a run reads images from (stage two's, fine-tuning's): no run lies in one.
+IMAGE_FOLDERS = ("data.path", "data.train", "data.val", "train.monitor.train", "train.monitor.val")
 
 # What a resume may change: where the run logs and writes, how fast it loads, where its data
 # lies (the data's identity is compared by content instead), stage one's own settings, and how it
@@ -43,6 +45,7 @@ def run_dir(cfg: Config, resume: bool) -> Path:
     leaves no empty folder. What a save killed half-way left (`checkpoint.pt.tmp-*`) is removed."""
     path = Path(cfg.output)
     check_run_place(path)
+    check_apart("output", path, {k: v for k, v in flatten(to_dict(cfg)).items() if k in IMAGE_FOLDERS})
     if path.exists() and not path.is_dir():
         raise UserError(f"output={path} is a file, not a folder: choose another output")
     ckpt = path / CHECKPOINT
@@ -50,16 +53,36 @@ def run_dir(cfg: Config, resume: bool) -> Path:
         raise UserError(f"output={path} already holds a run; pass --resume to continue it or choose another output")
     if resume and not ckpt.exists():
         raise UserError(f"--resume: output={path} has no checkpoint to continue from")
+    check_no_others(path)
     remove_unfinished_saves(path)
     return path
 
 
+def check_no_others(path: Path) -> None:
+    """Refuse an existing folder that holds files but no run: a run writes its identity first (and
+    a checkpoint to resume is read, and refused if it is not this run's, before anything is
+    written), so without either nothing there is proven a run's, and a run would overwrite a
+    user's config.json or log.jsonl of the same name."""
+    if not path.is_dir() or (path / IDENTITY_FILE).is_file() or (path / CHECKPOINT).is_file():
+        return
+    others = sorted(p.name for p in path.iterdir() if not unfinished_save(p.name))
+    if others:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise UserError(f"output={path} holds {others[0]}{more} and no run ({IDENTITY_FILE}): a run writes "
+                        f"config.json, log.jsonl and more there; choose a new or empty folder")
+
+
+def unfinished_save(name: str) -> bool:
+    """A temporary file of a save of one of the run's own files (`files.temporary_name`: ``name.tmp-``
+    and 8 hex digits), left where the save was killed before its rename."""
+    return any(name.startswith(own) and UNFINISHED.fullmatch(name[len(own):]) for own in RUN_WRITES)
+
+
 def remove_unfinished_saves(path: Path) -> None:
-    """Remove the temporary files a killed save of the run's own files left (`files.temporary_name`:
-    ``name.tmp-`` and 8 hex digits; the rename that would have made them the file never ran)."""
-    for name in RUN_WRITES:
-        for leftover in path.glob(f"{name}.tmp-*"):
-            if UNFINISHED.fullmatch(leftover.name[len(name):]):
+    """Remove what killed saves of the run's own files left (`unfinished_save`)."""
+    if path.is_dir():
+        for leftover in path.iterdir():
+            if unfinished_save(leftover.name):
                 leftover.unlink(missing_ok=True)
 
 
