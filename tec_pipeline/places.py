@@ -3,9 +3,9 @@
 `cache-targets --overwrite` removes a cache's own files and nothing else, but a run kept inside a
 cache (or a cache kept inside a run) shares one tree with it: the next overwrite, clean-up or copy
 of the one would take the other along. Both are refused where they are named, before anything is
-written. Each is recognised by a file it writes before anything else of its own. Neither may lie
-in a folder its command reads images from (`check_apart`): what it writes would join the images.
-Every relation is taken on resolved paths (`resolved`).
+written. Each is recognised by a file it writes before anything else of its own. A run may not
+lie in a folder it reads images from either (`check_apart`): the pictures it writes would join
+them. Every relation is taken on resolved paths (`resolved`).
 """
 from __future__ import annotations
 
@@ -61,15 +61,15 @@ def check_cache_place(path: str | Path) -> None:
 
 
 def check_apart(setting: str, path: str | Path, inputs: dict[str, str]) -> None:
-    """Refuse `path` (what `setting` names: a run's output, a cache) at or inside a local folder
-    of `inputs` ({setting: folder} the command reads images from): an image folder is scanned
-    whole, so a picture, a class folder or a cache written there would change the data a rerun
-    or a resume reads (its fingerprint, its classes)."""
+    """Refuse `path` (what `setting` names, e.g. a run's output) at or inside a local folder of
+    `inputs` ({setting: folder} the command reads images from): an image folder is scanned whole,
+    so a picture written there (the monitor's monitor.png) becomes an image of a new class folder,
+    and the data a resume or the next run reads has changed (its fingerprint, its classes)."""
     where = resolved(path)
     for key, folder in inputs.items():
         if not folder or "://" in folder or not Path(folder).is_dir():
             continue  # a tar pattern, a URL, or nothing: no folder to scan
         top = resolved(folder)
         if where == top or top in where.parents:
-            raise UserError(f"{setting}={path} is inside {key}={folder}, a folder read as images: what it writes "
-                            f"there would join them; set {setting} to a folder outside it")
+            raise UserError(f"{setting}={path} is inside {key}={folder}, a folder read as images: the pictures it "
+                            f"writes would join them; set {setting} to a folder outside it")

@@ -18,7 +18,7 @@ from ..cache.storage import fs_root
 from ..errors import UserError
 from ..files import is_local
 from ..models.base import check_sizes
-from ..places import check_apart, check_cache_place
+from ..places import check_cache_place
 from ..rules import RULES
 
 
@@ -30,7 +30,6 @@ def check_settings(cfg: Config) -> None:
     fs, root = fs_root(cfg.cache.path)  # an unknown storage protocol is refused here too
     if is_local(fs):
         check_cache_place(root)
-        check_apart("cache.path", root, {"data.path": cfg.data.path})
 
 
 def check_base(cfg: Config, base) -> None:
