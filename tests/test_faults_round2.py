@@ -253,6 +253,15 @@ def test_linprobe_takes_a_training_runs_architecture_from_its_checkpoint(images,
     assert (tmp_path / "lp" / "result.json").is_file()
 
 
+def test_an_image_size_the_checkpoints_patch_does_not_divide_is_refused(images, pixels_checkpoint, tmp_path):
+    """timm would silently drop the pixels past the last whole patch (30 px at patch 8: 6 of them)."""
+    ckpt = pixels_checkpoint / "checkpoint.pt"
+    line = one_error_line(invoke("finetune", f"model.checkpoint={ckpt}", f"data.train={images}", f"data.val={images}",
+                                 "data.img_size=30", "data.batch_size=4", f"output={tmp_path / 'ft'}"))
+    assert line == f"error: data.img_size=30: not divisible by the patch size 8 of model.checkpoint={ckpt}"
+    assert not (tmp_path / "ft").exists()
+
+
 def test_a_checkpoint_that_does_not_fit_model_arch_names_model_arch(images, tmp_path):
     from helpers import tiny_arch
     from tec_pipeline.models.base import build_vit

@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from ..config import ViTArch, flatten, to_dict
 from ..errors import UserError
 from ..export import load_run_model
-from ..models.base import check_sizes, create_vit, export_arch, load_base_model, read_checkpoint
+from ..models.base import (
+    check_sizes, create_vit, export_arch, load_base_model, read_checkpoint, resolved_sizes,
+)
 from ..models.tec import TECModel
 from .config import RULES, FinetuneConfig
 
@@ -45,6 +47,11 @@ def encoder_arch(cfg: FinetuneConfig) -> ViTArch:
     if arch is None:
         check_sizes(flatten(to_dict(cfg)), "model.arch", RULES)
         arch = cfg.model.arch
+    else:  # the checkpoint's own patch: timm would drop the pixels past the last whole one
+        patch = resolved_sizes(arch, "model.arch").patch_size
+        if cfg.data.img_size % patch:
+            raise UserError(f"data.img_size={cfg.data.img_size}: not divisible by the patch size {patch} of "
+                            f"model.checkpoint={cfg.model.checkpoint}")
     return ViTArch(**{**asdict(arch), "img_size": cfg.data.img_size})
 
 
