@@ -153,6 +153,8 @@ def other_weights(own: dict, saved: dict) -> Optional[str]:
     for key, value in own.items():
         if key not in saved:
             return f"no '{key}' in it"
+        if not isinstance(saved[key], torch.Tensor):
+            return f"'{key}' in it is not a tensor"
         if tuple(saved[key].shape) != tuple(value.shape):
             return f"'{key}' is {tuple(saved[key].shape)} in it, {tuple(value.shape)} in this model"
     extra = next((key for key in saved if key not in own), None)
