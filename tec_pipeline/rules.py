@@ -92,7 +92,10 @@ RULES: tuple[Rule, ...] = (
          "only webdataset samples keep source images: need cache.store=webdataset"),
     Rule(("cache.compress", "cache.store"), lambda compress, store: compress == "zstd" or store == "zarr",
          "webdataset members are zstd: lz4 and none need cache.store=zarr"),
-    # the monitor fits its probe on one labelled split and scores on the other
+    # the monitor fits its probe on one labelled split and scores on the other; scored on the
+    # images it fits on, the k-NN finds each image itself and the score says nothing
     Rule(("train.monitor.train", "train.monitor.val"), lambda train, val: bool(train) == bool(val),
          "the monitor fits on one labelled split and scores on the other: set both or neither"),
+    Rule(("train.monitor.train", "train.monitor.val"), lambda train, val: not train or train != val,
+         "scored on the images it fits on, the monitor's score says nothing: give it two different splits"),
 )

@@ -52,6 +52,12 @@ def images(tmp_path_factory) -> Path:
     return write_images(tmp_path_factory.mktemp("round2") / "images", 8, size=(40, 40), classes=2)
 
 
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    """Other images of the same two classes: the split a score is taken on."""
+    return write_images(tmp_path_factory.mktemp("round2") / "held_out", 4, size=(40, 40), classes=2, seed=1)
+
+
 # ----------------------------------------------------------------------------- a user's files are never touched
 def test_a_users_zarr_store_with_cache_like_array_names_is_refused_not_cleaned(images, tmp_path):
     """Arrays named feat / attn / valid and a root zarr.json look like a cache's own files by name, but
@@ -194,7 +200,7 @@ def test_a_min_lr_above_the_peak_counts_the_launchs_processes(monkeypatch):
     (["model.input_adapter=true"], "model.input_adapter=true, protocol=finetune: the input adapter is Tab. 4's"),
 ])
 def test_contradicting_finetune_settings_stop_at_load(tmp_path, overrides, named):
-    line = one_error_line(invoke("finetune", f"data.train={tmp_path}", f"data.val={tmp_path}",
+    line = one_error_line(invoke("finetune", f"data.train={tmp_path}", f"data.val={tmp_path / 'val'}",
                                  "model.arch.num_heads=12", f"output={tmp_path / 'ft'}", *overrides))
     assert line.startswith(f"error: {named}")
     assert not (tmp_path / "ft").exists()
@@ -243,42 +249,42 @@ def test_a_run_refused_after_its_config_loads_leaves_no_folder(images, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_linprobe_takes_a_training_runs_architecture_from_its_checkpoint(images, pixels_checkpoint, tmp_path):
+def test_linprobe_takes_a_training_runs_architecture_from_its_checkpoint(images, held_out, pixels_checkpoint, tmp_path):
     """A run's checkpoint.pt records its model (patch 8, width 32): model.arch (timm's patch 16 default)
     is not consulted, as for an export."""
     result = invoke("linprobe", f"model.checkpoint={pixels_checkpoint / 'checkpoint.pt'}", f"data.train={images}",
-                    f"data.val={images}", "data.img_size=32", "data.batch_size=4", "data.num_workers=0",
+                    f"data.val={held_out}", "data.img_size=32", "data.batch_size=4", "data.num_workers=0",
                     "optim.epochs=1", "optim.warmup_epochs=0", f"output={tmp_path / 'lp'}")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "lp" / "result.json").is_file()
 
 
-def test_an_image_size_the_checkpoints_patch_does_not_divide_is_refused(images, pixels_checkpoint, tmp_path):
+def test_an_image_size_the_checkpoints_patch_does_not_divide_is_refused(images, held_out, pixels_checkpoint, tmp_path):
     """timm would silently drop the pixels past the last whole patch (30 px at patch 8: 6 of them)."""
     ckpt = pixels_checkpoint / "checkpoint.pt"
-    line = one_error_line(invoke("finetune", f"model.checkpoint={ckpt}", f"data.train={images}", f"data.val={images}",
+    line = one_error_line(invoke("finetune", f"model.checkpoint={ckpt}", f"data.train={images}", f"data.val={held_out}",
                                  "data.img_size=30", "data.batch_size=4", f"output={tmp_path / 'ft'}"))
     assert line == f"error: data.img_size=30: not divisible by the patch size 8 of model.checkpoint={ckpt}"
     assert not (tmp_path / "ft").exists()
 
 
-def test_a_checkpoint_that_does_not_fit_model_arch_names_model_arch(images, tmp_path):
+def test_a_checkpoint_that_does_not_fit_model_arch_names_model_arch(images, held_out, tmp_path):
     from helpers import tiny_arch
     from tec_pipeline.models.base import build_vit
 
     weights = tmp_path / "vit.pth"
     torch.save({"model": build_vit(tiny_arch()).state_dict()}, weights)  # patch 8, no recorded architecture
     line = one_error_line(invoke("linprobe", f"model.checkpoint={weights}", f"data.train={images}",
-                                 f"data.val={images}", "data.img_size=32", "model.arch.name=vit_tiny_patch16_224",
+                                 f"data.val={held_out}", "data.img_size=32", "model.arch.name=vit_tiny_patch16_224",
                                  "data.batch_size=4", f"output={tmp_path / 'lp'}"))
     assert line == f"error: {weights}: patch size 8 in the checkpoint, 16 in model.arch (resampling the patch " \
                    "kernel would change the base)"
     assert not (tmp_path / "lp").exists()
 
 
-def test_eval_names_its_arch_flag(images, pixels_checkpoint):
+def test_eval_names_its_arch_flag(images, held_out, pixels_checkpoint):
     line = one_error_line(invoke("eval", "-m", f"x={pixels_checkpoint / 'checkpoint.pt'}", "--arch", "vit_nope",
-                                 "--train-dir", images, "--test-dir", images))
+                                 "--train-dir", images, "--test-dir", held_out))
     assert line.startswith("error: --arch vit_nope: cannot build this ViT (Unknown model")
 
 
@@ -356,11 +362,12 @@ def test_export_never_replaces_a_file_it_did_not_write(pixels_checkpoint, tmp_pa
         assert invoke("export", pixels_checkpoint, "--format", "mae").exit_code == 0
 
 
-def test_eval_never_replaces_a_file_it_did_not_write_and_names_what_it_was_given(images, pixels_checkpoint, tmp_path):
+def test_eval_never_replaces_a_file_it_did_not_write_and_names_what_it_was_given(images, held_out, pixels_checkpoint,
+                                                                                  tmp_path):
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": 1}')
     ckpt = pixels_checkpoint / "checkpoint.pt"
-    common = ["--train-dir", images, "--test-dir", images]
+    common = ["--train-dir", images, "--test-dir", held_out]
     line = one_error_line(invoke("eval", "-m", f"a={ckpt}", *common, "--out", notes))
     assert line.startswith(f"error: --out {notes}: an existing file that is not an eval report")
     assert notes.read_text() == '{"mine": 1}'
@@ -368,3 +375,19 @@ def test_eval_never_replaces_a_file_it_did_not_write_and_names_what_it_was_given
     assert line == f"error: {pixels_checkpoint}: a folder, not a checkpoint file (a run keeps its own in checkpoint.pt)"
     line = one_error_line(invoke("eval", "-m", f"a={ckpt}", *common, "--img-size", "31"))
     assert line == "error: --img-size 31: not divisible by the patch size 8 of --model a"
+
+
+def test_a_score_on_the_images_it_fits_on_is_refused(images, pixels_checkpoint, tmp_path):
+    """k-NN finds each image itself, a classifier scores its own training set: numbers that say nothing.
+    Refused in eval, in fine-tuning (split test) and in the monitor, before anything is written."""
+    ckpt = pixels_checkpoint / "checkpoint.pt"
+    line = one_error_line(invoke("eval", "-m", f"a={ckpt}", "--train-dir", images, "--test-dir",
+                                 tmp_path / ".." / tmp_path.name / ".." / images.parent.name / images.name))
+    assert "is --train-dir: scored on the images it fits on" in line
+    line = one_error_line(invoke("linprobe", f"model.checkpoint={ckpt}", f"data.train={images}", f"data.val={images}",
+                                 f"output={tmp_path / 'lp'}"))
+    assert line.startswith(f"error: data.train={images}, data.val={images}, data.split=test: scored on the images")
+    line = one_error_line(invoke(*pixels_run(images, tmp_path / "run", f"train.monitor.train={images}",
+                                             f"train.monitor.val={images}")))
+    assert line.startswith(f"error: train.monitor.train={images}, train.monitor.val={images}: scored on the images")
+    assert list(tmp_path.iterdir()) == []

@@ -159,6 +159,11 @@ RULES: tuple[Rule, ...] = (
     Rule(("data.batch_size", "aug.mixup", "aug.cutmix"),
          lambda batch, mix, cut: (mix == 0 and cut == 0) or batch % 2 == 0,
          "mixup / cutmix pair images: need an even batch_size (or both off)"),
+    # top-1 on the images the classifier trained on says nothing of the encoder (data.split=val holds
+    # out a fifth of data.train instead)
+    Rule(("data.train", "data.val", "data.split"), lambda train, val, split: split == "val" or train != val,
+         "scored on the images it trains on, the score says nothing: give data.val another split, or set "
+         "data.split=val"),
     # the input adapter is a TEC run's, trained with a frozen encoder: Tab. 4's probe variant only
     Rule(("model.input_adapter", "protocol"), lambda adapter, protocol: not adapter or protocol == "linprobe",
          "the input adapter is Tab. 4's probe variant: use `tec-pipeline linprobe`"),
