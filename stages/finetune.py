@@ -106,7 +106,7 @@ def resume_run(run: FinetuneRun, path: Path, identity: dict) -> None:
     """Refuse changed settings, splits or encoder; load weights, optimizer, step and scores so far."""
     check_resumable(path, identity)
     state = load_checkpoint(run.ckpt_path)
-    run.step = run.last_saved = restore_state(state, run.accelerator, run.model, run.optimizer)
+    run.step = run.last_saved = restore_state(state, run.accelerator, run.model, run.optimizer, run.ckpt_path)
     run.history, run.hits = list(state["history"]), state["hits"]
 
 

@@ -130,7 +130,7 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
         if resume:
             check_resumable(path, identity)
             state = load_checkpoint(run.ckpt_path)
-            run.step = run.last_saved = restore_state(state, accelerator, run.model, run.optimizer)
+            run.step = run.last_saved = restore_state(state, accelerator, run.model, run.optimizer, run.ckpt_path)
             if run.monitor is not None:
                 run.monitor.load_state(state.get("monitor"), run.step)
         if accelerator.is_main_process:

@@ -235,6 +235,9 @@ def evaluate(model: List[str] = typer.Option(..., "--model", "-m",
         if not sep or not name or not checkpoint:
             fail(f"--model '{item}' is not of the form NAME=CHECKPOINT")
         pairs.append((name, arch, checkpoint))
+    if test_dir is not None and test_dir.resolve() == train_dir.resolve():  # k-NN would find each image itself
+        fail(f"--test-dir {test_dir} is --train-dir: scored on the images it fits on, the scores say nothing; "
+             f"give another split, or --val to hold out a fifth of --train-dir")
     train_groups = None if groups is None else run_stage(_train_groups, groups, train_dir)
     from .evaluate.report import run_eval  # after the checks: a typo costs no torch import
 

@@ -16,10 +16,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config_file import read_yaml
 from .domains import (
-    BETA, COUNT, FLAG, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Domain, Free, OneOf, Range, check_domains,
-    vit_arch,
+    BETA, COUNT, FLAG, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Domain, Free, OneOf, Range, Rule, check_domains,
+    check_rules, vit_arch,
 )
 from .errors import ConfigError
+from .rules import RULES
 
 
 @dataclass
@@ -185,8 +186,9 @@ class Config:
 
 
 # Every setting's allowed values (`domains`), checked when a config is loaded, before anything is
-# computed or written. Cross-setting rules (scale_min <= scale_max, k <= a cache's k_max) are
-# checked where both are known.
+# computed or written; then the rules settings keep with each other (`rules.RULES`: warmup within
+# the run, widths their heads divide, ...). What needs a file as well (k <= a cache's k_max) is
+# checked where the file is opened.
 DOMAINS: dict[str, Domain] = {
     "seed": SEED,
     "output": Free("a folder"),
@@ -206,7 +208,8 @@ DOMAINS: dict[str, Domain] = {
     "model.decoder_dim": COUNT,
     "model.decoder_depth": NON_NEGATIVE,  # 0: the target branches alone
     "model.decoder_heads": COUNT,
-    "model.mask_ratio": Range(0, 1, high_open=True),  # at least one patch stays visible
+    # 0 masks no patch (the losses, over masked patches, are 0); 1 leaves none visible
+    "model.mask_ratio": Range(0, 1, low_open=True, high_open=True),
     "model.init_from_base": FLAG,
     "model.init_checkpoint": Free("a checkpoint file"),
     "model.adapter_norm_eps": POSITIVE,
@@ -277,9 +280,10 @@ def _one_line(err: OmegaConfBaseException, origin: str) -> ConfigError:
 
 
 def load_structured(schema: type, paths: Sequence[str | Path | None], overrides: Sequence[str],
-                    domains: dict[str, Domain], defaults: Optional[dict] = None):
+                    domains: dict[str, Domain], defaults: Optional[dict] = None, rules: tuple[Rule, ...] = ()):
     """A dataclass `schema`'s defaults <- `defaults` <- YAML files in order <- dotted overrides,
-    type-checked, then every key of `domains` held to its domain; every error one line."""
+    type-checked, then every key of `domains` held to its domain and every rule of `rules` kept;
+    every error one line."""
     layers = [("defaults", OmegaConf.create(defaults))] if defaults else []
     layers += [(str(path), OmegaConf.create(read_yaml(path))) for path in paths if path is not None]
     for item in overrides:
@@ -294,6 +298,7 @@ def load_structured(schema: type, paths: Sequence[str | Path | None], overrides:
         except OmegaConfBaseException as err:
             raise _one_line(err, origin) from None
     check_domains(lambda key: OmegaConf.select(cfg, key), domains, ConfigError)
+    check_rules(lambda key: OmegaConf.select(cfg, key), rules, ConfigError)
     return OmegaConf.to_object(cfg)
 
 
@@ -308,8 +313,8 @@ def words_back(layer, domains: dict[str, Domain]) -> None:
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 extra_files: Sequence[str | Path] = ()) -> Config:
     """Schema defaults <- YAML file <- `extra_files` (e.g. an ablation row) <- dotted overrides
-    (``model.depth=6``), type-checked and held to `DOMAINS`."""
-    return load_structured(Config, [path, *extra_files], overrides, DOMAINS)
+    (``model.depth=6``), type-checked and held to `DOMAINS` and `rules.RULES`."""
+    return load_structured(Config, [path, *extra_files], overrides, DOMAINS, rules=RULES)
 
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")

@@ -1,10 +1,15 @@
 """The allowed values of a setting: an interval, a set of names, or (for paths, names and flags,
-which their type already bounds) anything of the setting's type.
+which their type already bounds) anything of the setting's type; and the rules that settings
+must keep with each other.
 
 A config schema declares one domain per leaf key in a table (`config.DOMAINS`,
 `finetune.config.DOMAINS`); `check_domains` holds a loaded config to it, so a value outside its
 meaning (a negative temperature, a mask ratio of 1.5, a NaN learning rate) stops at load time,
 before anything is computed or written, with one line naming the key and what it allows.
+Beside each table of domains a schema declares its `Rule`s (`rules.RULES`,
+`finetune.config.RULES`): values each fine alone that contradict each other (a warmup longer
+than the run, a width its heads do not divide), refused by `check_rules` right after the domains,
+in one line naming every setting involved.
 """
 from __future__ import annotations
 
@@ -101,3 +106,34 @@ def check_domains(select: Callable[[str], Any], domains: dict[str, Domain], erro
         if not domain.allows(value):
             finite = isinstance(value, float) and not math.isfinite(value)
             raise error(f"{key}={value}: expected {'a finite number, ' if finite else ''}{domain}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Settings that must agree: `holds(*values)` of the dotted `keys` (in order) is True, or the
+    config is refused with `need`, what must hold, in words. A rule whose settings are not all
+    set (a None: the default rule applies, e.g. the timm architecture's own size) is checked where
+    that default is resolved (`check_rules` again on the resolved values)."""
+
+    keys: tuple[str, ...]
+    holds: Callable[..., bool]
+    need: str
+
+
+def check_rules(select: Callable[[str], Any], rules: tuple[Rule, ...], error=UserError) -> None:
+    """Raise `error` naming every setting of the first rule (in table order) that `select(key)`'s
+    values break: ``a=1, b=2: need ...``."""
+    for rule in rules:
+        values = [select(key) for key in rule.keys]
+        if any(value is None for value in values):
+            continue
+        if not rule.holds(*values):
+            named = ", ".join(f"{key}={_shown(value)}" for key, value in zip(rule.keys, values))
+            raise error(f"{named}: {rule.need}")
+
+
+def _shown(value: Any) -> str:
+    """A value as an override writes it: true / false, 5 for 5.0."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return _number(value) if isinstance(value, float) else str(value)

@@ -118,14 +118,38 @@ def export_mae(model: TECModel, out: Path) -> Path:
     return Path(out)
 
 
+def is_export(path: Path) -> bool:
+    """Whether `path` is a safetensors file `export` wrote (its metadata says so). The MAE layout is
+    MAE's own ``{"model": ...}`` with no room for a mark: only its default place is taken as ours."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == EXPORT_FORMAT
+    except Exception:  # safetensors raises its own error types: anything unreadable is not ours
+        return False
+
+
+def check_out(out: Path, default: Path) -> None:
+    """Refuse an --out that would replace a file export did not write: a folder, or an existing
+    file that is neither the run's own default export nor an export (`is_export`)."""
+    if out.is_dir():
+        raise UserError(f"--out {out}: a folder; give the file to write (e.g. {out / default.name})")
+    if out.exists() and out.resolve() != default.resolve() and not is_export(out):
+        raise UserError(f"--out {out}: an existing file that is not a tec-pipeline export; export replaces only its "
+                        f"own files: choose another --out")
+
+
 def export_run(run_dir: str | Path, out: Optional[str | Path] = None, fmt: str = "timm") -> Path:
     """Export a run's last checkpoint: ``timm`` safetensors (default ``RUN/encoder.safetensors``) or
     ``mae`` ``{"model": state_dict}`` (default ``RUN/encoder_mae.pth``)."""
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"--format {fmt}: expected one of {', '.join(EXPORT_FORMATS)}")
     run_dir = Path(run_dir)
-    model, arch = load_run_model(run_dir / CHECKPOINT)
     default = run_dir / EXPORT_FORMATS[fmt]
+    out = Path(out) if out is not None else default
+    check_out(out, default)
+    model, arch = load_run_model(run_dir / CHECKPOINT)
     if fmt == "mae":
-        return export_mae(model, Path(out) if out is not None else default)
-    return export_model(model, arch, Path(out) if out is not None else default)
+        return export_mae(model, out)
+    return export_model(model, arch, out)

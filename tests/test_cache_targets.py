@@ -166,10 +166,11 @@ def test_bad_images_stop_the_run_or_are_skipped(images, tmp_path, capsys, loader
 @pytest.mark.parametrize("extra, message", [
     (["data.views=0"], "data.views=0"),
     (["cache.k_max=17"], "cache.k_max=17 exceeds the 16 patches"),
-    (["data.img_size=36"], "data.img_size=36 is not divisible by the base patch size 8"),
+    (["data.img_size=36"], "data.img_size=36, base.arch.patch_size=8: the image is cut into whole patches"),
     (["base.checkpoint=/nonexistent/mae.pth"], "checkpoint file not found"),
     (["base.arch.name=no_such_vit"], "base.arch.name='no_such_vit'"),
-    (["targets.last_layers=3"], "targets.last_layers=3 exceeds the base depth 2"),
+    (["targets.last_layers=3"], "targets.last_layers=3, base.arch.depth=2: the feature target averages the base's"),
+    (["base.arch.depth=null", "targets.last_layers=13"], "targets.last_layers=13, base.arch.depth=12: the feature"),
     (["data.scale_min=0"], "data.scale_min=0"),
     (["cache.images_per_shard=0"], "cache.images_per_shard=0"),
     (["data.path={tmp}/missing"], "image folder not found"),

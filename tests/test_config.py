@@ -99,8 +99,8 @@ def test_every_setting_has_a_declared_domain():
 
 
 @pytest.mark.parametrize("override, allowed", [
-    ("model.mask_ratio=1.5", "model.mask_ratio=1.5: expected a value in [0, 1)"),
-    ("model.mask_ratio=-0.1", "model.mask_ratio=-0.1: expected a value in [0, 1)"),
+    ("model.mask_ratio=1.5", "model.mask_ratio=1.5: expected a value in (0, 1)"),
+    ("model.mask_ratio=-0.1", "model.mask_ratio=-0.1: expected a value in (0, 1)"),
     ("targets.tau=-1", "targets.tau=-1.0: expected a value > 0"),
     ("targets.tau=0", "targets.tau=0.0: expected a value > 0"),
     ("optim.blr=nan", "optim.blr=nan: expected a finite number, a value > 0"),
@@ -122,7 +122,7 @@ def test_a_value_outside_its_domain_is_one_line_naming_the_key_and_range(overrid
 def test_a_config_file_value_is_held_to_its_domain_too(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {mask_ratio: 1.5}\n")
-    with pytest.raises(ConfigError, match=r"^model.mask_ratio=1.5: expected a value in \[0, 1\)$"):
+    with pytest.raises(ConfigError, match=r"^model.mask_ratio=1.5: expected a value in \(0, 1\)$"):
         load_config(path)
     assert load_config(path, ["model.mask_ratio=0.9"]).model.mask_ratio == 0.9  # the last layer counts
 

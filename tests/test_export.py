@@ -27,12 +27,12 @@ BASE, NEW = TINY_BASE, tiny_arch(embed_dim=48, num_heads=3)
 def run(tmp_path_factory) -> Path:
     """A short online run (random-init base) with both adapters, trained a few steps."""
     root = tmp_path_factory.mktemp("export")
-    write_images(root, 8, size=(40, 44), name="{i}.png")
+    images = write_images(root / "images", 8, size=(40, 44), name="{i}.png")  # a run never lies in its images
     cfg = Config(seed=0, output=str(root / "run"))
     cfg.base = replace(cfg.base, arch=BASE, checkpoint=None)
     cfg.model = replace(cfg.model, arch=NEW, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     cfg.targets = replace(cfg.targets, source="online", k=3)
-    cfg.data = replace(cfg.data, path=str(root), img_size=32, batch_size=4, num_workers=0)
+    cfg.data = replace(cfg.data, path=str(images), img_size=32, batch_size=4, num_workers=0)
     cfg.optim = replace(cfg.optim, blr=0.05)
     cfg.train = TrainConfig(max_steps=3)
     run_train(cfg)

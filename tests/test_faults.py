@@ -71,7 +71,7 @@ def test_a_value_that_would_fail_mid_run_stops_before_the_cache_exists(images, t
 
 @pytest.mark.parametrize("command", ["train", "linprobe"])
 def test_a_zero_batch_is_one_line(command, tmp_path):
-    args = [f"data.train={tmp_path}", f"data.val={tmp_path}"] if command == "linprobe" else TINY_MODEL_ARGS
+    args = [f"data.train={tmp_path}", f"data.val={tmp_path / 'val'}"] if command == "linprobe" else TINY_MODEL_ARGS
     line = one_error_line(invoke(command, *args, "data.batch_size=0", f"output={tmp_path / 'run'}"))
     assert line == "error: data.batch_size=0: expected a value >= 1"
     assert not (tmp_path / "run").exists()
@@ -201,8 +201,9 @@ def test_a_text_file_as_a_checkpoint_is_one_line_naming_it(images, tmp_path):
 def test_a_garbage_safetensors_file_is_one_line_naming_it(images, tmp_path):
     garbage = tmp_path / "encoder.safetensors"
     garbage.write_bytes(b"\xff" * 64)
+    val = write_images(tmp_path / "val", 2, size=(40, 40), classes=2, seed=1)  # scored on other images than trained on
     line = one_error_line(invoke("finetune", f"model.checkpoint={garbage}", f"data.train={images}",
-                                 f"data.val={images}", f"output={tmp_path / 'ft'}"))
+                                 f"data.val={val}", f"output={tmp_path / 'ft'}"))
     assert f"{garbage}: not a safetensors file" in line
 
 
@@ -230,7 +231,8 @@ def test_eval_refuses_test_classes_that_never_occur_in_training(tmp_path):
 
 def test_fine_tuning_on_one_class_is_one_line(tmp_path):
     one = write_images(tmp_path / "one", 4, size=(32, 32), classes=1)
-    line = one_error_line(invoke("finetune", f"data.train={one}", f"data.val={one}", "data.img_size=32",
+    val = write_images(tmp_path / "val", 2, size=(32, 32), classes=1, seed=1)
+    line = one_error_line(invoke("finetune", f"data.train={one}", f"data.val={val}", "data.img_size=32",
                                  f"output={tmp_path / 'ft'}"))
     assert line == f"error: data.train={one}: its images are of 1 class (c0); fine-tuning and probing need at least two"
     assert not (tmp_path / "ft" / "checkpoint.pt").exists()

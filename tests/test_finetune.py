@@ -136,7 +136,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_state(toy, tmp_path):
 
 
 def test_config_errors_are_one_line(toy, tmp_path):
-    with pytest.raises(ConfigError, match="data.batch_size=3: mixup / cutmix pair images"):
+    with pytest.raises(ConfigError, match="^data.batch_size=3, aug.mixup=0.8, aug.cutmix=1: mixup / cutmix pair images"):
         config(toy, tmp_path, "data.batch_size=3")
     with pytest.raises(ConfigError, match="^optim.name=sgd: expected one of adamw, lars$"):
         config(toy, tmp_path, "optim.name=sgd")

@@ -23,9 +23,9 @@ ABLATIONS, config = test_ablations.ABLATIONS, test_finetune.config
 
 
 def test_linprobe_trains_only_the_head_and_resumes_exactly(toy, tmp_path):
-    cut = config(toy, tmp_path / "cut", "optim.epochs=2", protocol="linprobe")
+    cut = config(toy, tmp_path / "cut", "optim.epochs=2", "optim.warmup_epochs=1", protocol="linprobe")
     assert (cut.optim.name, cut.model.global_pool, cut.aug.mixup) == ("lars", "token", 0.0)
-    whole = run_finetune(config(toy, tmp_path / "whole", "optim.epochs=2", protocol="linprobe"))
+    whole = run_finetune(config(toy, tmp_path / "whole", "optim.epochs=2", "optim.warmup_epochs=1", protocol="linprobe"))
     run_finetune(cut, stop_after=5)
     resumed = run_finetune(cut, resume=True)
     a, b = load_checkpoint(tmp_path / "whole" / CHECKPOINT), load_checkpoint(tmp_path / "cut" / CHECKPOINT)
@@ -41,7 +41,7 @@ def test_linprobe_trains_only_the_head_and_resumes_exactly(toy, tmp_path):
 
 def test_input_adapter_variant_trains_the_cls_mlp_with_the_probe(tec_run, toy, tmp_path):
     cfg = config(toy, tmp_path / "ada", f"model.checkpoint={tec_run / CHECKPOINT}", "model.input_adapter=true",
-                 "optim.epochs=1", protocol="linprobe")
+                 "optim.epochs=1", "optim.warmup_epochs=0", protocol="linprobe")
     assert run_finetune(cfg)["finished"]
     before = load_checkpoint(tec_run / CHECKPOINT)["model"]
     after = load_checkpoint(tmp_path / "ada" / CHECKPOINT)["model"]
@@ -53,7 +53,7 @@ def test_ablate_finetune_sweep_prints_top1_and_reads_finished_rows_back(world, t
                                                                         monkeypatch):
     ft = tmp_path / "ft.yaml"
     ft.write_text(json.dumps({"data": {"train": str(toy / "train"), "val": str(toy / "val"), "img_size": 32,
-                                       "batch_size": 4, "num_workers": 0}, "optim": {"epochs": 1}}))
+                                       "batch_size": 4, "num_workers": 0}, "optim": {"epochs": 1, "warmup_epochs": 0}}))
     assert load_finetune_config(ft, ["model.checkpoint=x"]).data.batch_size == 4
     paths = [ABLATIONS / "a1_patchnorm.yaml", ABLATIONS / "c1_norm_none.yaml"]
     args = [*TINY_MODEL_ARGS, "data.num_workers=0", f"data.path={world['root']}"]

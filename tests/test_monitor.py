@@ -240,7 +240,8 @@ def test_the_guard_warns_below_the_base_late_in_the_run(world):
     ("missing", r"^train.monitor.train=\S+nowhere: \S+nowhere: image folder not found$"),
     ("flat", r"^train.monitor.train=\S+flat: .*found images at the top level$"),
     ("unknown class", r"^train.monitor.val=\S+extra: .*class folders \['c9'\] are not among"),
-    ("one split", r"^train.monitor.val is empty: the monitor needs a labelled train and val split"),
+    ("one split", r"^train.monitor.train=\S+, train.monitor.val=: the monitor fits on one labelled split and "
+                  r"scores on the other: set both or neither$"),
     ("one class", r"^train.monitor.train=\S+single: its images are of one class"),
     ("unlabelled tar", r"^train.monitor.val=\S+nolabel.tar: the monitor needs a .cls class index for every image"),
 ])

@@ -381,6 +381,7 @@ def test_requests_the_cache_cannot_serve_are_refused_before_training(world, tmp_
     elif key == "data.img_size":
         cfg.data = replace(cfg.data, img_size=value)
         cfg.model = replace(cfg.model, arch=replace(NEW, img_size=None))
+        cfg.base = replace(cfg.base, arch=replace(BASE, img_size=None))  # the cache records the base's
     else:
         cfg.model = replace(cfg.model, arch=replace(NEW, patch_size=value))
     with pytest.raises(UserError, match=message) as err:
@@ -574,7 +575,7 @@ def test_fresh_views_are_new_each_epoch_seeded_and_resumable(world, tmp_path):
     assert a["step"] == b["step"] == 12 and all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
     cached = tiny_config(world, tmp_path / "cached")
     cached.data = replace(cached.data, view_mode="fresh")
-    with pytest.raises(UserError, match="data.view_mode=fresh .* use targets.source=online or pixels"):
+    with pytest.raises(UserError, match="data.view_mode=fresh, targets.source=cache: .* use targets.source=online or pixels"):
         run_train(cached, reader=world["f32"])
 
 

@@ -47,9 +47,15 @@ def _files(fs, root: str) -> dict[str, int]:
             if info.get("type") != "directory" and path.startswith(prefix)}
 
 
-def foreign_files(fs, root: str) -> list[str]:
-    """Files under root that no cache writes (relative paths, sorted)."""
-    return sorted(rel for rel in _files(fs, root) if rel != LOCK_FILE and not OWN_FILE.fullmatch(rel))
+BEFORE_METADATA = re.compile(re.escape(LOCK_FILE) + "|" + re.escape(META_FILE) + _TMP)
+
+
+def unproven_files(fs, root: str) -> list[str]:
+    """Files under a root that holds no cache metadata and that no cache-targets run wrote (relative
+    paths, sorted): all but the lock and a half-written metadata file, since a cache writes its
+    metadata before anything else. Files named like a cache's own (a user's zarr store with arrays
+    called ``feat`` or ``attn``) are among them: without the metadata, nothing proves them ours."""
+    return sorted(rel for rel in _files(fs, root) if not BEFORE_METADATA.fullmatch(rel))
 
 
 def remove_own_files(fs, root: str) -> None:
@@ -74,9 +80,15 @@ def recorded_files(fs, root: str, doc: dict) -> dict[int, dict[str, int]]:
 
 def damaged_shards(fs, root: str, doc: dict) -> dict[int, str]:
     """{shard: why} for every shard recorded complete whose files storage no longer has as they
-    were written (missing, or another size); the first such file of each shard is named."""
+    were written (missing, or another size); the first such file of each shard is named.
+
+    The records are read before the listing: a writer makes a shard's files durable before its
+    marker, so a shard recorded by then has its files in the listing, while a shard a running
+    cache-targets completes in between is simply not yet recorded (listed first, its files could
+    be missing from the listing and its marker present)."""
+    recorded = recorded_files(fs, root, doc)
     sizes, damaged = _files(fs, root), {}
-    for shard, files in sorted(recorded_files(fs, root, doc).items()):
+    for shard, files in sorted(recorded.items()):
         for rel, size in files.items():
             if rel not in sizes:
                 damaged[shard] = f"file {rel} missing"

@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..files import is_local, write_bytes
 from ..places import check_cache_place
 from .lock import CacheLock
-from .owned import damaged_shards, foreign_files, remove_own_files
+from .owned import damaged_shards, remove_own_files, unproven_files
 from .reader import CacheReader
 from .schema import (
     FORMAT_VERSION, META_FILE, REQUIRED_META, CacheCorruptError, CacheMismatchError, check_same_cache, dump_json,
@@ -81,7 +81,7 @@ def _check_folder(url: str, fs, root: str, found: bool) -> None:
             raise UserError(f"cache.path={url} is a file, not a folder: choose another cache.path")
         check_cache_place(root)
     if not found:
-        foreign = foreign_files(fs, root)
+        foreign = unproven_files(fs, root)
         if foreign:
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
             raise UserError(f"{url} is not a tec-pipeline cache (it holds {foreign[0]}{more}, and no {META_FILE}); "
@@ -133,6 +133,8 @@ def _reopen(url: str, fs, root: str, meta: dict, repair: bool) -> CacheWriter:
 
 
 def _create(url: str, fs, root: str, meta: dict) -> CacheWriter:
+    """A fresh cache at root: what was there is either a cache (its metadata proves it), whose own
+    files go, or nothing of anyone's but a lock and a half-written metadata file (`_check_folder`)."""
     remove_own_files(fs, root)
     fs.makedirs(root, exist_ok=True)
     write_bytes(fs, join(root, META_FILE), dump_json(new_document(meta)))

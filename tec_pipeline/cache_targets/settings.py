@@ -11,37 +11,34 @@ from pathlib import Path
 
 from .. import __version__
 from ..base_targets import base_sha256, compute_dtype, dtype_name
-from ..config import Config
+from ..config import Config, flatten, to_dict
 from ..data import source_location
 from ..cache.pq import check_subvectors
 from ..cache.storage import fs_root
 from ..errors import UserError
 from ..files import is_local
+from ..models.base import check_sizes
 from ..places import check_cache_place
+from ..rules import RULES
 
 
 def check_settings(cfg: Config) -> None:
-    """Refuse, before anything is loaded, what the settings' own domains (checked when the config
-    was loaded) cannot: views drawn from an empty scale range, a cache where a run lies."""
-    d = cfg.data
-    if d.scale_min > d.scale_max:
-        raise UserError(f"data.scale_min={d.scale_min}, data.scale_max={d.scale_max}: need scale_min <= scale_max")
+    """Refuse, before anything is loaded, what the settings' domains and rules (checked when the
+    config was loaded) cannot: a base size left to timm's default that breaks a rule (`check_sizes`),
+    a cache where a run lies."""
+    check_sizes(flatten(to_dict(cfg)), "base.arch", RULES)
     fs, root = fs_root(cfg.cache.path)  # an unknown storage protocol is refused here too
     if is_local(fs):
         check_cache_place(root)
 
 
 def check_base(cfg: Config, base) -> None:
-    """Settings that need the built base: patch grid, k_max, last_layers."""
-    patch = base.patch_embed.patch_size[0]
-    if cfg.data.img_size % patch:
-        raise UserError(f"data.img_size={cfg.data.img_size} is not divisible by the base patch size {patch}")
-    num_patches = base.patch_embed.num_patches
+    """Settings that need the built base (its patch grid and width; the rules on its sizes were
+    checked before it was built, `check_settings`): k_max, pq_subvectors."""
+    patch, num_patches = base.patch_embed.patch_size[0], base.patch_embed.num_patches
     if cfg.cache.k_max > num_patches:
         raise UserError(f"cache.k_max={cfg.cache.k_max} exceeds the {num_patches} patches of a "
                         f"{cfg.data.img_size}px image at patch {patch}")
-    if cfg.targets.last_layers > len(base.blocks):
-        raise UserError(f"targets.last_layers={cfg.targets.last_layers} exceeds the base depth {len(base.blocks)}")
     if cfg.cache.feat_dtype == "pq":
         if cfg.cache.pq_subvectors is None:
             raise UserError(f"cache.feat_dtype=pq needs cache.pq_subvectors: codes per patch, dividing the base's "

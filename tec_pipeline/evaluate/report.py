@@ -6,6 +6,7 @@ on a held-out fifth of the training folder instead of the test folder: the split
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from functools import partial
@@ -165,6 +166,22 @@ def _plain(arch) -> object:
     return asdict(arch) if is_dataclass(arch) else arch
 
 
+def check_output(output: Path) -> None:
+    """Refuse an --out that would replace a file eval did not write: a folder, or an existing file
+    that is not an eval report (a JSON mapping with its ``models`` and ``rows``)."""
+    if output.is_dir():
+        raise EvalError(f"--out {output}: a folder; give the JSON file to write")
+    if not output.exists():
+        return
+    try:
+        ours = {"models", "rows"} <= set(json.loads(output.read_text()))
+    except (ValueError, UnicodeDecodeError, TypeError):  # not JSON, not text, not a mapping
+        ours = False
+    if not ours:
+        raise EvalError(f"--out {output}: an existing file that is not an eval report; eval replaces only its "
+                        f"own reports: choose another --out")
+
+
 def run_eval(models: Sequence[tuple[str, Optional[Union[ViTArch, str]], Optional[str | Path]]],
              train_dir: str | Path, test_dir: Optional[str | Path], pool: Pool = "cls", img_size: int | None = None,
              output: str | Path | None = None, k: int = 20, T: float = 0.07, batch_size: int = 128,
@@ -177,7 +194,14 @@ def run_eval(models: Sequence[tuple[str, Optional[Union[ViTArch, str]], Optional
     table and write it with its settings as JSON to `output`."""
     from ..models.base import load_base_model
 
-    encoders = {name: load_base_model(arch, checkpoint, img_size) for name, arch, checkpoint in models}
+    if output is not None:
+        check_output(Path(output))
+    encoders = {name: load_base_model(arch, checkpoint, img_size, setting="--arch")
+                for name, arch, checkpoint in models}
+    for name, encoder in encoders.items():  # timm would drop the pixels past the last whole patch
+        patch = encoder.patch_embed.patch_size[0]
+        if encoder.patch_embed.img_size[0] % patch:
+            raise EvalError(f"--img-size {img_size}: not divisible by the patch size {patch} of --model {name}")
     rows = evaluate_models(encoders, train_dir, test_dir, pool, k, T, batch_size, device, floors, seed,
                            pixel_size, probe_C, log=echo, split=split, train_groups=train_groups)
     echo(format_table(rows))

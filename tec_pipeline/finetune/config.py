@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError, ViTArch, load_structured
-from ..domains import BETA, COUNT, FLAG, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Domain, Free, OneOf, Range, vit_arch
+from ..domains import (
+    BETA, COUNT, FLAG, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Domain, Free, OneOf, Range, Rule, vit_arch,
+)
+from ..rules import HEADS, WHOLE_PATCHES, divides, peak_lr
 
 
 @dataclass
@@ -144,17 +147,43 @@ DOMAINS: dict[str, Domain] = {  # every setting's allowed values, as `config.DOM
 }
 
 
+# The settings' cross rules (as `rules.RULES` for stage configs), checked at load after `DOMAINS`.
+RULES: tuple[Rule, ...] = (
+    # Tab. 10's schedule warms up, then decays by a half cosine: a warmup as long as the run never
+    # reaches the peak lr, and the decay never starts
+    Rule(("optim.warmup_epochs", "optim.epochs"), lambda warmup, epochs: warmup == 0 or warmup < epochs,
+         "the warmup must end before the run does: need warmup_epochs < epochs"),
+    # the cosine runs from the peak lr down to min_lr: a min_lr above the peak would raise the lr as the run ends
+    Rule(("optim.min_lr", "optim.blr", "data.batch_size", "optim.accum_steps"),
+         lambda min_lr, blr, batch, accum: min_lr <= peak_lr(blr, batch, accum),
+         "need min_lr <= the peak lr, blr x batch_size x accum_steps x processes / 256"),
+    # mixup and cutmix mix each image with the batch's flipped order: pairs need an even batch
+    Rule(("data.batch_size", "aug.mixup", "aug.cutmix"),
+         lambda batch, mix, cut: (mix == 0 and cut == 0) or batch % 2 == 0,
+         "mixup / cutmix pair images: need an even batch_size (or both off)"),
+    # top-1 on the images the classifier trained on says nothing of the encoder (data.split=val holds
+    # out a fifth of data.train instead)
+    Rule(("data.train", "data.val", "data.split"), lambda train, val, split: split == "val" or train != val,
+         "scored on the images it trains on, the score says nothing: give data.val another split, or set "
+         "data.split=val"),
+    # the input adapter is a TEC run's, trained with a frozen encoder: Tab. 4's probe variant only
+    Rule(("model.input_adapter", "protocol"), lambda adapter, protocol: not adapter or protocol == "linprobe",
+         "the input adapter is Tab. 4's probe variant: use `tec-pipeline linprobe`"),
+    # timm's attention splits a token's width over the heads; the encoder is built at data.img_size
+    Rule(("model.arch.embed_dim", "model.arch.num_heads"), divides, HEADS),
+    Rule(("data.img_size", "model.arch.patch_size"), divides, WHOLE_PATCHES),
+    Rule(("model.arch.img_size", "data.img_size"), lambda arch, data: arch == data,
+         "the encoder is built at data.img_size: leave model.arch.img_size unset or set it equal"),
+)
+
+
 def load_finetune_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
                          protocol: str = "finetune") -> FinetuneConfig:
     """Tab. 10 defaults <- Tab. 11 (linprobe) <- YAML <- overrides; refused where the file is the
     other protocol's or a setting cannot work (odd batch under mixup, adapter outside the probe)."""
-    cfg = load_structured(FinetuneConfig, [path], overrides, DOMAINS, PROTOCOL_DEFAULTS[protocol])
+    cfg = load_structured(FinetuneConfig, [path], overrides, DOMAINS, PROTOCOL_DEFAULTS[protocol], RULES)
     if cfg.protocol != protocol:
         raise ConfigError(f"{path}: a {cfg.protocol} config; run it with `tec-pipeline {cfg.protocol}`")
-    if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and cfg.data.batch_size % 2:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: mixup / cutmix pair images, it must be even")
-    if cfg.model.input_adapter and protocol != "linprobe":
-        raise ConfigError("model.input_adapter=true is Tab. 4's probe variant: use `tec-pipeline linprobe`")
     for key in ("train", "val") if cfg.data.split == "test" else ("train",):
         if not getattr(cfg.data, key):
             raise ConfigError(f"data.{key} is not set (a labelled ImageFolder root/<class>/image, or webdataset "

@@ -14,21 +14,26 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import Lars, create_optimizer_v2
 from torch import Tensor, nn
 
-from ..config import ViTArch
+from ..config import ViTArch, flatten, to_dict
 from ..errors import UserError
 from ..base_targets import autocast
 from ..export import load_run_model
-from ..models.base import create_vit, export_arch, load_base_model
+from ..models.base import (
+    check_sizes, create_vit, export_arch, load_base_model, read_checkpoint, resolved_sizes,
+)
 from ..models.tec import TECModel
-from .config import FinetuneConfig
+from .config import RULES, FinetuneConfig
 
 FRESH = ("head.", "fc_norm.")  # what fine-tuning adds to an encoder: the head, and under avg pooling its norm
 
 
 def recorded_arch(checkpoint: Optional[str]) -> Optional[ViTArch]:
-    """The architecture an export records in its safetensors metadata (read without the tensors)."""
-    if not checkpoint or not str(checkpoint).endswith(".safetensors") or not Path(checkpoint).is_file():
+    """The architecture an export records in its safetensors metadata (read without the tensors),
+    or a run's checkpoint.pt in its model's arguments."""
+    if not checkpoint or not Path(checkpoint).is_file():
         return None
+    if not str(checkpoint).endswith(".safetensors"):
+        return export_arch(read_checkpoint(checkpoint)[2])
     from safetensors import safe_open
 
     try:
@@ -39,8 +44,17 @@ def recorded_arch(checkpoint: Optional[str]) -> Optional[ViTArch]:
 
 
 def encoder_arch(cfg: FinetuneConfig) -> ViTArch:
-    """The export's recorded architecture where it has one, else ``model.arch``; at ``data.img_size``."""
-    arch = recorded_arch(cfg.model.checkpoint) or cfg.model.arch
+    """The export's (or run's) recorded architecture where it has one, else ``model.arch``, its sizes
+    left to timm checked against `config.RULES` first; at ``data.img_size``."""
+    arch = recorded_arch(cfg.model.checkpoint)
+    if arch is None:
+        check_sizes(flatten(to_dict(cfg)), "model.arch", RULES)
+        arch = cfg.model.arch
+    else:  # the checkpoint's own patch: timm would drop the pixels past the last whole one
+        patch = resolved_sizes(arch, "model.arch").patch_size
+        if cfg.data.img_size % patch:
+            raise UserError(f"data.img_size={cfg.data.img_size}: not divisible by the patch size {patch} of "
+                            f"model.checkpoint={cfg.model.checkpoint}")
     return ViTArch(**{**asdict(arch), "img_size": cfg.data.img_size})
 
 
@@ -60,7 +74,8 @@ def classifier(cfg: FinetuneConfig, num_classes: int) -> VisionTransformer:
     m, arch = cfg.model, encoder_arch(cfg)
     model = create_vit(arch, num_classes=num_classes, global_pool=m.global_pool, drop_path_rate=m.drop_path)
     if m.checkpoint:
-        load_encoder(model, load_base_model(arch, m.checkpoint, img_size=cfg.data.img_size), m.checkpoint)
+        load_encoder(model, load_base_model(arch, m.checkpoint, img_size=cfg.data.img_size, setting="model.arch"),
+                     m.checkpoint)
     trunc_normal_(model.head.weight, std=m.head_init_std)
     nn.init.zeros_(model.head.bias)
     return model

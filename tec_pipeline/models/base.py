@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 
 from ..config import ViTArch
+from ..domains import Rule, check_rules
 from ..errors import UserError
 from ..targets import row_logits
 from .checkpoints import EXPORT_FORMAT, CheckpointError, file_sha256, read_checkpoint
@@ -47,6 +48,31 @@ def create_vit(arch: ViTArch | str, **overrides) -> nn.Module:
     return timm.create_model(arch.name, pretrained=False, **{"num_classes": 0, **sizes, **overrides})
 
 
+def resolved_sizes(arch: ViTArch, setting: str) -> ViTArch:
+    """`arch` with every size it leaves unset (None) taken from timm's registered model, built on the
+    meta device (no memory, no initialisation); an unknown name is one line naming `setting`.name."""
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch.name, pretrained=False, num_classes=0)
+    except (RuntimeError, ValueError, TypeError) as err:  # timm: "Unknown model (...)"
+        raise UserError(f"{named(setting, arch.name)}: not a timm ViT ({' '.join(str(err).split())})") from None
+    if not isinstance(model, VisionTransformer):  # no sizes to resolve: its builder says why it cannot serve
+        return arch
+    found = {"img_size": model.patch_embed.img_size[0], "patch_size": model.patch_embed.patch_size[0],
+             "embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads}
+    return ViTArch(arch.name, **{k: v if v is not None else found[k] for k, v in asdict(arch).items() if k != "name"})
+
+
+def check_sizes(settings: dict, setting: str, rules: tuple[Rule, ...]) -> None:
+    """`rules` again on the dotted `settings` of a config, with the architecture at `setting` (e.g.
+    "model.arch") resolved (`resolved_sizes`; its img_size stays as set, the models are built at
+    the data's): a rule skipped at load because a size was left to timm's default (a width against
+    the default heads) is one line here, before timm's own assertion would stop the build."""
+    arch = ViTArch(**{k.removeprefix(setting + "."): v for k, v in settings.items() if k.startswith(setting + ".")})
+    sizes = {f"{setting}.{k}": v for k, v in asdict(resolved_sizes(arch, setting)).items() if k != "img_size"}
+    check_rules({**settings, **sizes}.get, rules)
+
+
 def build_vit(arch: ViTArch | str, **overrides) -> VisionTransformer:
     """The new model's encoder: a timm ViT with one prefix token, the cls token (the paper's)."""
     model = create_vit(arch, **overrides)
@@ -70,14 +96,23 @@ def unservable(model: nn.Module) -> str | None:
     return None
 
 
-def build_base_vit(arch: ViTArch | str) -> VisionTransformer:
-    """The base: a timm ViT with a cls token and any further prefix tokens (registers, distillation)."""
-    model = create_vit(arch)
+def build_base_vit(arch: ViTArch | str, setting: str = "base.arch") -> VisionTransformer:
+    """The base: a timm ViT with a cls token and any further prefix tokens (registers, distillation).
+    `setting` is where `arch` came from (a config key or a flag), named by every refusal."""
+    name = named(setting, arch if isinstance(arch, str) else arch.name)
+    try:
+        model = create_vit(arch)
+    except (RuntimeError, AssertionError, ValueError, TypeError) as err:  # timm: an unknown name, bad sizes
+        raise UserError(f"{name}: cannot build this ViT ({' '.join(str(err).split())})") from None
     reason = unservable(model)
     if reason:
-        name = arch if isinstance(arch, str) else arch.name
-        raise UnsupportedBase(f"base.arch.name='{name}' cannot serve as TEC's base: {reason}")
+        raise UnsupportedBase(f"{name} cannot serve as TEC's base: {reason}")
     return model
+
+
+def named(setting: str, name: str) -> str:
+    """An architecture's name as the user gave it: a flag's value (``--arch x``) or a config key's."""
+    return f"{setting} {name}" if setting.startswith("--") else f"{setting}.name='{name}'"
 
 
 def checkpoint_prefix_tokens(sd: dict[str, Tensor]) -> tuple[int, bool]:
@@ -86,8 +121,8 @@ def checkpoint_prefix_tokens(sd: dict[str, Tensor]) -> tuple[int, bool]:
     return (0 if regs is None else int(regs.shape[1])), "dist_token" in sd
 
 
-def check_family(sd: dict[str, Tensor], model: VisionTransformer, path: str | Path) -> None:
-    """Refuse, before timm converts it, a checkpoint this base cannot take: one line each."""
+def check_family(sd: dict[str, Tensor], model: VisionTransformer, path: str | Path, setting: str = "base.arch") -> None:
+    """Refuse, before timm converts it, a checkpoint this base (built from `setting`) cannot take: one line each."""
     kernel = next((sd[k] for k in _PATCH_KERNELS if k in sd and sd[k].ndim == 4), None)
     patch, model_patch = (kernel.shape[-1] if kernel is not None else None), model.patch_embed.patch_size[0]
     regs, dist = checkpoint_prefix_tokens(sd)
@@ -96,22 +131,23 @@ def check_family(sd: dict[str, Tensor], model: VisionTransformer, path: str | Pa
         (not any("relative_position_bias" in k for k in sd), REL_POS_BIAS),
         (any(k in sd for k in _CLS_KEYS) or "pos_embed" not in sd,  # a ViT's layout, but no cls token
          "no cls token (I-JEPA has none), whose query row ranks the patches"),
-        (patch in (None, model_patch), f"patch size {patch} in the checkpoint, {model_patch} in base.arch "
+        (patch in (None, model_patch), f"patch size {patch} in the checkpoint, {model_patch} in {setting} "
                                        "(resampling the patch kernel would change the base)"),
         (regs == model.num_reg_tokens, f"{regs} register tokens in the checkpoint, {model.num_reg_tokens} in "
-                                       "base.arch (choose the matching *_reg4_* architecture or none)"),
+                                       f"{setting} (choose the matching *_reg4_* architecture or none)"),
         (dist == model_dist, f"{'a' if dist else 'no'} distillation token in the checkpoint, "
-                             f"{'one' if model_dist else 'none'} in base.arch (DeiT: *_distilled_* architectures)"),
+                             f"{'one' if model_dist else 'none'} in {setting} (DeiT: *_distilled_* architectures)"),
     ]
     for ok, message in rules:
         if not ok:
             raise CheckpointError(f"{path}: {message}")
 
 
-def timm_state_dict(sd: dict[str, Tensor], model: VisionTransformer, path: str | Path) -> dict[str, Tensor]:
+def timm_state_dict(sd: dict[str, Tensor], model: VisionTransformer, path: str | Path,
+                    setting: str = "base.arch") -> dict[str, Tensor]:
     """The checkpoint in `model`'s naming by timm's own conversion (DINOv2 registers and SwiGLU,
     OpenAI / OpenCLIP CLIP, DeiT-III layer scale), pos_embed resampled to the model's patch grid."""
-    check_family(sd, model, path)
+    check_family(sd, model, path, setting)
     return checkpoint_filter_fn(dict(sd), model, adapt_layer_scale=True)
 
 
@@ -155,12 +191,14 @@ def export_arch(meta: dict) -> ViTArch | None:
     return ViTArch(**json.loads(meta["arch"])) if "arch" in meta else None
 
 
-def load_base_model(arch: ViTArch | str | None, checkpoint: str | Path | None, img_size: int | None = None) -> VisionTransformer:
+def load_base_model(arch: ViTArch | str | None, checkpoint: str | Path | None, img_size: int | None = None,
+                    setting: str = "base.arch") -> VisionTransformer:
     """Build the base ViT, load `checkpoint` (any supported family and layout), freeze it, eval mode.
 
     `checkpoint=None` gives a randomly initialised base (tests, smoke runs). `arch=None`
-    takes the architecture recorded in a tec-pipeline export. `img_size` sets the patch grid
-    the checkpoint's position embedding is resampled to.
+    takes the architecture recorded in a tec-pipeline export or run checkpoint. `img_size` sets
+    the patch grid the checkpoint's position embedding is resampled to. `setting` names where
+    `arch` came from in every refusal ("base.arch", fine-tuning's "model.arch", eval's "--arch").
     """
     sd, meta = None, {}
     if checkpoint is not None:
@@ -168,14 +206,15 @@ def load_base_model(arch: ViTArch | str | None, checkpoint: str | Path | None, i
     if arch is None:
         arch = export_arch(meta)
         if arch is None:
-            raise CheckpointError(f"{checkpoint}: no architecture given and none recorded in the checkpoint")
+            raise CheckpointError(f"{checkpoint}: no architecture given ({setting}) and none recorded in the "
+                                  "checkpoint")
     if isinstance(arch, str):
         arch = ViTArch(name=arch)
     if img_size is not None:
         arch = ViTArch(**{**asdict(arch), "img_size": img_size})
-    model = build_base_vit(arch)
+    model = build_base_vit(arch, setting)
     if sd is not None:
-        sd = timm_state_dict(sd, model, checkpoint)
+        sd = timm_state_dict(sd, model, checkpoint, setting)
         without_missing_norm(model, sd, checkpoint)
         model.load_state_dict(match_state_dict(model, sd, checkpoint), strict=True)
     model.requires_grad_(False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..places import CHECKPOINT
 
 EXPORT_FORMAT = "tec-pipeline-export"
 # Where a family keeps its encoder in the file, first match wins: EMA weights before online ones
@@ -132,13 +134,16 @@ def unwrap_encoder(sd: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], str, dict]:
-    """(encoder state dict in its family's naming, the entry it came from, safetensors metadata).
+    """(encoder state dict in its family's naming, the entry it came from, metadata: an export's
+    safetensors metadata, or a run checkpoint's architecture as `run_meta` gives it).
 
     Entries: ``teacher``, ``target_encoder``, ``model``, ``state_dict``, ``student`` or the file
     itself; prefixes ``module.``, ``backbone.``, ``encoder.``; this project's export is a
     safetensors file with ``format=tec-pipeline-export`` metadata (entry "tec-export").
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file (a run keeps its own in {CHECKPOINT})")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     meta: dict = {}
@@ -146,5 +151,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], str, dict]:
         sd, meta = read_safetensors(path)
         entry = "tec-export" if meta.get("format") == EXPORT_FORMAT else "flat"
     else:
-        sd, entry = encoder_entry(torch_load(path), path)
+        obj = torch_load(path)
+        sd, entry = encoder_entry(obj, path)
+        meta = run_meta(obj)
     return unwrap_encoder(sd, path), entry, meta
+
+
+def run_meta(obj: object) -> dict:
+    """A tec-pipeline run's checkpoint.pt records its model's arguments (``model_kwargs``): its
+    architecture, as an export's metadata holds it (``{"arch": json}``); {} for any other file."""
+    kwargs = obj.get("model_kwargs") if isinstance(obj, dict) else None
+    if not isinstance(kwargs, dict) or not isinstance(kwargs.get("arch"), dict):
+        return {}
+    return {"arch": json.dumps(kwargs["arch"])}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -16,12 +17,16 @@ from ..cache.schema import first_difference, short_value
 from ..config import Config, flatten, to_dict
 from ..errors import UserError
 from ..export import CHECKPOINT, atomic_save, load_checkpoint
-from ..files import storage_error
 from ..models.base import NoFinalNorm, file_sha256
 from ..models.checkpoints import read_safetensors
 from ..models.tec import TECModel
-from ..places import IDENTITY_FILE, check_run_place
+from ..places import IDENTITY_FILE, check_apart, check_run_place
 from .schedule import Schedule
+
+RUN_WRITES = (CHECKPOINT, IDENTITY_FILE, "config.json", "params.json", "result.json")  # atomically, by name
+UNFINISHED = re.compile(r"\.tmp-[0-9a-f]{8}")  # `files.temporary_name`'s suffix
+# The settings naming folders a run reads images from (stage two's, fine-tuning's): no run lies in one.
+IMAGE_FOLDERS = ("data.path", "data.train", "data.val", "train.monitor.train", "train.monitor.val")
 
 # What a resume may change: where the run logs and writes, how fast it loads, where its data
 # lies (the data's identity is compared by content instead), stage one's own settings, and how it
@@ -34,10 +39,13 @@ RESUMABLE_CHANGES = ("output", "train.log_every", "train.checkpoint_every", "dat
 
 # ---------------------------------------------------------------- state and resume
 def run_dir(cfg: Config, resume: bool) -> Path:
-    """The run's folder: refused if it already holds a run and `resume` is off, or holds none to
-    resume, if it is (or lies inside) a target cache, or if it cannot be made."""
+    """The run's folder, checked but not made: refused if it already holds a run and `resume` is
+    off, or holds none to resume, or if it is (or lies inside) a target cache. The run's first
+    write makes it (`files.atomic_path`), after every setting has been checked, so a refused run
+    leaves no empty folder. What a save killed half-way left (`checkpoint.pt.tmp-*`) is removed."""
     path = Path(cfg.output)
     check_run_place(path)
+    check_apart("output", path, {k: v for k, v in flatten(to_dict(cfg)).items() if k in IMAGE_FOLDERS})
     if path.exists() and not path.is_dir():
         raise UserError(f"output={path} is a file, not a folder: choose another output")
     ckpt = path / CHECKPOINT
@@ -45,11 +53,37 @@ def run_dir(cfg: Config, resume: bool) -> Path:
         raise UserError(f"output={path} already holds a run; pass --resume to continue it or choose another output")
     if resume and not ckpt.exists():
         raise UserError(f"--resume: output={path} has no checkpoint to continue from")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise storage_error(path, "the run's folder", err) from None
+    check_no_others(path)
+    remove_unfinished_saves(path)
     return path
+
+
+def check_no_others(path: Path) -> None:
+    """Refuse an existing folder that holds files but no run: a run writes its identity first (and
+    a checkpoint to resume is read, and refused if it is not this run's, before anything is
+    written), so without either nothing there is proven a run's, and a run would overwrite a
+    user's config.json or log.jsonl of the same name."""
+    if not path.is_dir() or (path / IDENTITY_FILE).is_file() or (path / CHECKPOINT).is_file():
+        return
+    others = sorted(p.name for p in path.iterdir() if not unfinished_save(p.name))
+    if others:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise UserError(f"output={path} holds {others[0]}{more} and no run ({IDENTITY_FILE}): a run writes "
+                        f"config.json, log.jsonl and more there; choose a new or empty folder")
+
+
+def unfinished_save(name: str) -> bool:
+    """A temporary file of a save of one of the run's own files (`files.temporary_name`: ``name.tmp-``
+    and 8 hex digits), left where the save was killed before its rename."""
+    return any(name.startswith(own) and UNFINISHED.fullmatch(name[len(own):]) for own in RUN_WRITES)
+
+
+def remove_unfinished_saves(path: Path) -> None:
+    """Remove what killed saves of the run's own files left (`unfinished_save`)."""
+    if path.is_dir():
+        for leftover in path.iterdir():
+            if unfinished_save(leftover.name):
+                leftover.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
@@ -90,17 +124,41 @@ def save_state(path: Path, accelerator, model, optimizer, step: int, kwargs: dic
 
 def restore(path: Path, accelerator, model, optimizer) -> int:
     """Load a checkpoint's weights, AdamW moments, loss scaler and RNG; returns its step."""
-    return restore_state(load_checkpoint(path), accelerator, model, optimizer)
+    return restore_state(load_checkpoint(path), accelerator, model, optimizer, path)
 
 
-def restore_state(state: dict, accelerator, model, optimizer) -> int:
-    """`restore` from an already loaded checkpoint (a run that keeps more in it reads it once)."""
-    accelerator.unwrap_model(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+def restore_state(state: dict, accelerator, model, optimizer, path: Path | str = CHECKPOINT) -> int:
+    """`restore` from an already loaded checkpoint (a run that keeps more in it reads it once);
+    `path`, the file it was read from, is named where it does not fit this run's model."""
+    own = accelerator.unwrap_model(model)
+    saved = state.get("model")
+    why = other_weights(own.state_dict(), saved) if isinstance(saved, dict) else "no model weights in it"
+    if why is None:
+        try:
+            own.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as err:  # no optimizer state, or one of other parameter groups
+            why = f"its optimizer state does not fit ({' '.join(str(err).split())})"
+    if why is not None:
+        raise UserError(f"{path}: not a checkpoint of this run's model ({why}); resume with the settings that "
+                        f"wrote it, or choose another output")
     if accelerator.scaler is not None and state["scaler"] is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def other_weights(own: dict, saved: dict) -> Optional[str]:
+    """The first weight where a saved state dict differs from the model's, in words; None if none does."""
+    for key, value in own.items():
+        if key not in saved:
+            return f"no '{key}' in it"
+        if not isinstance(saved[key], torch.Tensor):
+            return f"'{key}' in it is not a tensor"
+        if tuple(saved[key].shape) != tuple(value.shape):
+            return f"'{key}' is {tuple(saved[key].shape)} in it, {tuple(value.shape)} in this model"
+    extra = next((key for key in saved if key not in own), None)
+    return None if extra is None else f"'{extra}' in it has no place in this model"
 
 
 # ---------------------------------------------------------------- identity

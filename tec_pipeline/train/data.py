@@ -13,14 +13,15 @@ from torch import Tensor
 from ..base_targets import compute_targets
 from ..cache.codecs import decode_batch
 from ..cache.pq import PqCodec
-from ..config import Config, TargetConfig
+from ..config import Config, TargetConfig, flatten, to_dict
 from ..data import open_source_at
 from ..errors import UserError
-from ..models.base import load_base_model
+from ..models.base import check_sizes, load_base_model
 from ..cache_targets.drift import check_renderer
 from ..data.sources import BadImageError
 from ..pixels import pixel_targets
 from ..render import ViewRenderer, open_renderer, render_files, resolve_loader
+from ..rules import RULES
 from ..targets import Targets, attention_rows
 from .batches import CachedBatches, OnlineBatches
 from .images import cache_image_source
@@ -77,9 +78,6 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
     loader = resolve_loader(d.loader, device) if render else "pil"
     files_only = loader != "pil"
     renderer = open_renderer(loader, d.img_size, device, d.batch_size, d.num_workers) if files_only else None
-    if t.source == "cache" and d.view_mode == "fresh":
-        raise UserError("data.view_mode=fresh draws a new crop every epoch, which a cache of fixed views cannot "
-                        "serve; use targets.source=online or pixels, or data.view_mode=cycle or random")
     if t.source == "cache":
         if reader is None:
             from ..cache.storage import use_storage_options
@@ -108,6 +106,7 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
     shards = uniform_shards(len(source), cfg.cache.images_per_shard)  # same order as a cache of this config
     make = OnlineBatches(source, d.img_size, cfg.seed, (d.scale_min, d.scale_max), files_only)
     if t.source == "online":
+        check_sizes(flatten(to_dict(cfg)), "base.arch", RULES)  # base sizes left to timm's defaults, resolved
         base = load_base_model(cfg.base.arch, cfg.base.checkpoint, img_size=d.img_size)
         return DataPipeline("online", base_spec(base, d.img_size), shards, None, d.views, make, base,
                             identity=source.fingerprint(), loader=loader, name_of=source.name, renderer=renderer)

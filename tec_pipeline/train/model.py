@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Optional
 
 from accelerate.utils import set_seed
 
-from ..config import Config, TargetConfig, ViTArch
+from ..config import Config, TargetConfig, ViTArch, flatten, to_dict
 from ..errors import UserError
 from ..export import build_model
-from ..models.base import build_vit, load_base_model
+from ..models.base import build_vit, check_sizes, load_base_model
+from ..rules import RULES
 from .checkpoint import init_from_base, init_from_checkpoint
 from .spec import TargetSpec, check_request
 
@@ -41,8 +42,6 @@ def effective_targets(cfg: Config) -> TargetConfig:
 def model_kwargs(cfg: Config, spec: TargetSpec) -> dict:
     """`TECModel` arguments for this run; stored in every checkpoint so export can rebuild it."""
     m, t = cfg.model, effective_targets(cfg)
-    if m.arch.img_size is not None and m.arch.img_size != cfg.data.img_size:
-        raise UserError(f"model.arch.img_size={m.arch.img_size} differs from data.img_size={cfg.data.img_size}")
     pixels = cfg.targets.source == "pixels"
     attn = t.attention != "none"
     return {
@@ -76,6 +75,7 @@ def new_model(cfg: Config, data: "DataPipeline"):
     """The new model at its first step, checked against what the targets can serve, and its
     `model_kwargs`: freshly initialised (seeded right before, so whatever ran earlier, a base
     model build, cannot shift it), then Tab. 6d's base encoder and/or another run's weights."""
+    check_sizes(flatten(to_dict(cfg)), "model.arch", RULES)  # sizes left to timm's defaults, resolved
     t, kwargs = effective_targets(cfg), model_kwargs(cfg, data.spec)
     set_seed(cfg.seed)
     model = build_model(kwargs)
