@@ -61,7 +61,8 @@ def recipe(tmp_path_factory):
     each made with the recipe's settings (int8 features, uint8 attention, DALI's views)."""
     root = tmp_path_factory.mktemp("recipe")
     images = write_images(root / "images", 8, classes=2, name="{i:03d}.jpg")
-    out = {"root": root, "images": images}
+    val = write_images(root / "val", 4, classes=2, name="{i:03d}.jpg", seed=1)  # fine-tuning scores on other images
+    out = {"root": root, "images": images, "val": val}
     for name, patch, k_max in (("p8", 8, 15), ("p2", 2, 196)):
         torch.manual_seed(0)
         base = load_base_model(ViTArch(name="vit_tiny_patch16_224", img_size=32, patch_size=patch, embed_dim=32,
@@ -84,7 +85,7 @@ def held_to_torch_default():
 
 
 def losses_of(out: Path) -> list[float]:
-    return [r["loss"] for r in read_log(out)]
+    return [r["loss"] for r in read_log(out) if "loss" in r]  # fine-tuning logs its evaluations too
 
 
 # ---------------------------------------------------------------- one process
@@ -183,12 +184,12 @@ def test_ablate_under_several_processes_trains_row_after_row_on_one_group(recipe
 
 # ---------------------------------------------------------------- fine-tuning and probing
 def _finetune_both(recipe, encoder: Path, tmp: Path) -> None:
-    images = recipe["images"]
+    images, val = recipe["images"], recipe["val"]
     with held_to_torch_default():
         for protocol in ("finetune", "linprobe"):
             for name in ("eager", "compiled"):
                 cfg = load_finetune_config(None, [
-                    f"model.checkpoint={encoder}", f"data.train={images}", f"data.val={images}", "data.img_size=32",
+                    f"model.checkpoint={encoder}", f"data.train={images}", f"data.val={val}", "data.img_size=32",
                     "data.batch_size=4", "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=1",
                     "optim.mixed_precision=bf16", "model.drop_path=0.0", "aug.mixup=0.0", "aug.cutmix=0.0",
                     "train.log_every=1", f"train.compile={name == 'compiled'}", f"output={tmp / protocol / name}"],
