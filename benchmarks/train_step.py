@@ -121,13 +121,14 @@ def make_images(root: Path, n: int) -> ImageFolderSource:
     return ImageFolderSource(root)
 
 
-def make_cache(url: str, source: ImageFolderSource, args, L: int, C: int, H: int) -> None:
-    """A synthetic cache of the benchmark's shapes (Gaussian targets, real crop params), via the store API."""
+def make_cache(url: str, source: ImageFolderSource, args, L: int, C: int, H: int, loader: str = "pil") -> None:
+    """A synthetic cache of the benchmark's shapes (Gaussian targets, real crop params), via the store API,
+    recorded as rendered by `loader` (the ``data.loader`` stage two may then render its views with)."""
     n, V, k = len(source), args.views, args.k
     meta = {"store": "zarr", "num_images": n, "views": V, "num_patches": L, "feat_dim": C, "heads": H, "k_max": k,
             "images_per_shard": args.images_per_shard, "feat_dtype": args.feat_dtype, "attn_dtype": args.attn_dtype,
             "zstd_level": 1, "img_size": args.img_size,
-            "identity": {"img_size": args.img_size, "seed": 0, "benchmark": True},
+            "identity": {"img_size": args.img_size, "seed": 0, "benchmark": True, "data": {"loader": loader}},
             "source": {"kind": "imagefolder", "path": str(source.root), "num_images": n,
                        "fingerprint": source.fingerprint()}}
     writer = create_cache(url, meta, overwrite=True)
