@@ -10,8 +10,8 @@ when not in bf16), and on CUDA the device syncs per step.
 Syncs are counted with `torch.cuda.set_sync_debug_mode("warn")` switched on inside the loop's
 steps only (`loop.micro_step`: targets, forward, backward, optimizer step) and off everywhere
 else; per step over the steps after the skipped records, and apart from them what the first steps
-(compilation) and the log records and checkpoints (`loop.end_step`, where the loop reads the
-device by design) cost.
+(compilation) and the log records and checkpoints, the final one included (`loop.end_step`,
+where the loop reads the device by design), cost.
 
 The cache holds synthetic targets of the real shapes (Gaussian features, int8/uint8 storage) with
 real crops of synthetic ~500x375 JPEGs, recorded as rendered by ``--loader`` (so stage two renders
@@ -91,9 +91,10 @@ def sync_warnings(seen: list) -> int:
 def syncs_in_steps(on: bool):
     """`loop.micro_step` and `loop.end_step` wrapped for the block: CUDA's sync debug mode warns
     only while one of them runs (with `on`), and each warning is booked to its step or to the
-    records. Set-up, compilation's own host work outside the step, and the final checkpoint's
-    copies stay uncounted or apart."""
-    counts, micro_step, end_step, current = StepSyncs(at_records=0 if on else None), loop.micro_step, loop.end_step, [0]
+    records. Set-up and whatever runs outside the steps stay uncounted; the log records and the
+    checkpoints (the final one included) are counted apart from the steps."""
+    counts = StepSyncs(at_records=0 if on else None)
+    micro_step, end_step, current = loop.micro_step, loop.end_step, [0]  # current: syncs of the open step
 
     def counted(fn, booked):
         def wrapper(*args, **kwargs):
