@@ -15,9 +15,9 @@ prefetch_factor), at most P + W - 1 ahead.
 from __future__ import annotations
 
 import copy
+import math
 import queue
 import threading
-import math
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -107,7 +107,7 @@ class ThreadedBatches:
         try:
             for g in range(len(self.dataset)):
                 item = queues[g % self.threads].get()
-                with turn:  # the batch before this one is released by the consumer: one more may start
+                with turn:  # batch g is taken: the batches up to g + prefetch may start
                     taken[0] = g + 1
                     turn.notify_all()
                 if isinstance(item, BaseException):
