@@ -131,3 +131,22 @@ def test_stage_one_ceiling_smoke_writes_every_row(tmp_path):
         assert r["mb_per_s"] > 0 and r["writer_cpu_us_per_view"] > 0
     assert "goal" in next(r for r in rows if r["row"].startswith("(c)"))
     assert "stage-one ceiling on" in done.stdout and list(tmp_path.iterdir()) == [out]  # temp caches removed
+
+
+def test_pinned_memory_counts_every_byte_of_a_batch_at_the_recipes_shapes(tmp_path):
+    """benchmarks/pinned_memory.py on a few images: the targets' bytes per view are ViT-B/16's at
+    int8 / uint8 (L x C features, (k+1) x H x L attention), the JPEG bytes are the files', and the
+    batches alive stay within data.prefetch_batches + 2."""
+    out = tmp_path / "pinned.json"
+    done = subprocess.run([sys.executable, "benchmarks/pinned_memory.py", "--images", "8", "--batch", "8",
+                           "--batches", "8", "--workers", "3", "--prefetch", "2", "--step-s", "0.02", "--out", str(out)],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(out.read_text())
+    per_view = r["bytes_per_view"]
+    assert per_view["feat"] == 196 * 768 and per_view["attn"] == 16 * 12 * 196 and per_view["mask_noise"] == 196 * 4
+    assert 10e3 < per_view["files"] < 200e3  # the synthetic ~500x375 JPEGs
+    assert 1 <= r["batches_alive_most"] <= r["batches_alive_bound"] == 4
+    m = r["measured"]
+    assert m["batch_bytes"] == m["bytes_per_view"] * 512 and m["pinned_per_node_bound"] == m["batch_bytes"] * 4 * 8
