@@ -29,6 +29,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.cards import device_record  # noqa: E402
 from stages.cache_targets import run_cache_targets  # noqa: E402
 from tec_pipeline.base_targets import compute_dtype, compute_setting, load_base  # noqa: E402
 from tec_pipeline.config import load_config  # noqa: E402
@@ -131,8 +132,9 @@ def main() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA initialises, so accelerate picks the CPU too
     elif args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch sees no CUDA GPU")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # what run_cache_targets (accelerate) picks
     result: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": platform.platform(),
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads"}
+                    **device_record(device)}
     with tempfile.TemporaryDirectory(prefix="tec-bench-") as tmp:
         tmp = Path(tmp)
         data = write_images(tmp / "images", args.images, (320, 256))
@@ -150,6 +152,7 @@ def main() -> None:
                                 "write_mb_per_s": summary["bytes"] / 1e6 / max(summary["write_seconds"], 1e-9)}
         counts = [int(n) for n in args.rss_images.split(",") if n]
         result["rss"] = [peak_rss(args, n, tmp) for n in counts]
+    result["max_memory_allocated_gb"] = device_record(device)["max_memory_allocated_gb"]
     print_table(result)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

@@ -13,20 +13,28 @@ Rows, each with 1 and 2 loader workers, over the same JPEGs in the same run:
 - pil: the workers decode and render (``data.loader=pil``), the targets dequantized on the device;
 - dali: the workers read the files, DALI renders the views on the device (``data.loader=dali``;
   its CPU graph here, ``mixed`` with ``--device cuda``), then dequantization;
-- host side: the dali path with the device's work replayed as instant (rendering and
-  dequantization): the workers' reading and batch assembly, the transfer between processes and
-  the host's part of feeding the renderer (`render_dali.graph_feeds`). What the host does behind a
-  GPU, as stage one's ceiling measures its own.
+- host side: the dali path with the device's work replayed as instant, and all the host's work
+  around it measured: the workers' reading and batch assembly (collation), the copy of each batch
+  into pinned memory (``pin_memory``; on a machine without CUDA, where nothing can be pinned, the
+  same bytes copied into a new buffer in the same threads: the memcpy of pinning, without the
+  page-locking that torch's caching host allocator does once per block), the copies to the
+  device (none on the CPU), and feeding DALI as the renderer does: `render_dali.graph_feeds`, one
+  ``feed_input`` per input and the graph's ``run`` call, into a graph with the renderer's inputs
+  that passes them through (DALI's host side of a run without its decoding and resizing). What it
+  leaves out: the host's share of DALI's ``mixed`` decoding (nvJPEG's Huffman stage), which only
+  a GPU run measures (benchmarks/gpu.sh's ceiling-two part, its "dali" rows).
 
 Columns: views/s (wall), CPU us per view (main process, its DALI threads and the loader workers
 together), views/s per core (1e6 / CPU us), the wait for the first batch of the second epoch
-against the median wait (workers persist across epochs). Run:
+against the median wait (workers persist across epochs). The JSON records the 1-minute load
+average before and after (the machine may be shared). Run:
 
     python benchmarks/stage_two_ceiling.py --repeats 3 --out benchmarks/results/stage_two_ceiling.json
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -43,6 +51,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.cards import device_record  # noqa: E402
 from benchmarks.stage_one_ceiling import ARCHS, cache_meta, photo_jpegs, record_targets, replay  # noqa: E402
 from stages.cache_targets import compute_shards  # noqa: E402
 from tec_pipeline.base_targets import load_base  # noqa: E402
@@ -80,19 +89,59 @@ def make_cache(args, source, tmp: Path, recorded: dict, compress: str) -> str:
     return url
 
 
-class InstantViews:
-    """The host's part of rendering on the device (unpacking the files, the graph's feeds); the
-    device's decode and render replayed as instant (one preallocated batch of views)."""
+INPUTS = {"encoded": "UINT8", "anchor": "INT32", "shape": "INT32", "start": "FLOAT", "end": "FLOAT", "flip": "INT32"}
+
+
+def feed_graph(batch: int):
+    """A DALI graph with `render_dali.view_graph`'s inputs (and its executor settings) that passes
+    them through: feeding and running it is DALI's host work of a run, without decoding or resizing."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+    def passthrough():
+        return tuple(fn.external_source(name=n, dtype=getattr(types, t)) for n, t in INPUTS.items())
+
+    graph = passthrough(batch_size=batch, num_threads=1, device_id=None)
+    graph.build()
+    return graph
+
+
+class HostViews:
+    """The host's part of rendering on the device: the graph's feeds, fed to a pass-through DALI
+    graph and run; the device's decode and render replayed as instant (one preallocated batch of
+    views), and the targets' copies to the device (no dequantization)."""
 
     def __init__(self, batch: int, size: int, device: torch.device):
         from tec_pipeline.render_dali import graph_feeds
 
-        self.feeds, self.size = graph_feeds, size
+        self.feeds, self.size, self.device, self.graph = graph_feeds, size, device, feed_graph(batch)
         self.views = torch.zeros(batch, 3, size, size, dtype=torch.uint8, device=device)
 
     def __call__(self, batch: dict) -> torch.Tensor:
-        self.feeds(unpack_files(batch), batch["crop"].numpy(), self.size)
+        for name, data in self.feeds(unpack_files(batch), batch["crop"].numpy(), self.size).items():
+            self.graph.feed_input(name, data)
+        self.graph.run()
+        for name, tensor in batch.items():  # the targets' copies to the device, as the step's decode_batch
+            if name not in ("files", "file_ends"):
+                tensor.to(self.device, non_blocking=True)
         return self.views[:len(batch["crop"])]
+
+
+class CopiedBatches:
+    """Where nothing can be pinned (no CUDA): each batch copied into new buffers by the thread that
+    made it, the memcpy that ``pin_memory`` does there. Each thread's copy has its own maker."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __copy__(self):
+        return CopiedBatches(copy.copy(self.inner))
+
+    def expect(self, images, views) -> None:
+        self.inner.expect(images, views)
+
+    def __call__(self, images, views) -> dict:
+        return {k: torch.empty_like(v).copy_(v) for k, v in self.inner(images, views).items()}
 
 
 def cached_batches(args, url: str, path: str, workers: int, device: torch.device):
@@ -100,13 +149,15 @@ def cached_batches(args, url: str, path: str, workers: int, device: torch.device
     reader = open_cache(url)
     source = cache_image_source(reader)
     make = CachedBatches(reader, source, args.img_size, args.k_max + 1, buffer_shards=2, files_only=path != "pil")
+    if path == "host side" and device.type != "cuda":
+        make = CopiedBatches(make)
     per_epoch = reader.num_images // args.batch  # one view per image and epoch (cycle)
     planner = EpochPlanner(reader_shards(reader), valid_mask(reader), 0, 2, reader.views, "cycle", args.batch, 1, 0,
                            per_epoch)
     loader = batch_loader(PlannedBatches(planner, per_epoch, make, 0, args.epochs * per_epoch), workers,
                           pin_memory=device.type == "cuda", threads=path != "pil")
     if path == "host side":
-        return loader, per_epoch, InstantViews(args.batch, args.img_size, device)
+        return loader, per_epoch, HostViews(args.batch, args.img_size, device)
     renderer = open_renderer("dali", args.img_size, device, args.batch, workers) if path == "dali" else None
 
     def step(batch: dict) -> torch.Tensor:
@@ -243,7 +294,8 @@ def print_table(result: dict) -> None:
     a = result["args"]
     print(f"\nstage-two ceiling on {result['machine']} ({result['cores']} cores, device {a['device']}); "
           f"{a['images']} photo JPEGs, ViT-B/16 int8/uint8 targets, batch {a['batch']}, {a['epochs']} epochs, "
-          f"{a['repeats']} run(s): median (min-max)")
+          f"{a['repeats']} run(s): median (min-max); 1-minute load average {result['load_average'][0][0]:.2f} before, "
+          f"{result['load_average'][-1][0]:.2f} after")
     print(f"{'path':<12}{'chunks':<7}{'workers':>8}{'views/s':>9}{'spread':>12}{'CPU us/view':>13}{'spread':>12}"
           f"{'per core':>9}{'x MAE':>7}{'epoch start ms':>16}{'median ms':>11}  goal")
     for r in result["rows"]:
@@ -282,7 +334,8 @@ def main() -> None:
     device = torch.device(args.device)
     torch.set_num_threads(1)  # the CPU as "device" gets one core; the loader workers the others
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": platform.processor() or platform.machine(),
-              "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "rows": []}
+              "cores": len(os.sched_getaffinity(0)), "load_average": [os.getloadavg()],
+              **device_record(device.type), "rows": []}
     with tempfile.TemporaryDirectory(prefix="tec-ceiling-two-") as tmp:
         tmp = Path(tmp)
         source = photo_jpegs(tmp / "photos", args.images)
@@ -296,6 +349,7 @@ def main() -> None:
                                        "workers": workers, **r})
         result["device_work_us"] = device_work(args, urls[args.compress[0]])
         result["drift"] = renderer_drift(args, source, device) if args.drift else []
+    result["load_average"].append(os.getloadavg())  # before and after
     goals(result["rows"])
     print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)

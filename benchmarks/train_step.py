@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -121,13 +123,14 @@ def make_images(root: Path, n: int) -> ImageFolderSource:
     return ImageFolderSource(root)
 
 
-def make_cache(url: str, source: ImageFolderSource, args, L: int, C: int, H: int) -> None:
-    """A synthetic cache of the benchmark's shapes (Gaussian targets, real crop params), via the store API."""
+def make_cache(url: str, source: ImageFolderSource, args, L: int, C: int, H: int, loader: str = "pil") -> None:
+    """A synthetic cache of the benchmark's shapes (Gaussian targets, real crop params), via the store API,
+    recorded as rendered by `loader` (the ``data.loader`` stage two may then render its views with)."""
     n, V, k = len(source), args.views, args.k
     meta = {"store": "zarr", "num_images": n, "views": V, "num_patches": L, "feat_dim": C, "heads": H, "k_max": k,
             "images_per_shard": args.images_per_shard, "feat_dtype": args.feat_dtype, "attn_dtype": args.attn_dtype,
             "zstd_level": 1, "img_size": args.img_size,
-            "identity": {"img_size": args.img_size, "seed": 0, "benchmark": True},
+            "identity": {"img_size": args.img_size, "seed": 0, "benchmark": True, "data": {"loader": loader}},
             "source": {"kind": "imagefolder", "path": str(source.root), "num_images": n,
                        "fingerprint": source.fingerprint()}}
     writer = create_cache(url, meta, overwrite=True)
@@ -203,6 +206,7 @@ def main() -> None:
                    help="autocast of the step parts and training (auto: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--skip", nargs="*", default=[], choices=("step", "loader", "train"))
     p.add_argument("--compile", action="store_true", help="also time the cached step compiled (torch.compile)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of the whole measurement: median and (min, max)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
     if args.threads:
@@ -212,10 +216,9 @@ def main() -> None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     res: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                 "device": device, "torch_threads": torch.get_num_threads()}
-    if "step" not in args.skip:
-        res["step"] = bench_step(args)
-        print("step:", json.dumps(res["step"]), flush=True)
+                 "command": " ".join(sys.argv), "device": device, "torch_threads": torch.get_num_threads(),
+                 "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores", "runs": [],
+                 "load_average": [os.getloadavg()]}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "loader" not in args.skip or "train" not in args.skip:
@@ -223,18 +226,42 @@ def main() -> None:
             L, C, H = base.patch_embed.num_patches, base.embed_dim, base.blocks[-1].attn.num_heads
             source = make_images(tmp / "images", args.images)
             make_cache(str(tmp / "cache.zarr"), source, args, L, C, H)
-        if "loader" not in args.skip:
-            res["loader"] = {"targets_only_views_s_0w": bench_loader(str(tmp / "cache.zarr"), args, False, 0),
-                             "targets_cpu_float32_views_s_0w": bench_loader(str(tmp / "cache.zarr"), args, False, 0,
-                                                                            dequantize=True),
-                             "full_views_s_0w": bench_loader(str(tmp / "cache.zarr"), args, True, 0),
-                             f"full_views_s_{args.workers}w": bench_loader(str(tmp / "cache.zarr"), args, True, args.workers)}
-            print("loader:", json.dumps(res["loader"]), flush=True)
-        if "train" not in args.skip:
-            res["train"] = bench_training(str(tmp / "cache.zarr"), args, tmp / "run")
+        for i in range(args.repeats):
+            res["runs"].append(measure_once(args, str(tmp / "cache.zarr"), tmp / f"run{i}"))
+            res["load_average"].append(os.getloadavg())  # after each run
+            if args.out:  # as it goes: a run cut short keeps the runs it finished
+                args.out.write_text(json.dumps({**res, **summarize(res["runs"])}, indent=2))
+    res.update(summarize(res["runs"]))
     print_table(res)
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
+
+
+def measure_once(args, url: str, run_dir: Path) -> dict:
+    """One run of every part not skipped: {"step": ..., "loader": ..., "train": ...}."""
+    out = {}
+    if "step" not in args.skip:
+        out["step"] = bench_step(args)
+        print("step:", json.dumps(out["step"]), flush=True)
+    if "loader" not in args.skip:
+        out["loader"] = {"targets_only_views_s_0w": bench_loader(url, args, False, 0),
+                         "targets_cpu_float32_views_s_0w": bench_loader(url, args, False, 0, dequantize=True),
+                         "full_views_s_0w": bench_loader(url, args, True, 0),
+                         f"full_views_s_{args.workers}w": bench_loader(url, args, True, args.workers)}
+        print("loader:", json.dumps(out["loader"]), flush=True)
+    if "train" not in args.skip:
+        out["train"] = bench_training(url, args, run_dir)
+    return out
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Each part's median over the runs (under the part's name, as one run's), and its (min, max)."""
+    out: dict = {"spread": {}}
+    for part in runs[0]:
+        keys = runs[0][part].keys()
+        out[part] = {k: statistics.median(r[part][k] for r in runs) for k in keys}
+        out["spread"][part] = {k: [min(r[part][k] for r in runs), max(r[part][k] for r in runs)] for k in keys}
+    return out
 
 
 def pick_device(choice: str) -> str:
@@ -252,24 +279,19 @@ def pick_device(choice: str) -> str:
 def print_table(res: dict) -> None:
     s = res["settings"]
     print(f"\nstage-two benchmark on {res['device']} ({res['torch_threads']} threads): new {s['arch']}, "
-          f"base {s['base_arch']}, {s['img_size']}px, batch {s['batch']}, {s.get('precision', 'fp32')}")
-    rows = []
-    if "step" in res:
-        r = res["step"]
-        rows += [("step from cache (s)", r["cache_step_s"])]
-        if "compiled_cache_step_s" in r:
-            rows += [("step from cache, compiled (s)", r["compiled_cache_step_s"]),
-                     ("eager / compiled", r["eager_over_compiled"])]
-        rows += [("step online (s)", r["online_step_s"]),
-                 ("  base forward + targets (s)", r["base_targets_s"]), ("online / cache", r["online_over_cache"]),
-                 ("base share of online step", r["base_share_of_online"])]
-    for k, v in res.get("loader", {}).items():
-        rows.append((f"loader {k.replace('_', ' ')}", v))
-    for k, v in res.get("train", {}).items():
-        rows.append((f"training {k.replace('_', ' ')}", v))
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value:10.3f}")
+          f"base {s['base_arch']}, {s['img_size']}px, batch {s['batch']}, {s.get('precision', 'fp32')}; "
+          f"{len(res['runs'])} run(s), median (min-max); 1-minute load average "
+          + ", ".join(f"{load[0]:.2f}" for load in res["load_average"]))
+    names = {"cache_step_s": "step from cache (s)", "compiled_cache_step_s": "step from cache, compiled (s)",
+             "eager_over_compiled": "eager / compiled", "online_step_s": "step online (s)",
+             "base_targets_s": "  base forward + targets (s)", "online_over_cache": "online / cache",
+             "base_share_of_online": "base share of online step"}
+    rows = [(names.get(k, f"{part} {k.replace('_', ' ')}"), part, k)
+            for part in ("step", "loader", "train") if part in res for k in res[part]]
+    width = max(len(name) for name, _, _ in rows)
+    for name, part, k in rows:
+        lo, hi = res["spread"][part][k]
+        print(f"  {name:<{width}}  {res[part][k]:10.3f}  ({lo:.3f}-{hi:.3f})")
 
 
 if __name__ == "__main__":

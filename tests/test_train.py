@@ -523,6 +523,64 @@ def test_loader_threads_give_the_batches_of_worker_processes(world):
         list(batch_loader(PlannedBatches(planner, 4, Broken(), 0, 4), num_workers=2, threads=True))
 
 
+class SlowBatches:
+    """A batch maker of small batches that records how many are alive (made and not yet dropped)."""
+
+    def __init__(self, alive: dict):
+        self.alive = alive
+
+    def expect(self, images, views):
+        pass
+
+    def __call__(self, images, views):
+        import weakref
+
+        with self.alive["lock"]:
+            self.alive["now"] += 1
+            self.alive["most"] = max(self.alive["most"], self.alive["now"])
+        time.sleep(0.002)
+        batch = {"x": torch.from_numpy(images.astype(np.int64))}
+        weakref.finalize(batch["x"], self.dropped)
+        return batch
+
+    def dropped(self):
+        with self.alive["lock"]:
+            self.alive["now"] -= 1
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 5])
+def test_prefetch_batches_bounds_the_batches_a_threaded_loader_holds(prefetch):
+    """data.prefetch_batches = P: with 4 threads and a slow step, at most P + 2 batches are alive at
+    once (P made ahead, the step's, the previous one at the hand-over), every batch arrives in order,
+    and the loader does run P ahead (it reaches P + 1 alive)."""
+    import threading
+
+    from tec_pipeline.train.loader import PlannedBatches, batch_loader
+    from tec_pipeline.train.order import EpochPlanner
+
+    alive = {"lock": threading.Lock(), "now": 0, "most": 0}
+    planner = EpochPlanner(uniform_shards(N_IMAGES, PER_SHARD), None, 0, 2, VIEWS, "cycle", 2, 1, 0, 8)
+    batches = PlannedBatches(planner, 8, SlowBatches(alive), 0, 24)
+    seen = []
+    for batch in batch_loader(batches, num_workers=4, threads=True, prefetch=prefetch):
+        seen.append(batch["x"].tolist())
+        time.sleep(0.01)  # the step: the loader runs ahead meanwhile
+        del batch
+    most = alive["most"]
+    expected = [b["x"].tolist() for b in batch_loader(batches, num_workers=0)]
+    assert seen == expected and len(seen) == 24
+    assert prefetch + 1 <= most <= prefetch + 2
+
+
+def test_prefetch_batches_is_a_setting_with_a_domain(tmp_path):
+    from tec_pipeline.config import load_config
+    from tec_pipeline.errors import ConfigError
+
+    assert load_config(None, ["data.prefetch_batches=3"]).data.prefetch_batches == 3
+    with pytest.raises(ConfigError, match="data.prefetch_batches"):
+        load_config(None, ["data.prefetch_batches=0"])
+
+
 def test_views_come_from_images_stored_in_a_webdataset_cache(world, tmp_path):
     """A cache with store_images needs no image folder: views render from its bytes, bit-identical."""
     from tec_pipeline.cache.store import open_cache

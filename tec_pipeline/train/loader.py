@@ -5,10 +5,17 @@ Workers that decode and render are processes (a torch DataLoader). Workers that 
 (``data.loader=dali``: the files and the targets) are threads of the training process
 (`ThreadedBatches`): reading, copying and decompressing release the GIL, and nothing then
 crosses a process boundary, which would copy every target byte once more through shared memory.
+
+``data.prefetch_batches`` (P) bounds the batches made ahead of the step, which on CUDA are all in
+pinned host memory: threads start at most P batches beyond the one the step holds, all threads
+together, so at most P + 2 batches live at once (P ahead, the step's, and for a moment at the
+hand-over the step's previous one); worker processes hold ceil(P / W) each (DataLoader's
+prefetch_factor), at most P + W - 1 ahead.
 """
 from __future__ import annotations
 
 import copy
+import math
 import queue
 import threading
 from typing import Callable, Iterable, Iterator, Optional
@@ -18,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config import DataConfig
 from .interfaces import BatchMaker
 from .order import EpochPlan
 
@@ -60,76 +68,94 @@ class PlannedBatches(IterableDataset):
                 epoch, plan = e, self.plan_of(e)
                 mine = np.arange(b, min(self.per_epoch, self.end - e * self.per_epoch), workers)
                 self.make_batch.expect(plan.images[mine], plan.views[mine])
-            batch = self.make_batch(plan.images[b], plan.views[b])
-            batch["index"] = torch.from_numpy(plan.images[b].copy())
-            batch["view"] = torch.from_numpy(plan.views[b].copy())
-            if self.masks is not None:  # drawn here, in the loader workers, off the step's path
-                batch["mask_noise"] = self.masks(int(plan.first_samples[b]))
-            yield batch
+            yield self.batch_of(plan, b)  # not kept in this frame: a suspended worker holds no batch
+
+    def batch_of(self, plan: EpochPlan, b: int) -> dict:
+        """Batch `b` of the epoch `plan`: what the batch maker gives, plus its images, views and masks."""
+        batch = self.make_batch(plan.images[b], plan.views[b])
+        batch["index"] = torch.from_numpy(plan.images[b].copy())
+        batch["view"] = torch.from_numpy(plan.views[b].copy())
+        if self.masks is not None:  # drawn here, in the loader workers, off the step's path
+            batch["mask_noise"] = self.masks(int(plan.first_samples[b]))
+        return batch
 
 
 class ThreadedBatches:
     """`PlannedBatches` made by `threads` threads of this process, each with its own copy of the batch
-    maker (its open shards), delivered in the same order as a DataLoader's workers deliver them."""
+    maker (its open shards), delivered in the same order as a DataLoader's workers deliver them.
 
-    def __init__(self, dataset: PlannedBatches, threads: int, pin_memory: bool = False, prefetch: int = 2):
+    A thread starts batch g only when g < (batches the consumer has taken) + `prefetch`: at most
+    `prefetch` batches exist beyond the one the consumer holds, made, queued or pinned. The bound
+    follows the batch order, so the batch the consumer waits for always has its turn."""
+
+    def __init__(self, dataset: PlannedBatches, threads: int, pin_memory: bool = False,
+                 prefetch: int = DataConfig.prefetch_batches):
         self.dataset, self.threads = dataset, max(1, min(threads, len(dataset)))
-        self.pin_memory, self.prefetch = pin_memory, prefetch
+        self.pin_memory, self.prefetch = pin_memory, max(1, prefetch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[dict]:
-        stop = threading.Event()
-        queues = [queue.Queue(self.prefetch) for _ in range(self.threads)]
-        threads = [threading.Thread(target=self._work, args=(w, q, stop), daemon=True) for w, q in enumerate(queues)]
+        stop, turn = threading.Event(), threading.Condition()
+        taken = [0]  # batches handed to the consumer so far
+        queues = [queue.Queue() for _ in range(self.threads)]
+        threads = [threading.Thread(target=self._work, args=(w, q, stop, turn, taken), daemon=True)
+                   for w, q in enumerate(queues)]
         for t in threads:
             t.start()
         try:
             for g in range(len(self.dataset)):
                 item = queues[g % self.threads].get()
+                with turn:  # batch g is taken: the batches up to g + prefetch may start
+                    taken[0] = g + 1
+                    turn.notify_all()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-        finally:  # the consumer stopped (or failed): release the threads blocked on full queues
+        finally:  # the consumer stopped (or failed): release the threads waiting for their turn
             stop.set()
+            with turn:
+                turn.notify_all()
             for q in queues:
                 while not q.empty():
                     q.get_nowait()
 
-    def _work(self, worker: int, out: queue.Queue, stop: threading.Event) -> None:
+    def _work(self, worker: int, out: queue.Queue, stop: threading.Event, turn: threading.Condition,
+              taken: list) -> None:
         dataset = copy.copy(self.dataset)
         dataset.make_batch = copy.copy(dataset.make_batch)  # its own open shards
         try:
-            for batch in dataset.worker_batches(worker, self.threads):
+            for batch in self._batches(dataset, worker, stop, turn, taken):
                 if self.pin_memory:
                     batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                if not put(out, batch, stop):
-                    return
+                out.put(batch)
+                del batch  # the thread waits for its next turn holding nothing
         except BaseException as err:  # raised in the consumer, with the worker's own message
-            put(out, err, stop)
+            out.put(err)
 
-
-def put(out: queue.Queue, item, stop: threading.Event) -> bool:
-    """Put `item` unless the consumer has stopped; False when it has."""
-    while not stop.is_set():
-        try:
-            out.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
+    def _batches(self, dataset: PlannedBatches, worker: int, stop: threading.Event, turn: threading.Condition,
+                 taken: list) -> Iterator[dict]:
+        """The worker's batches, each started only in its turn (g < taken + prefetch)."""
+        batches = dataset.worker_batches(worker, self.threads)
+        for g in range(worker, len(dataset), self.threads):
+            with turn:
+                turn.wait_for(lambda: stop.is_set() or g < taken[0] + self.prefetch)
+            if stop.is_set():
+                return
+            yield next(batches)
 
 
 def batch_loader(dataset: PlannedBatches, num_workers: int, pin_memory: bool = False,
-                 threads: bool = False) -> Iterable[dict]:
+                 threads: bool = False, prefetch: int = DataConfig.prefetch_batches) -> Iterable[dict]:
     """Batches already collated by the dataset's batch maker: from `num_workers` DataLoader worker
-    processes, or with `threads` from as many threads of this process (at least one)."""
+    processes, or with `threads` from as many threads of this process (at least one); `prefetch`
+    batches made ahead (``data.prefetch_batches``, the module's docstring)."""
     if threads:
-        return ThreadedBatches(dataset, num_workers, pin_memory)
+        return ThreadedBatches(dataset, num_workers, pin_memory, prefetch)
     workers = min(num_workers, len(dataset))
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=2 if workers else None)
+                      prefetch_factor=math.ceil(prefetch / workers) if workers else None)
 
 
 def epoch_loader(plan: EpochPlan, make_batch: BatchMaker, start: int, num_workers: int,
