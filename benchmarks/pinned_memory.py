@@ -34,8 +34,6 @@ import weakref
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 

@@ -97,7 +97,7 @@ def feed_graph(batch: int):
     them through: feeding and running it is DALI's host work of a run, without decoding or resizing."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+    @pipeline_def(exec_dynamic=True, prefetch_queue_depth=1)
     def passthrough():
         return tuple(fn.external_source(name=n, dtype=getattr(types, t)) for n, t in INPUTS.items())
 
@@ -118,9 +118,7 @@ class HostViews:
         self.views = torch.zeros(batch, 3, size, size, dtype=torch.uint8, device=device)
 
     def __call__(self, batch: dict) -> torch.Tensor:
-        for name, data in self.feeds(unpack_files(batch), batch["crop"].numpy(), self.size).items():
-            self.graph.feed_input(name, data)
-        self.graph.run()
+        self.graph.run(**self.feeds(unpack_files(batch), batch["crop"].numpy(), self.size))
         for name, tensor in batch.items():  # the targets' copies to the device, as the step's decode_batch
             if name not in ("files", "file_ends"):
                 tensor.to(self.device, non_blocking=True)

@@ -57,7 +57,8 @@ class TECRun(LoopRun):
         masks = partial(mask_noise, cfg.seed, batch=cfg.data.batch_size, num_patches=self.data.spec.num_patches)
         batches = PlannedBatches(planner, s.batches_per_epoch, self.data.make_batch, micro,
                                  s.total_steps * self.settings.accum_steps, masks)
-        return batch_loader(batches, cfg.data.num_workers, torch.cuda.is_available(), threads=self.data.loader == "dali")
+        return batch_loader(batches, cfg.data.num_workers, torch.cuda.is_available(), threads=self.data.loader == "dali",
+                            prefetch=cfg.data.prefetch_batches)
 
     def losses(self, batch: dict, micro: int):
         """Targets of the batch (cached, online or pixels), then Eq. 3 + 4 on the masked views."""

@@ -98,7 +98,7 @@ def test_an_older_major_is_refused_by_name(version, tmp_path):
 def test_a_version_that_is_not_major_minor_is_damage(version, tmp_path):
     url = tiny_cache(tmp_path / "c", "zarr", "float32", "float32")
     set_version(url, version)
-    with pytest.raises(CacheCorruptError, match=rf"tec_cache.json is damaged \(format_version .* is not MAJOR.MINOR\)"):
+    with pytest.raises(CacheCorruptError, match=r"tec_cache.json is damaged \(format_version .* is not MAJOR.MINOR\)"):
         open_cache(url)
 
 

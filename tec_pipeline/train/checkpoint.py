@@ -32,8 +32,8 @@ IMAGE_FOLDERS = ("data.path", "data.train", "data.val", "train.monitor.train", "
 # lies (the data's identity is compared by content instead), stage one's own settings, and how it
 # is watched (the monitor never changes the weights; its history restarts where its images or
 # protocol change, `train.monitor.Monitor.load_state`).
-RESUMABLE_CHANGES = ("output", "train.log_every", "train.checkpoint_every", "data.num_workers", "data.path",
-                     "cache.path", "cache.storage_options", "cache.writer_threads", "base.compute_dtype",
+RESUMABLE_CHANGES = ("output", "train.log_every", "train.checkpoint_every", "data.num_workers", "data.prefetch_batches",
+                     "data.path", "cache.path", "cache.storage_options", "cache.writer_threads", "base.compute_dtype",
                      "train.monitor")
 
 
