@@ -105,3 +105,12 @@ def record_growth(fs, root: str, growth: Growth) -> None:
         return
     doc["grown"] = [*grown_parts(doc), {"views": [growth.first, growth.stop], "path": part_name(growth.first, growth.stop)}]
     write_bytes(fs, path, dump_json(doc))
+
+
+def unfinished_parts(fs, root: str, doc: dict) -> list[str]:
+    """View parts begun in the cache's folder and not recorded (a growth that was stopped): a
+    rerun with the same settings finishes them."""
+    fs.invalidate_cache(root)
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
+    recorded = {p["path"] for p in grown_parts(doc)}
+    return sorted(n for n in names if n.startswith(PART_PREFIX) and n not in recorded)
