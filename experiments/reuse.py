@@ -139,6 +139,21 @@ def scored(encoder: Path, name: str, root: Path, output: Path, seed: int) -> tup
     return rows, np.asarray(read_groups(files["test"], labelled_folder(root / "test")))
 
 
+def grown_check(out: Path, seed: int) -> dict:
+    """The grown arm against the V=24 arm made in one go: every stored array of the two caches,
+    and the losses of every logged step of the two runs (equal, not close: the same training)."""
+    from tec_pipeline.cache.store import open_cache
+
+    caches = [open_cache(str(out / "caches" / f"seed{seed}-V24{tail}.zarr")) for tail in ("", "-grown")]
+    shards = [[c.read_shard(shard) for c in caches] for shard in range(caches[0].num_shards)]
+    same_arrays = all(np.array_equal(a[name], b[name]) for a, b in shards for name in a)
+    logs = [[{k: v for k, v in json.loads(line).items() if k.startswith("loss")}
+             for line in (out / f"seed{seed}" / name / "log.jsonl").read_text().splitlines()]
+            for name in ("V24", "V24-grown")]
+    return {"same_arrays": same_arrays, "same_losses": logs[0] == logs[1], "logged_steps": len(logs[0]),
+            "lineage": caches[1].meta.get("lineage")}
+
+
 def checked_arms(only: Optional[list[str]]) -> list[str]:
     """The arms to run in `ARMS` order (all but the grown one by default); unknown names refused."""
     unknown = [n for n in only or [] if n not in ARMS]
@@ -167,6 +182,8 @@ def run_reuse(seeds: list[int], out: str | Path = "runs/reuse", only: Optional[l
         for name, v in result["variants"].items():
             v["reuse"] = rows[done[0]][name]["reuse"]
         result.update(images=IMAGES, epochs=EPOCHS, steps=rows[done[0]][names[0]]["steps"])
-        write_json(out / "reuse.json", result)
+        if "V24-grown" in names:
+            result["grown"] = {s: grown_check(out, s) for s in done}
+        write_json(out / ("reuse.json" if not only else f"reuse-{'-'.join(names)}.json"), result)
         print(format_costs(result), flush=True)
     return result
