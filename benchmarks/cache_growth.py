@@ -11,6 +11,7 @@
 Prints a table and writes the JSON (seconds of each stage on this machine, the checks).
 
     .venv/bin/python benchmarks/cache_growth.py --out runs/cache_growth --json benchmarks/results/cache_growth.json
+    .venv/bin/python benchmarks/cache_growth.py --images 640 --per-shard 64   # 640 of the digits, 10 shards
 """
 from __future__ import annotations
 
@@ -47,15 +48,31 @@ def digests(url: Path) -> dict[str, str]:
             if p.is_file() and p.name != "tec_cache.json" and not str(p.relative_to(url)).startswith("views-")}
 
 
-def timed_cache(url: Path, views: int) -> float:
+def settings(url: Path, views: int, data: list[str]) -> list[str]:
+    return [f"cache.path={url}", f"data.views={views}", *data]
+
+
+def timed_cache(url: Path, views: int, data: list[str]) -> float:
     start = time.perf_counter()
-    run_cache_targets(load_config(CONFIG, [f"cache.path={url}", f"data.views={views}"]))
+    run_cache_targets(load_config(CONFIG, settings(url, views, data)))
     return time.perf_counter() - start
 
 
-def kill_growth(url: Path, after: int) -> dict:
+def demo_subset(out: Path, count: int) -> Path:
+    """`count` of the demo's training digits, evenly spaced in its (class-sorted) order, as an ImageFolder."""
+    from tec_pipeline.data.sources import ImageFolderSource
+
+    source, folder = ImageFolderSource("data/demo/train"), out / f"images{count}"
+    for i in range(count):
+        name = source.files[i * len(source) // count]
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path("data/demo/train") / name, folder / name)
+    return folder
+
+
+def kill_growth(url: Path, after: int, data: list[str]) -> dict:
     """Start the growth to 4 views in a subprocess and SIGKILL it once `after` part shards are done."""
-    cmd = [sys.executable, "-m", "tec_pipeline", "cache-targets", "-c", str(CONFIG), f"cache.path={url}", "data.views=4"]
+    cmd = [sys.executable, "-m", "tec_pipeline", "cache-targets", "-c", str(CONFIG), *settings(url, 4, data)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done, start = 0, time.perf_counter()
     try:
@@ -91,21 +108,27 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/cache_growth"))
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/cache_growth.json"))
     ap.add_argument("--kill-after", type=int, default=3, help="part shards durable before the SIGKILL")
+    ap.add_argument("--images", type=int, default=0, help="this many of the demo's training digits (0: all 5,000)")
+    ap.add_argument("--per-shard", type=int, default=256, help="cache.images_per_shard")
     args = ap.parse_args()
     build_demo_data(Path("data/demo"), **demo_data_settings())
     shutil.rmtree(args.out, ignore_errors=True)
+    data = [f"cache.images_per_shard={args.per_shard}"]
+    if args.images:
+        data += ["data.kind=imagefolder", f"data.path={demo_subset(args.out, args.images)}"]
     grown, once = args.out / "grown.zarr", args.out / "once.zarr"
-    result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_at_start": os.getloadavg()[0]}
-    result["make_v2_s"] = timed_cache(grown, 2)
+    result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_at_start": os.getloadavg()[0],
+                    "images": args.images or 5000, "images_per_shard": args.per_shard}
+    result["make_v2_s"] = timed_cache(grown, 2, data)
     before = digests(grown)
-    result["kill"] = kill_growth(grown, args.kill_after)
+    result["kill"] = kill_growth(grown, args.kill_after, data)
     after_kill = open_cache(str(grown))
     result["after_kill"] = {"views": after_kill.views, "complete": after_kill.is_complete(),
                             "v2_files_unchanged": digests(grown) == before}
-    result["finish_growth_s"] = timed_cache(grown, 4)
+    result["finish_growth_s"] = timed_cache(grown, 4, data)
     result["v2_files"] = len(before)
     result["v2_files_unchanged"] = digests(grown) == before
-    result["make_v4_at_once_s"] = timed_cache(once, 4)
+    result["make_v4_at_once_s"] = timed_cache(once, 4, data)
     result["equal_to_made_at_once"] = same_views(grown, once)
     result["lineage"] = open_cache(str(grown)).meta["lineage"]
     args.json.parent.mkdir(parents=True, exist_ok=True)
