@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from experiments.costs_report import format_costs, margins_to_reference, summarize_costs
+from experiments.reuse_report import first_resolved
 from stages.demo import EVAL_POOL, demo_configs, demo_data_settings, train_and_export
 from tec_pipeline.config import Config
 from tec_pipeline.demo.report import Timer
@@ -182,8 +183,9 @@ def run_reuse(seeds: list[int], out: str | Path = "runs/reuse", only: Optional[l
         for name, v in result["variants"].items():
             v["reuse"] = rows[done[0]][name]["reuse"]
         result.update(images=IMAGES, epochs=EPOCHS, steps=rows[done[0]][names[0]]["steps"])
+        result["first_resolved_cost"] = first_resolved(result) if len(done) > 1 else None
         if "V24-grown" in names:
             result["grown"] = {s: grown_check(out, s) for s in done}
         write_json(out / ("reuse.json" if not only else f"reuse-{'-'.join(names)}.json"), result)
-        print(format_costs(result), flush=True)
+        print(format_costs(result), f"\nfirst resolved cost: {result['first_resolved_cost']}", flush=True)
     return result

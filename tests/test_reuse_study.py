@@ -36,3 +36,28 @@ def test_the_grown_arm_runs_only_when_named():
     assert checked_arms(["V24-grown", "V24"]) == ["V24", "V24-grown"]
     with pytest.raises(UserError, match="unknown arm 'V2'"):
         checked_arms(["V2"])
+
+
+def _margin(diff: float, half: float) -> dict:
+    return {"diff": diff, "low": diff - half, "high": diff + half}
+
+
+def test_a_cost_is_resolved_only_when_every_seed_loses_and_two_intervals_exclude_zero():
+    from experiments.reuse_report import first_resolved, markdown_table
+
+    def arm(reuse, knn, views):
+        margins = [{"knn": _margin(d, h), "linear": _margin(0.0, 0.02)} for d, h in knn]
+        spread = {"mean": 0.4, "std": 0.01, "values": [0.4, 0.41, 0.39]}
+        return {"reuse": reuse, "views": views, "margins": margins, "knn": spread, "linear": spread,
+                "wall_s": {"train": 60.0}, "cache_bytes": 1e6}
+
+    fresh = {**arm(1, [], None), "margins": None, "cache_bytes": None}
+    one_seed = arm(40, [(-0.03, 0.02), (0.01, 0.02), (-0.01, 0.02)], 3)  # one interval below 0, one seed gains
+    two_seeds = arm(120, [(-0.03, 0.02), (-0.04, 0.02), (-0.01, 0.02)], 1)
+    result = {"seeds": [0, 1, 2], "variants": {"fresh": fresh, "V3": one_seed, "V1": two_seeds}}
+    assert first_resolved(result) == "120 (V1: k-NN)"
+    result["variants"]["V1"] = arm(120, [(-0.03, 0.02), (0.0, 0.02), (-0.03, 0.02)], 1)
+    assert first_resolved(result) == "none up to 120"
+    table = markdown_table(result).splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| fresh", "| V3", "| V1"]  # by reuse
+    assert "**-3.0 (-5.0 to -1.0)**" in table[3] and "+1.0 (-1.0 to +3.0)" in table[3]
