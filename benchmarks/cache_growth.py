@@ -73,7 +73,9 @@ def demo_subset(out: Path, count: int) -> Path:
 def kill_growth(url: Path, after: int, data: list[str]) -> dict:
     """Start the growth to 4 views in a subprocess and SIGKILL it once `after` part shards are done."""
     cmd = [sys.executable, "-m", "tec_pipeline", "cache-targets", "-c", str(CONFIG), *settings(url, 4, data)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group, killed whole (the loader worker too, which would hold the lock a while)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     done, start = 0, time.perf_counter()
     try:
         while proc.poll() is None:
@@ -83,7 +85,7 @@ def kill_growth(url: Path, after: int, data: list[str]) -> dict:
             except (UserError, OSError, ValueError):
                 done = 0  # not created yet
             if done >= after:
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.2)
     finally:
