@@ -44,5 +44,5 @@ def markdown_table(result: dict) -> str:
         cache = "" if v["cache_bytes"] is None else f"{v['cache_bytes'] / 1e6:.1f}"
         lines.append(f"| {name} | {v['reuse']:g} | {v['views'] or 'fresh'} | {acc[0]} | {acc[1]} | {margins[0]} | "
                      f"{margins[1]} | {v['wall_s'].get('train', 0):.0f} | "
-                     f"{v['wall_s'].get('cache', 0):.0f} | {cache} |")
+                     f"{'' if 'cache' not in v['wall_s'] else round(v['wall_s']['cache'])} | {cache} |")
     return "\n".join(lines)
