@@ -23,7 +23,7 @@ def test_each_arm_reuses_its_views_as_named_at_equal_steps(tmp_path):
             continue
         assert c.targets.source == "cache" and c.data.views == ARMS[name].views
         assert view_reuse(steps[name], c.data.batch_size, IMAGES, c.data.views) == reuse_of(ARMS[name])
-    assert [reuse_of(ARMS[n]) for n in ("V1", "V3", "V8", "V24")] == [120, 40, 15, 5]
+    assert [reuse_of(ARMS[n]) for n in ("V1", "V2", "V3", "V8", "V24")] == [120, 60, 40, 15, 5]
     # the same base, images, schedule and seed; no monitor; every cache and run its own folder
     assert len({(c.base.checkpoint, c.data.path, c.optim.epochs, c.data.batch_size, c.seed) for c in cfg.values()}) == 1
     assert not any(c.train.monitor.train or c.train.monitor.val for c in cfg.values())
@@ -32,10 +32,10 @@ def test_each_arm_reuses_its_views_as_named_at_equal_steps(tmp_path):
 
 
 def test_the_grown_arm_runs_only_when_named():
-    assert checked_arms(None) == ["fresh", "V1", "V3", "V8", "V24"]
+    assert checked_arms(None) == ["fresh", "V1", "V2", "V3", "V8", "V24"]
     assert checked_arms(["V24-grown", "V24"]) == ["V24", "V24-grown"]
-    with pytest.raises(UserError, match="unknown arm 'V2'"):
-        checked_arms(["V2"])
+    with pytest.raises(UserError, match="unknown arm 'V4'"):
+        checked_arms(["V4"])
 
 
 def _margin(diff: float, half: float) -> dict:

@@ -41,7 +41,9 @@ class GrownShardBuffer(ShardBuffer):
 class GrownReader(CacheReader):
     """A grown cache as one of V' views: `pieces` are the cache as made, then each view part."""
 
-    def __init__(self, pieces: list[CacheReader]):  # noqa: the pieces were opened by `open_cache`
+    def __init__(self, pieces: list[CacheReader]):
+        # Not CacheReader.__init__: the pieces, opened by `open_cache`, already read their metadata
+        # and markers; this reader takes the cache's own (images, shards, pq parts) from the first.
         made = pieces[0]
         self.pieces, self.firsts = pieces, [0]
         for piece in pieces[:-1]:
