@@ -71,12 +71,7 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     meta = cache_meta(cfg, source, base, precision, loader)
     growth = find_growth(cfg.cache.path, meta, overwrite)  # more views asked of a complete cache: a view part
     url, meta = (growth.url, growth.meta) if growth else (cfg.cache.path, meta)
-    views = int(meta["views"])
-    dataset = ViewDataset(source, cfg.seed, views, cfg.data.img_size, (cfg.data.scale_min, cfg.data.scale_max),
-                          keep_raw=cfg.cache.store_images and not growth, files_only=loader != "pil",
-                          first_view=growth.first if growth else 0)
-    renderer = open_renderer(loader, cfg.data.img_size, device, images_per_batch(cfg) * views, cfg.data.num_workers)
-    views_of = BatchViews(renderer, views, source.name)
+    dataset, views_of = view_inputs(cfg, source, meta, loader, device, growth.first if growth else 0)
     forward = partial(view_targets, base, last_layers=cfg.targets.last_layers, k_max=cfg.cache.k_max,
                       device=device, dtype=compute_dtype(precision))
     if dry_run:
@@ -100,6 +95,16 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
             print_summary(summary, url)
         state.wait_for_everyone()
     return summary
+
+
+def view_inputs(cfg: Config, source, meta: dict, loader: str, device, first_view: int) -> tuple[ViewDataset, BatchViews]:
+    """The views the cache (or its view part, from `first_view` on) holds, and who renders them:
+    ``meta["views"]`` per image; the source images kept only where the metadata stores them."""
+    views = int(meta["views"])
+    dataset = ViewDataset(source, cfg.seed, views, cfg.data.img_size, (cfg.data.scale_min, cfg.data.scale_max),
+                          keep_raw=bool(meta["store_images"]), files_only=loader != "pil", first_view=first_view)
+    renderer = open_renderer(loader, cfg.data.img_size, device, images_per_batch(cfg) * views, cfg.data.num_workers)
+    return dataset, BatchViews(renderer, views, source.name)
 
 
 def compute_shards(cfg: Config, writer, dataset: ViewDataset, forward: Forward, shards: list[int], state,
@@ -143,7 +148,7 @@ def assemble_shards(cfg: Config, writer, loader, views_of: BatchViews, forward: 
         check_bad_images(batch, cfg.data.on_bad_image)
         shard = int(batch["index"][0]) // cfg.cache.images_per_shard
         if shard not in assembling:
-            assembling[shard] = out.assembler(shard, cfg.cache.store_images)
+            assembling[shard] = out.assembler(shard, bool(writer.meta.get("store_images")))
         assembling[shard].add(batch, forward(views))
         if assembling[shard].full:
             full = assembling.pop(shard)

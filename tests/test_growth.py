@@ -51,9 +51,10 @@ def grown_and_once(tmp_path: Path, images, *extra: str) -> tuple[Path, Path, dic
     return grown, once, before
 
 
-@pytest.mark.parametrize("store", ["zarr", "webdataset"])
+@pytest.mark.parametrize("store", ["zarr", "webdataset", "webdataset-images"])
 def test_growth_leaves_every_file_and_adds_the_views_of_a_cache_made_at_once(images, tmp_path, store, capsys):
-    grown, once, before = grown_and_once(tmp_path, images, f"cache.store={store}", *INT8)
+    kept = ("cache.store_images=true",) if store.endswith("-images") else ()
+    grown, once, before = grown_and_once(tmp_path, images, f"cache.store={store.removesuffix('-images')}", *kept, *INT8)
     assert file_digests(grown) == before  # not one byte of the V=2 cache rewritten
     reader = open_cache(str(grown))
     assert (reader.views, reader.is_complete(), reader.damaged_shards()) == (4, True, {})
@@ -66,6 +67,8 @@ def test_growth_leaves_every_file_and_adds_the_views_of_a_cache_made_at_once(ima
     assert_same(a, b)
     for image, view in ((9, 3), (5, 1)):
         assert_same(reader.read_view(image, view), made.read_view(image, view))
+    assert reader.image_bytes(4) == made.image_bytes(4) and (reader.image_bytes(4) is not None) == bool(kept)
+    assert not list((grown / "views-2-4").glob("*-img-*"))  # the source images are stored once, by the cache
     assert verify_cache(str(grown), sample=12, seed=0)  # the base recomputes views of the cache and of its part
     out = capsys.readouterr().out
     assert "lineage: made at 2 views, grown to 4 (views-2-4)" in out

@@ -88,6 +88,7 @@ def growth_of(url: str, doc: dict, meta: dict) -> Optional[Growth]:
     part = with_views(meta, want - have)
     part["identity"]["data"]["first_view"] = have
     part["first_view"] = have
+    part["store_images"] = False  # the source images are the cache's own, stored once
     return Growth(have, want, join_url(url, part_name(have, want)), part)
 
 
