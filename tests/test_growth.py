@@ -151,7 +151,8 @@ def test_growth_refuses_another_setting_and_fewer_views(images, tmp_path):
     text = describe_cache(str(url))
     assert "images: 10 x 5 views = 50 views" in text and "lineage: made at 2 views, grown to 4" in text
     summary = run_cache_targets(config(url, images, "data.views=5"), overwrite=True)  # replaces the parts too
-    assert summary["views"] == 50 and not list(url.glob(PART_PREFIX + "*/*.json"))
+    assert summary["views"] == 50 and not list(url.glob(PART_PREFIX + "*"))
+    assert "growth under way" not in describe_cache(str(url))
 
 
 def test_training_from_a_grown_cache_is_training_from_one_made_at_once(images, tmp_path, capsys):

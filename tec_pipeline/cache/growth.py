@@ -114,4 +114,5 @@ def unfinished_parts(fs, root: str, doc: dict) -> list[str]:
     fs.invalidate_cache(root)
     names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
     recorded = {p["path"] for p in grown_parts(doc)}
-    return sorted(n for n in names if n.startswith(PART_PREFIX) and n not in recorded)
+    return sorted(n for n in names if n.startswith(PART_PREFIX) and n not in recorded
+                  and fs.exists(join(root, n, META_FILE)))

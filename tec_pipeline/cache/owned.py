@@ -26,6 +26,7 @@ _ARRAYS = "|".join((*DATA_KEYS, "feat_step"))
 _PARTS = "|".join(PART_DIMS)  # a pq cache's fitted parts (`pq_parts`)
 _PART = r"(views-\d+-\d+/)?"  # a grown cache's view parts (`growth`) are caches of their own inside it
 OWN_FILE = re.compile(_PART + "(" + "|".join([
+    r"(?<=/)" + re.escape(LOCK_FILE),  # a view part's lock (the cache's own is kept: its writer holds it)
     re.escape(META_FILE) + _TMP,
     rf"{DONE_DIR}/shard-\d+\.json{_TMP}",
     r"zarr\.json",
