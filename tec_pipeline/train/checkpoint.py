@@ -160,7 +160,7 @@ def check_same_views(path: Path, recorded: dict, identity: dict) -> None:
     was, now = (flatten(i.get("data") if isinstance(i.get("data"), dict) else {}).get("data.views")
                 for i in (recorded, identity))
     if was is not None and now is not None and was != now:
-        change = f"it grew since: views {was}-{now - 1} were added" if now > was else "it was remade"
+        change = f"views {was}-{now - 1} were added since: it grew or was remade" if now > was else "it was remade"
         raise UserError(f"output={path} was trained on a cache of {was} views; cache.path now holds {now} ({change}); "
                         f"a run cannot change its views midway: train a new output from this cache")
 
