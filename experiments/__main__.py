@@ -66,5 +66,16 @@ def caching_costs(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="See
     run_stage(run_caching_costs, list(seeds), out, only=only, split=split_name(val), tec_overrides=list(tec_set or []))
 
 
+@guarded_command(app, "reuse")
+def reuse(seeds: List[int] = typer.Option([0, 1, 2], "--seed", help="Seeds to run; repeat the option."),
+          out: Path = typer.Option(Path("runs/reuse"), help="The image subset, caches/, one sub-folder per seed and arm, and reuse.json."),
+          only: Optional[List[str]] = typer.Option(None, "--only", help="Run only these arms (a margin needs the fresh arm too); repeat the option. V24-grown runs only when named.")):
+    """Reuse at ImageNet's rate: TEC on 32 digits for 120 steps of 32, fresh crops online against caches
+    whose views are each seen 120, 40, 15 and 5 times; paired margins against fresh."""
+    from experiments.reuse import run_reuse
+
+    run_stage(run_reuse, list(seeds), out, only=only)
+
+
 if __name__ == "__main__":
     app()

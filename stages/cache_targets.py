@@ -16,6 +16,9 @@ storage `tec_pipeline.cache.store`, and settings, processes and reports
 - Under `accelerate launch` each process takes a contiguous range of shards; rank 0 creates
   the cache (with `cache.feat_dtype=pq`, fits its parts on views spread over the source:
   `cache_targets.pq_fit`) and finalizes it once every process is done.
+- More views asked of a complete cache (a larger ``data.views``, every other setting the same)
+  add the missing ones as a view part beside it (`tec_pipeline.cache.growth`): the cache's own
+  files are not touched, and the views added are those a cache made with them all holds.
 - A rerun skips completed shards; batches never straddle shards, so a resumed run feeds the
   base model exactly the batches of an uninterrupted one and writes the same arrays.
 """
@@ -32,12 +35,14 @@ from tec_pipeline.base_targets import compute_dtype, compute_setting, load_base,
 from tec_pipeline.cache.assemble import ShardAssembler, ShardWriterPool, default_writer_threads
 from tec_pipeline.cache.encode import NonFiniteTargetError
 from tec_pipeline.cache.storage import use_storage_options
+from tec_pipeline.cache.store import find_growth
 from tec_pipeline.config import Config
 from tec_pipeline.data import open_source
 from tec_pipeline.data.view_dataset import BatchViews, ViewDataset, shard_batches, view_loader
 from tec_pipeline.render import open_renderer, resolve_loader
 from tec_pipeline.cache_targets.drift import drift_to_others
-from tec_pipeline.cache_targets.processes import gather, open_for_writing, process_state, split_pending
+from tec_pipeline.cache_targets.growth import adopt_parts, finish_growth
+from tec_pipeline.cache_targets.processes import gather, on_main, open_for_writing, process_state, split_pending
 from tec_pipeline.cache_targets.pq_fit import feat_codec
 from tec_pipeline.cache_targets.settings import (
     cache_meta, check_base, check_settings, images_per_batch, non_finite_error,
@@ -64,30 +69,42 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     precision = compute_setting(cfg.base.compute_dtype, device)
     loader = resolve_loader(cfg.data.loader, device)
     meta = cache_meta(cfg, source, base, precision, loader)
-    dataset = ViewDataset(source, cfg.seed, cfg.data.views, cfg.data.img_size, (cfg.data.scale_min, cfg.data.scale_max),
-                          keep_raw=cfg.cache.store_images, files_only=loader != "pil")
-    renderer = open_renderer(loader, cfg.data.img_size, device, images_per_batch(cfg) * cfg.data.views,
-                             cfg.data.num_workers)
-    views_of = BatchViews(renderer, cfg.data.views, source.name)
+    growth = find_growth(cfg.cache.path, meta, overwrite)  # more views asked of a complete cache: a view part
+    url, meta = (growth.url, growth.meta) if growth else (cfg.cache.path, meta)
+    dataset, views_of = view_inputs(cfg, source, meta, loader, device, growth.first if growth else 0)
     forward = partial(view_targets, base, last_layers=cfg.targets.last_layers, k_max=cfg.cache.k_max,
                       device=device, dtype=compute_dtype(precision))
     if dry_run:
         return dry_run_estimate(cfg, meta, dataset, views_of, forward, state)
-    with open_for_writing(cfg.cache.path, meta, overwrite, state) as writer:  # rank 0 holds the cache's lock
+    with open_for_writing(url, meta, overwrite, state) as writer:  # rank 0 holds the cache's lock
         writer.direct_io = cfg.cache.direct_io
-        print_repairs(writer.repaired, cfg.cache.path)
+        print_repairs(writer.repaired, url)
+        if growth:
+            on_main(lambda: adopt_parts(writer, cfg.cache.path), state)  # pq: the parts the cache fitted once
         feat_codec(cfg, writer, dataset, views_of, forward, state)  # a pq cache's parts: recorded before any shard
         pending, mine = split_pending(writer, state)
         local = compute_shards(cfg, writer, dataset, forward, mine, state, views_of)
         state.wait_for_everyone()
         summary = merge_summaries(gather(local, state), meta, time.perf_counter() - start)
         if state.is_main_process:
-            if pending:  # the drift to the other renderers, which decides whether training may use them
+            if pending and not growth:  # the drift to the other renderers, which decides whether training may use them
                 summary["renderer_drift"] = drift_to_others(base, device, source, meta)
-            summary = finish_cache(cfg.cache.path, writer, summary, len(pending), source)
-            print_summary(summary, cfg.cache.path)
+            summary = finish_cache(url, writer, summary, len(pending), source)
+            if growth:
+                summary["lineage"] = finish_growth(cfg.cache.path, growth)
+            print_summary(summary, url)
         state.wait_for_everyone()
     return summary
+
+
+def view_inputs(cfg: Config, source, meta: dict, loader: str, device, first_view: int) -> tuple[ViewDataset, BatchViews]:
+    """The views the cache (or its view part, from `first_view` on) holds, and who renders them:
+    ``meta["views"]`` per image; the source images kept only where the metadata stores them."""
+    views = int(meta["views"])
+    dataset = ViewDataset(source, cfg.seed, views, cfg.data.img_size, (cfg.data.scale_min, cfg.data.scale_max),
+                          keep_raw=bool(meta["store_images"]), files_only=loader != "pil", first_view=first_view)
+    renderer = open_renderer(loader, cfg.data.img_size, device, images_per_batch(cfg) * views, cfg.data.num_workers)
+    return dataset, BatchViews(renderer, views, source.name)
 
 
 def compute_shards(cfg: Config, writer, dataset: ViewDataset, forward: Forward, shards: list[int], state,
@@ -106,7 +123,7 @@ def compute_shards(cfg: Config, writer, dataset: ViewDataset, forward: Forward, 
     out = ShardWriterPool(writer, cfg.cache.writer_threads or default_writer_threads())
     start = time.perf_counter()
     try:
-        views_of = views_of or BatchViews(None, cfg.data.views, dataset.source.name)
+        views_of = views_of or BatchViews(None, dataset.views, dataset.source.name)
         images, skipped = assemble_shards(cfg, writer, loader, views_of, forward, out, bar)
         out.close()
     except NonFiniteTargetError as err:
@@ -116,7 +133,7 @@ def compute_shards(cfg: Config, writer, dataset: ViewDataset, forward: Forward, 
         out.stop()  # on an error: let the shards already queued (complete ones) finish writing
     for item in skipped:
         item["name"] = dataset.source.name(item["index"])
-    return {"images": images, "views": images * cfg.data.views, "bytes": out.bytes_written, "skipped": skipped,
+    return {"images": images, "views": images * dataset.views, "bytes": out.bytes_written, "skipped": skipped,
             "write_seconds": out.seconds, "shards": len(shards), "loop_seconds": time.perf_counter() - start}
 
 
@@ -131,7 +148,7 @@ def assemble_shards(cfg: Config, writer, loader, views_of: BatchViews, forward: 
         check_bad_images(batch, cfg.data.on_bad_image)
         shard = int(batch["index"][0]) // cfg.cache.images_per_shard
         if shard not in assembling:
-            assembling[shard] = out.assembler(shard, cfg.cache.store_images)
+            assembling[shard] = out.assembler(shard, bool(writer.meta.get("store_images")))
         assembling[shard].add(batch, forward(views))
         if assembling[shard].full:
             full = assembling.pop(shard)
@@ -139,6 +156,6 @@ def assemble_shards(cfg: Config, writer, loader, views_of: BatchViews, forward: 
             skipped += full.skipped
         images += len(batch["index"])
         bar.update(len(batch["index"]))
-        bar.set_postfix_str(progress_text(images * cfg.data.views, out.bytes_written, time.perf_counter() - start),
+        bar.set_postfix_str(progress_text(images * views.shape[1], out.bytes_written, time.perf_counter() - start),
                             refresh=False)
     return images, skipped

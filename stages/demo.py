@@ -143,7 +143,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    unwatched = ["train.monitor.train=", "train.monitor.val="] if split == "val" else []  # it reads the test digits
+    unwatched = ["train.monitor.train=''", "train.monitor.val=''"] if split == "val" else []  # it reads the test digits
     tec, control = demo_configs(out, seed, [*unwatched, *(overrides or [])], Path(base_dir))
     timer = Timer()
     with timer.stage("data"):

@@ -21,6 +21,7 @@ from tec_pipeline.export import CHECKPOINT, load_checkpoint
 from tec_pipeline.files import write_json
 from tec_pipeline.models.tec import TECModel, count_parameters
 from tec_pipeline.step import tec_losses
+from tec_pipeline.train.reuse import start_lines
 from tec_pipeline.train.checkpoint import (IDENTITY_FILE, check_resumable, restore_state, run_dir, run_identity,
                                            save_state)
 from tec_pipeline.train.data import DataPipeline, open_data, step_targets
@@ -135,6 +136,9 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
             if run.monitor is not None:
                 run.monitor.load_state(state.get("monitor"), run.step)
         if accelerator.is_main_process:
+            for line in start_lines(run.data.source, run.schedule.total_steps, run.schedule.effective_batch,
+                                    run.data.usable_images, run.data.views):
+                print(line)
             write_json(path / IDENTITY_FILE, identity, "the run's identity")
             write_json(path / "config.json", to_dict(cfg), "the run's config")
             write_json(path / "params.json", count_parameters(run.inner), "the run's parameter counts")

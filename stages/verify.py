@@ -27,6 +27,8 @@ def verify_cache(url: str, sample: int = 8, seed: int = 0) -> bool:
     meta = reader.meta
     if "source" not in meta or "base" not in meta:
         raise UserError(f"cache {url} has no source/base metadata (not written by cache-targets)")
+    if meta.get("lineage"):  # a grown cache: its view parts are read, and sampled, as its other views
+        print(f"lineage: {meta['lineage']}")
     ok = check_files(reader)
     missing = reader.missing_shards()
     if missing:

@@ -38,6 +38,7 @@ STUDY_OPTIONS = {
     "demo-base": ["--out", "OVERRIDES"],
     "demo-finetune": ["--run", "--seed", "--out", "--val", "OVERRIDES"],
     "caching-costs": ["--seed", "--out", "--only", "--val", "--set"],
+    "reuse": ["--seed", "--out", "--only"],
 }
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,7 @@ def test_the_product_lists_exactly_its_commands():
     assert sorted(command_names()) == sorted(PRODUCT_COMMANDS)
 
 
-def test_python_m_experiments_lists_the_four_studies():
+def test_python_m_experiments_lists_the_studies():
     """Run as the studies are run: from the repository root, where `experiments` is importable."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"COLUMNS": "200", "NO_COLOR": "1"}
     result = subprocess.run([sys.executable, "-m", "experiments", "--help"], cwd=ROOT, capture_output=True, text=True,

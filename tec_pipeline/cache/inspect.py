@@ -6,6 +6,7 @@ from ..config import flatten
 from ..render import cache_loader
 from .pq_parts import PARTS_GROUP
 from .schema import pq_description, pq_parts_digest, read_markers
+from .growth import unfinished_parts
 from .store import open_cache
 
 
@@ -44,6 +45,9 @@ def describe_cache(url: str) -> str:
         f"cache: {url}",
         f"store: {meta['store']} (format {doc['format_version']}, written by tec-pipeline {doc.get('package_version', '?')})",
         f"images: {reader.num_images} x {reader.views} views = {reader.num_images * reader.views} views",
+        *([f"lineage: {meta['lineage']}"] if meta.get("lineage") else []),
+        *[f"growth under way: {name} is not complete (rerun cache-targets with the same config to finish it; "
+          f"until then the cache reads as {reader.views} views)" for name in unfinished_parts(reader.fs, reader.root, doc)],
         f"targets: L={meta['num_patches']} C={meta['feat_dim']} H={meta['heads']} k_max={meta['k_max']}; "
         f"feat {_feat_codec(meta)}, attn {meta['attn_dtype']}, {_chunk_codec(meta)}"
         + (", source images stored" if meta.get("store_images") else ""),

@@ -1,6 +1,6 @@
 """A cache's own files, by name, and what their completion records claim about them.
 
-`--overwrite` removes exactly the files a cache writes: its metadata, the completion markers, the
+`--overwrite` removes exactly the files a cache writes (its view parts' too, `growth`): its metadata, the completion markers, the
 data of either store (zarr's ``zarr.json`` and shard files, webdataset's tars), a pq cache's
 parts (the zarr group ``feat_codec``) and the temporary
 names a crashed write leaves beside them. Anything else in the folder (a file the user put there)
@@ -24,7 +24,9 @@ LOCK_FILE = "tec_cache.lock"  # stage one's writing lock (`cache.lock`): kept, a
 _TMP = r"(\.tmp-[0-9a-f]{8})?"  # `files.temporary_name`'s suffix
 _ARRAYS = "|".join((*DATA_KEYS, "feat_step"))
 _PARTS = "|".join(PART_DIMS)  # a pq cache's fitted parts (`pq_parts`)
-OWN_FILE = re.compile("|".join([
+_PART = r"(views-\d+-\d+/)?"  # a grown cache's view parts (`growth`) are caches of their own inside it
+OWN_FILE = re.compile(_PART + "(" + "|".join([
+    r"(?<=/)" + re.escape(LOCK_FILE),  # a view part's lock (the cache's own is kept: its writer holds it)
     re.escape(META_FILE) + _TMP,
     rf"{DONE_DIR}/shard-\d+\.json{_TMP}",
     r"zarr\.json",
@@ -33,7 +35,7 @@ OWN_FILE = re.compile("|".join([
     rf"shard-\d{{5}}-(v\d{{2}}|img)-\d{{3}}\.tar{_TMP}",
     rf"{PARTS_GROUP}/zarr\.json",
     rf"{PARTS_GROUP}/({_PARTS})/(zarr\.json|c(/\d+)+)",
-]))
+]) + ")")
 
 
 def _files(fs, root: str) -> dict[str, int]:

@@ -14,6 +14,8 @@ import os
 from ..errors import UserError
 from ..files import is_local, write_bytes
 from ..places import check_cache_place
+from .growth import Growth, grown_parts, growth_of, join_url, recorded_views, with_views
+from .grown_read import GrownReader
 from .lock import CacheLock
 from .owned import damaged_shards, remove_own_files, unproven_files
 from .reader import CacheReader
@@ -124,7 +126,8 @@ def create_cache(url: str, meta: dict, overwrite: bool = False, owner: bool = Fa
 
 def _reopen(url: str, fs, root: str, meta: dict, repair: bool) -> CacheWriter:
     doc = _read_document(url, fs, root)
-    check_same_cache(url, doc["meta"], with_recorded_parts(meta, doc["meta"]))
+    held = with_views(doc["meta"], recorded_views(doc))  # a grown cache holds its parts' views too
+    check_same_cache(url, held, with_recorded_parts(meta, held))
     repaired = forget_damaged(fs, root, doc) if repair else {}
     writer = _WRITERS[meta["store"]](url, fs, root, doc["meta"])
     writer.repaired = repaired
@@ -156,12 +159,28 @@ def forget_damaged(fs, root: str, doc: dict) -> dict[int, str]:
     return damaged
 
 
+def find_growth(url: str, meta: dict, overwrite: bool = False) -> Growth | None:
+    """The views a run of `meta` would add to the complete cache at `url` (`growth.growth_of`);
+    None where there is no cache, it is replaced (`overwrite`), or it already holds them."""
+    fs, root = fs_root(url)
+    check_bucket(fs, url, root)
+    with storage_errors(url):
+        if overwrite or not fs.exists(join(root, META_FILE)):
+            return None
+        return growth_of(url, _read_document(url, fs, root), normalize_meta(meta))
+
+
 def open_cache(url: str) -> CacheReader:
-    """A reader for an existing cache, complete or still being written."""
+    """A reader for an existing cache, complete or still being written; a grown cache (`growth`)
+    is read as one cache of all its views (`GrownReader`)."""
     fs, root = fs_root(url)
     check_bucket(fs, url, root)
     with storage_errors(url):
         if not fs.exists(join(root, META_FILE)):
             raise UserError(f"{url} is not a tec-pipeline cache (no {META_FILE})")
         doc = _read_document(url, fs, root)
-        return _READERS[doc["meta"]["store"]](url, fs, root, doc)
+        made = _READERS[doc["meta"]["store"]](url, fs, root, doc)
+        if not grown_parts(doc):
+            return made
+        parts = [open_cache(join_url(url, part["path"])) for part in grown_parts(doc)]
+        return GrownReader([made, *parts])

@@ -21,12 +21,16 @@ from .sources import BadImageError, ImageSource, decode_rgb, image_size
 
 
 class ViewDataset(Dataset):
-    """Item `i`: the V rendered views of image `i` (uint8), their crop params, label and validity."""
+    """Item `i`: the V rendered views of image `i` (uint8), their crop params, label and validity.
+
+    `first_view`: the views are those numbered ``first_view .. first_view + V - 1`` (a cache that
+    grows draws its added views exactly as a cache made with them all draws them)."""
 
     def __init__(self, source: ImageSource, seed: int, views: int, img_size: int,
-                 scale: tuple[float, float], keep_raw: bool = False, files_only: bool = False):
+                 scale: tuple[float, float], keep_raw: bool = False, files_only: bool = False, first_view: int = 0):
         self.source, self.seed, self.views, self.img_size = source, seed, views, img_size
         self.scale, self.keep_raw, self.files_only = tuple(scale), keep_raw, files_only
+        self.numbers = range(first_view, first_view + views)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -46,7 +50,7 @@ class ViewDataset(Dataset):
             # multi-line traceback, and the run decides (stop or skip) by data.on_bad_image.
             return self._placeholder(index, str(err))
         pixels, params = zip(*(draw_view(image, self.seed, index, v, self.img_size, self.scale)
-                               for v in range(self.views)))
+                               for v in self.numbers))
         return {
             "index": index,
             "views": torch.stack(pixels),
@@ -64,7 +68,7 @@ class ViewDataset(Dataset):
             height, width = image_size(raw, self.source.name(index))
         except (BadImageError, OSError) as err:
             return {**self._placeholder(index, str(err)), "file": b""}
-        crops = [sample_view(self.seed, index, v, height, width, self.scale) for v in range(self.views)]
+        crops = [sample_view(self.seed, index, v, height, width, self.scale) for v in self.numbers]
         return {"index": index, "crops": torch.from_numpy(np.stack([p.as_array() for p in crops])), "valid": True,
                 "label": self.source.label(index), "error": "", "file": raw, "raw": raw if self.keep_raw else b""}
 

@@ -202,12 +202,25 @@ def check_resumable(path: Path, identity: dict) -> None:
     if not isinstance(recorded, dict):
         raise UserError(f"{stored} is damaged (not the JSON mapping a run records); resume a run this tec-pipeline "
                         "wrote, or choose another output")
+    check_same_views(path, recorded, identity)
     diff = first_difference(recorded, identity, shared_only=True)
     if diff is not None:
         key, was, now = diff
         key = key.removeprefix("config.")
         raise UserError(f"output={path} was trained with {key}={short_value(was, now)}, this run has "
                         f"{short_value(now, was)}; resume with the same settings and data, or choose another output")
+
+
+def check_same_views(path: Path, recorded: dict, identity: dict) -> None:
+    """A cached run whose cache now holds another number of views (it grew, `cache.growth`) is
+    refused in one line saying so: epoch e trains on view e mod V, so the views, the epochs'
+    order and the weights of the run so far would belong to another schedule than the rest."""
+    was, now = (flatten(i.get("data") if isinstance(i.get("data"), dict) else {}).get("data.views")
+                for i in (recorded, identity))
+    if was is not None and now is not None and was != now:
+        change = f"views {was}-{now - 1} were added since: it grew or was remade" if now > was else "it was remade"
+        raise UserError(f"output={path} was trained on a cache of {was} views; cache.path now holds {now} ({change}); "
+                        f"a run cannot change its views midway: train a new output from this cache")
 
 
 # ---------------------------------------------------------------- starting weights

@@ -1,0 +1,119 @@
+"""A cache that grows: views V..V'-1 added to a complete V-view cache without touching its files.
+
+A cache's shard files hold all V views of their images (zarr: one file per shard and array,
+its chunk grid fixed at V views; webdataset: one tar group per view), so more views cannot be
+appended to them. Growth writes the new views as a **view part**: a cache of its own in the
+sub-folder ``views-V-V'`` of the cache, made by the same stage one with the same settings and
+views ``V..V'-1`` drawn exactly as a V'-view cache draws them (crop parameters seeded by
+(seed, image, view)). Once the part is complete it is recorded in the cache's metadata file
+
+    tec_cache.json: "grown": [{"views": [V, V'], "path": "views-V-V'"}, ...]
+
+in one atomic write; until then the cache reads as V views (a `kill -9` leaves it usable, and a
+rerun resumes the part, whose own completion markers say what is done). ``open_cache`` reads a
+grown cache as one of V' views (`GrownReader`); the lineage ("made at V, grown to V'") is
+``lineage``. A pq cache's part is encoded with the parts the cache fitted once (never refitted).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+from ..files import write_bytes
+from .schema import LAYOUT_KEYS, META_FILE, dump_json, first_difference, pq_parts_digest
+from .storage import join, read_json
+
+PART_PREFIX = "views-"
+
+
+@dataclass(frozen=True)
+class Growth:
+    """One growth step: views [first, stop) written as the part at `url` with metadata `meta`."""
+
+    first: int
+    stop: int
+    url: str
+    meta: dict
+
+
+def part_name(first: int, stop: int) -> str:
+    return f"{PART_PREFIX}{first}-{stop}"
+
+
+def grown_parts(doc: dict) -> list[dict]:
+    """The view parts recorded in a cache's metadata file, in view order."""
+    return list(doc.get("grown") or [])
+
+
+def recorded_views(doc: dict) -> int:
+    """The views a cache holds: those it was made with, plus every recorded part's."""
+    parts = grown_parts(doc)
+    return parts[-1]["views"][1] if parts else int(doc["meta"]["views"])
+
+
+def with_views(meta: dict, views: int) -> dict:
+    """`meta` as a cache of `views` views would record it (layout and identity)."""
+    out = copy.deepcopy(meta)
+    out["views"] = views
+    if "views" in out["identity"].get("data", {}):  # stage one's identity; a store's own tests write others
+        out["identity"]["data"]["views"] = views
+    return out
+
+
+def lineage(doc: dict) -> Optional[str]:
+    """"made at V views, grown to V' (views-V-V')" for a grown cache; None for one made in one go."""
+    parts = grown_parts(doc)
+    if not parts:
+        return None
+    steps = ", ".join(f"{p['views'][1]} ({p['path']})" for p in parts)
+    return f"made at {doc['meta']['views']} views, grown to {steps}"
+
+
+def growth_of(url: str, doc: dict, meta: dict) -> Optional[Growth]:
+    """The growth a run of `meta` asks of the complete cache `doc` at `url`: None when it asks for
+    no more views than the cache holds, or when another setting differs (the reopen then refuses
+    it, naming the setting, as for any cache). The part's metadata is the run's with the part's
+    view count, its identity recording the views it holds (``data.first_view``)."""
+    have, want = recorded_views(doc), int(meta["views"])
+    if not doc.get("complete") or want <= have:
+        return None
+    made = with_views(meta, int(doc["meta"]["views"]))
+    recorded = copy.deepcopy(doc["meta"])
+    digest = pq_parts_digest(recorded)
+    if digest is not None:  # the run has not fitted parts: it will reuse these
+        recorded["identity"]["cache"].pop("pq_parts_sha256")
+    if first_difference(recorded["identity"], made["identity"]) is not None or first_difference(
+            {k: recorded.get(k) for k in LAYOUT_KEYS}, {k: made.get(k) for k in LAYOUT_KEYS}) is not None:
+        return None
+    part = with_views(meta, want - have)
+    part["identity"]["data"]["first_view"] = have
+    part["first_view"] = have
+    part["store_images"] = False  # the source images are the cache's own, stored once
+    return Growth(have, want, join_url(url, part_name(have, want)), part)
+
+
+def join_url(url: str, name: str) -> str:
+    """`url`/`name` for a local path or an fsspec URL."""
+    return url.rstrip("/") + "/" + name
+
+
+def record_growth(fs, root: str, growth: Growth) -> None:
+    """Add a finished part to the cache's metadata file (one atomic write: before it the cache
+    reads as it was, after it with the part's views)."""
+    path = join(root, META_FILE)
+    doc = read_json(fs, path)
+    if any(p["views"] == [growth.first, growth.stop] for p in grown_parts(doc)):
+        return
+    doc["grown"] = [*grown_parts(doc), {"views": [growth.first, growth.stop], "path": part_name(growth.first, growth.stop)}]
+    write_bytes(fs, path, dump_json(doc))
+
+
+def unfinished_parts(fs, root: str, doc: dict) -> list[str]:
+    """View parts begun in the cache's folder and not recorded (a growth that was stopped): a
+    rerun with the same settings finishes them."""
+    fs.invalidate_cache(root)
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
+    recorded = {p["path"] for p in grown_parts(doc)}
+    return sorted(n for n in names if n.startswith(PART_PREFIX) and n not in recorded
+                  and fs.exists(join(root, n, META_FILE)))
