@@ -104,13 +104,21 @@ def read_view(cache: str | Path, image: int, view: int) -> dict[str, np.ndarray]
     cache = Path(cache)
     doc = read_metadata(cache)
     meta = doc["meta"]
-    if not (0 <= image < meta["num_images"] and 0 <= view < meta["views"]):
-        raise SystemExit(f"{cache}: (image {image}, view {view}) outside {meta['num_images']} x {meta['views']}")
+    views = max([meta["views"]] + [part["views"][1] for part in doc.get("grown", [])])
+    if not (0 <= image < meta["num_images"] and 0 <= view < views):
+        raise SystemExit(f"{cache}: (image {image}, view {view}) outside {meta['num_images']} x {views}")
+    parts = pq_parts(cache, meta) if meta["feat_dtype"] == "pq" else None  # fitted once, for every view part
+    for part in doc.get("grown", []):  # a grown cache's views first..end-1: a view part, a cache of its own
+        first, end = part["views"]
+        if first <= view < end:
+            cache, view = cache / part["path"], view - first
+            doc = read_metadata(cache)
+            meta = doc["meta"]
     shard = image // meta["images_per_shard"]
     if not (doc["complete"] or (cache / "_done" / f"shard-{shard:05d}.json").exists()):
         raise SystemExit(f"{cache}: shard {shard} is not complete")
     stored = (stored_zarr if meta["store"] == "zarr" else stored_webdataset)(cache, meta, image, view)
-    return decode(stored, meta, pq_parts(cache, meta) if meta["feat_dtype"] == "pq" else None)
+    return decode(stored, meta, parts)
 
 
 def main(argv: list[str]) -> None:

@@ -60,7 +60,7 @@ def set_version(url: str, version) -> None:
 @pytest.mark.parametrize("store", ["zarr", "webdataset"])
 def test_a_cache_records_its_version_and_reads_any_minor_of_its_major(store, tmp_path):
     url = tiny_cache(tmp_path / "c", store, "int8", "uint8")
-    assert json.loads((Path(url) / "tec_cache.json").read_text())["format_version"] == FORMAT_VERSION == "2.0"
+    assert json.loads((Path(url) / "tec_cache.json").read_text())["format_version"] == FORMAT_VERSION == "2.1"
     first = open_cache(url).read_shard(1)
     for version in (2, "2.0", "2.7"):  # 2: the integer caches recorded before "MAJOR.MINOR"
         set_version(url, version)
@@ -73,11 +73,11 @@ def test_a_cache_records_its_version_and_reads_any_minor_of_its_major(store, tmp
 def test_a_newer_major_is_refused_in_one_line_naming_both_versions(store, tmp_path):
     url = tiny_cache(tmp_path / "c", store, "float16", "float16")
     set_version(url, "3.1")
-    expected = f"cache {url} has format version 3.1, newer than the 2.0 this tec-pipeline reads: upgrade tec-pipeline to read it"
+    expected = f"cache {url} has format version 3.1, newer than the 2.1 this tec-pipeline reads: upgrade tec-pipeline to read it"
     with pytest.raises(UserError) as err:
         open_cache(url)
     assert str(err.value) == expected
-    with pytest.raises(UserError, match="format version 3.1, newer than the 2.0"):  # a rerun of stage one too
+    with pytest.raises(UserError, match="format version 3.1, newer than the 2.1"):  # a rerun of stage one too
         create_cache(url, make_meta(store, "float16", "float16"))
     result = CliRunner().invoke(app, ["inspect", url])
     assert result.exit_code == 2 and result.stderr.strip() == f"error: {expected}"
@@ -89,7 +89,7 @@ def test_a_newer_major_is_refused_in_one_line_naming_both_versions(store, tmp_pa
 def test_an_older_major_is_refused_by_name(version, tmp_path):
     url = tiny_cache(tmp_path / "c", "zarr", "float32", "float32")
     set_version(url, version)
-    with pytest.raises(UserError, match=r"format version 1\.\d, this tec-pipeline reads version 2.0 "
+    with pytest.raises(UserError, match=r"format version 1\.\d, this tec-pipeline reads version 2.1 "
                                         r"\(views laid out so an epoch reads only its own\); rebuild it .*--overwrite"):
         open_cache(url)
 
@@ -172,6 +172,9 @@ STAGE_ONE = {
 }
 
 
+GROWN = ("zarr-pq", "webdataset-int8")  # caches grown to 3 views after stage one made them at 2
+
+
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory) -> dict[str, Path]:
     """Complete caches from stage one (with a file that is no image, skipped) and, from the
@@ -185,6 +188,8 @@ def caches(tmp_path_factory) -> dict[str, Path]:
     for name, extra in STAGE_ONE.items():
         made[name] = root / name
         run_cache_targets(config(made[name], images, "data.on_bad_image=skip", *extra))
+        if name in GROWN:  # grown from 2 views to 3: a view part beside the files as made
+            run_cache_targets(config(made[name], images, "data.on_bad_image=skip", "data.views=3", *extra))
     for store in ("zarr", "webdataset"):
         made[f"{store}-incomplete"] = root / f"{store}-incomplete"
         writer = create_cache(str(made[f"{store}-incomplete"]), make_meta(store, "int8", "uint8"))
@@ -250,11 +255,12 @@ def test_the_spec_names_every_file_and_json_key_a_cache_holds(caches):
     names, marker_names = spec_names(), spec_names("Completion markers")
     for kind, root in caches.items():
         assert unnamed(files(root), spec_names(*FILE_SECTIONS)) == [], kind
-        doc = json.loads((root / "tec_cache.json").read_text())
-        if kind.endswith("incomplete"):  # the library tests' identity is made up: stage one's caches hold the real one
-            del doc["meta"]["identity"]
-        assert unnamed(key_paths(doc), names) == [], kind
-        for marker in (root / "_done").glob("*.json"):
+        for piece in root.rglob("tec_cache.json"):  # the cache's own, and each view part's
+            doc = json.loads(piece.read_text())
+            if kind.endswith("incomplete"):  # the library tests' identity is made up: stage one's caches hold the real one
+                del doc["meta"]["identity"]
+            assert unnamed(key_paths(doc), names) == [], (kind, str(piece))
+        for marker in root.rglob("_done/*.json"):
             assert unnamed(key_paths(json.loads(marker.read_text())), marker_names) == [], (kind, marker.name)
 
 
@@ -266,6 +272,7 @@ def test_the_spec_names_every_zarr_array_with_its_axes_dtype_codecs_and_attribut
     for kind, root in caches.items():
         for path in root.rglob("zarr.json"):
             node, meta = path.parent.relative_to(root).as_posix(), json.loads(path.read_text())
+            node = re.sub(r"^views-\d+-\d+/", "", node)  # a view part holds the arrays a cache does
             assert unnamed(meta, all_names) == [] and unnamed(meta["attributes"], names) == [], (kind, node)
             if meta["node_type"] == "array":  # its table row gives its axes and this dtype
                 seen.add(node)
@@ -278,11 +285,25 @@ def test_the_spec_names_every_zarr_array_with_its_axes_dtype_codecs_and_attribut
     assert {"feat_step", "feat_codec/rotation", "feat_codec/codebooks", "label", "valid"} <= seen
 
 
+def test_the_standalone_reader_reads_a_grown_cache_as_the_library_does(caches):
+    """Views 0-1 from the files as made, view 2 from the view part: each field as the library reads it."""
+    example = load_example()
+    for kind in GROWN:
+        reader = open_cache(str(caches[kind]))
+        assert reader.views == 3 and json.loads((caches[kind] / "tec_cache.json").read_text())["meta"]["views"] == 2
+        for image in range(reader.num_images):
+            for view in range(3):
+                ours, theirs = reader.read_view(image, view), example.read_view(caches[kind], image, view)
+                for name, value in ours.items():
+                    tolerance = PQ_ATOL if name == "feat" and kind.endswith("pq") else 0
+                    np.testing.assert_allclose(theirs[name], value, rtol=0, atol=tolerance, err_msg=f"{kind} {name}")
+
+
 def test_the_spec_names_every_webdataset_member_and_sample_key(caches):
     names = spec_names("webdataset store")
     suffixes = set()
     for kind, root in caches.items():
-        for path in root.glob("*.tar"):
+        for path in root.rglob("*.tar"):  # view parts' tars too
             with tarfile.open(path) as tar:
                 for member in tar.getmembers():
                     assert named(member.name, names), (kind, path.name, member.name)

@@ -33,7 +33,7 @@ from .storage import join, read_json
 # together (view-major), so an epoch that uses one view per image reads one contiguous range per
 # shard and array; a major-1 cache (chunks image by image) is refused, not read in the wrong order.
 # Caches before the version was written "MAJOR.MINOR" hold the integer 1 or 2 (= "1.0", "2.0").
-FORMAT_VERSION = "2.0"
+FORMAT_VERSION = "2.1"
 META_FILE = CACHE_FILE
 DONE_DIR = "_done"
 
