@@ -509,7 +509,7 @@ def test_a_cache_of_the_old_layout_is_refused_with_how_to_rebuild(tmp_path):
     url, fs, root = _finished_cache(tmp_path, "zarr")
     doc = json.loads(fs.cat_file(f"{root}/tec_cache.json"))
     fs.pipe_file(f"{root}/tec_cache.json", json.dumps({**doc, "format_version": 1}).encode())
-    with pytest.raises(UserError, match=r"format version 1.0, this tec-pipeline reads version 2.0 .*--overwrite"):
+    with pytest.raises(UserError, match=r"format version 1.0, this tec-pipeline reads version 2.1 .*--overwrite"):
         open_cache(url)
 
 

@@ -10,23 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from helpers import TINY_BASE_ARGS, TINY_MODEL_ARGS, write_images
-from tec_pipeline.cli import app
-
-RUNNER = CliRunner()
-
-
-def invoke(*args):
-    return RUNNER.invoke(app, [str(a) for a in args])
+from test_faults import invoke, one_error_line as first_round_line
 
 
 def one_error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output and "unexpected" not in lines[0]
-    return lines[0]
+    """The first round's one-line check, and the line names a cause (not "unexpected ...")."""
+    line = first_round_line(result)
+    assert "unexpected" not in line, line
+    return line
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -44,6 +44,10 @@ class ShardBuffer:
         """(dtype, per-view shape) of each array ``take`` returns."""
         return {name: (a.dtype, self._rows(name, a, attn_rows).shape[2:]) for name, a in self.arrays.items()}
 
+    def batch_arrays(self, n: int, attn_rows: int) -> dict[str, np.ndarray]:
+        """Empty arrays for `n` views shaped by `fields`, for a ``take`` that fills them piece by piece."""
+        return {name: np.empty((n,) + shape, dtype) for name, (dtype, shape) in self.fields(attn_rows).items()}
+
     def take(self, local: np.ndarray, views: np.ndarray, attn_rows: int,
              out: dict[str, np.ndarray] | None = None, at: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Views ``(local[j], views[j])`` stacked on a new leading batch dim: ``attn`` keeps its

@@ -269,7 +269,7 @@ class ZarrShardBuffer(ShardBuffer):
              out: dict[str, np.ndarray] | None = None, at: np.ndarray | None = None) -> dict[str, np.ndarray]:
         local, views = np.asarray(local, dtype=np.int64), np.asarray(views, dtype=np.int64)
         if out is None:
-            out = {name: np.empty((len(local),) + shape, dtype) for name, (dtype, shape) in self.fields(attn_rows).items()}
+            out = self.batch_arrays(len(local), attn_rows)
             at = np.arange(len(local))
         chunks = (local * self.views + views).tolist()
         self.fetch(np.asarray(chunks, dtype=np.int64))
