@@ -129,6 +129,29 @@ def evaluate_on_demo(models: list[tuple], root: Path, output: Path, seed: int, s
     return rows, scored_groups(split, train.labels, train_groups, read_groups(files["test"], test))
 
 
+# What the demo writes into its folder; the reports and pictures are replaced only in a folder that
+# holds the demo's own TEC run or cache, so a file of the user's with one of these names is never
+# overwritten.
+DEMO_FILES = ("report.json", "report_val.json", "eval.json", "eval_val.json", "loss_curves.png", "monitor.png",
+              "attention.png")
+DEMO_FOLDERS = ("cache.zarr", "tec", "control", "round2", "round2_cache.zarr")
+
+
+def check_demo_folder(out: Path) -> None:
+    """Refuse, in one line, a demo folder that holds anything the demo does not write, or the
+    demo's file names with no demo run beside them (a user's folder): the demo would overwrite them."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: a file, not a folder for the demo's run")
+    entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    foreign = sorted(e for e in entries - set(DEMO_FILES) - set(DEMO_FOLDERS)
+                     if not any(e.startswith(f"{name}.tmp-") for name in DEMO_FILES))  # a killed write's leftover
+    ours = (out / "tec" / "identity.json").is_file() or (out / "cache.zarr" / "tec_cache.json").is_file()
+    if foreign or (entries & set(DEMO_FILES) and not ours):
+        what = f"'{foreign[0]}'" if foreign else f"'{sorted(entries & set(DEMO_FILES))[0]}' but no demo run"
+        raise UserError(f"{out}: holds {what}; the demo writes its run, cache, reports and pictures there and "
+                        f"would overwrite what is not its own: give a new or empty folder")
+
+
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = False,
              overrides: Optional[list[str]] = None, base_dir: str | Path = BASE_DIR, split: str = "test") -> dict:
     """The main job: data, cache, TEC, control, export, eval, pictures; returns the report.
@@ -142,6 +165,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     from tec_pipeline.demo.data import build_demo_data
 
     out = Path(out)
+    check_demo_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     unwatched = ["train.monitor.train=''", "train.monitor.val=''"] if split == "val" else []  # it reads the test digits
     tec, control = demo_configs(out, seed, [*unwatched, *(overrides or [])], Path(base_dir))

@@ -384,3 +384,32 @@ def test_a_score_on_the_images_it_fits_on_is_refused(images, pixels_checkpoint, 
                                              f"train.monitor.val={images}")))
     assert line.startswith(f"error: train.monitor.train={images}, train.monitor.val={images}: scored on the images")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_demo_never_overwrites_a_folder_of_the_users_files(tmp_path):
+    """`demo --out` into a folder with files the demo does not write, or with the demo's file
+    names but no demo run beside them, is refused before anything is written; an empty folder, a
+    folder of an earlier demo run and a killed write's leftover are the demo's own."""
+    from stages.demo import check_demo_folder, run_demo
+    from tec_pipeline.errors import UserError
+
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    before = digest(users)
+    with pytest.raises(UserError, match=r"mine: holds 'notes.txt'; the demo .* would overwrite what is not its own"):
+        run_demo(users)
+    assert digest(users) == before
+    only_report = tmp_path / "report_only"
+    only_report.mkdir()
+    (only_report / "report.json").write_text("{}")
+    with pytest.raises(UserError, match="holds 'report.json' but no demo run"):
+        check_demo_folder(only_report)
+    earlier = tmp_path / "earlier"
+    (earlier / "tec").mkdir(parents=True)
+    (earlier / "tec" / "identity.json").write_text("{}")
+    for name in ("report.json", "attention.png", "report.json.tmp-0a1b2c3d"):
+        (earlier / name).write_text("")
+    (tmp_path / "empty").mkdir()
+    for fine in (tmp_path / "new", tmp_path / "empty", earlier):
+        check_demo_folder(fine)
