@@ -92,12 +92,16 @@ def make_cache(args, source, tmp: Path, recorded: dict, compress: str) -> str:
 INPUTS = {"encoded": "UINT8", "anchor": "INT32", "shape": "INT32", "start": "FLOAT", "end": "FLOAT", "flip": "INT32"}
 
 
-def feed_graph(batch: int):
-    """A DALI graph with `render_dali.view_graph`'s inputs (and its executor settings) that passes
-    them through: feeding and running it is DALI's host work of a run, without decoding or resizing."""
+def feed_graph(batch: int, executor: str = "dynamic"):
+    """A DALI graph with `render_dali.view_graph`'s inputs that passes them through: feeding and
+    running it is DALI's host work of a run, without decoding or resizing. `executor` "dynamic" is
+    the renderer's (inputs given to `run`); "default" is DALI's older executor, run synchronously
+    (one `feed_input` per input, then `run`), as the renderer ran before, for comparison."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(exec_dynamic=True, prefetch_queue_depth=1)
+    settings = {"exec_dynamic": True} if executor == "dynamic" else {"exec_async": False, "exec_pipelined": False}
+
+    @pipeline_def(prefetch_queue_depth=1, **settings)
     def passthrough():
         return tuple(fn.external_source(name=n, dtype=getattr(types, t)) for n, t in INPUTS.items())
 
@@ -111,14 +115,21 @@ class HostViews:
     graph and run; the device's decode and render replayed as instant (one preallocated batch of
     views), and the targets' copies to the device (no dequantization)."""
 
-    def __init__(self, batch: int, size: int, device: torch.device):
+    def __init__(self, batch: int, size: int, device: torch.device, executor: str = "dynamic"):
         from tec_pipeline.render_dali import graph_feeds
 
-        self.feeds, self.size, self.device, self.graph = graph_feeds, size, device, feed_graph(batch)
+        self.feeds, self.size, self.device = graph_feeds, size, device
+        self.executor, self.graph = executor, feed_graph(batch, executor)
         self.views = torch.zeros(batch, 3, size, size, dtype=torch.uint8, device=device)
 
     def __call__(self, batch: dict) -> torch.Tensor:
-        self.graph.run(**self.feeds(unpack_files(batch), batch["crop"].numpy(), self.size))
+        feeds = self.feeds(unpack_files(batch), batch["crop"].numpy(), self.size)
+        if self.executor == "dynamic":
+            self.graph.run(**feeds)
+        else:
+            for name, data in feeds.items():
+                self.graph.feed_input(name, data)
+            self.graph.run()
         for name, tensor in batch.items():  # the targets' copies to the device, as the step's decode_batch
             if name not in ("files", "file_ends"):
                 tensor.to(self.device, non_blocking=True)
@@ -155,7 +166,7 @@ def cached_batches(args, url: str, path: str, workers: int, device: torch.device
     loader = batch_loader(PlannedBatches(planner, per_epoch, make, 0, args.epochs * per_epoch), workers,
                           pin_memory=device.type == "cuda", threads=path != "pil")
     if path == "host side":
-        return loader, per_epoch, HostViews(args.batch, args.img_size, device)
+        return loader, per_epoch, HostViews(args.batch, args.img_size, device, args.dali_executor)
     renderer = open_renderer("dali", args.img_size, device, args.batch, workers) if path == "dali" else None
 
     def step(batch: dict) -> torch.Tensor:
@@ -324,6 +335,8 @@ def main() -> None:
     p.add_argument("--compress", nargs="+", default=["zstd", "none"], choices=["zstd", "lz4", "none"],
                    help="cache.compress of the caches: the host side runs on each, pil and dali on the first")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--dali-executor", choices=["dynamic", "default"], default="dynamic",
+                   help="the host side's DALI executor: the renderer's (dynamic), or the older one for comparison")
     p.add_argument("--drift", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the targets' drift between renderers (a ViT-B forward per view)")
     p.add_argument("--device", default="cpu", help="the compute device (cpu, cuda)")
