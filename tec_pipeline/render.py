@@ -5,7 +5,7 @@ its pixels, (N, 3, S, S) uint8 on the compute device. ``data.loader`` names the 
   (bicubic, antialiased); the loader workers do both.
 - ``dali``: NVIDIA DALI renders on the compute device (``mixed``: nvJPEG and the hardware JPEG
   decoders on CUDA; ``cpu`` elsewhere, the same graph): it decodes only a window around the crop
-  (`decode_window`), resizes the crop inside it with a cubic antialiased filter, and flips. The
+  (`render_dali.decode_window`), resizes the crop inside it with a cubic antialiased filter, and flips. The
   loader workers only read the file's bytes.
 
 A cache records the renderer that made its targets (``data.loader`` in its identity).
@@ -13,7 +13,6 @@ A cache records the renderer that made its targets (``data.loader`` in its ident
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
@@ -25,7 +24,6 @@ from .errors import UserError
 from .views import ViewParams, render_view
 
 LOADERS = ("pil", "dali")
-CUBIC_SUPPORT = 2  # pixels on each side that a cubic kernel reads at scale 1
 
 
 def dali_missing() -> Optional[str]:
@@ -54,21 +52,6 @@ def resolve_loader(setting: str, device: torch.device) -> str:
     if device.type == "cuda" and missing:
         print(f"data.loader=auto: {missing}; rendering views with pil in the loader workers")
     return "dali" if device.type == "cuda" and not missing else "pil"
-
-
-def decode_window(crop: ViewParams, size: int) -> tuple[list[int], list[int], list[float], list[float]]:
-    """The part of the image DALI decodes for a crop: the crop plus the margin its resampling filter
-    reads (the cubic support, widened by the downscale factor), so edge pixels see the same
-    neighbours as in a whole-image resize. Returns (anchor, shape) of the window and the crop as a
-    region (start, end) inside it, all (y, x). The window may pass the image's far edge: the
-    decoder trims it there."""
-    scale = max(1.0, crop.height / size, crop.width / size)
-    margin = math.ceil(CUBIC_SUPPORT * scale) + 1
-    top, left = max(0, crop.top - margin), max(0, crop.left - margin)
-    anchor = [top, left]
-    shape = [crop.top + crop.height + margin - top, crop.left + crop.width + margin - left]
-    start = [float(crop.top - top), float(crop.left - left)]
-    return anchor, shape, start, [start[0] + crop.height, start[1] + crop.width]
 
 
 def pack_files(files: Sequence[bytes]) -> dict[str, Tensor]:

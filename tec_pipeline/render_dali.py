@@ -10,6 +10,7 @@ is rendered again file by file to name the bad ones.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -22,8 +23,25 @@ import torch
 from nvidia.dali import fn, math as dmath, pipeline_def, types
 from torch import Tensor
 
-from .render import decode_window
 from .views import ViewParams
+
+
+CUBIC_SUPPORT = 2  # pixels on each side that a cubic kernel reads at scale 1
+
+
+def decode_window(crop: ViewParams, size: int) -> tuple[list[int], list[int], list[float], list[float]]:
+    """The part of the image DALI decodes for a crop: the crop plus the margin its resampling filter
+    reads (the cubic support, widened by the downscale factor), so edge pixels see the same
+    neighbours as in a whole-image resize. Returns (anchor, shape) of the window and the crop as a
+    region (start, end) inside it, all (y, x). The window may pass the image's far edge: the
+    decoder trims it there."""
+    scale = max(1.0, crop.height / size, crop.width / size)
+    margin = math.ceil(CUBIC_SUPPORT * scale) + 1
+    top, left = max(0, crop.top - margin), max(0, crop.left - margin)
+    anchor = [top, left]
+    shape = [crop.top + crop.height + margin - top, crop.left + crop.width + margin - left]
+    start = [float(crop.top - top), float(crop.left - left)]
+    return anchor, shape, start, [start[0] + crop.height, start[1] + crop.width]
 
 
 @pipeline_def(exec_dynamic=True, prefetch_queue_depth=1)  # one batch in flight: fed, run, read

@@ -22,8 +22,7 @@ from tec_pipeline.cache_targets.drift import INT8_FEAT_REL_RMS, UINT8_ATTN_KL, c
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT, load_checkpoint
-from tec_pipeline.render import (decode_window, dali_missing, open_renderer, pack_files, render_files,
-                                 resolve_loader, unpack_files)
+from tec_pipeline.render import dali_missing, open_renderer, pack_files, render_files, resolve_loader, unpack_files
 from tec_pipeline.views import ViewParams, sample_view
 from test_cache_targets import arrays, assert_same, overrides
 from test_train import read_log
@@ -62,6 +61,8 @@ def test_packed_files_come_back_unchanged():
 
 
 def test_the_decoded_window_holds_the_crop_and_its_filter_margin():
+    from tec_pipeline.render_dali import decode_window  # DALI's module: imported where DALI is
+
     anchor, shape, start, end = decode_window(ViewParams(10, 3, 100, 50, False), size=25)  # 4x down in height
     assert anchor == [1, 0]  # a margin of 2 x 4 + 1 pixels, cut at the left edge
     assert start == [9.0, 3.0] and end == [109.0, 53.0]

@@ -3,7 +3,7 @@ model online, or pixels), and each step's float32 targets."""
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ContextManager, Optional, Union
 
 import numpy as np
@@ -16,7 +16,7 @@ from ..cache.pq import PqCodec
 from ..config import Config, TargetConfig, flatten, to_dict
 from ..data import open_source_at
 from ..errors import UserError
-from ..models.base import check_sizes, load_base_model
+from ..models.base import build_vit, check_sizes, load_base_model
 from ..cache_targets.drift import check_renderer
 from ..data.sources import BadImageError
 from ..pixels import pixel_targets
@@ -26,7 +26,6 @@ from ..targets import Targets, attention_rows
 from .batches import CachedBatches, OnlineBatches
 from .images import cache_image_source
 from .interfaces import BatchMaker, TargetReader
-from .model import patch_size
 from .order import uniform_shards
 from .shards import reader_shards, valid_mask
 from .spec import TargetSpec, base_spec, cache_spec, check_cache_base, pixel_spec
@@ -65,6 +64,12 @@ class DataPipeline:
             if why:
                 raise BadImageError(f"{self.name_of(index)}: {why}")
         return views
+
+
+def patch_size(cfg: Config) -> int:
+    """The new encoder's patch size: set in the config, or the timm architecture's default."""
+    arch = cfg.model.arch
+    return arch.patch_size or build_vit(replace(arch, img_size=cfg.data.img_size, depth=1)).patch_embed.patch_size[0]
 
 
 def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] = None,

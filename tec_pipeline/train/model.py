@@ -11,7 +11,7 @@ from accelerate.utils import set_seed
 from ..config import Config, TargetConfig, ViTArch, flatten, to_dict
 from ..errors import UserError
 from ..export import build_model
-from ..models.base import build_vit, check_sizes, load_base_model
+from ..models.base import check_sizes, load_base_model
 from ..rules import RULES
 from .checkpoint import init_from_base, init_from_checkpoint
 from .spec import TargetSpec, check_request
@@ -24,12 +24,6 @@ def base_arch(cfg: Config, meta: Optional[dict]) -> ViTArch:
     """The base's architecture: the one a cache recorded it was made with, else the config's."""
     recorded = ((meta or {}).get("base") or {}).get("arch")
     return ViTArch(**recorded) if recorded else cfg.base.arch
-
-
-def patch_size(cfg: Config) -> int:
-    """The new encoder's patch size: set in the config, or the timm architecture's default."""
-    arch = cfg.model.arch
-    return arch.patch_size or build_vit(replace(arch, img_size=cfg.data.img_size, depth=1)).patch_embed.patch_size[0]
 
 
 def effective_targets(cfg: Config) -> TargetConfig:
