@@ -65,7 +65,8 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, *rest):
 # The step graphs compiled since torch's compile caches were last cleared, as (function, graph).
 # torch keeps at most 8 compiled entries per function (its default recompile limit) and counts the
 # entries of finished runs too; a process that trains run after run (`ablate`) clears the caches
-# before a ninth graph could hit that limit, and reuses what it holds for a graph it has seen.
+# once it holds `HELD_GRAPHS` graphs, well before a ninth could hit that limit, and reuses what it
+# holds for a graph it has seen.
 _HELD: list[tuple[str, str]] = []
 HELD_GRAPHS = 4  # under torch's 8, with room for the recompiles a graph may need on its own (DDP's parts)
 
