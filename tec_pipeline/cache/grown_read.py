@@ -28,13 +28,11 @@ class GrownShardBuffer(ShardBuffer):
     def take(self, local: np.ndarray, views: np.ndarray, attn_rows: int,
              out: dict[str, np.ndarray] | None = None, at: np.ndarray | None = None) -> dict[str, np.ndarray]:
         local, views = np.asarray(local, dtype=np.int64), np.asarray(views, dtype=np.int64)
-        if out is None:
-            out = self.batch_arrays(len(local), attn_rows)
-            at = np.arange(len(local))
+        out, at = self.destination(len(local), attn_rows, out, at)
         piece = np.searchsorted(self.firsts, views, side="right") - 1
         for p in np.unique(piece).tolist():
             mine = piece == p
-            self.buffers[p].take(local[mine], views[mine] - self.firsts[p], attn_rows, out, np.asarray(at)[mine])
+            self.buffers[p].take(local[mine], views[mine] - self.firsts[p], attn_rows, out, at[mine])
         return out
 
 

@@ -268,13 +268,11 @@ class ZarrShardBuffer(ShardBuffer):
     def take(self, local: np.ndarray, views: np.ndarray, attn_rows: int,
              out: dict[str, np.ndarray] | None = None, at: np.ndarray | None = None) -> dict[str, np.ndarray]:
         local, views = np.asarray(local, dtype=np.int64), np.asarray(views, dtype=np.int64)
-        if out is None:
-            out = self.batch_arrays(len(local), attn_rows)
-            at = np.arange(len(local))
+        out, at = self.destination(len(local), attn_rows, out, at)
         chunks = (local * self.views + views).tolist()
         self.fetch(np.asarray(chunks, dtype=np.int64))
         for name in self.names:
-            self._decode(name, chunks, np.asarray(at).tolist(), out[name])
+            self._decode(name, chunks, at.tolist(), out[name])
         return out
 
     def _decode(self, name: str, chunks: list[int], slots: list[int], dest: np.ndarray) -> None:
