@@ -41,10 +41,10 @@ from benchmarks.train_step import make_cache, make_images  # noqa: E402
 from tec_pipeline.cache.store import open_cache  # noqa: E402
 from tec_pipeline.config import DataConfig  # noqa: E402
 from tec_pipeline.train.batches import CachedBatches  # noqa: E402
-from tec_pipeline.train.images import cache_image_source  # noqa: E402
+from tec_pipeline.train.batches import cache_image_source  # noqa: E402
 from tec_pipeline.train.loader import PlannedBatches, batch_loader  # noqa: E402
-from tec_pipeline.train.order import EpochPlanner, mask_noise  # noqa: E402
-from tec_pipeline.train.shards import reader_shards, valid_mask  # noqa: E402
+from tec_pipeline.train.loader import EpochPlanner, mask_noise  # noqa: E402
+from tec_pipeline.train.batches import reader_shards, valid_mask  # noqa: E402
 
 IMAGENET_JPEG_BYTES = 110e3  # ~140 GB / 1.28 M train images: an estimate from the set's size
 RECIPE = {"views": 8, "batch": 512, "processes": 8, "num_patches": 196, "feat_dim": 768, "heads": 12, "k": 15}

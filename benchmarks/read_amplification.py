@@ -38,8 +38,8 @@ from tec_pipeline.cache import storage  # noqa: E402
 from tec_pipeline.cache.store import create_cache, open_cache  # noqa: E402
 from tec_pipeline.train.batches import CachedBatches  # noqa: E402
 from tec_pipeline.train.loader import epoch_loader  # noqa: E402
-from tec_pipeline.train.shards import reader_shards  # noqa: E402
-from tec_pipeline.train.order import epoch_order, plan_epoch, view_indices  # noqa: E402
+from tec_pipeline.train.batches import reader_shards  # noqa: E402
+from tec_pipeline.train.loader import epoch_order, plan_epoch, view_indices  # noqa: E402
 
 SHAPES = {"vitb": (196, 768, 12, 15), "vits": (196, 384, 6, 15)}  # L, C, H, k_max
 

@@ -57,17 +57,17 @@ from stages.cache_targets import compute_shards  # noqa: E402
 from tec_pipeline.base_targets import load_base  # noqa: E402
 from tec_pipeline.cache.codecs import decode_batch  # noqa: E402
 from tec_pipeline.cache.store import create_cache, open_cache  # noqa: E402
-from tec_pipeline.cache_targets.drift import (INT8_FEAT_REL_RMS, UINT8_ATTN_KL, drift_sample,  # noqa: E402
-                                              targets_drift)
+from tec_pipeline.cache.fidelity import INT8_FEAT_REL_RMS, UINT8_ATTN_KL  # noqa: E402
+from tec_pipeline.cache_targets.drift import drift_sample, targets_drift  # noqa: E402
 from tec_pipeline.cache_targets.processes import process_state  # noqa: E402
 from tec_pipeline.config import load_config  # noqa: E402
 from tec_pipeline.data.view_dataset import ViewDataset  # noqa: E402
 from tec_pipeline.render import open_renderer, render_files, unpack_files  # noqa: E402
 from tec_pipeline.train.batches import CachedBatches  # noqa: E402
-from tec_pipeline.train.images import cache_image_source  # noqa: E402
+from tec_pipeline.train.batches import cache_image_source  # noqa: E402
 from tec_pipeline.train.loader import PlannedBatches, batch_loader  # noqa: E402
-from tec_pipeline.train.order import EpochPlanner  # noqa: E402
-from tec_pipeline.train.shards import reader_shards, valid_mask  # noqa: E402
+from tec_pipeline.train.loader import EpochPlanner  # noqa: E402
+from tec_pipeline.train.batches import reader_shards, valid_mask  # noqa: E402
 from tec_pipeline.views import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 GOALS = {"host side": ("cpu_us", 200.0), "dali": ("vs_mae", 1.5), "pil": ("vs_mae", 1.0)}

@@ -7,11 +7,11 @@ two (start-up and compilation): images/s, the fraction of time spent waiting for
 over the card's dense bf16 peak from `benchmarks/cards.py`; null on a card not in its table, or
 when not in bf16), and on CUDA the device syncs per step.
 
-Syncs are counted with `torch.cuda.set_sync_debug_mode("warn")` switched on inside the loop's
-steps only (`loop.micro_step`: targets, forward, backward, optimizer step) and off everywhere
+Syncs are counted with `torch.cuda.set_sync_debug_mode("warn")` switched on inside the loop
+(`loop.train_tec`: batches, views, targets, forward, backward, optimizer step) and off everywhere
 else; per step over the steps after the skipped records, and apart from them what the first steps
 (compilation) and the log records and checkpoints, the final one included (`loop.end_step`,
-where the loop reads the device by design), cost.
+`loop.save`, where the loop reads the device by design), cost.
 
 The cache holds synthetic targets of the real shapes (Gaussian features, int8/uint8 storage) with
 real crops of synthetic ~500x375 JPEGs, recorded as rendered by ``--loader`` (so stage two renders
@@ -89,44 +89,47 @@ def sync_warnings(seen: list) -> int:
 
 @contextmanager
 def syncs_in_steps(on: bool):
-    """`loop.micro_step` and `loop.end_step` wrapped for the block: CUDA's sync debug mode warns
-    only while one of them runs (with `on`), and each warning is booked to its step or to the
-    records. Set-up and whatever runs outside the steps stay uncounted; the log records and the
-    checkpoints (the final one included) are counted apart from the steps."""
-    counts = StepSyncs(at_records=0 if on else None)
-    micro_step, end_step, current = loop.micro_step, loop.end_step, [0]  # current: syncs of the open step
+    """The driver's loop (`loop.train_tec`) wrapped for the block: with `on`, CUDA's sync debug mode
+    warns while it runs, and each warning is booked to the optimizer step it falls in, or, inside
+    `loop.end_step`, `loop.watch` and `loop.save` (the records, evaluations and checkpoints, where
+    the loop reads the device by design), to the records. Set-up and whatever runs outside the
+    loop stay uncounted; on the CPU the steps are counted and every count is None."""
+    counts, seen, opened = StepSyncs(at_records=0 if on else None), [[]], [0]  # opened: syncs when the step began
+    driver = sys.modules[run_train.__module__]
+    real = {"train_tec": driver.train_tec, "end_step": loop.end_step, "watch": loop.watch, "save": loop.save}
 
-    def counted(fn, booked):
+    def looped(*args, **kwargs):
+        if not on:
+            return real["train_tec"](*args, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seen[0], opened[0] = caught, 0
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return real["train_tec"](*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+    def at_records(name: str):
         def wrapper(*args, **kwargs):
-            if not on:
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    booked(0)
-            with warnings.catch_warnings(record=True) as seen:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-                    booked(sync_warnings(seen))
+            if name == "end_step":  # an optimizer step's own work is over: its count is closed
+                counts.per_step.append(sync_warnings(seen[0]) - opened[0] if on else None)
+            before = sync_warnings(seen[0])
+            try:
+                return real[name](*args, **kwargs)
+            finally:
+                if on:
+                    counts.at_records += sync_warnings(seen[0]) - before
+                opened[0] = sync_warnings(seen[0])
         return wrapper
 
-    def book_micro(n: int) -> None:
-        current[0] += n
-
-    def book_end(n: int) -> None:  # an optimizer step ended: its count is closed
-        counts.per_step.append(current[0] if on else None)
-        current[0] = 0
-        if on:
-            counts.at_records += n
-
-    loop.micro_step, loop.end_step = counted(micro_step, book_micro), counted(end_step, book_end)
+    driver.train_tec = looped
+    loop.end_step, loop.watch, loop.save = at_records("end_step"), at_records("watch"), at_records("save")
     try:
         yield counts
     finally:
-        loop.micro_step, loop.end_step = micro_step, end_step
+        driver.train_tec = real["train_tec"]
+        loop.end_step, loop.watch, loop.save = real["end_step"], real["watch"], real["save"]
 
 
 def train_variant(args, url: str, images: Path, out: Path, source: str, compiled: bool) -> dict:

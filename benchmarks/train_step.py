@@ -46,10 +46,10 @@ from tec_pipeline.step import tec_losses  # noqa: E402
 from tec_pipeline.base_targets import compute_targets  # noqa: E402
 from tec_pipeline.cache.codecs import decode_batch  # noqa: E402
 from tec_pipeline.train.batches import CachedBatches  # noqa: E402
-from tec_pipeline.train.images import cache_image_source  # noqa: E402
+from tec_pipeline.train.batches import cache_image_source  # noqa: E402
 from tec_pipeline.train.loader import epoch_loader  # noqa: E402
-from tec_pipeline.train.shards import reader_shards  # noqa: E402
-from tec_pipeline.train.order import epoch_order, plan_epoch, view_indices  # noqa: E402
+from tec_pipeline.train.batches import reader_shards  # noqa: E402
+from tec_pipeline.train.loader import epoch_order, plan_epoch, view_indices  # noqa: E402
 from tec_pipeline.train.schedule import param_groups  # noqa: E402
 from tec_pipeline.views import normalize, sample_view  # noqa: E402
 

@@ -26,7 +26,8 @@ def make_demo_base(out: str | Path = BASE_DIR, overrides: Optional[list[str]] = 
 
     from tec_pipeline.config import to_dict
     from tec_pipeline.demo.data import build_demo_data
-    from tec_pipeline.export import CHECKPOINT, load_checkpoint
+    from tec_pipeline.export import CHECKPOINT
+    from tec_pipeline.train.checkpoint import load_checkpoint
 
     out = Path(out)
     cfg = load_config(BASE_CONFIG, list(overrides or []))

@@ -21,7 +21,7 @@ from tec_pipeline.files import write_json
 from tec_pipeline.finetune.config import load_finetune_config
 from tec_pipeline.finetune.state import RESULT_FILE
 from tec_pipeline.train.ablations import ablation_title, format_finetune_rows, format_rows
-from tec_pipeline.train.interfaces import TargetReader
+from tec_pipeline.train.batches import TargetReader
 from tec_pipeline.train.model import step_graph
 
 

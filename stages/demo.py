@@ -102,7 +102,8 @@ def _pictures(tec: Config, out: Path, tec_encoder: Path, count: int = 6) -> list
 
 def _watched(tec: Config) -> Optional[dict]:
     """The monitor's summary of TEC's run (`demo.report.monitor_summary`), None where it is not watched."""
-    from tec_pipeline.export import CHECKPOINT, load_checkpoint
+    from tec_pipeline.export import CHECKPOINT
+    from tec_pipeline.train.checkpoint import load_checkpoint
 
     if not tec.train.monitor.train:
         return None

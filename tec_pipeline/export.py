@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,60 +20,12 @@ from .config import ViTArch
 from .errors import UserError
 from .files import atomic_path
 from .models.base import EXPORT_FORMAT
-from .models.checkpoints import unreadable
 from .models.tec import TECModel
 from .places import CHECKPOINT
+from .train.checkpoint import atomic_save, load_run_model
 
 EXPORT_NAME = "encoder.safetensors"
 EXPORT_FORMATS = {"timm": EXPORT_NAME, "mae": "encoder_mae.pth"}  # --format: the default file name of each
-
-
-# ---------------------------------------------------------------- checkpoints
-class _KeepsWriteError:
-    """A binary file that keeps the `OSError` of a failed write: `torch.save` reports one only
-    as a bare ``RuntimeError`` ("unexpected pos ..."), which would hide a full disk."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as err:
-            self.error = self.error or err
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def atomic_save(obj: Any, path: Path, what: str = "the training checkpoint") -> None:
-    """`torch.save` to a temporary name, fsync, rename: a half-written file never looks complete,
-    and a failed write (full disk) is a `StorageError` that leaves the previous file as it was."""
-    with atomic_path(path, what) as tmp, open(tmp, "wb") as f:
-        out = _KeepsWriteError(f)
-        try:
-            torch.save(obj, out)
-        except RuntimeError:
-            if out.error is None:
-                raise
-            raise out.error from None
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A run checkpoint, read with ``weights_only=True`` (no pickled code is ever executed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no checkpoint (has this run saved one yet?)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch's message is many lines, with advice that would run pickled code
-        raise UserError(f"{path}: not a tec-pipeline checkpoint; {unreadable(err)}") from None
-
-
-def build_model(kwargs: dict) -> TECModel:
-    """The `TECModel` a checkpoint's ``model_kwargs`` describe (arch stored as a dict)."""
-    return TECModel(**{**kwargs, "arch": ViTArch(**kwargs["arch"])})
 
 
 # ---------------------------------------------------------------- export
@@ -95,18 +47,6 @@ def export_model(model: TECModel, arch: ViTArch, out: Path) -> Path:
     with atomic_path(out, "the encoder export") as tmp:
         tmp.write_bytes(data)
     return out
-
-
-def load_run_model(checkpoint: str | Path) -> tuple[TECModel, ViTArch]:
-    """The `TECModel` of a training run's checkpoint (its file or its folder), weights loaded strictly."""
-    path = Path(checkpoint)
-    path = path / CHECKPOINT if path.is_dir() else path
-    ckpt = load_checkpoint(path)
-    if "model_kwargs" not in ckpt or "model" not in ckpt:
-        raise UserError(f"{path}: not a tec-pipeline training checkpoint")
-    model = build_model(ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["model"], strict=True)
-    return model, ViTArch(**ckpt["model_kwargs"]["arch"])
 
 
 def export_mae(model: TECModel, out: Path) -> Path:

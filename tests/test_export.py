@@ -16,7 +16,8 @@ from helpers import TINY_BASE, tiny_arch, write_images
 from stages.train import run_train
 from tec_pipeline.config import Config, TrainConfig
 from tec_pipeline.errors import UserError
-from tec_pipeline.export import CHECKPOINT, build_model, export_run, load_checkpoint
+from tec_pipeline.export import CHECKPOINT, export_run
+from tec_pipeline.train.checkpoint import build_model, load_checkpoint
 from tec_pipeline.models.base import EXPORT_FORMAT, export_arch, load_base_model
 from tec_pipeline.base_targets import compute_targets
 

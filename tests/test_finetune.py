@@ -12,7 +12,8 @@ from PIL import Image
 from stages.finetune import run_finetune
 from tec_pipeline.config import ConfigError
 from tec_pipeline.errors import UserError
-from tec_pipeline.export import CHECKPOINT, load_checkpoint
+from tec_pipeline.export import CHECKPOINT
+from tec_pipeline.train.checkpoint import load_checkpoint
 from tec_pipeline.finetune.config import load_finetune_config
 from tec_pipeline.finetune.data import criterion, mixup
 from tec_pipeline.finetune.model import classifier, make_optimizer

@@ -26,7 +26,8 @@ from stages.cache_targets import run_cache_targets
 from stages.finetune import run_finetune
 from stages.train import run_train
 from tec_pipeline.config import load_config
-from tec_pipeline.export import CHECKPOINT, export_run, load_checkpoint
+from tec_pipeline.export import CHECKPOINT, export_run
+from tec_pipeline.train.checkpoint import load_checkpoint
 from tec_pipeline.finetune.config import load_finetune_config
 from tec_pipeline.models.base import load_base_model
 from tec_pipeline.config import ViTArch

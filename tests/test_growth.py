@@ -28,7 +28,7 @@ from tec_pipeline.cache.growth import PART_PREFIX
 from tec_pipeline.cache.inspect import describe_cache
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.errors import UserError
-from tec_pipeline.train.reuse import HARMLESS_REUSE, reuse_lines, view_reuse
+from tec_pipeline.train.log import HARMLESS_REUSE, reuse_lines, view_reuse
 
 PQ = ("cache.feat_dtype=pq", "cache.pq_subvectors=8")
 INT8 = ("cache.feat_dtype=int8", "cache.attn_dtype=uint8")

@@ -16,10 +16,11 @@ LAYERS = [
     ("tec_pipeline.errors", "tec_pipeline.config", "tec_pipeline.direct_io", "tec_pipeline.files", "tec_pipeline"),
     ("tec_pipeline.views", "tec_pipeline.targets", "tec_pipeline.losses", "tec_pipeline.pixels"),
     ("tec_pipeline.models",),
-    ("tec_pipeline.base_targets", "tec_pipeline.step", "tec_pipeline.data", "tec_pipeline.export",
-     "tec_pipeline.render", "tec_pipeline.render_dali"),
+    ("tec_pipeline.base_targets", "tec_pipeline.step", "tec_pipeline.data", "tec_pipeline.render",
+     "tec_pipeline.render_dali"),
     ("tec_pipeline.cache",),
-    ("tec_pipeline.cache_targets", "tec_pipeline.train", "tec_pipeline.evaluate", "tec_pipeline.viz", "tec_pipeline.finetune"),
+    ("tec_pipeline.cache_targets", "tec_pipeline.train", "tec_pipeline.evaluate", "tec_pipeline.viz", "tec_pipeline.finetune",
+     "tec_pipeline.export"),  # export writes the encoder from a checkpoint that `train.checkpoint` reads
     ("tec_pipeline.demo",),  # the demo's data and report: built on evaluation, below every command
     ("tec_pipeline.cli", "tec_pipeline.__main__"),
     # Single-stage drivers; "stages" (the package, and any driver not named here) ranks lowest of the stages.

@@ -13,7 +13,8 @@ from stages.finetune import run_finetune
 import test_ablations
 import test_export
 import test_finetune
-from tec_pipeline.export import CHECKPOINT, load_checkpoint
+from tec_pipeline.export import CHECKPOINT
+from tec_pipeline.train.checkpoint import load_checkpoint
 from tec_pipeline.finetune.config import load_finetune_config
 
 # Module fixtures of the neighbouring tests: a tiny memory cache and its images, a short TEC run

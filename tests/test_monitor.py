@@ -16,7 +16,6 @@ from accelerate import Accelerator
 from PIL import Image
 
 from helpers import TINY_BASE, build_memory_cache, run_as_ranks, write_images
-from stages import train as train_stage
 from stages.train import run_train
 from test_train import tiny_config
 from tec_pipeline.config import Config, MonitorConfig, load_config
@@ -24,13 +23,14 @@ from tec_pipeline.data.sources import ImageFolderSource
 from tec_pipeline.errors import UserError
 from tec_pipeline.evaluate.features import extract_features, random_init_like
 from tec_pipeline.evaluate.report import evaluate_models
-from tec_pipeline.export import CHECKPOINT, encoder_state, load_checkpoint
+from tec_pipeline.export import CHECKPOINT, encoder_state
+from tec_pipeline.train.checkpoint import load_checkpoint
 from tec_pipeline.models.base import load_base_model
 from tec_pipeline.train import monitor as monitor_module
 from tec_pipeline.train.data import open_data
 from tec_pipeline.train.model import new_model
 from tec_pipeline.train.monitor import Monitor, MonitorStop
-from tec_pipeline.train.monitor_sets import gathered_features
+from tec_pipeline.train.monitor import gathered_features
 
 MONITORED = ("train", "val")
 
@@ -202,15 +202,18 @@ def test_a_resume_continues_the_history_exactly(world, tmp_path, monkeypatch):
 def test_the_guard_stops_a_run_whose_encoder_turns_random(world, tmp_path, monkeypatch, capsys):
     """At step 4 the encoder's weights are replaced by a fresh random init: its score falls from
     what the starting encoder reads to about chance, and the run stops there with a checkpoint."""
-    after_step = train_stage.TECRun.after_step
+    from tec_pipeline.train import loop
 
-    def turning_random(self, log):
-        if self.step == 4:
+    watch = loop.watch
+
+    def turning_random(run, monitor, meter, log):
+        if run.step == 4:
+            encoder = run.accelerator.unwrap_model(run.model).encoder
             with torch.no_grad():
-                self.inner.encoder.load_state_dict(random_init_like(self.inner.encoder, seed=3).state_dict())
-        after_step(self, log)
+                encoder.load_state_dict(random_init_like(encoder, seed=3).state_dict())
+        watch(run, monitor, meter, log)
 
-    monkeypatch.setattr(train_stage.TECRun, "after_step", turning_random)
+    monkeypatch.setattr(loop, "watch", turning_random)
     out = tmp_path / "run"
     cfg = watched(world, out, drop_margin=0.2, stop_on_drop=True, below_base_after=None)
     with pytest.raises(MonitorStop, match=r"^train.monitor.stop_on_drop: k-NN top-1 \S+ at step 4 is \S+ points "

@@ -12,8 +12,8 @@ from helpers import CountingFileSystem
 from tec_pipeline.cache import open_cache
 from tec_pipeline.train.batches import CachedBatches
 from tec_pipeline.train.loader import epoch_loader
-from tec_pipeline.train.shards import reader_shards
-from tec_pipeline.train.order import epoch_order, plan_epoch, view_indices
+from tec_pipeline.train.batches import reader_shards
+from tec_pipeline.train.loader import epoch_order, plan_epoch, view_indices
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import read_amplification  # noqa: E402  (benchmarks/ is scripts, not a package)

@@ -18,10 +18,11 @@ from stages.cache_targets import run_cache_targets
 from stages.train import run_train
 from stages.verify import verify_cache
 from tec_pipeline.cache.store import open_cache
-from tec_pipeline.cache_targets.drift import INT8_FEAT_REL_RMS, UINT8_ATTN_KL, check_renderer
+from tec_pipeline.cache.fidelity import INT8_FEAT_REL_RMS, UINT8_ATTN_KL, check_renderer
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError
-from tec_pipeline.export import CHECKPOINT, load_checkpoint
+from tec_pipeline.export import CHECKPOINT
+from tec_pipeline.train.checkpoint import load_checkpoint
 from tec_pipeline.render import dali_missing, open_renderer, pack_files, render_files, resolve_loader, unpack_files
 from tec_pipeline.views import ViewParams, sample_view
 from test_cache_targets import arrays, assert_same, overrides

@@ -8,7 +8,7 @@ import pytest
 
 from experiments.reuse import ARMS, BATCH, EPOCHS, IMAGES, arm_config, checked_arms, reuse_of
 from tec_pipeline.errors import UserError
-from tec_pipeline.train.reuse import view_reuse
+from tec_pipeline.train.log import view_reuse
 from tec_pipeline.train.schedule import make_schedule
 
 

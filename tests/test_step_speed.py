@@ -104,26 +104,45 @@ def counted_reads(calls: list):
 @contextmanager
 def reads_outside_records(monkeypatch, record_steps: tuple[int, ...]):
     """(reads, outside): every host read of a tensor by our code (`counted_reads`), and those made
-    outside the loop's end of a step in `record_steps` (a step's own work, or another step's end)."""
+    in the loops outside the end of a step in `record_steps` (its record, evaluation, checkpoint):
+    a step's own work, or another step's end."""
+    import stages.finetune as finetune_driver
+    import stages.train as train_driver
+    from tec_pipeline.finetune import loop as finetune_loop
     from tec_pipeline.train import loop
 
-    reads, outside = [], []
-    real_end_step, real_micro_step = loop.end_step, loop.micro_step
+    reads, outside, booked = [], [], []  # booked: the reads made at steps' ends
 
-    def end_step(run, *args, **kwargs):  # reads here belong to the record / checkpoint of run.step
-        before = len(reads)
-        out = real_end_step(run, *args, **kwargs)
-        if run.step not in record_steps:
-            outside.extend(reads[before:])
-        return out
+    def at_step_end(module, name: str, step_end: bool = True) -> None:
+        real = getattr(module, name)
 
-    def micro_step(*args, **kwargs):
-        before = len(reads)
-        real_micro_step(*args, **kwargs)
-        outside.extend(reads[before:])
+        def wrapper(run, *args, **kwargs):  # reads here belong to the record / checkpoint of run.step
+            before = len(reads)
+            try:
+                return real(run, *args, **kwargs)
+            finally:
+                booked.extend(range(before, len(reads)))
+                if step_end and run.step not in record_steps:
+                    outside.extend(reads[before:])
+        monkeypatch.setattr(module, name, wrapper)
 
-    monkeypatch.setattr(loop, "end_step", end_step)
-    monkeypatch.setattr(loop, "micro_step", micro_step)
+    def in_loop(module, name: str) -> None:
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):  # a step's own work: everything the loop reads but at steps' ends
+            before = len(reads)
+            try:
+                return real(*args, **kwargs)
+            finally:
+                outside.extend(reads[i] for i in range(before, len(reads)) if i not in set(booked))
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module, names in ((loop, ("end_step", "watch", "save")), (finetune_loop, ("end_step", "save", "score_epoch"))):
+        for name in names:
+            at_step_end(module, name)
+    at_step_end(finetune_loop, "epoch_loader", step_end=False)  # an epoch's order, drawn between steps
+    in_loop(train_driver, "train_tec")
+    in_loop(finetune_driver, "train_classifier")
     with counted_reads(reads):
         yield reads, outside
 

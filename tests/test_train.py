@@ -19,12 +19,13 @@ from stages.train import run_train
 from tec_pipeline.config import Config, TrainConfig
 from tec_pipeline.data.sources import ImageFolderSource
 from tec_pipeline.errors import UserError
-from tec_pipeline.export import CHECKPOINT, load_checkpoint
+from tec_pipeline.export import CHECKPOINT
+from tec_pipeline.train.checkpoint import load_checkpoint
 from tec_pipeline.models.base import load_base_model
 from tec_pipeline.pixels import patchify, pixel_targets
 from tec_pipeline.models.tec import TECModel
 from tec_pipeline.train.batches import CachedBatches
-from tec_pipeline.train.order import epoch_order, first_sample, mask_noise, plan_epoch, uniform_shards, view_indices
+from tec_pipeline.train.loader import epoch_order, first_sample, mask_noise, plan_epoch, uniform_shards, view_indices
 from tec_pipeline.train.schedule import lr_at, param_groups, scaled_lr
 from tec_pipeline.views import render_view, sample_view
 
@@ -166,7 +167,7 @@ def test_invalid_images_are_skipped(world):
     arrays["valid"] = arrays["valid"].copy()
     arrays["valid"][[0, 5]] = 0
     cache = MemoryCache(world["f32"].meta, arrays)
-    from tec_pipeline.train.shards import valid_mask
+    from tec_pipeline.train.batches import valid_mask
 
     order = epoch_order(uniform_shards(N_IMAGES, PER_SHARD), valid_mask(cache), 0, 0, 2)
     assert 0 not in order and 5 not in order and len(order) == N_IMAGES - 2
@@ -468,7 +469,7 @@ def test_one_loader_across_epochs_gives_the_per_epoch_batches(world):
     """A run's loader spans epochs (workers live as long as the run): from a batch in epoch 0 to
     one in epoch 2, with 2 workers, it yields exactly the batches of the per-epoch plans, in order."""
     from tec_pipeline.train.loader import PlannedBatches, batch_loader, epoch_loader
-    from tec_pipeline.train.order import EpochPlanner
+    from tec_pipeline.train.loader import EpochPlanner
 
     shards = uniform_shards(N_IMAGES, PER_SHARD)
     planner = EpochPlanner(shards, None, 0, 2, VIEWS, "cycle", 4, 1, 0, batches_per_epoch=4)
@@ -491,7 +492,7 @@ def test_loader_threads_give_the_batches_of_worker_processes(world):
 
     from tec_pipeline.cache.store import open_cache
     from tec_pipeline.train.loader import PlannedBatches, batch_loader
-    from tec_pipeline.train.order import EpochPlanner
+    from tec_pipeline.train.loader import EpochPlanner
 
     planner = EpochPlanner(uniform_shards(N_IMAGES, PER_SHARD), None, 0, 2, VIEWS, "random", 4, 1, 0, 4)
     make = CachedBatches(open_cache(world["zarr_float32"]), world["source"], 32, attn_rows=4, buffer_shards=2,
@@ -556,7 +557,7 @@ def test_prefetch_batches_bounds_the_batches_a_threaded_loader_holds(prefetch):
     import threading
 
     from tec_pipeline.train.loader import PlannedBatches, batch_loader
-    from tec_pipeline.train.order import EpochPlanner
+    from tec_pipeline.train.loader import EpochPlanner
 
     alive = {"lock": threading.Lock(), "now": 0, "most": 0}
     planner = EpochPlanner(uniform_shards(N_IMAGES, PER_SHARD), None, 0, 2, VIEWS, "cycle", 2, 1, 0, 8)
@@ -584,7 +585,7 @@ def test_prefetch_batches_is_a_setting_with_a_domain(tmp_path):
 def test_views_come_from_images_stored_in_a_webdataset_cache(world, tmp_path):
     """A cache with store_images needs no image folder: views render from its bytes, bit-identical."""
     from tec_pipeline.cache.store import open_cache
-    from tec_pipeline.train.images import cache_image_source
+    from tec_pipeline.train.batches import cache_image_source
 
     cfg = tiny_config(world, tmp_path / "unused")
     cfg.cache = replace(cfg.cache, path=str(tmp_path / "wds"), store="webdataset", store_images=True)
@@ -601,7 +602,7 @@ def test_views_come_from_images_stored_in_a_webdataset_cache(world, tmp_path):
 
 
 def test_missing_base_checkpoint_for_a_cached_run_is_one_clear_error():
-    from tec_pipeline.train.spec import CacheMismatchError, check_cache_base
+    from tec_pipeline.train.data import CacheMismatchError, check_cache_base
 
     meta = {"identity": {"base": {"checkpoint_sha256": "ab" * 32}}}
     with pytest.raises(CacheMismatchError, match="base.checkpoint=nope.safetensors: file not found"):

@@ -2,16 +2,27 @@
 each shard's views (``encode.view_errors``), sums that aggregate over shards, and the per-cache
 figures ``inspect`` shows and ``verify`` bounds: feature relative RMS ``||x̂ - x|| / ||x||``, mean
 cosine per patch ``cos(x̂_p, x_p)``, and attention ``KL(softmax(a / τ) || softmax(â / τ))`` per
-row at τ = 1.8."""
+row at τ = 1.8; and whether stage two may render a cache's views with another renderer than its
+own (`check_renderer`: only where the drift stage one measured is below int8's own error)."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UserError
+from ..render import cache_loader
+from .codecs import ATTN_STEP, FEAT_MIN_STEP
+
 KL_TAU = 1.8  # the paper's MAE ViT-B temperature (Tab. 9), where the error is reported
 ERROR_SAMPLE_VIEWS = 64  # views per shard on which the quantization error is measured
+# int8 storage's own error: a uniform rounding error of one step s on a unit-variance feature,
+# s / sqrt(12) relative RMS; on the attention logits, of step 0.1, KL ~ Var(d) / (2 tau^2).
+INT8_FEAT_REL_RMS = FEAT_MIN_STEP / math.sqrt(12)
+UINT8_ATTN_KL = ATTN_STEP ** 2 / 12 / (2 * KL_TAU ** 2)
 # The sums measured per view (``encode.view_errors``), so that shards aggregate exactly.
 ERROR_COLUMNS = ("feat_sq_err", "feat_sq_ref", "attn_kl_sum", "attn_rows", "feat_cos_sum", "feat_patches")
 
@@ -91,3 +102,23 @@ def aggregate_errors(stats: list[dict]) -> dict:
             "attn_kl": kl_sum / rows if rows else 0.0,
             "error_views": int(sum(s.get("error_views", 0) for s in stats)),
             "tau": KL_TAU}
+
+
+def check_renderer(meta: dict, summary: dict, loader: str) -> None:
+    """Stage two renders with `loader` (``data.loader`` resolved): the cache's own renderer, or
+    another whose recorded drift is below int8's own error (one line says so); else refused in
+    one line naming ``data.loader``."""
+    made = cache_loader(meta)
+    if loader == made:
+        return
+    drift = (summary.get("renderer_drift") or {}).get(loader)
+    if not drift:
+        raise UserError(f"data.loader={loader}: the cache's views were rendered with {made}, and how far {loader} "
+                        f"moves their targets was not measured when it was made; set data.loader={made}")
+    moved = f"feature rel RMS {drift['feat_rel_rms']:.2%}, attention KL {drift['attn_kl']:.1e}"
+    bound = f"int8's own {INT8_FEAT_REL_RMS:.2%} / {UINT8_ATTN_KL:.1e}"
+    if drift["feat_rel_rms"] > INT8_FEAT_REL_RMS or drift["attn_kl"] > UINT8_ATTN_KL:
+        raise UserError(f"data.loader={loader}: the cache was rendered with {made}, and {loader} moves its targets "
+                        f"by {moved}, above {bound}; set data.loader={made}")
+    print(f"data.loader={loader}: the cache was rendered with {made}; {loader} moves its targets by {moved}, "
+          f"below {bound}: training renders with {loader}")

@@ -6,7 +6,7 @@ the base sees slightly different pixels and gives slightly different targets. St
 that drift on a sample of views once the cache is complete (`measure_drift`, recorded in the
 cache's summary as ``renderer_drift``). Stage two may train with a renderer other than the
 cache's only where the recorded drift is below the error int8 storage already puts in every
-target (`check_renderer`): the model then sees no larger a change than a lossy cache makes.
+target (`cache.fidelity.check_renderer`): the model then sees no larger a change than a lossy cache makes.
 """
 from __future__ import annotations
 
@@ -15,18 +15,12 @@ import math
 import numpy as np
 import torch
 
-from ..cache.codecs import ATTN_STEP, FEAT_MIN_STEP
-from ..cache.fidelity import KL_TAU, attn_kl_rows
+from ..cache.fidelity import attn_kl_rows
 from ..data.sources import BadImageError, ImageSource, image_size
-from ..errors import UserError
 from ..render import LOADERS, ViewRenderer, cache_loader, dali_missing, open_renderer
 from ..views import sample_view
 from .verify import reference_view
 
-# int8 storage's own error: a uniform rounding error of one step s on a unit-variance feature,
-# s / sqrt(12) relative RMS; on the attention logits, of step 0.1, KL ~ Var(d) / (2 tau^2).
-INT8_FEAT_REL_RMS = FEAT_MIN_STEP / math.sqrt(12)
-UINT8_ATTN_KL = ATTN_STEP ** 2 / 12 / (2 * KL_TAU ** 2)
 DRIFT_VIEWS = 16
 
 
@@ -84,23 +78,3 @@ def drift_to_others(base, device: torch.device, source: ImageSource, meta: dict)
     made = cache_loader(meta)
     others = [name for name in LOADERS if name != made and not (name == "dali" and dali_missing())]
     return {name: measure_drift(base, device, source, meta, name) for name in others}
-
-
-def check_renderer(meta: dict, summary: dict, loader: str) -> None:
-    """Stage two renders with `loader` (``data.loader`` resolved): the cache's own renderer, or
-    another whose recorded drift is below int8's own error (one line says so); else refused in
-    one line naming ``data.loader``."""
-    made = cache_loader(meta)
-    if loader == made:
-        return
-    drift = (summary.get("renderer_drift") or {}).get(loader)
-    if not drift:
-        raise UserError(f"data.loader={loader}: the cache's views were rendered with {made}, and how far {loader} "
-                        f"moves their targets was not measured when it was made; set data.loader={made}")
-    moved = f"feature rel RMS {drift['feat_rel_rms']:.2%}, attention KL {drift['attn_kl']:.1e}"
-    bound = f"int8's own {INT8_FEAT_REL_RMS:.2%} / {UINT8_ATTN_KL:.1e}"
-    if drift["feat_rel_rms"] > INT8_FEAT_REL_RMS or drift["attn_kl"] > UINT8_ATTN_KL:
-        raise UserError(f"data.loader={loader}: the cache was rendered with {made}, and {loader} moves its targets "
-                        f"by {moved}, above {bound}; set data.loader={made}")
-    print(f"data.loader={loader}: the cache was rendered with {made}; {loader} moves its targets by {moved}, "
-          f"below {bound}: training renders with {loader}")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..config import ViTArch, flatten, to_dict
 from ..errors import UserError
 from ..base_targets import autocast
-from ..export import load_run_model
+from ..train.checkpoint import load_run_model
 from ..models.base import (
     check_sizes, create_vit, export_arch, load_base_model, read_checkpoint, resolved_sizes,
 )

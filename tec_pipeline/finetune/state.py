@@ -1,14 +1,13 @@
-"""A fine-tuning run's state on disk: its identity (what a resume may not change), the checkpoint
-(stage two's `training_state` plus the per-epoch scores) and the final JSON."""
+"""A fine-tuning run's state on disk: its identity (what a resume may not change) and the final
+JSON (its checkpoint is stage two's, with the per-epoch scores: `finetune.loop`)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-from ..export import atomic_save
 from ..files import write_json
 from ..models.base import file_sha256
-from ..train.checkpoint import config_identity, training_state
+from ..train.checkpoint import config_identity
 from .config import FinetuneConfig
 from .score import best_of
 
@@ -23,15 +22,6 @@ def finetune_identity(cfg: FinetuneConfig, data: dict) -> dict:
     ckpt = cfg.model.checkpoint
     starts = {"model.checkpoint": file_sha256(ckpt)} if ckpt and Path(ckpt).is_file() else {}
     return {"config": config_identity(cfg, RESUMABLE), "data": data, "checkpoint_sha256": starts}
-
-
-def save_run(path: Path, accelerator, model, optimizer, step: int, history: list[dict],
-             last_hits: Optional[str]) -> None:
-    """Weights, optimizer, scaler, RNG and step, with every epoch's scores and the last top-1 hits."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {**training_state(accelerator, model, optimizer, step), "history": history, "hits": last_hits}
-        atomic_save(state, path, "the fine-tuning checkpoint")
 
 
 def write_result(out: Path, cfg: FinetuneConfig, step: int, total: int, history: list[dict],

@@ -1,27 +1,24 @@
-"""A training run's state on disk: full checkpoints and exact resume, the run's identity (what a
-resume may not change), and where its weights start: the base encoder (Tab. 6d "Load") or
-another run's model."""
+"""A training run's files and state: checkpoints written atomically and read safely, exact
+resume, the run's folder and its identity (what a resume may not change). The one module that
+reads and writes checkpoint files (`export` writes the encoder from what it reads here)."""
 from __future__ import annotations
 
 import json
 import random
 import re
-import warnings
-from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ..cache.schema import first_difference, short_value
-from ..config import Config, flatten, to_dict
+from ..config import Config, ViTArch, flatten, to_dict
 from ..errors import UserError
-from ..export import CHECKPOINT, atomic_save, load_checkpoint
-from ..models.base import NoFinalNorm, file_sha256
-from ..models.checkpoints import read_safetensors
+from ..files import atomic_path
+from ..models.base import file_sha256
+from ..models.checkpoints import unreadable
 from ..models.tec import TECModel
-from ..places import IDENTITY_FILE, check_apart, check_run_place
-from .schedule import Schedule
+from ..places import CHECKPOINT, IDENTITY_FILE, check_apart, check_run_place
 
 RUN_WRITES = (CHECKPOINT, IDENTITY_FILE, "config.json", "params.json", "result.json")  # atomically, by name
 UNFINISHED = re.compile(r"\.tmp-[0-9a-f]{8}")  # `files.temporary_name`'s suffix
@@ -35,6 +32,66 @@ IMAGE_FOLDERS = ("data.path", "data.train", "data.val", "train.monitor.train", "
 RESUMABLE_CHANGES = ("output", "train.log_every", "train.checkpoint_every", "data.num_workers", "data.prefetch_batches",
                      "data.path", "cache.path", "cache.storage_options", "cache.writer_threads", "base.compute_dtype",
                      "train.monitor")
+
+
+# ---------------------------------------------------------------- checkpoint files
+class _KeepsWriteError:
+    """A binary file that keeps the `OSError` of a failed write: `torch.save` reports one only
+    as a bare ``RuntimeError`` ("unexpected pos ..."), which would hide a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_save(obj: Any, path: Path, what: str = "the training checkpoint") -> None:
+    """`torch.save` to a temporary name, fsync, rename: a half-written file never looks complete,
+    and a failed write (full disk) is a `StorageError` that leaves the previous file as it was."""
+    with atomic_path(path, what) as tmp, open(tmp, "wb") as f:
+        out = _KeepsWriteError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A run checkpoint, read with ``weights_only=True`` (no pickled code is ever executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint (has this run saved one yet?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's message is many lines, with advice that would run pickled code
+        raise UserError(f"{path}: not a tec-pipeline checkpoint; {unreadable(err)}") from None
+
+
+def build_model(kwargs: dict) -> TECModel:
+    """The `TECModel` a checkpoint's ``model_kwargs`` describe (arch stored as a dict)."""
+    return TECModel(**{**kwargs, "arch": ViTArch(**kwargs["arch"])})
+
+
+def load_run_model(checkpoint: str | Path) -> tuple[TECModel, ViTArch]:
+    """The `TECModel` of a training run's checkpoint (its file or its folder), weights loaded strictly."""
+    path = Path(checkpoint)
+    path = path / CHECKPOINT if path.is_dir() else path
+    ckpt = load_checkpoint(path)
+    if "model_kwargs" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{path}: not a tec-pipeline training checkpoint")
+    model = build_model(ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model, ViTArch(**ckpt["model_kwargs"]["arch"])
 
 
 # ---------------------------------------------------------------- state and resume
@@ -111,15 +168,13 @@ def training_state(accelerator, model, optimizer, step: int) -> dict:
     }
 
 
-def save_state(path: Path, accelerator, model, optimizer, step: int, kwargs: dict, cfg: Config,
-               schedule: Schedule, extra: Optional[dict] = None) -> None:
-    """Full training state, atomically: `training_state`, the model's arguments, schedule and config,
-    and `extra` (what else the run continues from, e.g. the monitor's history)."""
+def save_state(path: Path, accelerator, model, optimizer, step: int, stored: dict,
+               what: str = "the training checkpoint") -> None:
+    """Full training state, atomically: `training_state` and `stored` (what else the run keeps or
+    continues from: the model's arguments, schedule and config; the monitor's history; the scores)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {**training_state(accelerator, model, optimizer, step), "model_kwargs": kwargs,
-                 "schedule": asdict(schedule), "config": to_dict(cfg), **(extra or {})}
-        atomic_save(state, path)
+        atomic_save({**training_state(accelerator, model, optimizer, step), **stored}, path, what)
 
 
 def restore(path: Path, accelerator, model, optimizer) -> int:
@@ -167,7 +222,7 @@ def run_identity(cfg: Config, data_identity: object, cached: bool, renderer: str
     (a cache's identity or an image folder's fingerprint, so rebuilt data at the same path
     counts), who renders its views (``data.loader`` resolved: ``auto`` may differ between
     machines) and the checkpoints it starts from, by content. A cached run's base is already in
-    the cache's identity (and `spec.check_cache_base` holds base.checkpoint to it), so it is
+    the cache's identity (and `data.check_cache_base` holds base.checkpoint to it), so it is
     not hashed again."""
     config = config_identity(cfg, RESUMABLE_CHANGES)
     base = None if cached else cfg.base.checkpoint
@@ -221,54 +276,3 @@ def check_same_views(path: Path, recorded: dict, identity: dict) -> None:
         change = f"views {was}-{now - 1} were added since: it grew or was remade" if now > was else "it was remade"
         raise UserError(f"output={path} was trained on a cache of {was} views; cache.path now holds {now} ({change}); "
                         f"a run cannot change its views midway: train a new output from this cache")
-
-
-# ---------------------------------------------------------------- starting weights
-@torch.no_grad()
-def init_from_base(model: TECModel, base, checkpoint: str) -> int:
-    """Tab. 6(d) "Load": copy the loaded base encoder's weights where names and shapes match.
-
-    `base` is `load_base_model`'s, so any family arrives in timm's naming. Its cls token is taken
-    as its first block sees it (plus its position where it has one), because the new encoder's
-    cls position is zero; the new pos_embed stays the fixed sin-cos one, and registers or a
-    distillation token have no place in it (one cls token). Returns the number of tensors copied.
-    """
-    weights = dict(base.state_dict())
-    if not base.no_embed_class:
-        weights["cls_token"] = base.cls_token + base.pos_embed[:, :1]
-    if isinstance(base.norm, NoFinalNorm):
-        warnings.warn(f"model.init_from_base: base.checkpoint={checkpoint} has no final norm; the new encoder's "
-                      "norm keeps its initialisation", stacklevel=2)
-    copied = 0
-    for name, value in model.encoder.state_dict().items():
-        if name != "pos_embed" and name in weights and tuple(weights[name].shape) == tuple(value.shape):
-            value.copy_(weights[name])
-            copied += 1
-    if copied == 0:
-        raise UserError(f"model.init_from_base: no weight of base.checkpoint={checkpoint} fits the new encoder")
-    return copied
-
-
-def init_from_checkpoint(model: TECModel, path: str) -> None:
-    """Start the whole model (encoder, adapters, decoder) from another run's weights.
-
-    `path` is a run's checkpoint.pt or a .safetensors of the model's state dict (as
-    `demo-base` ships); used by the demo's control to continue the base's own MAE run.
-    """
-    if not Path(path).is_file():
-        raise UserError(f"model.init_checkpoint={path}: file not found")
-    if path.endswith(".safetensors"):
-        state = read_safetensors(Path(path))[0]
-    else:
-        state = load_checkpoint(Path(path)).get("model")
-        if state is None:
-            raise UserError(f"model.init_checkpoint={path}: not a tec-pipeline training checkpoint")
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # a shape mismatch
-        reason = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), "shape mismatch")
-        raise UserError(f"model.init_checkpoint={path}: does not fit this model ({reason})") from None
-    if missing or unexpected:
-        first = (missing or unexpected)[0]
-        raise UserError(f"model.init_checkpoint={path}: does not fit this model ({'missing' if missing else 'unexpected'} "
-                        f"'{first}')")

@@ -1,69 +1,121 @@
 """Where a stage-two run's views and targets come from (``targets.source``: a cache, the base
-model online, or pixels), and each step's float32 targets."""
+model online, or pixels), opened once from the config: what the targets can serve (`TargetSpec`,
+and the refusal, before training, of a request they cannot serve), the batch maker its loader
+workers run, and the two functions each step calls on a batch, chosen when the data is opened:
+its views on the step's device, and its float32 targets."""
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import Callable, ContextManager, Optional, Union
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..base_targets import compute_targets
+from ..base_targets import autocast, compute_targets
 from ..cache.codecs import decode_batch
+from ..cache.fidelity import check_renderer
 from ..cache.pq import PqCodec
+from ..cache.schema import CacheMismatchError  # the one error for a cache that cannot serve a request
 from ..config import Config, TargetConfig, flatten, to_dict
 from ..data import open_source_at
-from ..errors import UserError
-from ..models.base import build_vit, check_sizes, load_base_model
-from ..cache_targets.drift import check_renderer
 from ..data.sources import BadImageError
-from ..pixels import pixel_targets
+from ..errors import UserError
+from ..models.base import build_vit, check_sizes, file_sha256, load_base_model
+from ..pixels import pixel_feat_dim, pixel_targets
 from ..render import ViewRenderer, open_renderer, render_files, resolve_loader
 from ..rules import RULES
 from ..targets import Targets, attention_rows
-from .batches import CachedBatches, OnlineBatches
-from .images import cache_image_source
-from .interfaces import BatchMaker, TargetReader
-from .order import uniform_shards
-from .shards import reader_shards, valid_mask
-from .spec import TargetSpec, base_spec, cache_spec, check_cache_base, pixel_spec
+from .batches import BatchMaker, CachedBatches, OnlineBatches, TargetReader, cache_image_source, reader_shards, valid_mask
+from .loader import uniform_shards
 
 
-@dataclass
-class DataPipeline:
-    """Where a run's views and targets come from (``targets.source``: cache, online or pixels)."""
+# ---------------------------------------------------------------- what the targets can serve
+@dataclass(frozen=True)
+class TargetSpec:
+    """Shape of the targets a run trains on."""
 
-    source: str
+    img_size: int
+    num_patches: int
+    feat_dim: int  # C_base (or p*p*3 for pixels)
+    heads: int  # H_base (0: no attention target)
+    k_max: int  # attention rows available beyond the cls row
+
+
+def cache_spec(meta: dict) -> TargetSpec:
+    """The `TargetSpec` recorded in a cache's metadata."""
+    return TargetSpec(img_size=int(meta["img_size"]), num_patches=int(meta["num_patches"]),
+                      feat_dim=int(meta["feat_dim"]), heads=int(meta["heads"]), k_max=int(meta["k_max"]))
+
+
+def base_spec(base, img_size: int) -> TargetSpec:
+    """The `TargetSpec` of a base model computing targets online (any k up to L is available)."""
+    L = base.patch_embed.num_patches
+    return TargetSpec(img_size=img_size, num_patches=L, feat_dim=base.embed_dim,
+                      heads=base.blocks[-1].attn.num_heads, k_max=L)
+
+
+def pixel_spec(img_size: int, patch: int) -> TargetSpec:
+    """The `TargetSpec` of MAE's pixel target: p*p*3 channels per patch, no attention target."""
+    return TargetSpec(img_size, (img_size // patch) ** 2, pixel_feat_dim(patch), heads=0, k_max=0)
+
+
+def check_request(spec: TargetSpec, *, img_size: int, num_patches: int, k: int, attention: str,
+                  what: str = "the cache") -> None:
+    """Refuse, before training, a request the targets cannot serve.
+
+    Raises `CacheMismatchError` with one line naming the setting: image size, patch grid,
+    or ``targets.k`` beyond ``k_max`` (any k <= k_max is a prefix of the stored rows).
+    """
+    if img_size != spec.img_size:
+        raise CacheMismatchError(f"data.img_size={img_size} differs from {what}'s image size {spec.img_size}")
+    if num_patches != spec.num_patches:
+        raise CacheMismatchError(
+            f"model.arch.patch_size gives {num_patches} patches per view, {what} has {spec.num_patches} "
+            f"(another patch grid)")
+    if attention == "topk" and k > spec.k_max:
+        raise CacheMismatchError(f"targets.k={k} exceeds {what}'s k_max={spec.k_max}")
+    if attention != "none" and spec.heads == 0:
+        raise CacheMismatchError(f"targets.attention={attention} but {what} holds no attention target")
+
+
+def check_cache_base(meta: dict, checkpoint: Optional[str]) -> None:
+    """A given ``base.checkpoint`` must be the one the cache was made with (same SHA-256)."""
+    recorded = (meta.get("identity", {}).get("base") or {}).get("checkpoint_sha256")
+    if not checkpoint or not recorded:
+        return
+    if not Path(checkpoint).is_file():
+        raise CacheMismatchError(f"base.checkpoint={checkpoint}: file not found (training from a cache needs no base; "
+                                 "leave base.checkpoint empty or point it at the cache's base)")
+    if file_sha256(checkpoint) != recorded:
+        raise CacheMismatchError(f"base.checkpoint={checkpoint} is not the base model the cache was made with "
+                                 f"(SHA-256 differs)")
+
+
+# ---------------------------------------------------------------- a run's data
+@dataclass(frozen=True)
+class TrainData:
+    """A run's data, opened once: what its targets can serve, its shards and views, the batch
+    maker its loader workers run, and what each step does with a batch (`views_of`, `targets_of`)."""
+
+    source: str  # targets.source: "cache", "online" or "pixels"
     spec: TargetSpec
-    shards: list[range]
+    shards: list[range]  # image ranges, in the layout of a cache of this config
     valid: Optional[np.ndarray]  # per-image flags of a cache (skipped images are 0); None: all valid
-    views: int
-    make_batch: BatchMaker
-    base: Optional[torch.nn.Module] = None  # online: the base model in the loop
+    views: int  # V: views per image
+    make_batch: BatchMaker  # (images, views) -> batch, in the loader workers
+    views_of: Callable[[dict], Tensor]  # batch -> (B, 3, S, S) uint8 views on the step's device
+    targets_of: Callable[[dict, Tensor], Targets]  # (batch, normalized views) -> float32 targets on their device
+    identity: Union[dict, str, None]  # what the data is: the cache's identity, else the images' fingerprint
+    loader: str  # data.loader resolved: who renders the views (`tec_pipeline.render`)
     meta: Optional[dict] = None  # the cache's metadata (cached runs)
-    identity: Union[dict, str, None] = None  # what the data is: the cache's identity, else the images' fingerprint
-    loader: str = "pil"  # data.loader resolved: who renders the views (`tec_pipeline.render`)
-    name_of: Optional[Callable[[int], str]] = None  # image index -> its file, for errors
-    renderer: Optional[ViewRenderer] = None  # data.loader=dali: renders on the step's device
-    feat_codec: Optional[PqCodec] = None  # a pq cache's fitted parts: its codes are decoded with them
+    base: Optional[torch.nn.Module] = None  # online: the base model in the loop
 
     @property
     def usable_images(self) -> int:
         return int(self.valid.sum()) if self.valid is not None else sum(len(r) for r in self.shards)
-
-    def images(self, batch: dict, device: torch.device) -> Tensor:
-        """A batch's views (B, 3, S, S) uint8 on `device`: rendered by the loader workers, or here
-        from the files they read (``data.loader=dali``, by the renderer `open_data` made for this
-        device); an undecodable file is one line naming it."""
-        if "images" in batch:
-            return batch["images"].to(device, non_blocking=True)
-        views, errors = render_files(self.renderer, batch, batch["crop"].numpy(), 1)
-        for index, why in zip(batch["index"].tolist(), errors):
-            if why:
-                raise BadImageError(f"{self.name_of(index)}: {why}")
-        return views
 
 
 def patch_size(cfg: Config) -> int:
@@ -73,9 +125,10 @@ def patch_size(cfg: Config) -> int:
 
 
 def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] = None,
-              device: torch.device = torch.device("cpu")) -> DataPipeline:
+              device: torch.device = torch.device("cpu"), precision: Optional[torch.dtype] = None) -> TrainData:
     """Open the target source named by ``targets.source`` and the images its views are rendered from
-    (by ``data.loader`` for the step's `device`).
+    (by ``data.loader`` for the step's `device`); online targets are computed under autocast to
+    `precision` (the run's, None: float32).
 
     `reader` replaces opening ``cache.path`` (an already opened cache, e.g. in memory).
     """
@@ -84,17 +137,7 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
     files_only = loader != "pil"
     renderer = open_renderer(loader, d.img_size, device, d.batch_size, d.num_workers) if files_only else None
     if t.source == "cache":
-        if reader is None:
-            from ..cache.storage import use_storage_options
-            from ..cache.store import open_cache
-
-            use_storage_options(cfg.cache.path, cfg.cache.storage_options)
-            reader = open_cache(cfg.cache.path)
-            damaged = sorted(reader.damaged_shards().items())  # one listing: refused now, not hours into the run
-            if damaged:
-                shard, why = damaged[0]
-                raise UserError(f"cache.path={cfg.cache.path}: shard {shard}: {why}; rerun cache-targets with the "
-                                f"same config to write it again")
+        reader = reader if reader is not None else open_training_cache(cfg.cache.path, cfg.cache.storage_options)
         if not reader.is_complete():
             raise UserError(f"cache.path={cfg.cache.path}: the cache is incomplete (finish stage one first)")
         source = cache_image_source(reader, d.path) if render else None
@@ -103,29 +146,72 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
         check_cache_base(reader.meta, cfg.base.checkpoint)
         if render:
             check_renderer(reader.meta, reader.summary, loader)
-        return DataPipeline("cache", cache_spec(reader.meta), reader_shards(reader), valid_mask(reader),
-                            reader.views, make, meta=reader.meta, identity=reader.meta.get("identity"),
-                            loader=loader, name_of=source.name if source is not None else None, renderer=renderer,
-                            feat_codec=reader.feat_codec)
+        return TrainData("cache", cache_spec(reader.meta), reader_shards(reader), valid_mask(reader), reader.views,
+                         make, step_views(renderer, source.name if source is not None else None, device),
+                         partial(cached_targets, reader.feat_codec), reader.meta.get("identity"), loader,
+                         meta=reader.meta)
     source = open_source_at(d.kind, d.path)
     shards = uniform_shards(len(source), cfg.cache.images_per_shard)  # same order as a cache of this config
     make = OnlineBatches(source, d.img_size, cfg.seed, (d.scale_min, d.scale_max), files_only)
+    views_of = step_views(renderer, source.name, device)
     if t.source == "online":
         check_sizes(flatten(to_dict(cfg)), "base.arch", RULES)  # base sizes left to timm's defaults, resolved
         base = load_base_model(cfg.base.arch, cfg.base.checkpoint, img_size=d.img_size)
-        return DataPipeline("online", base_spec(base, d.img_size), shards, None, d.views, make, base,
-                            identity=source.fingerprint(), loader=loader, name_of=source.name, renderer=renderer)
-    return DataPipeline("pixels", pixel_spec(d.img_size, patch_size(cfg)), shards, None, d.views, make,
-                        identity=source.fingerprint(), loader=loader, name_of=source.name, renderer=renderer)
+        return TrainData("online", base_spec(base, d.img_size), shards, None, d.views, make, views_of,
+                         partial(online_targets, base, t, precision), source.fingerprint(), loader, base=base)
+    patch = patch_size(cfg)
+    return TrainData("pixels", pixel_spec(d.img_size, patch), shards, None, d.views, make, views_of,
+                     partial(patch_targets, patch), source.fingerprint(), loader)
 
 
-def step_targets(data: DataPipeline, batch: dict, images: Tensor, t: TargetConfig, patch: int,
-                 autocast: ContextManager = nullcontext()) -> Targets:
-    """One micro-batch's float32 targets on the images' device: dequantized from the cache, computed
-    by the base model (under the run's `autocast`), or the patch-normalized pixels of `images`."""
-    if data.source == "cache":
-        return decode_batch(batch, images.device, data.feat_codec)
-    if data.source == "online":
-        with torch.no_grad(), autocast:
-            return compute_targets(data.base, images, t.last_layers, attention_rows(t.attention, t.k) - 1)
+def open_training_cache(url: str, storage_options: Optional[dict]) -> TargetReader:
+    """The cache at `url`, its damaged shards refused now in one line, not hours into the run."""
+    from ..cache.storage import use_storage_options
+    from ..cache.store import open_cache
+
+    use_storage_options(url, storage_options)
+    reader = open_cache(url)
+    damaged = sorted(reader.damaged_shards().items())
+    if damaged:
+        shard, why = damaged[0]
+        raise UserError(f"cache.path={url}: shard {shard}: {why}; rerun cache-targets with the same config to write "
+                        f"it again")
+    return reader
+
+
+# ---------------------------------------------------------------- each step's views and targets
+def step_views(renderer: Optional[ViewRenderer], name_of: Optional[Callable[[int], str]],
+               device: torch.device) -> Callable[[dict], Tensor]:
+    """A batch's views (B, 3, S, S) uint8 on `device`: rendered by the loader workers (moved
+    here), or here from the files they read (``data.loader=dali``, by `renderer`)."""
+    return partial(rendered_views, renderer, name_of) if renderer is not None else partial(moved_views, device)
+
+
+def moved_views(device: torch.device, batch: dict) -> Tensor:
+    return batch["images"].to(device, non_blocking=True)
+
+
+def rendered_views(renderer: ViewRenderer, name_of: Callable[[int], str], batch: dict) -> Tensor:
+    """The batch's views rendered on the renderer's device; an undecodable file is one line naming it."""
+    views, errors = render_files(renderer, batch, batch["crop"].numpy(), 1)
+    for index, why in zip(batch["index"].tolist(), errors):
+        if why:
+            raise BadImageError(f"{name_of(index)}: {why}")
+    return views
+
+
+def cached_targets(codec: Optional[PqCodec], batch: dict, images: Tensor) -> Targets:
+    """The batch's cached targets dequantized to float32 on the images' device."""
+    return decode_batch(batch, images.device, codec)
+
+
+def online_targets(base: torch.nn.Module, t: TargetConfig, precision: Optional[torch.dtype], batch: dict,
+                   images: Tensor) -> Targets:
+    """The base model's targets of the normalized `images`, computed in the step (under autocast to `precision`)."""
+    with torch.no_grad(), autocast(images.device, precision):
+        return compute_targets(base, images, t.last_layers, attention_rows(t.attention, t.k) - 1)
+
+
+def patch_targets(patch: int, batch: dict, images: Tensor) -> Targets:
+    """MAE's target: the patch-normalized pixels of the normalized `images`."""
     return pixel_targets(images, patch)

@@ -1,14 +1,17 @@
-"""The training loop of both `train` and `finetune`: micro-batches with gradient accumulation, the
-lr set per iteration (Tab. 8 / Tab. 10 schedules), logs, atomic checkpoints, and a resume that
-continues at any optimizer step as if never stopped.
+"""Stage two's training loop, as MAE's `train_one_epoch` reads: one visible loop over the run's
+micro-batches (read targets -> render views -> forward -> losses -> backward -> log), with the lr
+set per iteration (Tab. 8), gradient accumulation, the monitor's evaluations, atomic checkpoints,
+and a resume that continues at any optimizer step as if never stopped. Fine-tuning's loop
+(`finetune.loop`) is built from the same pieces: `Run`, `start_micro_batch`, `backward`,
+`end_step`, `save_due`.
 
-A stage describes its run as a `LoopRun` (what to load, what loss a batch gives, how to save)
-and hands it to `run_loop`; everything else is here, once.
+Also the run's accelerate set-up: the accelerator, `prepare` (less accelerate's autocast), the
+step's compilation under torch's recompile limit, and the end of a run.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -18,8 +21,13 @@ from accelerate.utils import DistributedType
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..config import TargetConfig
 from ..errors import UserError
+from ..views import normalize
+from .checkpoint import save_state
+from .data import TrainData
 from .log import Meter, RunLog, tracker
+from .monitor import Monitor
 from .schedule import Schedule, set_lr
 
 
@@ -103,9 +111,9 @@ class LoopSettings:
 
 
 @dataclass(kw_only=True)
-class LoopRun:
-    """What the loop drives. A stage fills the fields and implements `loader`, `losses` and `save`;
-    `start`, `after_step` and `save_due` have defaults."""
+class Run:
+    """What a loop drives, declared: the prepared model and optimizer, the schedule, where the
+    checkpoint goes and what it stores beside the training state, and how far the run is."""
 
     accelerator: Accelerator
     model: torch.nn.Module  # as prepared by accelerate
@@ -113,97 +121,114 @@ class LoopRun:
     schedule: Schedule
     settings: LoopSettings
     ckpt_path: Path
+    stored: dict = field(default_factory=dict)  # what each checkpoint keeps beside the training state
     step: int = 0  # optimizer steps done
     last_saved: int = -1  # the step of the last checkpoint written, -1 before the first
 
-    def loader(self, micro: int) -> Iterable:
-        """This process's batches from micro-batch `micro` on: the rest of its epoch or of the run
-        (the loop asks again, from where it is, when they run out)."""
-        raise NotImplementedError
 
-    def losses(self, batch, micro: int) -> tuple[dict[str, Tensor], int]:
-        """(loss terms, images in the batch) of one micro-batch; the term "loss" is minimized."""
-        raise NotImplementedError
+@dataclass(frozen=True)
+class TECStep:
+    """What every TEC step computes with, fixed for the run."""
 
-    def save(self) -> None:
-        """Write the checkpoint of step `self.step` (atomically)."""
-        raise NotImplementedError
-
-    def start(self, log: RunLog) -> None:
-        """Called once before this process's first step, the log open (e.g. scoring the starting weights)."""
-
-    def after_step(self, log: RunLog) -> None:
-        """Called after every optimizer step, before the checkpoint (e.g. an evaluation)."""
-
-    def save_due(self, end: int) -> bool:
-        return self.step % self.settings.checkpoint_every == 0 or self.step == end
+    losses: Callable[..., dict[str, Tensor]]  # `step.tec_losses`, compiled with train.compile
+    targets: TargetConfig  # the settings the run trains with (`model.effective_targets`)
+    mask_ratio: float
+    precision: Optional[torch.dtype]  # the forward's autocast dtype (`PRECISIONS`), None: float32
 
 
-def micro_step(run: LoopRun, meter: Meter, batch, micro: int) -> None:
-    """Losses (kept on the device by `meter`), backward; the prepared optimizer steps once per
-    accumulation cycle. Nothing here waits for the device."""
-    acc = run.accelerator
-    with acc.accumulate(run.model):
-        losses, images = run.losses(batch, micro)
-        meter.add(losses, run.step + 1, images * acc.num_processes, run.settings.accum_steps)
-        acc.backward(losses["loss"])
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+def train_tec(run: Run, data: TrainData, step: TECStep, batches: Iterable[dict], monitor: Optional[Monitor],
+              end: int, log: RunLog, bar) -> dict:
+    """Optimizer steps from `run.step` to `end` over `batches` (the loader from that step on): per
+    micro-batch the cached targets and the views, the masked forward and Eq. 3 + 4, the backward;
+    per optimizer step its record, the monitor's evaluation and the checkpoint, when due. Returns
+    the last record written ({} when none was). Nothing but records and checkpoints reads the device."""
+    acc, accum, meter, last = run.accelerator, run.settings.accum_steps, Meter(run.accelerator), {}
+    micro, fetch = run.step * accum, time.perf_counter()
+    for batch in batches:  # "index", "crop" (B, 5), "mask_noise" (B, L), cached targets in their stored dtypes
+        meter.waited += time.perf_counter() - fetch
+        lr = start_micro_batch(run, micro)
+        images = normalize(data.views_of(batch))  # (B, 3, S, S) float32 on the device
+        targets = data.targets_of(batch, images)  # float32: feat (B, L, C), attention rows (B, H, k+1, L)
+        noise = batch["mask_noise"].to(acc.device, non_blocking=True)  # (B, L): the masks
+        with acc.accumulate(run.model):
+            losses = step.losses(run.model, images, targets, step.targets, step.mask_ratio, noise, step.precision)
+            backward(run, meter, losses, images.shape[0])
+        micro += 1
+        if micro % accum == 0:
+            run.step += 1
+            saving = save_due(run, end)
+            last = end_step(run, meter, lr, micro / run.schedule.batches_per_epoch, end, saving, log, bar) or last
+            if monitor is not None and monitor.due(run.step):
+                watch(run, monitor, meter, log)
+            if saving:
+                save(run, {"monitor": monitor.state()} if monitor is not None else {})
+            if run.step >= end:
+                break
+        fetch = time.perf_counter()
+    return last
 
 
-def end_step(run: LoopRun, meter: Meter, lr: float, epoch: float, end: int, log: RunLog, bar) -> Optional[dict]:
-    """One optimizer step is done: its record (every ``log_every`` steps and at `end`), the
-    stage's `after_step`, and a checkpoint when due. Records and checkpoints are the only places
-    the loop reads the device, and a non-finite loss since the last of them stops the run there,
-    before anything is saved."""
-    record, log_due, save_due = None, run.step % run.settings.log_every == 0 or run.step == end, run.save_due(end)
-    if log_due or save_due:
+def last_step(run: Run, stop_after: Optional[int]) -> int:
+    """Where this process stops: the schedule's end, or `stop_after` steps in total (as an interruption would)."""
+    return min(run.schedule.total_steps, stop_after) if stop_after is not None else run.schedule.total_steps
+
+
+def progress(run: Run, desc: str) -> tqdm:
+    """The run's progress bar over its optimizer steps (the main process's, on each machine)."""
+    return tqdm(total=run.schedule.total_steps, initial=run.step, desc=desc, unit="step",
+                disable=not run.accelerator.is_local_main_process, dynamic_ncols=True)
+
+
+def start_micro_batch(run: Run, micro: int) -> float:
+    """The lr of the step micro-batch `micro` belongs to, set on the optimizer when it opens the step."""
+    lr = run.schedule.lr_at(run.step, run.settings.min_lr)
+    if micro % run.settings.accum_steps == 0:
+        set_lr(run.optimizer, lr)  # times each group's lr_scale, where it has one
+    return lr
+
+
+def backward(run: Run, meter: Meter, losses: dict[str, Tensor], images: int) -> None:
+    """Inside ``accelerator.accumulate``: the terms kept on the device by `meter`, the backward of
+    ``loss``; the prepared optimizer steps (and zeroes) once per accumulation cycle."""
+    meter.add(losses, run.step + 1, images * run.accelerator.num_processes, run.settings.accum_steps)
+    run.accelerator.backward(losses["loss"])
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def end_step(run: Run, meter: Meter, lr: float, epoch: float, end: int, saving: bool, log: RunLog,
+             bar) -> Optional[dict]:
+    """One optimizer step is done: its record every ``log_every`` steps and at `end`. Records and
+    checkpoints (`saving`: this step's is due) are the only places the loop reads the device, and
+    a non-finite loss since the last of them stops the run there, before anything is saved."""
+    record = None
+    if run.step % run.settings.log_every == 0 or run.step == end or saving:
         meter.check_finite(run.ckpt_path, run.last_saved)
-    if log_due:
+    if run.step % run.settings.log_every == 0 or run.step == end:
         record = meter.record(run.step, epoch, lr)
         log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
     meter.next_step()
     bar.update(1)
-    paused = time.perf_counter()
-    run.after_step(log)
-    meter.start += time.perf_counter() - paused  # an evaluation's time is not the training's throughput
-    if save_due:
-        run.save()
-        run.last_saved = run.step
     return record
 
 
-def train_until(run: LoopRun, end: int, log: RunLog, bar) -> dict:
-    """Optimizer steps until `end`; the last record written ({} when none was)."""
-    accum, schedule, meter, last = run.settings.accum_steps, run.schedule, Meter(run.accelerator), {}
-    micro = run.step * accum
-    while run.step < end:
-        fetch = time.perf_counter()
-        for batch in run.loader(micro):
-            meter.waited += time.perf_counter() - fetch
-            lr = schedule.lr_at(run.step, run.settings.min_lr)
-            if micro % accum == 0:
-                set_lr(run.optimizer, lr)  # times each group's lr_scale, where it has one
-            micro_step(run, meter, batch, micro)
-            micro += 1
-            if micro % accum == 0:
-                run.step += 1
-                last = end_step(run, meter, lr, micro / schedule.batches_per_epoch, end, log, bar) or last
-                if run.step >= end:
-                    break
-            fetch = time.perf_counter()
-    return last
+def save_due(run: Run, end: int) -> bool:
+    return run.step % run.settings.checkpoint_every == 0 or run.step == end
 
 
-def run_loop(run: LoopRun, path: Path, stop_after: Optional[int], desc: str) -> dict:
-    """Train from `run.step` to the schedule's end (or to `stop_after` steps in total, as an
-    interruption would) with a progress bar; the last log record (read back when the run had
-    already finished)."""
-    log, total = RunLog(path, run.accelerator, run.step), run.schedule.total_steps
-    end = min(total, stop_after) if stop_after is not None else total
-    run.start(log)
-    with tqdm(total=total, initial=run.step, desc=desc, unit="step",
-              disable=not run.accelerator.is_local_main_process, dynamic_ncols=True) as bar:
-        return train_until(run, end, log, bar) or log.last_losses()
+def save(run: Run, extra: dict, what: str = "the training checkpoint") -> None:
+    """The checkpoint of step `run.step`, atomically: training state, `run.stored` and `extra`."""
+    save_state(run.ckpt_path, run.accelerator, run.model, run.optimizer, run.step, {**run.stored, **extra}, what)
+    run.last_saved = run.step
 
+
+def watch(run: Run, monitor: Monitor, meter: Meter, log: RunLog) -> None:
+    """The monitor's evaluation (its time is not the training's throughput); on its guard's
+    warning with ``train.monitor.stop_on_drop``, the checkpoint, then the stop (before the end)."""
+    paused = time.perf_counter()
+    warning = monitor.evaluate(run.accelerator.unwrap_model(run.model), run.step, log)
+    meter.start += time.perf_counter() - paused
+    if warning and monitor.cfg.stop_on_drop and run.step < run.schedule.total_steps:
+        save(run, {"monitor": monitor.state()})
+        raise monitor.stop(warning, run.step, run.ckpt_path)

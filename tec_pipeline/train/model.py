@@ -1,23 +1,25 @@
-"""The new model of a stage-two run (Fig. 4) from its config: its arguments, its first weights
-(fresh, Tab. 6d's base encoder, or another run's), checked against what the targets can serve."""
+"""The new model of a stage-two run (Fig. 4) from its config: its arguments, the target settings
+it trains with, the graph its compiled step depends on, and its first weights (fresh, Tab. 6d's
+base encoder, or another run's), checked against what the targets can serve."""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Optional
+from pathlib import Path
+from typing import Optional
 
+import torch
 from accelerate.utils import set_seed
 
 from ..config import Config, TargetConfig, ViTArch, flatten, to_dict
 from ..errors import UserError
-from ..export import build_model
-from ..models.base import check_sizes, load_base_model
+from ..models.base import NoFinalNorm, check_sizes, load_base_model
+from ..models.checkpoints import read_safetensors
+from ..models.tec import TECModel
 from ..rules import RULES
-from .checkpoint import init_from_base, init_from_checkpoint
-from .spec import TargetSpec, check_request
-
-if TYPE_CHECKING:
-    from .data import DataPipeline
+from .checkpoint import build_model, load_checkpoint
+from .data import TargetSpec, TrainData, check_request
 
 
 def base_arch(cfg: Config, meta: Optional[dict]) -> ViTArch:
@@ -65,7 +67,7 @@ def step_graph(cfg: Config) -> str:
                        "batch_size": cfg.data.batch_size, "precision": cfg.optim.mixed_precision}, sort_keys=True)
 
 
-def new_model(cfg: Config, data: "DataPipeline"):
+def new_model(cfg: Config, data: TrainData):
     """The new model at its first step, checked against what the targets can serve, and its
     `model_kwargs`: freshly initialised (seeded right before, so whatever ran earlier, a base
     model build, cannot shift it), then Tab. 6d's base encoder and/or another run's weights."""
@@ -85,3 +87,53 @@ def new_model(cfg: Config, data: "DataPipeline"):
     if cfg.model.init_checkpoint:
         init_from_checkpoint(model, cfg.model.init_checkpoint)
     return model, kwargs
+
+
+@torch.no_grad()
+def init_from_base(model: TECModel, base, checkpoint: str) -> int:
+    """Tab. 6(d) "Load": copy the loaded base encoder's weights where names and shapes match.
+
+    `base` is `load_base_model`'s, so any family arrives in timm's naming. Its cls token is taken
+    as its first block sees it (plus its position where it has one), because the new encoder's
+    cls position is zero; the new pos_embed stays the fixed sin-cos one, and registers or a
+    distillation token have no place in it (one cls token). Returns the number of tensors copied.
+    """
+    weights = dict(base.state_dict())
+    if not base.no_embed_class:
+        weights["cls_token"] = base.cls_token + base.pos_embed[:, :1]
+    if isinstance(base.norm, NoFinalNorm):
+        warnings.warn(f"model.init_from_base: base.checkpoint={checkpoint} has no final norm; the new encoder's "
+                      "norm keeps its initialisation", stacklevel=2)
+    copied = 0
+    for name, value in model.encoder.state_dict().items():
+        if name != "pos_embed" and name in weights and tuple(weights[name].shape) == tuple(value.shape):
+            value.copy_(weights[name])
+            copied += 1
+    if copied == 0:
+        raise UserError(f"model.init_from_base: no weight of base.checkpoint={checkpoint} fits the new encoder")
+    return copied
+
+
+def init_from_checkpoint(model: TECModel, path: str) -> None:
+    """Start the whole model (encoder, adapters, decoder) from another run's weights.
+
+    `path` is a run's checkpoint.pt or a .safetensors of the model's state dict (as
+    `demo-base` ships); used by the demo's control to continue the base's own MAE run.
+    """
+    if not Path(path).is_file():
+        raise UserError(f"model.init_checkpoint={path}: file not found")
+    if path.endswith(".safetensors"):
+        state = read_safetensors(Path(path))[0]
+    else:
+        state = load_checkpoint(Path(path)).get("model")
+        if state is None:
+            raise UserError(f"model.init_checkpoint={path}: not a tec-pipeline training checkpoint")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape mismatch
+        reason = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), "shape mismatch")
+        raise UserError(f"model.init_checkpoint={path}: does not fit this model ({reason})") from None
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise UserError(f"model.init_checkpoint={path}: does not fit this model ({'missing' if missing else 'unexpected'} "
+                        f"'{first}')")
