@@ -18,7 +18,7 @@ from tec_pipeline.models.tec import TECModel
 from tec_pipeline.targets import channel_normalize, feature_target
 from tec_pipeline.cache.codecs import decode_batch
 from tec_pipeline.train.batches import CachedBatches
-from tec_pipeline.train.checkpoint import init_from_base
+from tec_pipeline.train.model import init_from_base
 from tec_pipeline.train.model import model_kwargs
 from tec_pipeline.train.data import TargetSpec
 from tec_pipeline.views import normalize

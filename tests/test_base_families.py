@@ -24,7 +24,7 @@ from tec_pipeline.config import ViTArch, load_config
 from tec_pipeline.export import export_model
 from tec_pipeline.models.base import CheckpointError, UnsupportedBase, build_base_vit, build_vit, load_base_model
 from tec_pipeline.models.tec import TECModel
-from tec_pipeline.train.checkpoint import init_from_base
+from tec_pipeline.train.model import init_from_base
 
 K = 5
 SIZES = {"embed_dim": 32, "depth": 2, "num_heads": 2}
