@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from experiments.costs_report import format_costs, margins_to_reference, summarize_costs
-from stages.demo import demo_configs, demo_data_settings, evaluate_on_demo, train_and_export
+from tec_pipeline.stages.demo import demo_configs, demo_data_settings, evaluate_on_demo, train_and_export
 from tec_pipeline.config import Config
 from tec_pipeline.demo.report import Timer, split_file
 from tec_pipeline.errors import UserError
@@ -77,7 +77,7 @@ def stored_features(cfg: Config) -> str:
 
 def train_variant(cfg: Config, timer: Timer) -> tuple[Path, dict]:
     """Cache (where the variant reads one) and train, each timed by `timer`; (the exported encoder, facts)."""
-    from stages.cache_targets import run_cache_targets
+    from tec_pipeline.stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
 
     cache_bytes = None

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from stages.demo import BASE_CONFIG, BASE_DIR, demo_data_settings, train_and_export
+from tec_pipeline.stages.demo import BASE_CONFIG, BASE_DIR, demo_data_settings, train_and_export
 from tec_pipeline.config import load_config
 from tec_pipeline.files import write_json
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from experiments.costs_report import format_costs, margins_to_reference, summarize_costs
 from experiments.reuse_report import first_resolved
-from stages.demo import EVAL_POOL, demo_configs, demo_data_settings, train_and_export
+from tec_pipeline.stages.demo import EVAL_POOL, demo_configs, demo_data_settings, train_and_export
 from tec_pipeline.config import Config
 from tec_pipeline.demo.report import Timer
 from tec_pipeline.errors import UserError
@@ -95,7 +95,7 @@ def arm_config(out: Path, seed: int, name: str, images: Path) -> Config:
 
 def made_cache(cfg: Config, arm: Arm) -> int:
     """Stage one for an arm (its grown arm: made at `grown_from` views, then grown); the cache bytes."""
-    from stages.cache_targets import run_cache_targets
+    from tec_pipeline.stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
 
     if arm.grown_from:
@@ -126,7 +126,7 @@ def scored_arm(out: Path, seed: int, name: str, images: Path, data_root: Path) -
 
 
 def scored(encoder: Path, name: str, root: Path, output: Path, seed: int) -> tuple[list[dict], np.ndarray]:
-    """`stages.demo.evaluate_on_demo` on the test digits with the probe's C fixed at `PROBE_C`."""
+    """`tec_pipeline.stages.demo.evaluate_on_demo` on the test digits with the probe's C fixed at `PROBE_C`."""
     from tec_pipeline.demo.data import group_files
     from tec_pipeline.evaluate.features import labelled_folder
     from tec_pipeline.evaluate.groups import read_groups

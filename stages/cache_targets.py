@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
-from stages.dry_run import dry_run_estimate
+from tec_pipeline.stages.dry_run import dry_run_estimate
 from tec_pipeline.base_targets import compute_dtype, compute_setting, load_base, view_targets
 from tec_pipeline.cache.assemble import ShardAssembler, ShardWriterPool, default_writer_threads
 from tec_pipeline.cache.encode import NonFiniteTargetError
@@ -56,7 +56,7 @@ Forward = Callable[[Tensor], dict[str, Tensor]]  # uint8 views (B, V, 3, S, S) -
 
 def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = False) -> dict:
     """Stage one. Returns the run summary (images, views, skipped, bytes, wall time), or with
-    `dry_run` the estimate of `stages.dry_run` (nothing written)."""
+    `dry_run` the estimate of `tec_pipeline.stages.dry_run` (nothing written)."""
     start = time.perf_counter()
     check_settings(cfg)
     use_storage_options(cfg.cache.path, cfg.cache.storage_options)

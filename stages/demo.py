@@ -71,7 +71,7 @@ def tec_steps(cfg: Config) -> int:
 
 def train_and_export(cfg: Config, out: Optional[Path] = None) -> tuple[dict, Path]:
     """Train (a finished or interrupted run is resumed) and export the encoder; (summary, export)."""
-    from stages.train import run_train
+    from tec_pipeline.stages.train import run_train
     from tec_pipeline.export import CHECKPOINT, export_run
 
     summary = run_train(cfg, resume=(Path(cfg.output) / CHECKPOINT).exists())
@@ -161,7 +161,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     instead of the test digits: what to compare when choosing a setting; TEC's run is then not
     watched (``train.monitor`` scores the test digits).
     """
-    from stages.cache_targets import run_cache_targets
+    from tec_pipeline.stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
     from tec_pipeline.demo.data import build_demo_data
 
@@ -203,7 +203,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
 
 def _second_round(tec: Config, tec_encoder: Path, out: Path) -> Path:
     """Tab. 7: the exported TEC model becomes the base of a new cache and a new TEC run."""
-    from stages.cache_targets import run_cache_targets
+    from tec_pipeline.stages.cache_targets import run_cache_targets
 
     cfg = replace(tec, output=str(out / "round2"), base=replace(tec.base, checkpoint=str(tec_encoder)),
                   cache=replace(tec.cache, path=str(out / "round2_cache.zarr")))

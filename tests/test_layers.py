@@ -1,7 +1,8 @@
-"""The import graph: each module imports only its own layer or those below it. The library
-(`tec_pipeline.*`) never imports a stage (outside `cli.py`'s command bodies); single-stage drivers
-never import a composition of stages (`stages.demo`, `stages.ablate`); nothing under `tec_pipeline/`
-or `stages/` imports the studies (`experiments`, not installed), not even lazily; and enhancement
+"""The import graph: each module imports only its own layer or those below it. The drivers under
+`stages/` install as `tec_pipeline.stages`; the library (the rest of `tec_pipeline.*`) never imports
+a stage (outside `cli.py`'s command bodies); single-stage drivers never import a composition of
+stages (`tec_pipeline.stages.demo`, `tec_pipeline.stages.ablate`); nothing under `tec_pipeline/` or
+`stages/` imports the studies (`experiments`, not installed), not even lazily; and enhancement
 (`targets`) never imports a model."""
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ LAYERS = [
      "tec_pipeline.export"),  # export writes the encoder from a checkpoint that `train.checkpoint` reads
     ("tec_pipeline.demo",),  # the demo's data and report: built on evaluation, below every command
     ("tec_pipeline.cli", "tec_pipeline.__main__"),
-    # Single-stage drivers; "stages" (the package, and any driver not named here) ranks lowest of the stages.
-    ("stages", "stages.cache_targets", "stages.dry_run", "stages.verify", "stages.train", "stages.finetune"),
-    ("stages.demo", "stages.ablate"),  # compositions of stages
+    # Single-stage drivers (stages/*.py); "tec_pipeline.stages" (the package, and any driver not named
+    # here) ranks lowest of the stages.
+    ("tec_pipeline.stages", "tec_pipeline.stages.cache_targets", "tec_pipeline.stages.dry_run",
+     "tec_pipeline.stages.verify", "tec_pipeline.stages.train", "tec_pipeline.stages.finetune"),
+    ("tec_pipeline.stages.demo", "tec_pipeline.stages.ablate"),  # compositions of stages
     ("experiments",),  # the studies: never imported by the library or the stages
 ]
 TOP_LEVEL = ("tec_pipeline", "stages", "experiments")
@@ -43,7 +46,10 @@ def layer_of(module: str) -> int:
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
+    """The module `path` is imported as: the stages/ folder installs as `tec_pipeline.stages`."""
     parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[0] == "stages":
+        parts = ["tec_pipeline", *parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -107,9 +113,10 @@ def test_the_check_finds_an_upward_import(tmp_path):
     found = imports(bad, False, root=tmp_path)
     assert found == [("tec_pipeline.models.base", 1)] and layer_of(found[0][0]) > layer_of("tec_pipeline.targets")
     lazy = tmp_path / "tec_pipeline" / "train" / "batches.py"
-    lazy.write_text("def f():\n    from stages.train import run_train\n")
-    assert imports(lazy, False, root=tmp_path) == [("stages.train", 2)] and not imports(lazy, True, root=tmp_path)
-    assert layer_of("stages.train") > layer_of("tec_pipeline.train.batches")
+    lazy.write_text("def f():\n    from tec_pipeline.stages.train import run_train\n")
+    assert imports(lazy, False, root=tmp_path) == [("tec_pipeline.stages.train", 2)] \
+        and not imports(lazy, True, root=tmp_path)
+    assert layer_of("tec_pipeline.stages.train") > layer_of("tec_pipeline.train.batches")
 
 
 def test_the_check_finds_an_import_of_the_studies(tmp_path):
@@ -122,5 +129,6 @@ def test_the_check_finds_an_import_of_the_studies(tmp_path):
     stage.write_text("import json\nfrom experiments import costs_report\n")
     assert studies_imported(cli, tmp_path) == ["tec_pipeline/cli.py:2: imports experiments.demo_seeds"]
     assert studies_imported(stage, tmp_path) == ["stages/demo.py:2: imports experiments"]
-    assert layer_of("experiments.demo_seeds") > layer_of("stages.demo") > layer_of("stages.train") \
+    assert layer_of("experiments.demo_seeds") > layer_of("tec_pipeline.stages.demo") \
+        > layer_of("tec_pipeline.stages.train") \
         > layer_of("tec_pipeline.cli") > layer_of("tec_pipeline.demo.report")

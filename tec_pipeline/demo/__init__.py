@@ -2,5 +2,5 @@
 
 ``data`` renders the demo digits (an ImageFolder split by source digit, with a groups file per
 split); ``report`` reads a demo run's evaluation rows as its question: does TEC beat its base
-and the control, by more than the noise? The run itself is `stages.demo`.
+and the control, by more than the noise? The run itself is `tec_pipeline.stages.demo`.
 """
