@@ -16,10 +16,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tec_pipeline.stages.demo import BASE_DIR
 from tec_pipeline.stages.finetune import run_finetune
 from tec_pipeline.demo.data import group_files
 from tec_pipeline.demo.report import OPPONENTS, split_file
+from tec_pipeline.demo.settings import BASE_DIR
 from tec_pipeline.errors import UserError
 from tec_pipeline.evaluate.groups import read_groups
 from tec_pipeline.evaluate.statistics import paired_difference
