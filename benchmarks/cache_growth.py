@@ -32,11 +32,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.cache_targets import run_cache_targets  # noqa: E402
-from stages.demo import demo_data_settings  # noqa: E402
+from tec_pipeline.stages.cache_targets import run_cache_targets  # noqa: E402
 from tec_pipeline.cache.store import open_cache  # noqa: E402
 from tec_pipeline.config import load_config  # noqa: E402
 from tec_pipeline.demo.data import build_demo_data  # noqa: E402
+from tec_pipeline.demo.settings import demo_data_settings  # noqa: E402
 from tec_pipeline.errors import UserError  # noqa: E402
 
 CONFIG = REPO / "configs" / "demo.yaml"

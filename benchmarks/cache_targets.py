@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.cards import device_record  # noqa: E402
-from stages.cache_targets import run_cache_targets  # noqa: E402
+from tec_pipeline.stages.cache_targets import run_cache_targets  # noqa: E402
 from tec_pipeline.base_targets import compute_dtype, compute_setting, load_base  # noqa: E402
 from tec_pipeline.config import load_config  # noqa: E402
 from tec_pipeline.data import open_source  # noqa: E402
@@ -84,7 +84,7 @@ def bare_loop(cfg) -> float:
 RSS_CHILD = """
 import json, sys
 sys.path.insert(0, {repo!r})
-from stages.cache_targets import run_cache_targets
+from tec_pipeline.stages.cache_targets import run_cache_targets
 from tec_pipeline.config import load_config
 def hwm_mb():
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))

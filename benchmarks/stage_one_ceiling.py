@@ -1,8 +1,8 @@
 """Stage one's ceiling: how fast its host side would let a fast GPU run, measured without one.
 
-The real stage-one loop (`stages.cache_targets.compute_shards`: loader, encoding on the compute
-device, shard assembly, writer pool, durable shards) with the base forward replaced by an instant
-producer of realistic targets on the compute device. The targets are recorded once per run from a
+The real stage-one loop (`tec_pipeline.cache_targets.loop.compute_shards`: loader, encoding on the
+compute device, shard assembly, writer pool, durable shards) with the base forward replaced by an
+instant producer of realistic targets on the compute device. The targets are recorded once per run from a
 real random-init base on the benchmark's photo views (value distributions as a base gives them;
 every view is compressed on its own, so replaying them costs what new views would). The images are
 ~500x375 JPEGs cut from scikit-learn's sample photographs (random crops and flips).
@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import bench_loader  # noqa: E402
-from stages.cache_targets import compute_shards  # noqa: E402
+from tec_pipeline.cache_targets.loop import compute_shards  # noqa: E402
 from tec_pipeline.base_targets import load_base, view_targets  # noqa: E402
 from tec_pipeline.cache import assemble  # noqa: E402
 from tec_pipeline.cache.assemble import ShardWriterPool, default_writer_threads  # noqa: E402

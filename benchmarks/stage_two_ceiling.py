@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.cards import device_record  # noqa: E402
 from benchmarks.stage_one_ceiling import ARCHS, cache_meta, photo_jpegs, record_targets, replay  # noqa: E402
-from stages.cache_targets import compute_shards  # noqa: E402
+from tec_pipeline.cache_targets.loop import compute_shards  # noqa: E402
 from tec_pipeline.base_targets import load_base  # noqa: E402
 from tec_pipeline.cache.codecs import decode_batch  # noqa: E402
 from tec_pipeline.cache.store import create_cache, open_cache  # noqa: E402

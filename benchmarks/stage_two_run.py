@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tec_pipeline.train.loop as loop  # noqa: E402
 from cards import device_record  # noqa: E402
-from stages.train import run_train  # noqa: E402
+from tec_pipeline.stages.train import run_train  # noqa: E402
 from tec_pipeline.base_targets import compute_targets  # noqa: E402
 from tec_pipeline.config import Config, TargetConfig, TrainConfig, ViTArch  # noqa: E402
 from tec_pipeline.models.base import load_base_model  # noqa: E402

@@ -36,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.train import run_train  # noqa: E402
+from tec_pipeline.stages.train import run_train  # noqa: E402
 from tec_pipeline.cache.store import create_cache, open_cache  # noqa: E402
 from tec_pipeline.config import Config, TargetConfig, TrainConfig, ViTArch  # noqa: E402
 from tec_pipeline.data.sources import ImageFolderSource  # noqa: E402

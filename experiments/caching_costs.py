@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from experiments.costs_report import format_costs, margins_to_reference, summarize_costs
-from stages.demo import demo_configs, demo_data_settings, evaluate_on_demo, train_and_export
 from tec_pipeline.config import Config
+from tec_pipeline.demo.evaluation import evaluate_on_demo
 from tec_pipeline.demo.report import Timer, split_file
+from tec_pipeline.demo.settings import demo_configs, demo_data_settings
 from tec_pipeline.errors import UserError
 from tec_pipeline.files import write_json
+from tec_pipeline.stages.demo import run_train_and_export
 
 
 class Variant(NamedTuple):
@@ -77,7 +79,7 @@ def stored_features(cfg: Config) -> str:
 
 def train_variant(cfg: Config, timer: Timer) -> tuple[Path, dict]:
     """Cache (where the variant reads one) and train, each timed by `timer`; (the exported encoder, facts)."""
-    from stages.cache_targets import run_cache_targets
+    from tec_pipeline.stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
 
     cache_bytes = None
@@ -86,7 +88,7 @@ def train_variant(cfg: Config, timer: Timer) -> tuple[Path, dict]:
             run_cache_targets(cfg)
         cache_bytes = open_cache(cfg.cache.path).nbytes()
     with timer.stage("train"):
-        summary, encoder = train_and_export(cfg)
+        summary, encoder = run_train_and_export(cfg)
     return encoder, {"cache_bytes": cache_bytes, "views": cfg.data.views, "steps": summary["step"]}
 
 

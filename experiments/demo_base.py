@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from stages.demo import BASE_CONFIG, BASE_DIR, demo_data_settings, train_and_export
 from tec_pipeline.config import load_config
+from tec_pipeline.demo.settings import BASE_CONFIG, BASE_DIR, demo_data_settings
 from tec_pipeline.files import write_json
+from tec_pipeline.stages.demo import run_train_and_export
 
 
 def make_demo_base(out: str | Path = BASE_DIR, overrides: Optional[list[str]] = None) -> dict:
@@ -33,7 +34,7 @@ def make_demo_base(out: str | Path = BASE_DIR, overrides: Optional[list[str]] = 
     cfg = load_config(BASE_CONFIG, list(overrides or []))
     start = time.perf_counter()
     build_demo_data(cfg.data.path, **demo_data_settings())
-    summary, _ = train_and_export(cfg, out / "encoder.safetensors")
+    summary, _ = run_train_and_export(cfg, out / "encoder.safetensors")
     state = load_checkpoint(Path(cfg.output) / CHECKPOINT)["model"]
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
     record = {"command": "python -m experiments demo-base " + " ".join(overrides or []), "config": to_dict(cfg),

@@ -6,8 +6,8 @@ base and the control with their paired 95% intervals, resampled by source digit 
 demo build's groups files: ``data.groups`` (the held-out fifth of ``data.split=val``) is the train
 split's, the scored images' groups are read from the same files.
 
-A driver: fine-tuning is `stages.finetune.run_finetune`; this module picks the three encoders and
-reads the results as the demo report reads its rows.
+A driver: fine-tuning is `tec_pipeline.stages.finetune.run_finetune`; this module picks the three
+encoders and reads the results as the demo report reads its rows.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from stages.demo import BASE_DIR
-from stages.finetune import run_finetune
+from tec_pipeline.stages.finetune import run_finetune
 from tec_pipeline.demo.data import group_files
 from tec_pipeline.demo.report import OPPONENTS, split_file
+from tec_pipeline.demo.settings import BASE_DIR
 from tec_pipeline.errors import UserError
 from tec_pipeline.evaluate.groups import read_groups
 from tec_pipeline.evaluate.statistics import paired_difference

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from experiments.seeds_report import format_seed_summary, seed_summary
-from stages.demo import run_demo
+from tec_pipeline.stages.demo import run_demo
 from tec_pipeline.demo.report import split_file
 from tec_pipeline.errors import UserError
 from tec_pipeline.files import write_json

@@ -32,11 +32,13 @@ import numpy as np
 
 from experiments.costs_report import format_costs, margins_to_reference, summarize_costs
 from experiments.reuse_report import first_resolved
-from stages.demo import EVAL_POOL, demo_configs, demo_data_settings, train_and_export
 from tec_pipeline.config import Config
+from tec_pipeline.demo.evaluation import EVAL_POOL
 from tec_pipeline.demo.report import Timer
+from tec_pipeline.demo.settings import demo_configs, demo_data_settings
 from tec_pipeline.errors import UserError
 from tec_pipeline.files import write_json
+from tec_pipeline.stages.demo import run_train_and_export
 
 IMAGES = 32  # the subset: one batch per epoch, so S = EPOCHS steps
 BATCH = 32
@@ -95,7 +97,7 @@ def arm_config(out: Path, seed: int, name: str, images: Path) -> Config:
 
 def made_cache(cfg: Config, arm: Arm) -> int:
     """Stage one for an arm (its grown arm: made at `grown_from` views, then grown); the cache bytes."""
-    from stages.cache_targets import run_cache_targets
+    from tec_pipeline.stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
 
     if arm.grown_from:
@@ -115,7 +117,7 @@ def scored_arm(out: Path, seed: int, name: str, images: Path, data_root: Path) -
         with timer.stage("cache"):
             cache_bytes = made_cache(cfg, arm)
     with timer.stage("train"):
-        summary, encoder = train_and_export(cfg)
+        summary, encoder = run_train_and_export(cfg)
     with timer.stage("eval"):
         rows, groups = scored(encoder, name, data_root, path.parent / "eval.json", seed)
     row = {**rows[0], "views": arm.views, "reuse": reuse_of(arm), "steps": summary["step"],
@@ -126,7 +128,7 @@ def scored_arm(out: Path, seed: int, name: str, images: Path, data_root: Path) -
 
 
 def scored(encoder: Path, name: str, root: Path, output: Path, seed: int) -> tuple[list[dict], np.ndarray]:
-    """`stages.demo.evaluate_on_demo` on the test digits with the probe's C fixed at `PROBE_C`."""
+    """`tec_pipeline.demo.evaluation.evaluate_on_demo` on the test digits with the probe's C fixed at `PROBE_C`."""
     from tec_pipeline.demo.data import group_files
     from tec_pipeline.evaluate.features import labelled_folder
     from tec_pipeline.evaluate.groups import read_groups

@@ -1,9 +1,10 @@
 """`tec-pipeline ablate`: the Tab. 6 rows, one training run each, all from one stage-one cache.
 
 A driver: each row's YAML becomes overrides (`tec_pipeline.train.ablations`), stage two trains
-it (`stages.train.run_train`), and the final losses go into one table. With a fine-tune config,
-each row is also exported and fine-tuned (`stages.finetune.run_finetune`, Tab. 10) and the table
-is the paper's: row, settings, top-1.
+it (`tec_pipeline.stages.train.run_train`), and the final losses go into one table. With a
+fine-tune config, each row is also exported and fine-tuned
+(`tec_pipeline.stages.finetune.run_finetune`, Tab. 10) and the table is the paper's: row,
+settings, top-1.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from stages.finetune import run_finetune
-from stages.train import run_train
+from tec_pipeline.stages.finetune import run_finetune
+from tec_pipeline.stages.train import run_train
 from tec_pipeline.config import Config, load_config, to_dict
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT, export_run

@@ -12,55 +12,24 @@ with the wall time of every stage and the cache size. TEC's run is watched while
 evaluation, summed up in the report and drawn in ``monitor.png``.
 
 What the report says (verdict, margins, stage times) is `tec_pipeline.demo.report`. The demo's
-set-up here (`demo_configs`, `demo_data_settings`, `evaluate_on_demo`, `BASE_DIR`) is also what the
-studies under `experiments/` build on (several seeds, the shipped base, fine-tuning, caching costs).
+set-up (`tec_pipeline.demo.settings`: `demo_configs`, `demo_data_settings`, `BASE_DIR`) and its
+evaluation (`tec_pipeline.demo.evaluation.evaluate_on_demo`) are also what the studies under
+`experiments/` build on (several seeds, the shipped base, fine-tuning, caching costs), with
+`run_train_and_export` here.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 from pathlib import Path
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-from tec_pipeline.config import Config, load_config
+from tec_pipeline.config import Config
+from tec_pipeline.demo.evaluation import evaluate_on_demo
 from tec_pipeline.demo.report import Timer, format_report, margins, monitor_summary, split_file, verdict
+from tec_pipeline.demo.settings import BASE_DIR, demo_configs, demo_data_settings
 from tec_pipeline.errors import UserError
 from tec_pipeline.files import write_json
-
-if TYPE_CHECKING:
-    import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-BASE_CONFIG = REPO / "configs" / "demo_base.yaml"
-BASE_DIR = REPO / "assets" / "demo_base"
-# Mean of patch tokens: the MAE base never trains its cls token, so cls pooling would favour TEC.
-EVAL_POOL = "mean"
-
-
-def demo_configs(out: Path, seed: int, overrides: list[str], base_dir: Path = BASE_DIR,
-                 control_overrides: Sequence[str] = ()) -> tuple[Config, Config]:
-    """(TEC config, control config) of one demo run under `out`, the seed applied to both;
-    `overrides` apply to TEC's, `control_overrides` to the control's."""
-    base_ckpt = base_dir / "encoder.safetensors"
-    if not base_ckpt.is_file():
-        raise UserError(f"{base_ckpt}: the demo base model is missing; make it with `python -m experiments demo-base`")
-    common = [f"seed={seed}"]
-    tec = load_config(DEMO_CONFIG, [*common, f"output={out / 'tec'}", f"base.checkpoint={base_ckpt}",
-                                    f"cache.path={out / 'cache.zarr'}", *overrides])
-    control = load_config(BASE_CONFIG, [*common, f"output={out / 'control'}",
-                                        f"model.init_checkpoint={base_dir / 'model.safetensors'}",
-                                        f"data.path={tec.data.path}", *control_overrides])
-    return tec, control
-
-
-def demo_data_settings() -> dict:
-    """The demo set: 5,000 train and 1,000 test digits at the default difficulty, data seed 0.
-
-    Fixed on purpose: every demo seed and the shipped base see the same images.
-    """
-    return {"train_size": 5000, "test_size": 1000, "difficulty": 0.5, "seed": 0}
 
 
 def tec_steps(cfg: Config) -> int:
@@ -69,9 +38,9 @@ def tec_steps(cfg: Config) -> int:
         return max(json.loads(line)["step"] for line in f if line.strip())
 
 
-def train_and_export(cfg: Config, out: Optional[Path] = None) -> tuple[dict, Path]:
+def run_train_and_export(cfg: Config, out: Optional[Path] = None) -> tuple[dict, Path]:
     """Train (a finished or interrupted run is resumed) and export the encoder; (summary, export)."""
-    from stages.train import run_train
+    from tec_pipeline.stages.train import run_train
     from tec_pipeline.export import CHECKPOINT, export_run
 
     summary = run_train(cfg, resume=(Path(cfg.output) / CHECKPOINT).exists())
@@ -111,25 +80,6 @@ def _watched(tec: Config) -> Optional[dict]:
     return monitor_summary(state) if state else None
 
 
-def evaluate_on_demo(models: list[tuple], root: Path, output: Path, seed: int, split: str,
-                     floors: bool = True) -> tuple[list[dict], np.ndarray]:
-    """`run_eval` of `models` (after the pixel and random-init floors, with `floors`) on the
-    demo build `root`, grouped by its groups files (`tec_pipeline.demo.data.group_files`): the
-    probe's held-out fifth and the val split hold out whole source digits, as the test split
-    does. (rows, the source digit of each scored image, for the margins' bootstrap)."""
-    from tec_pipeline.demo.data import group_files
-    from tec_pipeline.evaluate.features import labelled_folder
-    from tec_pipeline.evaluate.groups import read_groups
-    from tec_pipeline.evaluate.report import run_eval, scored_groups
-
-    files = group_files(root)
-    train, test = labelled_folder(root / "train"), labelled_folder(root / "test")
-    train_groups = read_groups(files["train"], train)
-    rows = run_eval(models, root / "train", root / "test", pool=EVAL_POOL, output=output, seed=seed,
-                    echo=lambda *a: None, split=split, train_groups=train_groups, floors=floors)
-    return rows, scored_groups(split, train.labels, train_groups, read_groups(files["test"], test))
-
-
 # What the demo writes into its folder; the reports and pictures are replaced only in a folder that
 # holds the demo's own TEC run or cache, so a file of the user's with one of these names is never
 # overwritten.
@@ -161,7 +111,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     instead of the test digits: what to compare when choosing a setting; TEC's run is then not
     watched (``train.monitor`` scores the test digits).
     """
-    from stages.cache_targets import run_cache_targets
+    from tec_pipeline.stages.cache_targets import run_cache_targets
     from tec_pipeline.cache.store import open_cache
     from tec_pipeline.demo.data import build_demo_data
 
@@ -177,10 +127,10 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
     with timer.stage("cache-targets"):
         run_cache_targets(tec)
     with timer.stage("train TEC"):
-        _, tec_encoder = train_and_export(tec)
+        _, tec_encoder = run_train_and_export(tec)
     with timer.stage("train control"):
         control = replace(control, train=replace(control.train, max_steps=tec_steps(tec)))
-        _, control_encoder = train_and_export(control)
+        _, control_encoder = run_train_and_export(control)
     models = [("base", None, tec.base.checkpoint), ("control", None, str(control_encoder)),
               ("tec", None, str(tec_encoder))]
     if second_round:
@@ -203,9 +153,9 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, second_round: bool = 
 
 def _second_round(tec: Config, tec_encoder: Path, out: Path) -> Path:
     """Tab. 7: the exported TEC model becomes the base of a new cache and a new TEC run."""
-    from stages.cache_targets import run_cache_targets
+    from tec_pipeline.stages.cache_targets import run_cache_targets
 
     cfg = replace(tec, output=str(out / "round2"), base=replace(tec.base, checkpoint=str(tec_encoder)),
                   cache=replace(tec.cache, path=str(out / "round2_cache.zarr")))
     run_cache_targets(cfg)
-    return train_and_export(cfg)[1]
+    return run_train_and_export(cfg)[1]

@@ -125,7 +125,7 @@ def cache_targets(config: Optional[Path] = ConfigOpt, overrides: Optional[List[s
                   dry_run: bool = typer.Option(False, "--dry-run", help="Print bytes per view, total size and free space; write nothing.")):
     """Stage one: run the frozen base model over views of a dataset and write the target cache."""
     cfg = _load(config, overrides)
-    from stages.cache_targets import run_cache_targets
+    from tec_pipeline.stages.cache_targets import run_cache_targets
 
     run_stage(run_cache_targets, cfg, overwrite=overwrite, dry_run=dry_run)
 
@@ -135,7 +135,7 @@ def train(config: Optional[Path] = ConfigOpt, overrides: Optional[List[str]] = O
           resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint.")):
     """Stage two: train the new model from a target cache (or online with targets.source=online)."""
     cfg = _load(config, overrides)
-    from stages.train import run_train
+    from tec_pipeline.stages.train import run_train
 
     run_stage(run_train, cfg, resume=resume)
 
@@ -165,7 +165,7 @@ def _load_ft(config: Optional[Path], overrides: Optional[List[str]], protocol: s
 
 def _score(config: Optional[Path], overrides: Optional[List[str]], resume: bool, protocol: str) -> None:
     cfg = _load_ft(config, overrides, protocol)
-    from stages.finetune import run_finetune
+    from tec_pipeline.stages.finetune import run_finetune
 
     result = run_stage(run_finetune, cfg, resume=resume)
     typer.echo(f"{protocol}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  best top-1 "
@@ -199,7 +199,7 @@ def verify(cache: str = typer.Argument(..., help="Cache path or fsspec URL."),
            sample: int = typer.Option(8, "--sample", help="Views to re-render and recompute."),
            seed: int = typer.Option(0, help="Which views are sampled.")):
     """Recompute a random sample of views with the base model and compare with the cache."""
-    from stages.verify import verify_cache
+    from tec_pipeline.stages.verify import verify_cache
 
     ok = run_stage(verify_cache, cache, sample=sample, seed=seed)
     raise typer.Exit(0 if ok else 1)
@@ -260,7 +260,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the run's cache
          val: bool = typer.Option(False, "--val", help=VAL_HELP),
          overrides: Optional[List[str]] = OverridesArg):
     """The main job on the built-in demo: cache-targets, train TEC and the control, evaluate against the base."""
-    from stages.demo import run_demo
+    from tec_pipeline.stages.demo import run_demo
 
     run_stage(run_demo, out, seed=seed, second_round=second_round, overrides=overrides or [], split=split_name(val))
 
@@ -306,7 +306,7 @@ def ablate(items: List[str] = typer.Argument(..., metavar="CONFIGS",
     _load(config, overrides)  # a bad --config or override: one line naming the key, before any run starts
     if "://" not in cache and not Path(cache).exists():
         fail(f"--cache {cache}: not found (run cache-targets first)")
-    from stages.ablate import run_ablations
+    from tec_pipeline.stages.ablate import run_ablations
 
     if finetune is not None:
         _load_ft(finetune, [*ft_set, "model.checkpoint=row"], "finetune")  # a bad fine-tune config fails first too

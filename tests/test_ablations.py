@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from helpers import TINY_BASE, TINY_MODEL_ARGS, build_memory_cache, write_images
-from stages.ablate import run_ablations
+from tec_pipeline.stages.ablate import run_ablations
 from tec_pipeline.config import Config, ConfigError, flatten, load_config, to_dict
 from tec_pipeline.data.sources import ImageFolderSource
 from tec_pipeline.models.base import base_forward, load_base_model

@@ -15,9 +15,9 @@ import torch
 from helpers import TINY_MODEL_ARGS, write_images
 from reference_vit import draw, reference_forward, reference_targets
 from released import FAMILIES, beit, ijepa, write
-from stages.cache_targets import run_cache_targets
-from stages.train import run_train
-from stages.verify import verify_cache
+from tec_pipeline.stages.cache_targets import run_cache_targets
+from tec_pipeline.stages.train import run_train
+from tec_pipeline.stages.verify import verify_cache
 from tec_pipeline.base_targets import compute_targets
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.config import ViTArch, load_config

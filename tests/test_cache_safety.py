@@ -133,7 +133,7 @@ def test_a_damaged_shard_file_is_not_complete_and_a_rerun_rewrites_that_shard(im
 
 
 def test_verify_names_a_truncated_file(cache, capsys):
-    from stages.verify import verify_cache
+    from tec_pipeline.stages.verify import verify_cache
 
     feat = cache / "feat" / "c" / "2" / "0" / "0" / "0"
     feat.write_bytes(feat.read_bytes()[:10])

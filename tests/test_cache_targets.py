@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from helpers import fill_to, run_as_ranks, small_filesystem
-from stages.cache_targets import run_cache_targets
-from stages.verify import verify_cache
+from tec_pipeline.stages.cache_targets import run_cache_targets
+from tec_pipeline.stages.verify import verify_cache
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError

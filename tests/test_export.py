@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import TINY_BASE, tiny_arch, write_images
-from stages.train import run_train
+from tec_pipeline.stages.train import run_train
 from tec_pipeline.config import Config, TrainConfig
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT, export_run

@@ -390,7 +390,7 @@ def test_the_demo_never_overwrites_a_folder_of_the_users_files(tmp_path):
     """`demo --out` into a folder with files the demo does not write, or with the demo's file
     names but no demo run beside them, is refused before anything is written; an empty folder, a
     folder of an earlier demo run and a killed write's leftover are the demo's own."""
-    from stages.demo import check_demo_folder, run_demo
+    from tec_pipeline.stages.demo import check_demo_folder, run_demo
     from tec_pipeline.errors import UserError
 
     users = tmp_path / "mine"

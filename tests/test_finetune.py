@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.finetune import run_finetune
+from tec_pipeline.stages.finetune import run_finetune
 from tec_pipeline.config import ConfigError
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT

@@ -179,7 +179,7 @@ GROWN = ("zarr-pq", "webdataset-int8")  # caches grown to 3 views after stage on
 def caches(tmp_path_factory) -> dict[str, Path]:
     """Complete caches from stage one (with a file that is no image, skipped) and, from the
     library, an incomplete one of each store (one shard of three written)."""
-    from stages.cache_targets import run_cache_targets
+    from tec_pipeline.stages.cache_targets import run_cache_targets
     from test_cache_targets import config, write_images
 
     images = write_images(tmp_path_factory.mktemp("format-images"))

@@ -21,10 +21,10 @@ import torch._dynamo.config as dynamo_config
 from torch._dynamo.utils import counters
 
 from helpers import run_alone, run_as_ranks, write_images
-from stages.ablate import run_ablations
-from stages.cache_targets import run_cache_targets
-from stages.finetune import run_finetune
-from stages.train import run_train
+from tec_pipeline.stages.ablate import run_ablations
+from tec_pipeline.stages.cache_targets import run_cache_targets
+from tec_pipeline.stages.finetune import run_finetune
+from tec_pipeline.stages.train import run_train
 from tec_pipeline.config import load_config
 from tec_pipeline.export import CHECKPOINT, export_run
 from tec_pipeline.train.checkpoint import load_checkpoint

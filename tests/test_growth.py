@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from test_cache_targets import REPO, arrays, assert_same, config, overrides
-from stages.cache_targets import run_cache_targets
-from stages.train import run_train
-from stages.verify import verify_cache
+from tec_pipeline.stages.cache_targets import run_cache_targets
+from tec_pipeline.stages.train import run_train
+from tec_pipeline.stages.verify import verify_cache
 from tec_pipeline.cache.growth import PART_PREFIX
 from tec_pipeline.cache.inspect import describe_cache
 from tec_pipeline.cache.store import open_cache

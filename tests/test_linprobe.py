@@ -6,10 +6,10 @@ import json
 
 import torch
 
-import stages.ablate
+import tec_pipeline.stages.ablate
 from helpers import TINY_MODEL_ARGS
-from stages.ablate import run_ablations
-from stages.finetune import run_finetune
+from tec_pipeline.stages.ablate import run_ablations
+from tec_pipeline.stages.finetune import run_finetune
 import test_ablations
 import test_export
 import test_finetune
@@ -68,6 +68,6 @@ def test_ablate_finetune_sweep_prints_top1_and_reads_finished_rows_back(world, t
     def no_finetune(*args, **kwargs):
         raise AssertionError("a finished row was fine-tuned again")
 
-    monkeypatch.setattr(stages.ablate, "run_finetune", no_finetune)
+    monkeypatch.setattr(tec_pipeline.stages.ablate, "run_finetune", no_finetune)
     again = run_ablations(paths, world["cache"], args, output=str(tmp_path / "abl"), finetune=ft)
     assert [r["top1"] for r in again] == [r["top1"] for r in rows]

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from helpers import TINY_BASE, build_memory_cache, run_as_ranks, write_images
-from stages.train import run_train
+from tec_pipeline.stages.train import run_train
 from test_train import tiny_config
 from tec_pipeline.config import Config, MonitorConfig, load_config
 from tec_pipeline.data.sources import ImageFolderSource
@@ -344,7 +344,7 @@ def test_the_monitor_picture_draws_loss_and_scores_from_a_log(tmp_path):
 
 
 def test_the_demo_watches_tec_on_its_own_digits_and_not_the_control(tmp_path):
-    from stages.demo import demo_configs
+    from tec_pipeline.demo.settings import demo_configs
 
     tec, control = demo_configs(tmp_path, 0, [])
     m = tec.train.monitor

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from helpers import TINY_BASE_ARGS, TINY_MODEL_ARGS, run_as_ranks, write_images
-from stages.cache_targets import run_cache_targets
-from stages.train import run_train
-from stages.verify import verify_cache
+from tec_pipeline.stages.cache_targets import run_cache_targets
+from tec_pipeline.stages.train import run_train
+from tec_pipeline.stages.verify import verify_cache
 from tec_pipeline.cache.storage import storage_errors
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.config import load_config

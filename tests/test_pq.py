@@ -17,8 +17,8 @@ import torch
 import zarr
 
 from helpers import run_as_ranks
-from stages.cache_targets import run_cache_targets
-from stages.verify import verify_cache
+from tec_pipeline.stages.cache_targets import run_cache_targets
+from tec_pipeline.stages.verify import verify_cache
 from tec_pipeline.cache import codecs, fidelity
 from tec_pipeline.cache.inspect import describe_cache
 from tec_pipeline.cache.pq import CENTROIDS, fit_pq

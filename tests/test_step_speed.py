@@ -106,8 +106,8 @@ def reads_outside_records(monkeypatch, record_steps: tuple[int, ...]):
     """(reads, outside): every host read of a tensor by our code (`counted_reads`), and those made
     in the loops outside the end of a step in `record_steps` (its record, evaluation, checkpoint):
     a step's own work, or another step's end."""
-    import stages.finetune as finetune_driver
-    import stages.train as train_driver
+    import tec_pipeline.stages.finetune as finetune_driver
+    import tec_pipeline.stages.train as train_driver
     from tec_pipeline.finetune import loop as finetune_loop
     from tec_pipeline.train import loop
 
@@ -163,7 +163,7 @@ def _train_eight_steps(tmp_path: Path) -> int:
     from dataclasses import replace
 
     from helpers import build_memory_cache, write_images
-    from stages.train import run_train
+    from tec_pipeline.stages.train import run_train
     from tec_pipeline.config import Config, TrainConfig
     from tec_pipeline.data.sources import ImageFolderSource
 
@@ -181,7 +181,7 @@ def _train_eight_steps(tmp_path: Path) -> int:
 
 
 def _finetune_eight_steps(tmp_path: Path) -> int:
-    from stages.finetune import run_finetune
+    from tec_pipeline.stages.finetune import run_finetune
     from test_finetune import config, halves_folder  # the fine-tuning tests' toy folders and tiny config
 
     halves_folder(tmp_path / "toy" / "train", 8, seed=0)

@@ -13,9 +13,9 @@ import torch
 
 from helpers import (TINY_BASE, MemoryCache, build_memory_cache, fill_to, run_as_ranks, small_filesystem, tiny_arch,
                      write_images)
-from stages import train as train_stage
-from stages.cache_targets import run_cache_targets
-from stages.train import run_train
+from tec_pipeline.stages import train as train_stage
+from tec_pipeline.stages.cache_targets import run_cache_targets
+from tec_pipeline.stages.train import run_train
 from tec_pipeline.config import Config, TrainConfig
 from tec_pipeline.data.sources import ImageFolderSource
 from tec_pipeline.errors import UserError
