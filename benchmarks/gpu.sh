@@ -43,6 +43,12 @@ PY=${PYTHON:-}
 if [[ -z "$PY" ]]; then
   if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 fi
+# The drivers import as tec_pipeline.stages, which only an install of this checkout serves (pyproject
+# maps stages/ there): a bare machine's interpreter gets one, editable and without fetching anything.
+if [[ $MODE != dry ]] && ! "$PY" -c "import tec_pipeline.stages" 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+    || { echo "error: $PY cannot import tec_pipeline.stages and installing this checkout failed" >&2; exit 2; }
+fi
 
 if [[ -n "${OUT:-}" ]]; then RES=$OUT
 elif [[ $MODE == smoke ]]; then RES=$(mktemp -d -t tec-gpu-smoke-XXXX)
