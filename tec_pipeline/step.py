@@ -1,4 +1,5 @@
-"""One TEC training step: the losses from (images, targets), shared by the cached and online paths."""
+"""One TEC training step's losses (Sec. 2.3): the new model's masked forward, Eq. 3 on the
+features and Eq. 4 on the attention rows, their sum; shared by the cached and online paths."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -7,10 +8,29 @@ import torch
 from torch import Tensor
 
 from .config import TargetConfig
-from .losses import attention_loss, feature_loss
 from .models.tec import TECModel, TECOutput
 from .base_targets import autocast, compute_targets
 from .targets import Targets, attention_target, feature_target
+
+
+def _fp32(x: Tensor) -> Tensor:
+    """Losses in at least float32: half-precision softmax and squares lose too much."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def feature_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Eq. 3, ``L_fea = ||M o (Yf - Zf)||^2``: per-patch mean over channels, averaged over masked patches."""
+    per_patch = (_fp32(pred) - _fp32(target)).pow(2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum().clamp_min(1)
+
+
+def attention_loss(pred_logits: Tensor, target_logits: Tensor, tau: float) -> Tensor:
+    """Eq. 4, ``L_att = -As log Za`` with ``As = softmax(target / tau)``, ``Za = softmax(pred)``.
+
+    Summed over keys (patches), averaged over batch, query rows and heads.
+    """
+    target = (_fp32(target_logits) / tau).softmax(dim=-1)
+    return -(target * _fp32(pred_logits).log_softmax(dim=-1)).sum(dim=-1).mean()
 
 
 def tec_losses(model: Callable[..., TECOutput], images: Tensor, targets: Targets, cfg: TargetConfig,

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first; a module's layer is that of the longest prefix naming it.
 LAYERS = [
     ("tec_pipeline.errors", "tec_pipeline.config", "tec_pipeline.direct_io", "tec_pipeline.files", "tec_pipeline"),
-    ("tec_pipeline.views", "tec_pipeline.targets", "tec_pipeline.losses", "tec_pipeline.pixels"),
+    ("tec_pipeline.views", "tec_pipeline.targets", "tec_pipeline.pixels"),
     ("tec_pipeline.models",),
     ("tec_pipeline.base_targets", "tec_pipeline.step", "tec_pipeline.data", "tec_pipeline.render",
      "tec_pipeline.render_dali"),

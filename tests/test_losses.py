@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tec_pipeline.losses import attention_loss, feature_loss
+from tec_pipeline.step import attention_loss, feature_loss
 
 
 def test_feature_loss_matches_loop_and_ignores_visible_patches():
