@@ -34,7 +34,7 @@ from tec_pipeline.stages.cache_targets import run_cache_targets  # noqa: E402
 from tec_pipeline.base_targets import compute_dtype, compute_setting, load_base  # noqa: E402
 from tec_pipeline.config import load_config  # noqa: E402
 from tec_pipeline.data import open_source  # noqa: E402
-from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader  # noqa: E402
+from tec_pipeline.cache_targets.view_dataset import ViewDataset, shard_batches, view_loader  # noqa: E402
 from tec_pipeline.models.base import base_forward  # noqa: E402
 from tec_pipeline.views import normalize  # noqa: E402
 

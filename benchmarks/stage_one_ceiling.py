@@ -57,7 +57,7 @@ from tec_pipeline.cache.schema import array_specs  # noqa: E402
 from tec_pipeline.cache.store import create_cache  # noqa: E402
 from tec_pipeline.config import ViTArch, load_config  # noqa: E402
 from tec_pipeline.data.sources import ImageFolderSource  # noqa: E402
-from tec_pipeline.data.view_dataset import ViewDataset, shard_batches, view_loader  # noqa: E402
+from tec_pipeline.cache_targets.view_dataset import ViewDataset, shard_batches, view_loader  # noqa: E402
 from tec_pipeline.cache_targets.processes import process_state  # noqa: E402
 
 ARCHS = {"vit_b16": ViTArch("vit_base_patch16_224"), "vit_l16": ViTArch("vit_large_patch16_224"),

@@ -61,7 +61,7 @@ from tec_pipeline.cache.fidelity import INT8_FEAT_REL_RMS, UINT8_ATTN_KL  # noqa
 from tec_pipeline.cache_targets.drift import drift_sample, targets_drift  # noqa: E402
 from tec_pipeline.cache_targets.processes import process_state  # noqa: E402
 from tec_pipeline.config import load_config  # noqa: E402
-from tec_pipeline.data.view_dataset import ViewDataset  # noqa: E402
+from tec_pipeline.cache_targets.view_dataset import ViewDataset  # noqa: E402
 from tec_pipeline.render import open_renderer, render_files, unpack_files  # noqa: E402
 from tec_pipeline.train.batches import CachedBatches  # noqa: E402
 from tec_pipeline.train.batches import cache_image_source  # noqa: E402

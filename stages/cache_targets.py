@@ -34,7 +34,7 @@ from tec_pipeline.cache.storage import use_storage_options
 from tec_pipeline.cache.store import find_growth
 from tec_pipeline.config import Config
 from tec_pipeline.data import open_source
-from tec_pipeline.data.view_dataset import BatchViews, ViewDataset
+from tec_pipeline.cache_targets.view_dataset import BatchViews, ViewDataset
 from tec_pipeline.render import open_renderer, resolve_loader
 from tec_pipeline.cache_targets.drift import drift_to_others
 from tec_pipeline.cache_targets.growth import adopt_parts, finish_growth

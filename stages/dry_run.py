@@ -12,7 +12,7 @@ from tec_pipeline.cache.assemble import ShardAssembler, default_writer_threads
 from tec_pipeline.cache.encode import NonFiniteTargetError
 from tec_pipeline.cache.pq import fit_pq
 from tec_pipeline.config import Config
-from tec_pipeline.data.view_dataset import BatchViews, ViewDataset, view_loader
+from tec_pipeline.cache_targets.view_dataset import BatchViews, ViewDataset, view_loader
 from tec_pipeline.cache_targets.estimate import (
     existing_cache_note, extrapolate, local_dir, print_estimate, probe_write, timed,
 )

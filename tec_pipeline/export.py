@@ -1,4 +1,4 @@
-"""A training run's files: atomic checkpoints, and the encoder export (Sec. 2.2, Tab. 7).
+"""The encoder export of a training run (Sec. 2.2, Tab. 7), from its checkpoint (`train.checkpoint`).
 
 After training only the encoder is kept. The input adapter is a constant at inference
 (``T' = MLP(T)`` depends on no input), so it is folded into the cls token; encoder adapters
@@ -13,14 +13,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-import torch
-from torch import Tensor
-
 from .config import ViTArch
 from .errors import UserError
 from .files import atomic_path
 from .models.base import EXPORT_FORMAT
-from .models.tec import TECModel
+from .models.tec import TECModel, encoder_state
 from .places import CHECKPOINT
 from .train.checkpoint import atomic_save, load_run_model
 
@@ -29,14 +26,6 @@ EXPORT_FORMATS = {"timm": EXPORT_NAME, "mae": "encoder_mae.pth"}  # --format: th
 
 
 # ---------------------------------------------------------------- export
-@torch.no_grad()
-def encoder_state(model: TECModel) -> dict[str, Tensor]:
-    """The encoder's timm state dict with the input adapter folded in: ``cls_token <- MLP(cls_token)``."""
-    state = {k: v.detach().clone().contiguous() for k, v in model.encoder.state_dict().items()}
-    state["cls_token"] = model.cls_token().detach().clone().contiguous()
-    return state
-
-
 def export_model(model: TECModel, arch: ViTArch, out: Path) -> Path:
     """Write the folded encoder to `out` (safetensors, atomically) with the export metadata."""
     from safetensors.torch import save

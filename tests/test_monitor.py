@@ -23,7 +23,8 @@ from tec_pipeline.data.sources import ImageFolderSource
 from tec_pipeline.errors import UserError
 from tec_pipeline.evaluate.features import extract_features, random_init_like
 from tec_pipeline.evaluate.report import evaluate_models
-from tec_pipeline.export import CHECKPOINT, encoder_state
+from tec_pipeline.export import CHECKPOINT
+from tec_pipeline.models.tec import encoder_state
 from tec_pipeline.train.checkpoint import load_checkpoint
 from tec_pipeline.models.base import load_base_model
 from tec_pipeline.train import monitor as monitor_module

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tec_pipeline.config import DataConfig
 from tec_pipeline.data import BadImageError, SourceError, decode_rgb, open_source, open_source_at
-from tec_pipeline.data.view_dataset import ViewDataset, collate_views, shard_batches
+from tec_pipeline.cache_targets.view_dataset import ViewDataset, collate_views, shard_batches
 from tec_pipeline.data.webdataset_source import WebDatasetSource, split_key
 from tec_pipeline.errors import UserError
 from tec_pipeline.views import sample_view

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..cache.assemble import ShardAssembler, ShardWriterPool, default_writer_threads
 from ..cache.encode import NonFiniteTargetError
 from ..config import Config
-from ..data.view_dataset import BatchViews, ViewDataset, shard_batches, view_loader
+from .view_dataset import BatchViews, ViewDataset, shard_batches, view_loader
 from .settings import images_per_batch, non_finite_error
 from .summary import check_bad_images, progress_bar, progress_text
 

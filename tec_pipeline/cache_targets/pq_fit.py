@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..cache.pq import FIT_SEED, FIT_VIEWS, PqCodec, fit_pq
 from ..config import Config
-from ..data.view_dataset import BatchViews, ViewDataset, view_loader
+from .view_dataset import BatchViews, ViewDataset, view_loader
 from ..errors import UserError
 from .processes import on_main
 from .settings import images_per_batch

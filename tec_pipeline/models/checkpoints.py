@@ -107,7 +107,7 @@ def strip(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 @torch.no_grad()
 def fold_input_adapter(sd: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
     """Sec. 2.2: the input adapter ``T' = MLP(T)`` depends on no input, so the encoder's cls token
-    is MLP(T); fold it in and drop the MLP, as `export.encoder_state` does (same timm `Mlp`)."""
+    is MLP(T); fold it in and drop the MLP, as `tec.encoder_state` does (same timm `Mlp`)."""
     for prefix, cls_key in INPUT_ADAPTERS:
         mlp = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         if not mlp:

@@ -226,6 +226,16 @@ class TECModel(nn.Module):
         return TECOutput(feat=feat, attn=attn, mask=mask)
 
 
+@torch.no_grad()
+def encoder_state(model: TECModel) -> dict[str, Tensor]:
+    """The encoder's timm state dict with the input adapter folded in, ``cls_token <- MLP(cls_token)``:
+    the encoder as `export` writes it and the monitor scores it (Sec. 2.2: the adapter is a constant
+    at inference)."""
+    state = {k: v.detach().clone().contiguous() for k, v in model.encoder.state_dict().items()}
+    state["cls_token"] = model.cls_token().detach().clone().contiguous()
+    return state
+
+
 def _init_linear_and_norm(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)

@@ -1,7 +1,7 @@
 """Watch a run: the new model scored against its base while it trains (``train.monitor``).
 
-At every evaluation the encoder is taken as `export` would write it (`export.encoder_state`: the
-input adapter folded into the cls token) into a frozen copy, and its features of a labelled
+At every evaluation the encoder is taken as `export` would write it (`models.tec.encoder_state`:
+the input adapter folded into the cls token) into a frozen copy, and its features of a labelled
 train / val pair (`open_sets`) are scored by `eval`'s own protocols: the weighted k-NN, and
 the linear probe with ``protocol: linear`` or at the last step with ``probe_at_end``. The base is
 scored once, by the same code, so every record holds the new model's score, the base's and their
@@ -41,8 +41,8 @@ from ..errors import UserError
 from ..evaluate.features import encoder_img_size, image_batches, labelled_split, pool_features
 from ..evaluate.protocols import choose_probe_C, knn_predict
 from ..evaluate.report import score_features
-from ..export import encoder_state
 from ..models.base import load_base_model
+from ..models.tec import encoder_state
 from ..views import normalize
 from .log import RunLog
 from .model import base_arch

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..render import ViewRenderer, pack_files, render_files
 from ..views import draw_view, sample_view
-from .sources import BadImageError, ImageSource, decode_rgb, image_size
+from ..data.sources import BadImageError, ImageSource, decode_rgb, image_size
 
 
 class ViewDataset(Dataset):
