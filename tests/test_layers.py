@@ -166,6 +166,30 @@ def test_enhancement_never_imports_a_model():
     assert not [n for n, _ in imports(ROOT / "tec_pipeline" / "targets.py", False) if n.startswith("tec_pipeline.models")]
 
 
+def wing_imports(wing: str, other: str, root: Path = ROOT) -> list[str]:
+    """Every import, lazy ones included, of the library wing `other` by a module of `wing`."""
+    return [f"{p.relative_to(root)}:{line}: {name}" for p in sorted(root.glob(f"tec_pipeline/{wing}/*.py"))
+            for name, line in imports(p, False, root) if name == f"tec_pipeline.{other}" or
+            name.startswith(f"tec_pipeline.{other}.")]
+
+
+def test_the_two_stages_wings_never_import_each_other():
+    """Stage one's library wing (`cache_targets`) and stage two's (`train`, `finetune`) share only
+    what lies below both (the cache, the models, the renderers): a stage-two module that reached
+    into stage one (as `train/data.py` once took `check_renderer` from `cache_targets.drift`)
+    would make the training road climb sideways into the other stage."""
+    assert not [hit for two in ("train", "finetune") for hit in wing_imports(two, "cache_targets")]
+    assert not [hit for two in ("train", "finetune") for hit in wing_imports("cache_targets", two)]
+
+
+def test_the_wing_check_finds_a_sideways_import(tmp_path):
+    """The check itself: stage two's data module taking a stage-one function is found."""
+    (tmp_path / "tec_pipeline" / "train").mkdir(parents=True)
+    (tmp_path / "tec_pipeline" / "train" / "data.py").write_text("from ..cache_targets.drift import check_renderer\n")
+    assert wing_imports("train", "cache_targets", tmp_path) == [
+        "tec_pipeline/train/data.py:1: tec_pipeline.cache_targets.drift"]
+
+
 def test_the_check_finds_an_upward_import(tmp_path):
     """The check itself: a relative import of a model from `targets` and a library import of a stage."""
     (tmp_path / "tec_pipeline" / "train").mkdir(parents=True)
