@@ -18,7 +18,8 @@ from tec_pipeline.stages.cache_targets import run_cache_targets
 from tec_pipeline.stages.train import run_train
 from tec_pipeline.stages.verify import verify_cache
 from tec_pipeline.cache.store import open_cache
-from tec_pipeline.cache.fidelity import INT8_FEAT_REL_RMS, UINT8_ATTN_KL, check_renderer
+from tec_pipeline.cache.fidelity import INT8_FEAT_REL_RMS, UINT8_ATTN_KL
+from tec_pipeline.train.data import check_renderer
 from tec_pipeline.config import load_config
 from tec_pipeline.errors import UserError
 from tec_pipeline.export import CHECKPOINT

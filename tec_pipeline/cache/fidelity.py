@@ -2,8 +2,8 @@
 each shard's views (``encode.view_errors``), sums that aggregate over shards, and the per-cache
 figures ``inspect`` shows and ``verify`` bounds: feature relative RMS ``||x̂ - x|| / ||x||``, mean
 cosine per patch ``cos(x̂_p, x_p)``, and attention ``KL(softmax(a / τ) || softmax(â / τ))`` per
-row at τ = 1.8; and whether stage two may render a cache's views with another renderer than its
-own (`check_renderer`: only where the drift stage one measured is below int8's own error)."""
+row at τ = 1.8; and int8 storage's own error, the bound a renderer's measured drift is held to
+(`train.data.check_renderer`)."""
 from __future__ import annotations
 
 import math
@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import UserError
-from ..render import cache_loader
 from .codecs import ATTN_STEP, FEAT_MIN_STEP
 
 KL_TAU = 1.8  # the paper's MAE ViT-B temperature (Tab. 9), where the error is reported
@@ -102,23 +100,3 @@ def aggregate_errors(stats: list[dict]) -> dict:
             "attn_kl": kl_sum / rows if rows else 0.0,
             "error_views": int(sum(s.get("error_views", 0) for s in stats)),
             "tau": KL_TAU}
-
-
-def check_renderer(meta: dict, summary: dict, loader: str) -> None:
-    """Stage two renders with `loader` (``data.loader`` resolved): the cache's own renderer, or
-    another whose recorded drift is below int8's own error (one line says so); else refused in
-    one line naming ``data.loader``."""
-    made = cache_loader(meta)
-    if loader == made:
-        return
-    drift = (summary.get("renderer_drift") or {}).get(loader)
-    if not drift:
-        raise UserError(f"data.loader={loader}: the cache's views were rendered with {made}, and how far {loader} "
-                        f"moves their targets was not measured when it was made; set data.loader={made}")
-    moved = f"feature rel RMS {drift['feat_rel_rms']:.2%}, attention KL {drift['attn_kl']:.1e}"
-    bound = f"int8's own {INT8_FEAT_REL_RMS:.2%} / {UINT8_ATTN_KL:.1e}"
-    if drift["feat_rel_rms"] > INT8_FEAT_REL_RMS or drift["attn_kl"] > UINT8_ATTN_KL:
-        raise UserError(f"data.loader={loader}: the cache was rendered with {made}, and {loader} moves its targets "
-                        f"by {moved}, above {bound}; set data.loader={made}")
-    print(f"data.loader={loader}: the cache was rendered with {made}; {loader} moves its targets by {moved}, "
-          f"below {bound}: training renders with {loader}")

@@ -14,8 +14,7 @@ import os
 from ..errors import UserError
 from ..files import is_local, write_bytes
 from ..places import check_cache_place
-from .growth import Growth, grown_parts, growth_of, join_url, recorded_views, with_views
-from .grown_read import GrownReader
+from .growth import Growth, GrownReader, grown_parts, growth_of, join_url, recorded_views, with_views
 from .lock import CacheLock
 from .owned import damaged_shards, remove_own_files, unproven_files
 from .reader import CacheReader

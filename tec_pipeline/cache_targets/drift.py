@@ -6,7 +6,7 @@ the base sees slightly different pixels and gives slightly different targets. St
 that drift on a sample of views once the cache is complete (`measure_drift`, recorded in the
 cache's summary as ``renderer_drift``). Stage two may train with a renderer other than the
 cache's only where the recorded drift is below the error int8 storage already puts in every
-target (`cache.fidelity.check_renderer`): the model then sees no larger a change than a lossy cache makes.
+target (`train.data.check_renderer`): the model then sees no larger a change than a lossy cache makes.
 """
 from __future__ import annotations
 

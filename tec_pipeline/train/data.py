@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..base_targets import autocast, compute_targets
 from ..cache.codecs import decode_batch
-from ..cache.fidelity import check_renderer
+from ..cache.fidelity import INT8_FEAT_REL_RMS, UINT8_ATTN_KL
 from ..cache.pq import PqCodec
 from ..cache.schema import CacheMismatchError  # the one error for a cache that cannot serve a request
 from ..config import Config, TargetConfig, flatten, to_dict
@@ -25,7 +25,7 @@ from ..data.sources import BadImageError
 from ..errors import UserError
 from ..models.base import build_vit, check_sizes, file_sha256, load_base_model
 from ..pixels import pixel_feat_dim, pixel_targets
-from ..render import ViewRenderer, open_renderer, render_files, resolve_loader
+from ..render import ViewRenderer, cache_loader, open_renderer, render_files, resolve_loader
 from ..rules import RULES
 from ..targets import Targets, attention_rows
 from .batches import BatchMaker, CachedBatches, OnlineBatches, TargetReader, cache_image_source, reader_shards, valid_mask
@@ -92,6 +92,26 @@ def check_cache_base(meta: dict, checkpoint: Optional[str]) -> None:
     if file_sha256(checkpoint) != recorded:
         raise CacheMismatchError(f"base.checkpoint={checkpoint} is not the base model the cache was made with "
                                  f"(SHA-256 differs)")
+
+
+def check_renderer(meta: dict, summary: dict, loader: str) -> None:
+    """Stage two renders with `loader` (``data.loader`` resolved): the cache's own renderer, or
+    another whose recorded drift is below int8's own error (one line says so); else refused in
+    one line naming ``data.loader``."""
+    made = cache_loader(meta)
+    if loader == made:
+        return
+    drift = (summary.get("renderer_drift") or {}).get(loader)
+    if not drift:
+        raise UserError(f"data.loader={loader}: the cache's views were rendered with {made}, and how far {loader} "
+                        f"moves their targets was not measured when it was made; set data.loader={made}")
+    moved = f"feature rel RMS {drift['feat_rel_rms']:.2%}, attention KL {drift['attn_kl']:.1e}"
+    bound = f"int8's own {INT8_FEAT_REL_RMS:.2%} / {UINT8_ATTN_KL:.1e}"
+    if drift["feat_rel_rms"] > INT8_FEAT_REL_RMS or drift["attn_kl"] > UINT8_ATTN_KL:
+        raise UserError(f"data.loader={loader}: the cache was rendered with {made}, and {loader} moves its targets "
+                        f"by {moved}, above {bound}; set data.loader={made}")
+    print(f"data.loader={loader}: the cache was rendered with {made}; {loader} moves its targets by {moved}, "
+          f"below {bound}: training renders with {loader}")
 
 
 # ---------------------------------------------------------------- a run's data
