@@ -134,7 +134,8 @@ def reads_outside_records(monkeypatch, record_steps: tuple[int, ...]):
             try:
                 return real(*args, **kwargs)
             finally:
-                outside.extend(reads[i] for i in range(before, len(reads)) if i not in set(booked))
+                at_ends = set(booked)
+                outside.extend(reads[i] for i in range(before, len(reads)) if i not in at_ends)
         monkeypatch.setattr(module, name, wrapper)
 
     for module, names in ((loop, ("end_step", "watch", "save")), (finetune_loop, ("end_step", "save", "score_epoch"))):

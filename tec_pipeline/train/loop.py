@@ -201,10 +201,10 @@ def end_step(run: Run, meter: Meter, lr: float, epoch: float, end: int, saving: 
     """One optimizer step is done: its record every ``log_every`` steps and at `end`. Records and
     checkpoints (`saving`: this step's is due) are the only places the loop reads the device, and
     a non-finite loss since the last of them stops the run there, before anything is saved."""
-    record = None
-    if run.step % run.settings.log_every == 0 or run.step == end or saving:
+    record, logging = None, run.step % run.settings.log_every == 0 or run.step == end
+    if logging or saving:
         meter.check_finite(run.ckpt_path, run.last_saved)
-    if run.step % run.settings.log_every == 0 or run.step == end:
+    if logging:
         record = meter.record(run.step, epoch, lr)
         log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
