@@ -13,7 +13,7 @@ from typing import Optional
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from tec_pipeline.config import to_dict
+from tec_pipeline.config import flatten, to_dict
 from tec_pipeline.files import write_json
 from tec_pipeline.finetune.config import FinetuneConfig
 from tec_pipeline.finetune.data import LabelledImages, criterion, mixup, seed_everything
@@ -33,12 +33,14 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, stop_after: Optional
     """Fine-tune (``cfg.protocol`` finetune) or probe (linprobe) into ``cfg.output``; returns the result
     written to RUN/result.json. `stop_after` ends after that many optimizer steps in total, as an
     interruption would (a checkpoint is saved); ``--resume`` then continues the same schedule."""
-    path = run_dir(cfg, resume)
+    record = to_dict(cfg)  # the config as the run records it: config.json, trackers
+    settings = flatten(record)  # the same, dotted: its identity and the checks that name a setting
+    path = run_dir(cfg.output, settings, resume)
     accelerator = make_accelerator(cfg.optim.mixed_precision, cfg.optim.accum_steps, path)
     try:
         train_set, val_set, data = open_splits(cfg)
         run, step, val_loader = setup_run(cfg, accelerator, path, train_set, val_set, len(data["classes"]))
-        identity, scores = finetune_identity(cfg, data), EpochScores()
+        identity, scores = finetune_identity(settings, data), EpochScores()
         if resume:
             check_resumable(path, identity)
             state = load_checkpoint(run.ckpt_path)
@@ -46,8 +48,8 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, stop_after: Optional
             scores = EpochScores(list(state["history"]), state["hits"])
         if accelerator.is_main_process:
             write_json(path / IDENTITY_FILE, identity, "the run's identity")
-            write_json(path / "config.json", to_dict(cfg), "the run's config")
-        accelerator.init_trackers(cfg.protocol, config=scalars(cfg))
+            write_json(path / "config.json", record, "the run's config")
+        accelerator.init_trackers(cfg.protocol, config=scalars(settings))
         log, end = RunLog(path, accelerator, run.step), last_step(run, stop_after)
         with progress(run, cfg.protocol) as bar:
             train_classifier(run, cfg, step, train_set, val_loader, scores, end, log, bar)

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 
-from tec_pipeline.config import Config, to_dict
+from tec_pipeline.config import Config, flatten, to_dict
 from tec_pipeline.files import write_json
 from tec_pipeline.models.tec import TECModel, count_parameters
 from tec_pipeline.step import tec_losses
@@ -29,7 +29,7 @@ from tec_pipeline.train.loader import EpochPlanner, PlannedBatches, batch_loader
 from tec_pipeline.train.log import RunLog, scalars, start_lines
 from tec_pipeline.train.loop import (PRECISIONS, LoopSettings, Run, TECStep, compiled, end_run, last_step,
                                      make_accelerator, prepare, progress, train_tec)
-from tec_pipeline.train.model import effective_targets, new_model, step_graph
+from tec_pipeline.train.model import check_arch_sizes, effective_targets, new_model, step_graph
 from tec_pipeline.train.monitor import PICTURE, Monitor, base_loader
 from tec_pipeline.train.schedule import make_schedule, param_groups
 
@@ -42,17 +42,20 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
     interruption would (a checkpoint is saved); ``--resume`` then continues the same schedule.
     `reader` is an already opened cache to use instead of ``cache.path``.
     """
-    path = run_dir(cfg, resume)
+    record = to_dict(cfg)  # the config as the run records it: config.json, checkpoints, trackers
+    settings = flatten(record)  # the same, dotted: its identity and the checks that name a setting
+    path = run_dir(cfg.output, settings, resume)
+    check_arch_sizes(settings, cfg.targets.source)
     accelerator = make_accelerator(cfg.optim.mixed_precision, cfg.optim.accum_steps, path)
     precision = PRECISIONS[cfg.optim.mixed_precision]
     try:
         data = open_data(cfg, reader=reader, device=accelerator.device, precision=precision)
         model, kwargs = new_model(cfg, data)
-        run = prepare_run(cfg, accelerator, model, kwargs, data, path)
+        run = prepare_run(cfg, accelerator, model, kwargs, data, path, record)
         m = cfg.train.monitor
         monitor = Monitor(m, accelerator, model.encoder, base_loader(cfg, data), run.schedule.total_steps,
                           run.schedule.steps_per_epoch, str(path / PICTURE)) if m.train or m.val else None
-        identity = run_identity(cfg, data.identity, cached=data.source == "cache", renderer=data.loader)
+        identity = run_identity(settings, data.identity, cached=data.source == "cache", renderer=data.loader)
         if resume:
             check_resumable(path, identity)
             state = load_checkpoint(run.ckpt_path)
@@ -60,8 +63,8 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
             if monitor is not None:
                 monitor.load_state(state.get("monitor"), run.step)
         if accelerator.is_main_process:
-            write_start(path, cfg, identity, model, data, run)
-        accelerator.init_trackers("tec", config=scalars(cfg))
+            write_start(path, record, identity, model, data, run)
+        accelerator.init_trackers("tec", config=scalars(settings))
         log, end = RunLog(path, accelerator, run.step), last_step(run, stop_after)
         if monitor is not None:
             monitor.start(model, run.step, log)
@@ -76,7 +79,7 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
 
 
 def prepare_run(cfg: Config, accelerator: Accelerator, model: TECModel, kwargs: dict, data: TrainData,
-                path: Path) -> Run:
+                path: Path, record: dict) -> Run:
     """The Tab. 8 schedule, AdamW's groups, accelerate's preparation, and what each checkpoint stores."""
     schedule = make_schedule(cfg, data.usable_images, accelerator.num_processes, cfg.train.max_steps)
     o = cfg.optim
@@ -87,18 +90,18 @@ def prepare_run(cfg: Config, accelerator: Accelerator, model: TECModel, kwargs: 
         data.base.to(accelerator.device)
     settings = LoopSettings(accum_steps=o.accum_steps, min_lr=o.min_lr, log_every=cfg.train.log_every,
                             checkpoint_every=cfg.train.checkpoint_every)
-    stored = {"model_kwargs": kwargs, "schedule": asdict(schedule), "config": to_dict(cfg)}
+    stored = {"model_kwargs": kwargs, "schedule": asdict(schedule), "config": record}
     return Run(accelerator=accelerator, model=prepared, optimizer=optimizer, schedule=schedule, settings=settings,
                ckpt_path=path / CHECKPOINT, stored=stored)
 
 
-def write_start(path: Path, cfg: Config, identity: dict, model: TECModel, data: TrainData, run: Run) -> None:
+def write_start(path: Path, record: dict, identity: dict, model: TECModel, data: TrainData, run: Run) -> None:
     """The cached run's reuse line, then the run's identity, config and parameter counts."""
     for line in start_lines(data.source, run.schedule.total_steps, run.schedule.effective_batch, data.usable_images,
                             data.views):
         print(line)
     write_json(path / IDENTITY_FILE, identity, "the run's identity")
-    write_json(path / "config.json", to_dict(cfg), "the run's config")
+    write_json(path / "config.json", record, "the run's config")
     write_json(path / "params.json", count_parameters(model), "the run's parameter counts")
 
 

@@ -176,6 +176,19 @@ def test_a_size_left_to_timms_default_is_checked_once_resolved(images, tmp_path)
     assert not output.exists()
 
 
+@pytest.mark.parametrize("source, arch", [("cache", "model.arch"), ("online", "base.arch")])
+def test_resolved_sizes_are_refused_before_the_run_opens_its_data(tmp_path, source, arch):
+    """The new encoder's sizes (online, the base's too) are held to the rules before the cache,
+    the images or the base's checkpoint are opened: none of them exists here, and the line names
+    the sizes."""
+    line = one_error_line(invoke("train", *TINY_MODEL_ARGS, *TINY_BASE_ARGS, f"targets.source={source}",
+                                 f"cache.path={tmp_path / 'no-cache'}", f"data.path={tmp_path / 'no-images'}",
+                                 f"base.checkpoint={tmp_path / 'no-base.pth'}", f"output={tmp_path / 'run'}",
+                                 f"{arch}.num_heads=null", f"{arch}.embed_dim=40"))
+    assert line.startswith(f"error: {arch}.embed_dim=40, {arch}.num_heads=3: attention splits the width")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_min_lr_above_the_peak_counts_the_launchs_processes(monkeypatch):
     from tec_pipeline.config import ConfigError, load_config
 

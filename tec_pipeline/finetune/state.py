@@ -17,11 +17,11 @@ RESULT_FILE = "result.json"
 RESUMABLE = ("output", "train.log_every", "train.checkpoint_every", "data.num_workers", "data.train", "data.val")
 
 
-def finetune_identity(cfg: FinetuneConfig, data: dict) -> dict:
-    """Settings, the splits (`data`: image counts, class names) and the starting encoder by content."""
-    ckpt = cfg.model.checkpoint
+def finetune_identity(settings: dict, data: dict) -> dict:
+    """The dotted `settings`, the splits (`data`: image counts, class names) and the starting encoder by content."""
+    ckpt = settings["model.checkpoint"]
     starts = {"model.checkpoint": file_sha256(ckpt)} if ckpt and Path(ckpt).is_file() else {}
-    return {"config": config_identity(cfg, RESUMABLE), "data": data, "checkpoint_sha256": starts}
+    return {"config": config_identity(settings, RESUMABLE), "data": data, "checkpoint_sha256": starts}
 
 
 def write_result(out: Path, cfg: FinetuneConfig, step: int, total: int, history: list[dict],

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..cache.schema import first_difference, short_value
-from ..config import Config, ViTArch, flatten, to_dict
+from ..config import ViTArch, flatten
 from ..errors import UserError
 from ..files import atomic_path
 from ..models.base import file_sha256
@@ -95,14 +95,15 @@ def load_run_model(checkpoint: str | Path) -> tuple[TECModel, ViTArch]:
 
 
 # ---------------------------------------------------------------- state and resume
-def run_dir(cfg: Config, resume: bool) -> Path:
-    """The run's folder, checked but not made: refused if it already holds a run and `resume` is
-    off, or holds none to resume, or if it is (or lies inside) a target cache. The run's first
+def run_dir(output: str, settings: dict, resume: bool) -> Path:
+    """The run's folder ``output``, checked but not made: refused if it already holds a run and
+    `resume` is off, or holds none to resume, or if it is (or lies inside) a target cache or one of
+    the image folders among the run's dotted `settings`. The run's first
     write makes it (`files.atomic_path`), after every setting has been checked, so a refused run
     leaves no empty folder. What a save killed half-way left (`checkpoint.pt.tmp-*`) is removed."""
-    path = Path(cfg.output)
+    path = Path(output)
     check_run_place(path)
-    check_apart("output", path, {k: v for k, v in flatten(to_dict(cfg)).items() if k in IMAGE_FOLDERS})
+    check_apart("output", path, {k: v for k, v in settings.items() if k in IMAGE_FOLDERS})
     if path.exists() and not path.is_dir():
         raise UserError(f"output={path} is a file, not a folder: choose another output")
     ckpt = path / CHECKPOINT
@@ -217,26 +218,26 @@ def other_weights(own: dict, saved: dict) -> Optional[str]:
 
 
 # ---------------------------------------------------------------- identity
-def run_identity(cfg: Config, data_identity: object, cached: bool, renderer: str = "pil") -> dict:
-    """What a run's weights depend on: its config less `RESUMABLE_CHANGES`, the data it reads
+def run_identity(settings: dict, data_identity: object, cached: bool, renderer: str = "pil") -> dict:
+    """What a run's weights depend on: its dotted `settings` less `RESUMABLE_CHANGES`, the data it reads
     (a cache's identity or an image folder's fingerprint, so rebuilt data at the same path
     counts), who renders its views (``data.loader`` resolved: ``auto`` may differ between
     machines) and the checkpoints it starts from, by content. A cached run's base is already in
     the cache's identity (and `data.check_cache_base` holds base.checkpoint to it), so it is
     not hashed again."""
-    config = config_identity(cfg, RESUMABLE_CHANGES)
-    base = None if cached else cfg.base.checkpoint
+    config = config_identity(settings, RESUMABLE_CHANGES)
+    base = None if cached else settings["base.checkpoint"]
     starts = {name: file_sha256(path) for name, path in
-              (("base.checkpoint", base), ("model.init_checkpoint", cfg.model.init_checkpoint))
+              (("base.checkpoint", base), ("model.init_checkpoint", settings["model.init_checkpoint"]))
               if path and Path(path).is_file()}
     # through JSON, as it is stored: tuples become lists, so a resume compares like with like
     return json.loads(json.dumps({"config": config, "data": data_identity, "renderer": renderer,
                                   "checkpoint_sha256": starts}))
 
 
-def config_identity(cfg, resumable: tuple[str, ...]) -> dict:
-    """A config's dotted settings, less those a resume may change (`resumable` keys and what is under them)."""
-    return {k: v for k, v in flatten(to_dict(cfg)).items()
+def config_identity(settings: dict, resumable: tuple[str, ...]) -> dict:
+    """A config's dotted `settings`, less those a resume may change (`resumable` keys and what is under them)."""
+    return {k: v for k, v in settings.items()
             if not any(k == c or k.startswith(c + ".") for c in resumable)}
 
 

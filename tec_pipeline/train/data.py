@@ -19,14 +19,13 @@ from ..cache.codecs import decode_batch
 from ..cache.fidelity import INT8_FEAT_REL_RMS, UINT8_ATTN_KL
 from ..cache.pq import PqCodec
 from ..cache.schema import CacheMismatchError  # the one error for a cache that cannot serve a request
-from ..config import Config, TargetConfig, flatten, to_dict
+from ..config import Config, TargetConfig
 from ..data import open_source_at
 from ..data.sources import BadImageError
 from ..errors import UserError
-from ..models.base import build_vit, check_sizes, file_sha256, load_base_model
+from ..models.base import build_vit, file_sha256, load_base_model
 from ..pixels import pixel_feat_dim, pixel_targets
 from ..render import ViewRenderer, cache_loader, open_renderer, render_files, resolve_loader
-from ..rules import RULES
 from ..targets import Targets, attention_rows
 from .batches import BatchMaker, CachedBatches, OnlineBatches, TargetReader, cache_image_source, reader_shards, valid_mask
 from .loader import uniform_shards
@@ -175,7 +174,6 @@ def open_data(cfg: Config, render: bool = True, reader: Optional[TargetReader] =
     make = OnlineBatches(source, d.img_size, cfg.seed, (d.scale_min, d.scale_max), files_only)
     views_of = step_views(renderer, source.name, device)
     if t.source == "online":
-        check_sizes(flatten(to_dict(cfg)), "base.arch", RULES)  # base sizes left to timm's defaults, resolved
         base = load_base_model(cfg.base.arch, cfg.base.checkpoint, img_size=d.img_size)
         return TrainData("online", base_spec(base, d.img_size), shards, None, d.views, make, views_of,
                          partial(online_targets, base, t, precision), source.fingerprint(), loader, base=base)

@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 
-from ..config import Config, flatten, to_dict
 from ..errors import UserError
 from ..files import append_line, atomic_path
 
@@ -57,9 +56,9 @@ def tracker() -> Optional[str]:
     return "tensorboard" if find_spec("tensorboard") or find_spec("tensorboardX") else None
 
 
-def scalars(cfg: Config) -> dict:
-    """The config flattened to scalars (what TensorBoard's hparams accept)."""
-    return {k: v for k, v in flatten(to_dict(cfg)).items() if isinstance(v, (int, float, str, bool))}
+def scalars(settings: dict) -> dict:
+    """The config's dotted `settings` that are scalars (what TensorBoard's hparams accept)."""
+    return {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))}
 
 
 class Meter:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from accelerate.utils import set_seed
 
-from ..config import Config, TargetConfig, ViTArch, flatten, to_dict
+from ..config import Config, TargetConfig, ViTArch
 from ..errors import UserError
 from ..models.base import NoFinalNorm, check_sizes, load_base_model
 from ..models.checkpoints import read_safetensors
@@ -67,11 +67,18 @@ def step_graph(cfg: Config) -> str:
                        "batch_size": cfg.data.batch_size, "precision": cfg.optim.mixed_precision}, sort_keys=True)
 
 
+def check_arch_sizes(settings: dict, source: str) -> None:
+    """The new encoder's sizes (and an online run's base's) that the config left to timm's
+    defaults, resolved and held to `rules.RULES`: the config's own check could not see them."""
+    check_sizes(settings, "model.arch", RULES)
+    if source == "online":
+        check_sizes(settings, "base.arch", RULES)
+
+
 def new_model(cfg: Config, data: TrainData):
     """The new model at its first step, checked against what the targets can serve, and its
     `model_kwargs`: freshly initialised (seeded right before, so whatever ran earlier, a base
     model build, cannot shift it), then Tab. 6d's base encoder and/or another run's weights."""
-    check_sizes(flatten(to_dict(cfg)), "model.arch", RULES)  # sizes left to timm's defaults, resolved
     t, kwargs = effective_targets(cfg), model_kwargs(cfg, data.spec)
     set_seed(cfg.seed)
     model = build_model(kwargs)
