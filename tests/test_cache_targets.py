@@ -219,6 +219,30 @@ def test_verify_detects_corrupt_and_missing_chunks(reference, images, tmp_path, 
     assert "FAIL shard 2: file attn/c/2/0/0/0/0 missing" in capsys.readouterr().out
 
 
+def kill_once_shards_are_durable(args: list[str], watched: Path) -> None:
+    """Run ``cache-targets args`` in a process whose shard writes each take a second longer,
+    and SIGKILL it once the cache at `watched` has all but two of its shards durable."""
+    slow_writes = ("import time; from tec_pipeline.cache import writer; w = writer.CacheWriter.write_encoded_shard; "
+                   "writer.CacheWriter.write_encoded_shard = lambda *a, **k: (w(*a, **k), time.sleep(1.0))[0]; "
+                   "from tec_pipeline.cli import main; main()")
+    proc = subprocess.Popen([sys.executable, "-c", slow_writes, "cache-targets", *args], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if len(open_cache(str(watched)).missing_shards()) < 3:
+                    break
+            except (UserError, OSError, ValueError):
+                pass  # not created yet, or its metadata being written
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
 @pytest.mark.parametrize("loader", LOADERS)
 def test_sigkill_mid_run_then_rerun_gives_identical_arrays(reference, images, tmp_path, loader):
     """Kill -9 the CLI once a shard is durable; the rerun redoes only the rest, same arrays."""
@@ -228,26 +252,7 @@ def test_sigkill_mid_run_then_rerun_gives_identical_arrays(reference, images, tm
     else:  # an uninterrupted run with the same renderer
         run_cache_targets(config(tmp_path / "whole.zarr", images, f"data.loader={loader}"))
         expected = arrays(tmp_path / "whole.zarr")
-    slow_writes = ("import time; from tec_pipeline.cache import writer; w = writer.CacheWriter.write_encoded_shard; "
-                   "writer.CacheWriter.write_encoded_shard = lambda *a, **k: (w(*a, **k), time.sleep(1.0))[0]; "
-                   "from tec_pipeline.cli import main; main()")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", slow_writes, "cache-targets",
-                             *overrides(url, images, f"data.loader={loader}")],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if len(open_cache(str(url)).missing_shards()) < 3:
-                    break
-            except (UserError, OSError, ValueError):
-                pass  # not created yet, or metadata being written
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_once_shards_are_durable(overrides(url, images, f"data.loader={loader}"), url)
     reader = open_cache(str(url))
     assert not reader.is_complete() and 0 < len(reader.missing_shards()) < 3
     assert not verify_cache(str(url), sample=1)  # incomplete is never reported as fine

@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from test_cache_targets import REPO, arrays, assert_same, config, overrides
+from test_cache_targets import arrays, assert_same, config, kill_once_shards_are_durable, overrides
 from tec_pipeline.stages.cache_targets import run_cache_targets
 from tec_pipeline.stages.train import run_train
 from tec_pipeline.stages.verify import verify_cache
@@ -102,26 +97,7 @@ def test_kill_during_growth_leaves_the_cache_usable_and_a_rerun_finishes(images,
     run_cache_targets(config(url, images))
     run_cache_targets(config(once, images, "data.views=4"))
     before = file_digests(url)
-    slow_writes = ("import time; from tec_pipeline.cache import writer; w = writer.CacheWriter.write_encoded_shard; "
-                   "writer.CacheWriter.write_encoded_shard = lambda *a, **k: (w(*a, **k), time.sleep(1.0))[0]; "
-                   "from tec_pipeline.cli import main; main()")
-    proc = subprocess.Popen([sys.executable, "-c", slow_writes, "cache-targets", *overrides(url, images, "data.views=4")],
-                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    part = url / "views-2-4"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if len(open_cache(str(part)).missing_shards()) < 3:
-                    break
-            except (UserError, OSError, ValueError):
-                pass  # not created yet, or its metadata being written
-            time.sleep(0.05)
-        assert proc.poll() is None, "the growth ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_once_shards_are_durable(overrides(url, images, "data.views=4"), url / "views-2-4")
     reader = open_cache(str(url))
     assert (reader.views, reader.is_complete(), reader.damaged_shards()) == (2, True, {})
     assert np.array_equal(reader.read_shard(0)["feat"], arrays(once)["feat"][:4, :2])
