@@ -71,9 +71,9 @@ def setup_run(cfg: FinetuneConfig, accelerator: Accelerator, path: Path, train_s
     val_loader = DataLoader(val_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
     model, optimizer, val_loader = prepare(accelerator, model, optimizer, val_loader)
     mix = mixup(cfg, classes)
-    settings = LoopSettings(accum_steps=cfg.optim.accum_steps, min_lr=cfg.optim.min_lr,
-                            log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every)
-    run = Run(accelerator=accelerator, model=model, optimizer=optimizer, schedule=schedule, settings=settings,
+    loop = LoopSettings(accum_steps=cfg.optim.accum_steps, min_lr=cfg.optim.min_lr,
+                        log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every)
+    run = Run(accelerator=accelerator, model=model, optimizer=optimizer, schedule=schedule, settings=loop,
               ckpt_path=path / CHECKPOINT)
     step = ClassifierStep(loss=compiled(classification_loss, cfg.train.compile, accelerator, step_graph(cfg)),
                           criterion=criterion(cfg, mix is not None), mixup=mix,

@@ -88,10 +88,10 @@ def prepare_run(cfg: Config, accelerator: Accelerator, model: TECModel, kwargs: 
     prepared, optimizer = prepare(accelerator, model, optimizer)
     if data.base is not None:
         data.base.to(accelerator.device)
-    settings = LoopSettings(accum_steps=o.accum_steps, min_lr=o.min_lr, log_every=cfg.train.log_every,
-                            checkpoint_every=cfg.train.checkpoint_every)
+    loop = LoopSettings(accum_steps=o.accum_steps, min_lr=o.min_lr, log_every=cfg.train.log_every,
+                        checkpoint_every=cfg.train.checkpoint_every)
     stored = {"model_kwargs": kwargs, "schedule": asdict(schedule), "config": record}
-    return Run(accelerator=accelerator, model=prepared, optimizer=optimizer, schedule=schedule, settings=settings,
+    return Run(accelerator=accelerator, model=prepared, optimizer=optimizer, schedule=schedule, settings=loop,
                ckpt_path=path / CHECKPOINT, stored=stored)
 
 
