@@ -62,7 +62,7 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     meta = cache_meta(cfg, source, base, precision, loader)
     growth = find_growth(cfg.cache.path, meta, overwrite)  # more views asked of a complete cache: a view part
     url, meta = (growth.url, growth.meta) if growth else (cfg.cache.path, meta)
-    dataset, views_of = view_inputs(cfg, source, meta, loader, device, growth.first if growth else 0)
+    dataset, views_of = view_inputs(cfg, source, meta, loader, device)
     forward = partial(view_targets, base, last_layers=cfg.targets.last_layers, k_max=cfg.cache.k_max,
                       device=device, dtype=compute_dtype(precision))
     if dry_run:
@@ -88,11 +88,11 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     return summary
 
 
-def view_inputs(cfg: Config, source, meta: dict, loader: str, device, first_view: int) -> tuple[ViewDataset, BatchViews]:
-    """The views the cache (or its view part, from `first_view` on) holds, and who renders them:
-    ``meta["views"]`` per image; the source images kept only where the metadata stores them."""
+def view_inputs(cfg: Config, source, meta: dict, loader: str, device) -> tuple[ViewDataset, BatchViews]:
+    """The views the cache (or its view part, from ``meta["first_view"]`` on) holds, and who renders
+    them: ``meta["views"]`` per image; the source images kept only where the metadata stores them."""
     views = int(meta["views"])
     dataset = ViewDataset(source, cfg.seed, views, cfg.data.img_size, (cfg.data.scale_min, cfg.data.scale_max),
-                          keep_raw=bool(meta["store_images"]), files_only=loader != "pil", first_view=first_view)
+                          keep_raw=bool(meta["store_images"]), files_only=loader != "pil", first_view=int(meta.get("first_view", 0)))
     renderer = open_renderer(loader, cfg.data.img_size, device, images_per_batch(cfg) * views, cfg.data.num_workers)
     return dataset, BatchViews(renderer, views, source.name)

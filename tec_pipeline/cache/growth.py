@@ -30,7 +30,7 @@ import numpy as np
 
 from ..files import write_bytes
 from .reader import CacheReader, ShardBuffer
-from .schema import LAYOUT_KEYS, META_FILE, VIEW_ARRAYS, dump_json, first_difference, pq_parts_digest
+from .schema import META_FILE, VIEW_ARRAYS, cache_difference, dump_json, with_recorded_parts
 from .storage import join, read_json
 
 PART_PREFIX = "views-"
@@ -88,12 +88,8 @@ def growth_of(url: str, doc: dict, meta: dict) -> Optional[Growth]:
     if not doc.get("complete") or want <= have:
         return None
     made = with_views(meta, int(doc["meta"]["views"]))
-    recorded = copy.deepcopy(doc["meta"])
-    digest = pq_parts_digest(recorded)
-    if digest is not None:  # the run has not fitted parts: it will reuse these
-        recorded["identity"]["cache"].pop("pq_parts_sha256")
-    if first_difference(recorded["identity"], made["identity"]) is not None or first_difference(
-            {k: recorded.get(k) for k in LAYOUT_KEYS}, {k: made.get(k) for k in LAYOUT_KEYS}) is not None:
+    # the reopen's own comparison; a run that grows a pq cache reuses the parts it records
+    if cache_difference(doc["meta"], with_recorded_parts(made, doc["meta"])) is not None:
         return None
     part = with_views(meta, want - have)
     part["identity"]["data"]["first_view"] = have
@@ -107,15 +103,16 @@ def join_url(url: str, name: str) -> str:
     return url.rstrip("/") + "/" + name
 
 
-def record_growth(fs, root: str, growth: Growth) -> None:
+def record_growth(fs, root: str, growth: Growth) -> dict:
     """Add a finished part to the cache's metadata file (one atomic write: before it the cache
-    reads as it was, after it with the part's views)."""
+    reads as it was, after it with the part's views); the document as the file now holds it."""
     path = join(root, META_FILE)
     doc = read_json(fs, path)
     if any(p["views"] == [growth.first, growth.stop] for p in grown_parts(doc)):
-        return
+        return doc
     doc["grown"] = [*grown_parts(doc), {"views": [growth.first, growth.stop], "path": part_name(growth.first, growth.stop)}]
     write_bytes(fs, path, dump_json(doc))
+    return doc
 
 
 def unfinished_parts(fs, root: str, doc: dict) -> list[str]:
@@ -160,9 +157,9 @@ class GrownReader(CacheReader):
         for piece in pieces[:-1]:
             self.firsts.append(self.firsts[-1] + piece.views)
         self.url, self._fs, self._fs_pid, self.root = made.url, made._fs, made._fs_pid, made.root
-        self.doc = {**made.doc, "meta": {**with_views(made.meta, recorded_views(made.doc)), "lineage": lineage(made.doc)}}
-        self.meta = self.doc["meta"]
         self.num_images, self.views, self.num_shards = made.num_images, recorded_views(made.doc), made.num_shards
+        self.doc = {**made.doc, "meta": {**with_views(made.meta, self.views), "lineage": lineage(made.doc)}}
+        self.meta = self.doc["meta"]
         self.feat_codec = made.feat_codec
         self._markers = made._markers
         self._reset_caches()
@@ -190,19 +187,21 @@ class GrownReader(CacheReader):
 
     def read_shard(self, shard: int) -> dict[str, np.ndarray]:
         parts = [piece.read_shard(shard) for piece in self.pieces]
-        return {name: (np.concatenate([p[name] for p in parts], axis=1) if name in VIEW_ARRAYS or name == "feat_step"
-                       else parts[0][name]) for name in parts[0]}
+        return {name: np.concatenate([p[name] for p in parts], axis=1) if name in VIEW_ARRAYS else parts[0][name]
+                for name in parts[0]}
+
+    def by_piece(self, local: np.ndarray, views: np.ndarray):
+        """Each piece with the (local images, views) of it among `local`, `views`, its views counted from 0."""
+        local, views = np.asarray(local), np.asarray(views)
+        for piece, first in zip(self.pieces, self.firsts):
+            keep = (views >= first) & (views < first + piece.views)
+            yield piece, local[keep], views[keep] - first
 
     def open_shard(self, shard: int, wanted: tuple[np.ndarray, np.ndarray] | None = None) -> ShardBuffer:
-        buffers = []
-        for piece, first in zip(self.pieces, self.firsts):
-            mine = None
-            if wanted is not None:
-                local, views = np.asarray(wanted[0]), np.asarray(wanted[1])
-                keep = (views >= first) & (views < first + piece.views)
-                mine = (local[keep], views[keep] - first)
-            buffers.append(piece.open_shard(shard, mine))
-        return GrownShardBuffer(buffers, self.firsts)
+        if wanted is None:
+            return GrownShardBuffer([piece.open_shard(shard, None) for piece in self.pieces], self.firsts)
+        return GrownShardBuffer([piece.open_shard(shard, (mine, views)) for piece, mine, views in self.by_piece(*wanted)],
+                                self.firsts)
 
     def read_view(self, image: int, view: int) -> dict[str, np.ndarray]:
         if not 0 <= view < self.views:
@@ -214,10 +213,5 @@ class GrownReader(CacheReader):
         return self.pieces[0].image_bytes(image)
 
     def view_bytes(self, shard: int, local: np.ndarray, views: np.ndarray) -> int:
-        local, views = np.asarray(local), np.asarray(views)
-        total = 0
-        for piece, first in zip(self.pieces, self.firsts):
-            keep = (views >= first) & (views < first + piece.views)
-            if keep.any():
-                total += piece.view_bytes(shard, local[keep], views[keep] - first)
-        return total
+        return sum(piece.view_bytes(shard, mine, theirs) for piece, mine, theirs in self.by_piece(local, views)
+                   if len(theirs))

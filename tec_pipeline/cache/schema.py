@@ -206,14 +206,21 @@ def first_difference(old: dict, new: dict, shared_only: bool = False) -> tuple[s
     return None
 
 
-def check_same_cache(url: str, old_meta: dict, new_meta: dict) -> None:
-    """Raise CacheMismatchError naming the first differing identity or layout key."""
+def cache_difference(old_meta: dict, new_meta: dict) -> tuple[str, object, object] | None:
+    """The first identity or layout key (the latter as ``cache.<key>``) whose value differs
+    between a cache's metadata and a run's, with both values; None if none does."""
     diff = first_difference(old_meta.get("identity", {}), new_meta["identity"])
     if diff is None:
         diff = first_difference({k: old_meta.get(k) for k in LAYOUT_KEYS},
                                 {k: new_meta.get(k) for k in LAYOUT_KEYS})
         if diff is not None:
             diff = ("cache." + diff[0],) + diff[1:]
+    return diff
+
+
+def check_same_cache(url: str, old_meta: dict, new_meta: dict) -> None:
+    """Raise CacheMismatchError naming the first differing identity or layout key."""
+    diff = cache_difference(old_meta, new_meta)
     if diff is not None:
         key, was, now = diff
         raise CacheMismatchError(

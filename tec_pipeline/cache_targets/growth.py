@@ -3,9 +3,8 @@ and is recorded in the cache once it is complete."""
 from __future__ import annotations
 
 from ..cache.growth import Growth, lineage, record_growth
-from ..cache.storage import fs_root, join, read_json
+from ..cache.storage import fs_root
 from ..cache.store import open_cache
-from ..places import CACHE_FILE
 
 
 def adopt_parts(writer, url: str) -> None:
@@ -19,5 +18,4 @@ def adopt_parts(writer, url: str) -> None:
 def finish_growth(url: str, growth: Growth) -> str:
     """Record the complete part in the cache (one atomic write of its metadata file); the lineage."""
     fs, root = fs_root(url)
-    record_growth(fs, root, growth)
-    return lineage(read_json(fs, join(root, CACHE_FILE)))
+    return lineage(record_growth(fs, root, growth))
