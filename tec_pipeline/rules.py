@@ -4,7 +4,7 @@ command computes or writes anything; a broken rule is one line naming every sett
 (`domains.check_rules`). Each rule's comment says why it holds.
 
 A rule whose settings are not all set (an architecture size left to timm's default) is checked
-again once the default is known: `train.model.check_arch` for the new model.
+again once the default is known: `train.model.check_arch_sizes` for stage two's models.
 """
 from __future__ import annotations
 
@@ -32,9 +32,14 @@ def launched_processes() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
 
 
+def scaled_lr(blr: float, effective_batch: int) -> float:
+    """Tab. 8 linear scaling rule: ``lr = blr * effective_batch / 256``."""
+    return blr * effective_batch / 256
+
+
 def peak_lr(blr: float, batch_size: int, accum_steps: int) -> float:
-    """Tab. 8's scaling rule, lr = blr x effective batch / 256, for this launch's processes."""
-    return blr * batch_size * accum_steps * launched_processes() / 256
+    """The peak lr of a schedule (`scaled_lr`) for this launch's processes."""
+    return scaled_lr(blr, batch_size * accum_steps * launched_processes())
 
 
 def masks_some_and_keeps_some(mask_ratio: float, img_size: int, patch_size: int) -> bool:
@@ -44,18 +49,20 @@ def masks_some_and_keeps_some(mask_ratio: float, img_size: int, patch_size: int)
 HEADS = "attention splits the width evenly over the heads: need the width divisible by the heads"
 WHOLE_PATCHES = "the image is cut into whole patches: need img_size divisible by patch_size"
 
+# Both schedules (Tab. 8, Tab. 10) warm up, then decay by a half cosine: a warmup as long as the run
+# never reaches the peak lr, and the decay never starts
+WARMUP_ENDS = Rule(("optim.warmup_epochs", "optim.epochs"), lambda warmup, epochs: warmup == 0 or warmup < epochs,
+                   "the warmup must end before the run does: need warmup_epochs < epochs")
+# the cosine runs from the peak lr down to min_lr: a min_lr above the peak would raise the lr as the run ends
+MIN_LR_BELOW_PEAK = Rule(("optim.min_lr", "optim.blr", "data.batch_size", "optim.accum_steps"),
+                         lambda min_lr, blr, batch, accum: min_lr <= peak_lr(blr, batch, accum),
+                         "need min_lr <= the peak lr, blr x batch_size x accum_steps x processes / 256")
+
 RULES: tuple[Rule, ...] = (
     # RandomResizedCrop draws each view's area fraction from [scale_min, scale_max]
     Rule(("data.scale_min", "data.scale_max"), lambda low, high: low <= high, "need scale_min <= scale_max"),
-    # Tab. 8's schedule warms up, then decays by a half cosine: a warmup as long as the run never
-    # reaches the peak lr, and the decay never starts
-    Rule(("optim.warmup_epochs", "optim.epochs"), lambda warmup, epochs: warmup == 0 or warmup < epochs,
-         "the warmup must end before the run does: need warmup_epochs < epochs"),
-    # the cosine runs from the peak lr down to min_lr: a min_lr above the peak would raise the lr
-    # as the run ends
-    Rule(("optim.min_lr", "optim.blr", "data.batch_size", "optim.accum_steps"),
-         lambda min_lr, blr, batch, accum: min_lr <= peak_lr(blr, batch, accum),
-         "need min_lr <= the peak lr, blr x batch_size x accum_steps x processes / 256"),
+    WARMUP_ENDS,
+    MIN_LR_BELOW_PEAK,
     # timm's attention (encoder, decoder, base) splits a token's width over the heads
     Rule(("model.arch.embed_dim", "model.arch.num_heads"), divides, HEADS),
     Rule(("model.decoder_dim", "model.decoder_heads"), divides, HEADS),

@@ -26,7 +26,8 @@ from tec_pipeline.pixels import patchify, pixel_targets
 from tec_pipeline.models.tec import TECModel
 from tec_pipeline.train.batches import CachedBatches
 from tec_pipeline.train.loader import epoch_order, first_sample, mask_noise, plan_epoch, uniform_shards, view_indices
-from tec_pipeline.train.schedule import lr_at, param_groups, scaled_lr
+from tec_pipeline.rules import scaled_lr
+from tec_pipeline.train.schedule import lr_at, param_groups
 from tec_pipeline.views import render_view, sample_view
 
 BASE, NEW = TINY_BASE, tiny_arch()

@@ -10,7 +10,7 @@ from ..config import ConfigError, ViTArch, load_structured
 from ..domains import (
     BETA, COUNT, FLAG, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Domain, Free, OneOf, Range, Rule, vit_arch,
 )
-from ..rules import HEADS, WHOLE_PATCHES, divides, peak_lr
+from ..rules import HEADS, MIN_LR_BELOW_PEAK, WARMUP_ENDS, WHOLE_PATCHES, divides
 
 
 @dataclass
@@ -149,14 +149,8 @@ DOMAINS: dict[str, Domain] = {  # every setting's allowed values, as `config.DOM
 
 # The settings' cross rules (as `rules.RULES` for stage configs), checked at load after `DOMAINS`.
 RULES: tuple[Rule, ...] = (
-    # Tab. 10's schedule warms up, then decays by a half cosine: a warmup as long as the run never
-    # reaches the peak lr, and the decay never starts
-    Rule(("optim.warmup_epochs", "optim.epochs"), lambda warmup, epochs: warmup == 0 or warmup < epochs,
-         "the warmup must end before the run does: need warmup_epochs < epochs"),
-    # the cosine runs from the peak lr down to min_lr: a min_lr above the peak would raise the lr as the run ends
-    Rule(("optim.min_lr", "optim.blr", "data.batch_size", "optim.accum_steps"),
-         lambda min_lr, blr, batch, accum: min_lr <= peak_lr(blr, batch, accum),
-         "need min_lr <= the peak lr, blr x batch_size x accum_steps x processes / 256"),
+    WARMUP_ENDS,
+    MIN_LR_BELOW_PEAK,
     # mixup and cutmix mix each image with the batch's flipped order: pairs need an even batch
     Rule(("data.batch_size", "aug.mixup", "aug.cutmix"),
          lambda batch, mix, cut: (mix == 0 and cut == 0) or batch % 2 == 0,

@@ -9,14 +9,10 @@ from torch import nn
 
 from ..config import Config
 from ..errors import UserError
+from ..rules import scaled_lr
 
 # Parameters named like these are tokens or embeddings: no weight decay (MAE / timm convention).
 _NO_DECAY_SUFFIXES = ("token", "pos_embed")
-
-
-def scaled_lr(blr: float, effective_batch: int) -> float:
-    """Tab. 8 linear scaling rule: ``lr = blr * effective_batch / 256``."""
-    return blr * effective_batch / 256
 
 
 def lr_at(step: float, total_steps: int, warmup_steps: float, lr: float, min_lr: float = 0.0) -> float:
