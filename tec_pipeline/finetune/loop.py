@@ -58,13 +58,13 @@ def train_classifier(run: Run, cfg: FinetuneConfig, step: ClassifierStep, train_
             micro += 1
             if micro % accum == 0:
                 run.step += 1
-                epoch_end = run.step % per_epoch == 0 or run.step == run.schedule.total_steps
-                saving = save_due(run, end) or run.step % per_epoch == 0  # every epoch's scores kept
+                whole_epoch = run.step % per_epoch == 0
+                epoch_end = whole_epoch or run.step == run.schedule.total_steps
+                saving = save_due(run, end) or whole_epoch  # every epoch's scores kept
                 last = end_step(run, meter, lr, micro / run.schedule.batches_per_epoch, end, saving, log, bar) or last
                 if epoch_end:
-                    paused = time.perf_counter()
-                    score_epoch(run, val_loader, scores, log)
-                    meter.start += time.perf_counter() - paused  # an evaluation's time is not the training's
+                    with meter.paused():
+                        score_epoch(run, val_loader, scores, log)
                 if saving:
                     save(run, {"history": scores.history, "hits": scores.hits}, "the fine-tuning checkpoint")
                 if run.step >= end:

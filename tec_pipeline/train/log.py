@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -89,6 +90,13 @@ class Meter:
         self.bad_step = torch.where(first, step, self.bad_step)
         self.bad_values = torch.where(first, stacked, self.bad_values)
         self.images += images
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """What runs inside (an evaluation) is not the training's time: the throughput's clock skips it."""
+        started = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - started
 
     def next_step(self) -> None:
         """The loss terms start again for the next optimizer step; throughput keeps counting."""

@@ -226,9 +226,8 @@ def save(run: Run, extra: dict, what: str = "the training checkpoint") -> None:
 def watch(run: Run, monitor: Monitor, meter: Meter, log: RunLog) -> None:
     """The monitor's evaluation (its time is not the training's throughput); on its guard's
     warning with ``train.monitor.stop_on_drop``, the checkpoint, then the stop (before the end)."""
-    paused = time.perf_counter()
-    warning = monitor.evaluate(run.accelerator.unwrap_model(run.model), run.step, log)
-    meter.start += time.perf_counter() - paused
+    with meter.paused():
+        warning = monitor.evaluate(run.accelerator.unwrap_model(run.model), run.step, log)
     if warning and monitor.cfg.stop_on_drop and run.step < run.schedule.total_steps:
         save(run, {"monitor": monitor.state()})
         raise monitor.stop(warning, run.step, run.ckpt_path)
