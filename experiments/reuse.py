@@ -33,7 +33,7 @@ import numpy as np
 from experiments.costs_report import format_costs, margins_to_reference, summarize_costs
 from experiments.reuse_report import first_resolved
 from tec_pipeline.config import Config
-from tec_pipeline.demo.evaluation import EVAL_POOL
+from tec_pipeline.demo.evaluation import evaluate_on_demo
 from tec_pipeline.demo.report import Timer
 from tec_pipeline.demo.settings import demo_configs, demo_data_settings
 from tec_pipeline.errors import UserError
@@ -119,27 +119,13 @@ def scored_arm(out: Path, seed: int, name: str, images: Path, data_root: Path) -
     with timer.stage("train"):
         summary, encoder = run_train_and_export(cfg)
     with timer.stage("eval"):
-        rows, groups = scored(encoder, name, data_root, path.parent / "eval.json", seed)
+        rows, groups = evaluate_on_demo([(name, None, str(encoder))], data_root, path.parent / "eval.json", seed,
+                                        "test", floors=False, probe_C=PROBE_C)
     row = {**rows[0], "views": arm.views, "reuse": reuse_of(arm), "steps": summary["step"],
            "cache_bytes": cache_bytes, "wall_s": timer.stages, "groups": groups.tolist(),
            "images": IMAGES, "epochs": EPOCHS, "batch": BATCH, "probe_C": PROBE_C}
     write_json(path, row)
     return row
-
-
-def scored(encoder: Path, name: str, root: Path, output: Path, seed: int) -> tuple[list[dict], np.ndarray]:
-    """`tec_pipeline.demo.evaluation.evaluate_on_demo` on the test digits with the probe's C fixed at `PROBE_C`."""
-    from tec_pipeline.demo.data import group_files
-    from tec_pipeline.evaluate.features import labelled_folder
-    from tec_pipeline.evaluate.groups import read_groups
-    from tec_pipeline.evaluate.report import run_eval
-
-    files = group_files(root)
-    train = labelled_folder(root / "train")
-    rows = run_eval([(name, None, str(encoder))], root / "train", root / "test", pool=EVAL_POOL, output=output,
-                    seed=seed, echo=lambda *a: None, floors=False, probe_C=PROBE_C,
-                    train_groups=read_groups(files["train"], train))
-    return rows, np.asarray(read_groups(files["test"], labelled_folder(root / "test")))
 
 
 def grown_check(out: Path, seed: int) -> dict:
