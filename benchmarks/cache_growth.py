@@ -33,11 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tec_pipeline.stages.cache_targets import run_cache_targets  # noqa: E402
+from tec_pipeline.cache.growth import PART_PREFIX, part_name  # noqa: E402
 from tec_pipeline.cache.store import open_cache  # noqa: E402
 from tec_pipeline.config import load_config  # noqa: E402
 from tec_pipeline.demo.data import build_demo_data  # noqa: E402
 from tec_pipeline.demo.settings import demo_data_settings  # noqa: E402
 from tec_pipeline.errors import UserError  # noqa: E402
+from tec_pipeline.places import CACHE_FILE  # noqa: E402
 
 CONFIG = REPO / "configs" / "demo.yaml"
 
@@ -45,7 +47,7 @@ CONFIG = REPO / "configs" / "demo.yaml"
 def digests(url: Path) -> dict[str, str]:
     """sha256 of every file of the cache as made (not its metadata file, not its view parts)."""
     return {str(p.relative_to(url)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(url.rglob("*"))
-            if p.is_file() and p.name != "tec_cache.json" and not str(p.relative_to(url)).startswith("views-")}
+            if p.is_file() and p.name != CACHE_FILE and not str(p.relative_to(url)).startswith(PART_PREFIX)}
 
 
 def settings(url: Path, views: int, data: list[str]) -> list[str]:
@@ -80,7 +82,7 @@ def kill_growth(url: Path, after: int, data: list[str]) -> dict:
     try:
         while proc.poll() is None:
             try:
-                part = open_cache(str(url / "views-2-4"))
+                part = open_cache(str(url / part_name(2, 4)))
                 done = part.num_shards - len(part.missing_shards())
             except (UserError, OSError, ValueError):
                 done = 0  # not created yet

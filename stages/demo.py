@@ -30,6 +30,7 @@ from tec_pipeline.demo.report import Timer, format_report, margins, monitor_summ
 from tec_pipeline.demo.settings import BASE_DIR, demo_configs, demo_data_settings
 from tec_pipeline.errors import UserError
 from tec_pipeline.files import write_json
+from tec_pipeline.places import CACHE_FILE, IDENTITY_FILE
 
 
 def tec_steps(cfg: Config) -> int:
@@ -96,7 +97,7 @@ def check_demo_folder(out: Path) -> None:
     entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
     foreign = sorted(e for e in entries - set(DEMO_FILES) - set(DEMO_FOLDERS)
                      if not any(e.startswith(f"{name}.tmp-") for name in DEMO_FILES))  # a killed write's leftover
-    ours = (out / "tec" / "identity.json").is_file() or (out / "cache.zarr" / "tec_cache.json").is_file()
+    ours = (out / "tec" / IDENTITY_FILE).is_file() or (out / "cache.zarr" / CACHE_FILE).is_file()
     if foreign or (entries & set(DEMO_FILES) and not ours):
         what = f"'{foreign[0]}'" if foreign else f"'{sorted(entries & set(DEMO_FILES))[0]}' but no demo run"
         raise UserError(f"{out}: holds {what}; the demo writes its run, cache, reports and pictures there and "
