@@ -18,7 +18,8 @@ from tec_pipeline.files import write_json
 from tec_pipeline.finetune.config import FinetuneConfig
 from tec_pipeline.finetune.data import LabelledImages, criterion, mixup, seed_everything
 from tec_pipeline.finetune.loop import ClassifierStep, EpochScores, train_classifier
-from tec_pipeline.finetune.model import build_model, classification_loss, make_optimizer, step_graph
+from tec_pipeline.finetune.model import (Encoder, build_model, classification_loss, make_optimizer, read_encoder,
+                                         step_graph)
 from tec_pipeline.finetune.splits import open_splits
 from tec_pipeline.finetune.state import finetune_identity, write_result
 from tec_pipeline.train.checkpoint import (CHECKPOINT, IDENTITY_FILE, check_resumable, load_checkpoint, restore_state,
@@ -36,10 +37,11 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, stop_after: Optional
     record = to_dict(cfg)  # the config as the run records it: config.json, trackers
     settings = flatten(record)  # the same, dotted: its identity and the checks that name a setting
     path = run_dir(cfg.output, settings, resume)
+    encoder = read_encoder(cfg, settings)  # its sizes refused before the splits are listed
     accelerator = make_accelerator(cfg.optim.mixed_precision, cfg.optim.accum_steps, path)
     try:
         train_set, val_set, data = open_splits(cfg)
-        run, step, val_loader = setup_run(cfg, accelerator, path, train_set, val_set, len(data["classes"]))
+        run, step, val_loader = setup_run(cfg, accelerator, path, train_set, val_set, len(data["classes"]), encoder)
         identity, scores = finetune_identity(settings, data), EpochScores()
         if resume:
             check_resumable(path, identity)
@@ -62,10 +64,10 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, stop_after: Optional
 
 
 def setup_run(cfg: FinetuneConfig, accelerator: Accelerator, path: Path, train_set: LabelledImages, val_set,
-              classes: int) -> tuple[Run, ClassifierStep, DataLoader]:
+              classes: int, encoder: Optional[Encoder]) -> tuple[Run, ClassifierStep, DataLoader]:
     """Classifier (or probe), schedule (lr = blr x effective batch / 256), optimizer, Mixup, loss."""
     seed_everything(cfg.seed)  # the fresh head (and a random-init encoder) are a function of the seed
-    model = build_model(cfg, classes)
+    model = build_model(cfg, classes, encoder)
     schedule = make_schedule(cfg, len(train_set), accelerator.num_processes, cfg.train.max_steps)
     optimizer = make_optimizer(cfg, model, schedule.lr)
     val_loader = DataLoader(val_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)

@@ -204,7 +204,7 @@ def test_a_garbage_safetensors_file_is_one_line_naming_it(images, tmp_path):
     val = write_images(tmp_path / "val", 2, size=(40, 40), classes=2, seed=1)  # scored on other images than trained on
     line = one_error_line(invoke("finetune", f"model.checkpoint={garbage}", f"data.train={images}",
                                  f"data.val={val}", f"output={tmp_path / 'ft'}"))
-    assert f"{garbage}: not a safetensors file" in line
+    assert f"{garbage}: not a safetensors checkpoint" in line
 
 
 # ----------------------------------------------------------------------------- values outside their meaning

@@ -255,14 +255,29 @@ def test_a_run_refused_after_its_config_loads_leaves_no_folder(images, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_linprobe_takes_a_training_runs_architecture_from_its_checkpoint(images, held_out, pixels_checkpoint, tmp_path):
+def test_finetunes_resolved_sizes_are_refused_before_the_splits_are_listed(tmp_path):
+    """As in stage two: the sizes timm fills in are held to the rules before the image folders are
+    opened (neither exists here), and the line names the sizes."""
+    line = one_error_line(invoke("finetune", f"data.train={tmp_path / 'no-train'}", f"data.val={tmp_path / 'no-val'}",
+                                 "model.arch.num_heads=null", "model.arch.embed_dim=40", f"output={tmp_path / 'ft'}"))
+    assert line.startswith("error: model.arch.embed_dim=40, model.arch.num_heads=12: attention splits the width")
+    assert not (tmp_path / "ft").exists()
+
+
+def test_linprobe_takes_a_training_runs_architecture_from_its_checkpoint(images, held_out, pixels_checkpoint, tmp_path,
+                                                                       monkeypatch):
     """A run's checkpoint.pt records its model (patch 8, width 32): model.arch (timm's patch 16 default)
-    is not consulted, as for an export."""
+    is not consulted, as for an export. The file (about 3x its weights) is read once."""
+    from tec_pipeline.models import checkpoints
+
+    reads, torch_load = [], checkpoints.torch_load
+    monkeypatch.setattr(checkpoints, "torch_load", lambda path: reads.append(path) or torch_load(path))
     result = invoke("linprobe", f"model.checkpoint={pixels_checkpoint / 'checkpoint.pt'}", f"data.train={images}",
                     f"data.val={held_out}", "data.img_size=32", "data.batch_size=4", "data.num_workers=0",
                     "optim.epochs=1", "optim.warmup_epochs=0", f"output={tmp_path / 'lp'}")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "lp" / "result.json").is_file()
+    assert reads == [pixels_checkpoint / "checkpoint.pt"]
 
 
 def test_an_image_size_the_checkpoints_patch_does_not_divide_is_refused(images, held_out, pixels_checkpoint, tmp_path):

@@ -16,7 +16,8 @@ from tec_pipeline.export import CHECKPOINT
 from tec_pipeline.train.checkpoint import load_checkpoint
 from tec_pipeline.finetune.config import load_finetune_config
 from tec_pipeline.finetune.data import criterion, mixup
-from tec_pipeline.finetune.model import classifier, make_optimizer
+from tec_pipeline.config import flatten, to_dict
+from tec_pipeline.finetune.model import classifier, make_optimizer, read_encoder
 from tec_pipeline.train.schedule import set_lr
 
 DEPTH = 3
@@ -54,7 +55,7 @@ def config(toy: Path, out: Path, *extra: str, protocol: str = "finetune"):
 
 def test_layer_decay_groups_scale_each_block_as_computed_by_hand(toy, tmp_path):
     cfg = config(toy, tmp_path, "optim.layer_decay=0.65")
-    model = classifier(cfg, num_classes=2)
+    model = classifier(cfg, 2, read_encoder(cfg, flatten(to_dict(cfg))))
     opt = make_optimizer(cfg, model, lr=1e-3)
     scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}

@@ -2,8 +2,7 @@
 Tab. 4's "+ input adapter FT" probe, and their optimizers from timm (layer-wise decay, LARS)."""
 from __future__ import annotations
 
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import json
@@ -14,48 +13,46 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import Lars, create_optimizer_v2
 from torch import Tensor, nn
 
-from ..config import ViTArch, flatten, to_dict
+from ..config import ViTArch
 from ..errors import UserError
 from ..base_targets import autocast
 from ..train.checkpoint import load_run_model
-from ..models.base import (
-    check_sizes, create_vit, export_arch, load_base_model, read_checkpoint, resolved_sizes,
-)
+from ..models.base import check_sizes, create_vit, export_arch, frozen_base, read_checkpoint, resolved_sizes
 from ..models.tec import TECModel
 from .config import RULES, FinetuneConfig
 
 FRESH = ("head.", "fc_norm.")  # what fine-tuning adds to an encoder: the head, and under avg pooling its norm
 
 
-def recorded_arch(checkpoint: Optional[str]) -> Optional[ViTArch]:
-    """The architecture an export records in its safetensors metadata (read without the tensors),
-    or a run's checkpoint.pt in its model's arguments."""
-    if not checkpoint or not Path(checkpoint).is_file():
+@dataclass
+class Encoder:
+    """The encoder a run scores: its architecture at ``data.img_size``, and ``model.checkpoint``'s weights
+    as read once, before the splits are opened (None: a random-init encoder)."""
+    arch: ViTArch
+    state: Optional[dict[str, Tensor]]  # its state dict in its family's naming (`read_checkpoint`)
+    checkpoint: Optional[str]
+
+
+def read_encoder(cfg: FinetuneConfig, settings: dict) -> Optional[Encoder]:
+    """``model.checkpoint`` read once, with the architecture an export or a run checkpoint records, else
+    ``model.arch`` with its sizes left to timm checked against `config.RULES` (its dotted `settings`).
+    None for Tab. 4's adapter probe, which loads its training run whole (`adapter_probe`)."""
+    m = cfg.model
+    if cfg.protocol == "linprobe" and m.input_adapter:
         return None
-    if not str(checkpoint).endswith(".safetensors"):
-        return export_arch(read_checkpoint(checkpoint)[2])
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(checkpoint), framework="pt") as f:
-            return export_arch(dict(f.metadata() or {}))
-    except Exception as err:  # safetensors raises its own error types
-        raise UserError(f"model.checkpoint={checkpoint}: not a safetensors file ({err})") from None
-
-
-def encoder_arch(cfg: FinetuneConfig) -> ViTArch:
-    """The export's (or run's) recorded architecture where it has one, else ``model.arch``, its sizes
-    left to timm checked against `config.RULES` first; at ``data.img_size``."""
-    arch = recorded_arch(cfg.model.checkpoint)
+    state, meta = None, {}
+    if m.checkpoint:
+        state, _entry, meta = read_checkpoint(m.checkpoint)
+    arch = export_arch(meta)
     if arch is None:
-        check_sizes(flatten(to_dict(cfg)), "model.arch", RULES)
-        arch = cfg.model.arch
+        check_sizes(settings, "model.arch", RULES)
+        arch = m.arch
     else:  # the checkpoint's own patch: timm would drop the pixels past the last whole one
         patch = resolved_sizes(arch, "model.arch").patch_size
         if cfg.data.img_size % patch:
             raise UserError(f"data.img_size={cfg.data.img_size}: not divisible by the patch size {patch} of "
-                            f"model.checkpoint={cfg.model.checkpoint}")
-    return ViTArch(**{**asdict(arch), "img_size": cfg.data.img_size})
+                            f"model.checkpoint={m.checkpoint}")
+    return Encoder(ViTArch(**{**asdict(arch), "img_size": cfg.data.img_size}), state, m.checkpoint)
 
 
 def load_encoder(model: VisionTransformer, base: VisionTransformer, checkpoint: str) -> None:
@@ -68,14 +65,14 @@ def load_encoder(model: VisionTransformer, base: VisionTransformer, checkpoint: 
         raise UserError(f"model.checkpoint={checkpoint}: has no '{kept_fresh[0]}' for this classifier")
 
 
-def classifier(cfg: FinetuneConfig, num_classes: int) -> VisionTransformer:
+def classifier(cfg: FinetuneConfig, num_classes: int, encoder: Encoder) -> VisionTransformer:
     """Tab. 10's model: the encoder as a timm ViT with drop path, pooled by ``model.global_pool`` (avg:
     patch-token mean then a fresh fc_norm, MAE's head) and a linear head of truncated-normal init."""
-    m, arch = cfg.model, encoder_arch(cfg)
-    model = create_vit(arch, num_classes=num_classes, global_pool=m.global_pool, drop_path_rate=m.drop_path)
-    if m.checkpoint:
-        load_encoder(model, load_base_model(arch, m.checkpoint, img_size=cfg.data.img_size, setting="model.arch"),
-                     m.checkpoint)
+    m = cfg.model
+    model = create_vit(encoder.arch, num_classes=num_classes, global_pool=m.global_pool, drop_path_rate=m.drop_path)
+    if encoder.state is not None:
+        load_encoder(model, frozen_base(encoder.arch, encoder.state, encoder.checkpoint, setting="model.arch"),
+                     encoder.checkpoint)
     trunc_normal_(model.head.weight, std=m.head_init_std)
     nn.init.zeros_(model.head.bias)
     return model
@@ -116,11 +113,11 @@ def adapter_probe(cfg: FinetuneConfig, num_classes: int) -> AdapterProbe:
     return AdapterProbe(tec, probe_head(tec.encoder.embed_dim, num_classes, cfg.model.head_init_std))
 
 
-def linear_probe(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
+def linear_probe(cfg: FinetuneConfig, num_classes: int, encoder: Optional[Encoder]) -> nn.Module:
     """Tab. 11's model: the frozen encoder (cls after its final norm) and `probe_head`; only the head trains."""
     if cfg.model.input_adapter:
         return adapter_probe(cfg, num_classes)
-    model = classifier(replace(cfg, model=replace(cfg.model, global_pool="token", drop_path=0.0)), num_classes)
+    model = classifier(replace(cfg, model=replace(cfg.model, global_pool="token", drop_path=0.0)), num_classes, encoder)
     model.requires_grad_(False)
     model.head = probe_head(model.embed_dim, num_classes, cfg.model.head_init_std)
     return model
@@ -144,8 +141,11 @@ def step_graph(cfg: FinetuneConfig) -> str:
                        "batch_size": cfg.data.batch_size, "precision": cfg.optim.mixed_precision}, sort_keys=True)
 
 
-def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
-    return linear_probe(cfg, num_classes) if cfg.protocol == "linprobe" else classifier(cfg, num_classes)
+def build_model(cfg: FinetuneConfig, num_classes: int, encoder: Optional[Encoder]) -> nn.Module:
+    """The protocol's model around `encoder` (`read_encoder`)."""
+    if cfg.protocol == "linprobe":
+        return linear_probe(cfg, num_classes, encoder)
+    return classifier(cfg, num_classes, encoder)
 
 
 def lars(model: nn.Module, lr: float, weight_decay: float, momentum: float) -> Lars:

@@ -212,6 +212,13 @@ def load_base_model(arch: ViTArch | str | None, checkpoint: str | Path | None, i
         arch = ViTArch(name=arch)
     if img_size is not None:
         arch = ViTArch(**{**asdict(arch), "img_size": img_size})
+    return frozen_base(arch, sd, checkpoint, setting)
+
+
+def frozen_base(arch: ViTArch, sd: dict[str, Tensor] | None, checkpoint: str | Path | None,
+                setting: str = "base.arch") -> VisionTransformer:
+    """The base ViT `arch` holding `sd`, a state dict `read_checkpoint` already read from `checkpoint`
+    (None: random init), frozen and in eval mode."""
     model = build_base_vit(arch, setting)
     if sd is not None:
         sd = timm_state_dict(sd, model, checkpoint, setting)
