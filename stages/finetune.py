@@ -22,11 +22,10 @@ from tec_pipeline.finetune.model import (Encoder, build_model, classification_lo
                                          step_graph)
 from tec_pipeline.finetune.splits import open_splits
 from tec_pipeline.finetune.state import finetune_identity, write_result
-from tec_pipeline.train.checkpoint import (CHECKPOINT, IDENTITY_FILE, check_resumable, load_checkpoint, restore_state,
-                                           run_dir)
+from tec_pipeline.train.checkpoint import CHECKPOINT, IDENTITY_FILE, run_dir
 from tec_pipeline.train.log import RunLog, scalars
 from tec_pipeline.train.loop import (PRECISIONS, LoopSettings, Run, compiled, end_run, last_step, make_accelerator,
-                                     prepare, progress)
+                                     prepare, progress, resume_run)
 from tec_pipeline.train.schedule import make_schedule
 
 
@@ -44,9 +43,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, stop_after: Optional
         run, step, val_loader = setup_run(cfg, accelerator, path, train_set, val_set, len(data["classes"]), encoder)
         identity, scores = finetune_identity(settings, data), EpochScores()
         if resume:
-            check_resumable(path, identity)
-            state = load_checkpoint(run.ckpt_path)
-            run.step = run.last_saved = restore_state(state, accelerator, run.model, run.optimizer, run.ckpt_path)
+            state = resume_run(run, identity)
             scores = EpochScores(list(state["history"]), state["hits"])
         if accelerator.is_main_process:
             write_json(path / IDENTITY_FILE, identity, "the run's identity")

@@ -22,13 +22,12 @@ from tec_pipeline.files import write_json
 from tec_pipeline.models.tec import TECModel, count_parameters
 from tec_pipeline.step import tec_losses
 from tec_pipeline.train.batches import TargetReader
-from tec_pipeline.train.checkpoint import (CHECKPOINT, IDENTITY_FILE, check_resumable, load_checkpoint, restore_state,
-                                           run_dir, run_identity)
+from tec_pipeline.train.checkpoint import CHECKPOINT, IDENTITY_FILE, run_dir, run_identity
 from tec_pipeline.train.data import TrainData, open_data
 from tec_pipeline.train.loader import EpochPlanner, PlannedBatches, batch_loader, mask_noise
 from tec_pipeline.train.log import RunLog, scalars, start_lines
 from tec_pipeline.train.loop import (PRECISIONS, LoopSettings, Run, TECStep, compiled, end_run, last_step,
-                                     make_accelerator, prepare, progress, train_tec)
+                                     make_accelerator, prepare, progress, resume_run, train_tec)
 from tec_pipeline.train.model import check_arch_sizes, effective_targets, new_model, step_graph
 from tec_pipeline.train.monitor import PICTURE, Monitor, base_loader
 from tec_pipeline.train.schedule import make_schedule, param_groups
@@ -57,9 +56,7 @@ def run_train(cfg: Config, resume: bool = False, stop_after: Optional[int] = Non
                           run.schedule.steps_per_epoch, str(path / PICTURE)) if m.train or m.val else None
         identity = run_identity(settings, data.identity, cached=data.source == "cache", renderer=data.loader)
         if resume:
-            check_resumable(path, identity)
-            state = load_checkpoint(run.ckpt_path)
-            run.step = run.last_saved = restore_state(state, accelerator, run.model, run.optimizer, run.ckpt_path)
+            state = resume_run(run, identity)
             if monitor is not None:
                 monitor.load_state(state.get("monitor"), run.step)
         if accelerator.is_main_process:

@@ -178,14 +178,9 @@ def save_state(path: Path, accelerator, model, optimizer, step: int, stored: dic
         atomic_save({**training_state(accelerator, model, optimizer, step), **stored}, path, what)
 
 
-def restore(path: Path, accelerator, model, optimizer) -> int:
-    """Load a checkpoint's weights, AdamW moments, loss scaler and RNG; returns its step."""
-    return restore_state(load_checkpoint(path), accelerator, model, optimizer, path)
-
-
 def restore_state(state: dict, accelerator, model, optimizer, path: Path | str = CHECKPOINT) -> int:
-    """`restore` from an already loaded checkpoint (a run that keeps more in it reads it once);
-    `path`, the file it was read from, is named where it does not fit this run's model."""
+    """Load a read checkpoint's weights, AdamW moments, loss scaler and RNG into the run; returns its
+    step. `path`, the file it was read from, is named where it does not fit this run's model."""
     own = accelerator.unwrap_model(model)
     saved = state.get("model")
     why = other_weights(own.state_dict(), saved) if isinstance(saved, dict) else "no model weights in it"

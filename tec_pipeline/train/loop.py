@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..config import TargetConfig
 from ..errors import UserError
 from ..views import normalize
-from .checkpoint import save_state
+from .checkpoint import check_resumable, load_checkpoint, restore_state, save_state
 from .data import TrainData
 from .log import Meter, RunLog, tracker
 from .monitor import Monitor
@@ -221,6 +221,15 @@ def save(run: Run, extra: dict, what: str = "the training checkpoint") -> None:
     """The checkpoint of step `run.step`, atomically: training state, `run.stored` and `extra`."""
     save_state(run.ckpt_path, run.accelerator, run.model, run.optimizer, run.step, {**run.stored, **extra}, what)
     run.last_saved = run.step
+
+
+def resume_run(run: Run, identity: dict) -> dict:
+    """Continue the run from its checkpoint: refused if its `identity` changed (`check_resumable`),
+    then the model, optimizer, rng and step restored. Returns the checkpoint, for what else it keeps."""
+    check_resumable(run.ckpt_path.parent, identity)
+    state = load_checkpoint(run.ckpt_path)
+    run.step = run.last_saved = restore_state(state, run.accelerator, run.model, run.optimizer, run.ckpt_path)
+    return state
 
 
 def watch(run: Run, monitor: Monitor, meter: Meter, log: RunLog) -> None:
