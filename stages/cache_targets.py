@@ -37,12 +37,12 @@ from tec_pipeline.data import open_source
 from tec_pipeline.cache_targets.view_dataset import BatchViews, ViewDataset
 from tec_pipeline.render import open_renderer, resolve_loader
 from tec_pipeline.cache_targets.drift import drift_to_others
-from tec_pipeline.cache_targets.growth import adopt_parts, finish_growth
 from tec_pipeline.cache_targets.loop import compute_shards
-from tec_pipeline.cache_targets.processes import gather, on_main, open_for_writing, process_state, split_pending
+from tec_pipeline.cache_targets.processes import gather, open_for_writing, process_state, split_pending
 from tec_pipeline.cache_targets.pq_fit import feat_codec
 from tec_pipeline.cache_targets.settings import cache_meta, check_base, check_settings, images_per_batch
-from tec_pipeline.cache_targets.summary import finish_cache, merge_summaries, print_repairs, print_summary
+from tec_pipeline.cache_targets.summary import (finish_cache, finish_growth, merge_summaries, print_repairs,
+                                               print_summary)
 
 
 def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = False) -> dict:
@@ -70,9 +70,8 @@ def run_cache_targets(cfg: Config, overwrite: bool = False, dry_run: bool = Fals
     with open_for_writing(url, meta, overwrite, state) as writer:  # rank 0 holds the cache's lock
         writer.direct_io = cfg.cache.direct_io
         print_repairs(writer.repaired, url)
-        if growth:
-            on_main(lambda: adopt_parts(writer, cfg.cache.path), state)  # pq: the parts the cache fitted once
-        feat_codec(cfg, writer, dataset, views_of, forward, state)  # a pq cache's parts: recorded before any shard
+        # a pq cache's parts, recorded before any shard: a view part takes the cache's own
+        feat_codec(cfg, writer, dataset, views_of, forward, state, grows=cfg.cache.path if growth else None)
         pending, mine = split_pending(writer, state)
         local = compute_shards(cfg, writer, dataset, forward, mine, state, views_of)
         state.wait_for_everyone()

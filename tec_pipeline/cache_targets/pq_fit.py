@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..cache.pq import FIT_SEED, FIT_VIEWS, PqCodec, fit_pq
+from ..cache.store import open_cache
 from ..config import Config
 from .view_dataset import BatchViews, ViewDataset, view_loader
 from ..errors import UserError
@@ -50,17 +51,22 @@ def fit_features(cfg: Config, dataset: ViewDataset, views_of: BatchViews, forwar
     return feat
 
 
-def feat_codec(cfg: Config, writer, dataset: ViewDataset, views_of: BatchViews, forward, state) -> Optional[PqCodec]:
+def feat_codec(cfg: Config, writer, dataset: ViewDataset, views_of: BatchViews, forward, state,
+               grows: Optional[str] = None) -> Optional[PqCodec]:
     """The cache's pq parts for this run (None unless ``cache.feat_dtype=pq``): the recorded ones
     where the cache has them, else fitted by process 0 (seed ``pq.FIT_SEED``) and recorded before
-    any shard is written; the other processes then read them."""
+    any shard is written; the other processes then read them. A view part of the complete cache
+    `grows` records that cache's parts instead: the added views' codes mean what the first views'
+    mean, and nothing is fitted again."""
     if writer.meta["feat_dtype"] != "pq":
         return None
 
     def fit_and_record() -> None:
         if writer.feat_codec is None:
-            feat = fit_features(cfg, dataset, views_of, forward, fit_images(len(dataset), cfg.data.views))
-            writer.record_feat_codec(fit_pq(feat, cfg.cache.pq_subvectors, FIT_SEED))
+            codec = open_cache(grows).feat_codec if grows else fit_pq(
+                fit_features(cfg, dataset, views_of, forward, fit_images(len(dataset), cfg.data.views)),
+                cfg.cache.pq_subvectors, FIT_SEED)
+            writer.record_feat_codec(codec)
 
     on_main(fit_and_record, state)
     return writer.feat_codec if state.is_main_process else writer.load_feat_codec()

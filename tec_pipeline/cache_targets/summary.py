@@ -1,10 +1,12 @@
 """What stage one reports: progress while it runs, undecodable images, and the run's summary,
-which rank 0 prints and records in the cache when it marks it complete.
+which rank 0 prints and records in the cache when it marks it complete (a view part: when it
+records the part in the cache it grows).
 """
 from __future__ import annotations
 
 from tqdm import tqdm
 
+from ..cache.growth import Growth, lineage, record_growth
 from ..cache.schema import read_markers
 from ..cache.storage import fs_root
 from ..cache.store import open_cache
@@ -56,6 +58,13 @@ def finish_cache(url: str, writer, summary: dict, pending: int, source) -> dict:
                                 key=lambda s: s["index"])
     writer.finalize(summary)
     return summary
+
+
+def finish_growth(url: str, growth: Growth) -> str:
+    """Rank 0: record the complete view part in the cache `url` (one atomic write of its metadata
+    file); returns the lineage of views the cache now reads as."""
+    fs, root = fs_root(url)
+    return lineage(record_growth(fs, root, growth))
 
 
 def earlier_skips(url: str, now: list[dict], source) -> list[dict]:
