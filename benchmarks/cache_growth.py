@@ -27,17 +27,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tec_pipeline.stages.cache_targets import run_cache_targets  # noqa: E402
 from tec_pipeline.cache.growth import PART_PREFIX, part_name  # noqa: E402
+from tec_pipeline.cache.reader import equal_arrays  # noqa: E402
 from tec_pipeline.cache.store import open_cache  # noqa: E402
 from tec_pipeline.config import load_config  # noqa: E402
 from tec_pipeline.demo.data import build_demo_data  # noqa: E402
-from tec_pipeline.demo.settings import demo_data_settings  # noqa: E402
+from tec_pipeline.demo.settings import demo_data_settings, demo_subset  # noqa: E402
 from tec_pipeline.errors import UserError  # noqa: E402
 from tec_pipeline.places import CACHE_FILE  # noqa: E402
 
@@ -58,18 +57,6 @@ def timed_cache(url: Path, views: int, data: list[str]) -> float:
     start = time.perf_counter()
     run_cache_targets(load_config(CONFIG, settings(url, views, data)))
     return time.perf_counter() - start
-
-
-def demo_subset(out: Path, count: int) -> Path:
-    """`count` of the demo's training digits, evenly spaced in its (class-sorted) order, as an ImageFolder."""
-    from tec_pipeline.data.sources import ImageFolderSource
-
-    source, folder = ImageFolderSource("data/demo/train"), out / f"images{count}"
-    for i in range(count):
-        name = source.files[i * len(source) // count]
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path("data/demo/train") / name, folder / name)
-    return folder
 
 
 def kill_growth(url: Path, after: int, data: list[str]) -> dict:
@@ -96,17 +83,6 @@ def kill_growth(url: Path, after: int, data: list[str]) -> dict:
             "returncode": proc.returncode}
 
 
-def same_views(grown: Path, once: Path) -> dict[str, bool]:
-    """Per stored array: views 2-3 of the grown cache equal those of the cache made at once (and 0-1 too)."""
-    a, b = open_cache(str(grown)), open_cache(str(once))
-    equal: dict[str, bool] = {}
-    for shard in range(a.num_shards):
-        x, y = a.read_shard(shard), b.read_shard(shard)
-        for name in x:
-            equal[name] = equal.get(name, True) and np.array_equal(x[name], y[name])
-    return equal
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/cache_growth"))
@@ -119,7 +95,7 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     data = [f"cache.images_per_shard={args.per_shard}"]
     if args.images:
-        data += ["data.kind=imagefolder", f"data.path={demo_subset(args.out, args.images)}"]
+        data += ["data.kind=imagefolder", f"data.path={demo_subset(Path('data/demo'), args.out, args.images)}"]
     grown, once = args.out / "grown.zarr", args.out / "once.zarr"
     result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_at_start": os.getloadavg()[0],
                     "images": args.images or 5000, "images_per_shard": args.per_shard}
@@ -133,7 +109,7 @@ def main() -> None:
     result["v2_files"] = len(before)
     result["v2_files_unchanged"] = digests(grown) == before
     result["make_v4_at_once_s"] = timed_cache(once, 4, data)
-    result["equal_to_made_at_once"] = same_views(grown, once)
+    result["equal_to_made_at_once"] = equal_arrays(open_cache(str(grown)), open_cache(str(once)))
     result["lineage"] = open_cache(str(grown)).meta["lineage"]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")

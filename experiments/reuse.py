@@ -23,19 +23,16 @@ and the summary is rewritten after every seed, so a partial run keeps what finis
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, Optional
-
-import numpy as np
 
 from experiments.costs_report import format_costs, margins_to_reference, summarize_costs
 from experiments.reuse_report import first_resolved
 from tec_pipeline.config import Config
 from tec_pipeline.demo.evaluation import evaluate_on_demo
 from tec_pipeline.demo.report import Timer
-from tec_pipeline.demo.settings import demo_configs, demo_data_settings
+from tec_pipeline.demo.settings import demo_configs, demo_data_settings, demo_subset
 from tec_pipeline.errors import UserError
 from tec_pipeline.files import write_json
 from tec_pipeline.stages.demo import run_train_and_export
@@ -59,26 +56,6 @@ REFERENCE = "fresh"
 def reuse_of(arm: Arm) -> float:
     """How many times each cached view is seen: epochs / views (1 for fresh crops)."""
     return 1.0 if arm.views is None else EPOCHS / arm.views
-
-
-def subset_folder(out: Path, data_root: Path, count: int = IMAGES) -> Path:
-    """`count` training digits evenly spaced in the demo's (class-sorted) order, copied to an
-    ImageFolder under `out` once; every arm and seed trains on these images."""
-    from tec_pipeline.data.sources import ImageFolderSource
-
-    folder = out / f"images{count}"
-    if (folder / "done").is_file():
-        return folder
-    source = ImageFolderSource(data_root / "train")
-    tmp = out / f"images{count}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished copy (no `done` marker in `folder`)
-    for i in range(count):
-        name = source.files[i * len(source) // count]
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(data_root / "train" / name, tmp / name)
-    tmp.rename(folder)
-    (folder / "done").write_text("")
-    return folder
 
 
 def arm_config(out: Path, seed: int, name: str, images: Path) -> Config:
@@ -131,11 +108,11 @@ def scored_arm(out: Path, seed: int, name: str, images: Path, data_root: Path) -
 def grown_check(out: Path, seed: int) -> dict:
     """The grown arm against the V=24 arm made in one go: every stored array of the two caches,
     and the losses of every logged step of the two runs (equal, not close: the same training)."""
+    from tec_pipeline.cache.reader import equal_arrays
     from tec_pipeline.cache.store import open_cache
 
     caches = [open_cache(str(out / "caches" / f"seed{seed}-V24{tail}.zarr")) for tail in ("", "-grown")]
-    shards = [[c.read_shard(shard) for c in caches] for shard in range(caches[0].num_shards)]
-    same_arrays = all(np.array_equal(a[name], b[name]) for a, b in shards for name in a)
+    same_arrays = all(equal_arrays(*caches).values())
     logs = [[{k: v for k, v in json.loads(line).items() if k.startswith("loss")}
              for line in (out / f"seed{seed}" / name / "log.jsonl").read_text().splitlines()]
             for name in ("V24", "V24-grown")]
@@ -159,7 +136,7 @@ def run_reuse(seeds: list[int], out: str | Path = "runs/reuse", only: Optional[l
     out, names = Path(out), checked_arms(only)
     data_root = Path(demo_configs(out, seeds[0], [])[0].data.path)
     build_demo_data(data_root, **demo_data_settings())
-    images = subset_folder(out, data_root)
+    images = demo_subset(data_root, out, IMAGES)
     rows: dict[int, dict] = {}
     result: dict = {}
     for seed in seeds:

@@ -21,6 +21,7 @@ from tec_pipeline.stages.train import run_train
 from tec_pipeline.stages.verify import verify_cache
 from tec_pipeline.cache.growth import PART_PREFIX
 from tec_pipeline.cache.inspect import describe_cache
+from tec_pipeline.cache.reader import equal_arrays
 from tec_pipeline.cache.store import open_cache
 from tec_pipeline.errors import UserError
 from tec_pipeline.train.log import HARMLESS_REUSE, reuse_lines, view_reuse
@@ -83,6 +84,8 @@ def test_a_pq_cache_grows_with_the_parts_it_fitted_once(images, tmp_path, store)
     reader, part = open_cache(str(grown)), open_cache(str(grown / "views-2-4"))
     digest = reader.meta["identity"]["cache"]["pq_parts_sha256"]
     assert part.meta["identity"]["cache"]["pq_parts_sha256"] == digest  # not fitted again
+    equal = equal_arrays(reader, open_cache(str(once)))  # the studies' comparison: here all but feat agree
+    assert equal == {key: key != "feat" for key in equal} and {"feat", "crop", "attn"} <= set(equal)
     exact = tmp_path / "exact.zarr"
     run_cache_targets(config(exact, images, f"cache.store={store}", "data.views=4", "cache.feat_dtype=float32",
                              "cache.attn_dtype=float32"))

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 from experiments.reuse import ARMS, BATCH, EPOCHS, IMAGES, arm_config, checked_arms, reuse_of
+from helpers import write_images
+from tec_pipeline.data.sources import ImageFolderSource
+from tec_pipeline.demo.settings import demo_subset
 from tec_pipeline.errors import UserError
 from tec_pipeline.train.log import view_reuse
 from tec_pipeline.train.schedule import make_schedule
@@ -61,3 +64,20 @@ def test_a_cost_is_resolved_only_when_every_seed_loses_and_two_intervals_exclude
     table = markdown_table(result).splitlines()
     assert [line.split(" | ")[0] for line in table[2:]] == ["| fresh", "| V3", "| V1"]  # by reuse
     assert "**-3.0 (-5.0 to -1.0)**" in table[3] and "+1.0 (-1.0 to +3.0)" in table[3]
+
+
+def test_the_subset_is_evenly_spaced_copied_once_and_remade_when_cut_short(tmp_path):
+    """Files 0, 2, 5 and 7 of 10 in the class-sorted order; a finished copy is not made again (its
+    source may even be gone); our own copy cut short (no done marker) is made again."""
+    root = tmp_path / "demo"
+    write_images(root / "train", 10, size=(8, 8), classes=2)
+    every = ImageFolderSource(root / "train").files
+    folder = demo_subset(root, tmp_path / "out", 4)
+    assert ImageFolderSource(folder).files == [every[i] for i in (0, 2, 5, 7)]
+    assert (folder / every[5]).read_bytes() == (root / "train" / every[5]).read_bytes()
+    (folder / every[0]).unlink()
+    assert demo_subset(tmp_path / "gone", tmp_path / "out", 4) == folder  # finished: kept as it is
+    cut = tmp_path / "out" / "images3.tmp"
+    write_images(cut / "c0", 1, size=(8, 8))  # a copy killed half-way: no images3/, no done marker
+    remade = demo_subset(root, tmp_path / "out", 3)
+    assert ImageFolderSource(remade).files == [every[i] for i in (0, 3, 6)] and not cut.exists()

@@ -7,6 +7,7 @@ so the demo runs from a checkout.
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,3 +42,23 @@ def demo_data_settings() -> dict:
     Fixed on purpose: every demo seed and the shipped base see the same images.
     """
     return {"train_size": 5000, "test_size": 1000, "difficulty": 0.5, "seed": 0}
+
+
+def demo_subset(data_root: Path, out: Path, count: int) -> Path:
+    """`count` of the demo's training digits (``data_root/train``), evenly spaced in its class-sorted
+    order, copied once to the ImageFolder ``out/images{count}``: a copy cut short has no ``done``
+    marker and is made again from our own temporary folder."""
+    from ..data.sources import ImageFolderSource
+
+    folder, tmp = out / f"images{count}", out / f"images{count}.tmp"
+    if (folder / "done").is_file():
+        return folder
+    source = ImageFolderSource(data_root / "train")
+    shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished copy
+    for i in range(count):
+        name = source.files[i * len(source) // count]
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data_root / "train" / name, tmp / name)
+    tmp.rename(folder)
+    (folder / "done").write_text("")
+    return folder
