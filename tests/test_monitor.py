@@ -147,8 +147,8 @@ def test_two_processes_give_the_score_of_one(world, tmp_path):
 # ---------------------------------------------------------------- a watched run
 def test_the_base_is_scored_once_and_every_record_holds_it(world, tmp_path, monkeypatch):
     calls = []
-    real = monitor_module.load_base_model
-    monkeypatch.setattr(monitor_module, "load_base_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = monitor_module.run_base  # the monitor's way to its base (the run's init loads it too)
+    monkeypatch.setattr(monitor_module, "run_base", lambda *a: calls.append(a) or real(*a))
     out = tmp_path / "run"
     run_train(watched(world, out), reader=world["cache"])
     records = monitor_records(out)
@@ -184,8 +184,8 @@ def test_a_resume_continues_the_history_exactly(world, tmp_path, monkeypatch):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run_train(watched(world, whole), reader=world["cache"])
     calls = []
-    real = monitor_module.load_base_model
-    monkeypatch.setattr(monitor_module, "load_base_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = monitor_module.run_base  # the monitor's way to its base (the run's init loads it too)
+    monkeypatch.setattr(monitor_module, "run_base", lambda *a: calls.append(a) or real(*a))
     run_train(watched(world, parts), reader=world["cache"], stop_after=5)
     assert [r["step"] for r in monitor_records(parts)] == [0, 2, 4]
     run_train(watched(world, parts), resume=True, reader=world["cache"])

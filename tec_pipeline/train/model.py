@@ -28,6 +28,20 @@ def base_arch(cfg: Config, meta: Optional[dict]) -> ViTArch:
     return ViTArch(**recorded) if recorded else cfg.base.arch
 
 
+def base_checkpoint(cfg: Config, data: TrainData) -> Optional[str]:
+    """The base's weights: ``base.checkpoint``, else the checkpoint the cache records it was made
+    with (a cached run may name no base); None where the run has neither."""
+    return cfg.base.checkpoint or ((data.meta or {}).get("base") or {}).get("checkpoint")
+
+
+def run_base(cfg: Config, data: TrainData, checkpoint: Optional[str]):
+    """The run's frozen base: the online run's, already loaded, else `checkpoint` (`base_checkpoint`)
+    built at `base_arch` and ``data.img_size``."""
+    if data.base is not None:
+        return data.base
+    return load_base_model(base_arch(cfg, data.meta), checkpoint, img_size=cfg.data.img_size)
+
+
 def effective_targets(cfg: Config) -> TargetConfig:
     """The target settings a run uses: pixels (MAE) have no attention target and no norm choice."""
     if cfg.targets.source == "pixels":
@@ -85,12 +99,10 @@ def new_model(cfg: Config, data: TrainData):
     check_request(data.spec, img_size=cfg.data.img_size, num_patches=model.encoder.patch_embed.num_patches,
                   k=t.k, attention=t.attention, what="the cache" if data.source == "cache" else "the base model")
     if cfg.model.init_from_base:
-        # a cached run may name no base: the cache records the checkpoint it was made with
-        checkpoint = cfg.base.checkpoint or ((data.meta or {}).get("base") or {}).get("checkpoint")
+        checkpoint = base_checkpoint(cfg, data)
         if not checkpoint:
             raise UserError("model.init_from_base=true needs base.checkpoint (the base model's weights)")
-        base = data.base or load_base_model(base_arch(cfg, data.meta), checkpoint, img_size=cfg.data.img_size)
-        init_from_base(model, base, checkpoint)
+        init_from_base(model, run_base(cfg, data, checkpoint), checkpoint)
     if cfg.model.init_checkpoint:
         init_from_checkpoint(model, cfg.model.init_checkpoint)
     return model, kwargs

@@ -41,11 +41,10 @@ from ..errors import UserError
 from ..evaluate.features import encoder_img_size, image_batches, labelled_split, pool_features
 from ..evaluate.protocols import choose_probe_C, knn_predict
 from ..evaluate.report import score_features
-from ..models.base import load_base_model
 from ..models.tec import encoder_state
 from ..views import normalize
 from .log import RunLog
-from .model import base_arch
+from .model import base_checkpoint, run_base
 
 
 @dataclass
@@ -151,12 +150,10 @@ def base_loader(cfg: Config, data) -> Optional[Callable]:
     """How to get the run's base for its one evaluation: the online run's loaded base, else the
     checkpoint ``base.checkpoint`` names or the cache recorded; None where the run has no base
     (pixel targets without ``base.checkpoint``)."""
-    if data.base is not None:
-        return lambda: data.base
-    checkpoint = cfg.base.checkpoint or ((data.meta or {}).get("base") or {}).get("checkpoint")
-    if not checkpoint:
+    checkpoint = base_checkpoint(cfg, data)
+    if data.base is None and not checkpoint:
         return None
-    return lambda: load_base_model(base_arch(cfg, data.meta), checkpoint, img_size=cfg.data.img_size)
+    return lambda: run_base(cfg, data, checkpoint)
 
 
 class Monitor:
