@@ -41,6 +41,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, stop_after: Optional
     try:
         train_set, val_set, data = open_splits(cfg)
         run, step, val_loader = setup_run(cfg, accelerator, path, train_set, val_set, len(data["classes"]), encoder)
+        del encoder  # the classifier holds its weights now: the read copy is not kept for the whole run
         identity, scores = finetune_identity(settings, data), EpochScores()
         if resume:
             state = resume_run(run, identity)

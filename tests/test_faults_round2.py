@@ -267,17 +267,36 @@ def test_finetunes_resolved_sizes_are_refused_before_the_splits_are_listed(tmp_p
 def test_linprobe_takes_a_training_runs_architecture_from_its_checkpoint(images, held_out, pixels_checkpoint, tmp_path,
                                                                        monkeypatch):
     """A run's checkpoint.pt records its model (patch 8, width 32): model.arch (timm's patch 16 default)
-    is not consulted, as for an export. The file (about 3x its weights) is read once."""
+    is not consulted, as for an export. The file (about 3x its weights) is read once, and the weights
+    read are not held once the classifier has them."""
+    import gc
+    import weakref
+
     from tec_pipeline.models import checkpoints
+    from tec_pipeline.stages import finetune
 
     reads, torch_load = [], checkpoints.torch_load
     monkeypatch.setattr(checkpoints, "torch_load", lambda path: reads.append(path) or torch_load(path))
+    read, held, read_encoder, train = [], [], finetune.read_encoder, finetune.train_classifier
+
+    def reading(*args):
+        encoder = read_encoder(*args)
+        read.append(weakref.ref(next(iter(encoder.state.values()))))
+        return encoder
+
+    def training(*args):
+        gc.collect()
+        held.append(read[0]() is not None)
+        return train(*args)
+
+    monkeypatch.setattr(finetune, "read_encoder", reading)
+    monkeypatch.setattr(finetune, "train_classifier", training)
     result = invoke("linprobe", f"model.checkpoint={pixels_checkpoint / 'checkpoint.pt'}", f"data.train={images}",
                     f"data.val={held_out}", "data.img_size=32", "data.batch_size=4", "data.num_workers=0",
                     "optim.epochs=1", "optim.warmup_epochs=0", f"output={tmp_path / 'lp'}")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "lp" / "result.json").is_file()
-    assert reads == [pixels_checkpoint / "checkpoint.pt"]
+    assert reads == [pixels_checkpoint / "checkpoint.pt"] and held == [False]
 
 
 def test_an_image_size_the_checkpoints_patch_does_not_divide_is_refused(images, held_out, pixels_checkpoint, tmp_path):
