@@ -108,11 +108,17 @@ def read_view(cache: str | Path, image: int, view: int) -> dict[str, np.ndarray]
     if not (0 <= image < meta["num_images"] and 0 <= view < views):
         raise SystemExit(f"{cache}: (image {image}, view {view}) outside {meta['num_images']} x {views}")
     parts = pq_parts(cache, meta) if meta["feat_dtype"] == "pq" else None  # fitted once, for every view part
+    have = meta["views"]
     for part in doc.get("grown", []):  # a grown cache's views first..end-1: a view part, a cache of its own
         first, end = part["views"]
+        if first != have or end <= first or part["path"] != f"views-{first}-{end}":  # contiguous, inside the cache
+            raise SystemExit(f"{cache}: tec_cache.json lists the view part {part} after {have} views")
+        have = end
         if first <= view < end:
-            cache, view = cache / part["path"], view - first
+            root, cache, view = cache, cache / part["path"], view - first
             doc = read_metadata(cache)
+            if any(doc["meta"][key] != meta[key] for key in ("num_images", "images_per_shard")):
+                raise SystemExit(f"{cache}: its images or shards are not those of {root}")
             meta = doc["meta"]
     shard = image // meta["images_per_shard"]
     if not (doc["complete"] or (cache / "_done" / f"shard-{shard:05d}.json").exists()):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import shutil
 import re
 import tarfile
 from pathlib import Path
@@ -297,6 +298,23 @@ def test_the_standalone_reader_reads_a_grown_cache_as_the_library_does(caches):
                 for name, value in ours.items():
                     tolerance = PQ_ATOL if name == "feat" and kind.endswith("pq") else 0
                     np.testing.assert_allclose(theirs[name], value, rtol=0, atol=tolerance, err_msg=f"{kind} {name}")
+
+
+def test_the_standalone_reader_refuses_a_grown_list_or_part_unlike_the_format(caches, tmp_path):
+    url = shutil.copytree(caches["webdataset-int8"], tmp_path / "c")
+    doc, example = json.loads((url / "tec_cache.json").read_text()), load_example()
+    for entry in ({"views": [2, 3], "path": "../other"}, {"views": [3, 4], "path": "views-3-4"}):
+        (url / "tec_cache.json").write_text(json.dumps({**doc, "grown": [entry]}))
+        with pytest.raises(SystemExit, match=r": tec_cache.json lists the view part .* after 2 views$"):
+            example.read_view(url, 0, 0)
+    (url / "tec_cache.json").write_text(json.dumps(doc))
+    part_file = url / "views-2-3" / "tec_cache.json"
+    part = json.loads(part_file.read_text())
+    part["meta"]["images_per_shard"] += 1  # another writer's part, sharded unlike the cache
+    part_file.write_text(json.dumps(part))
+    assert example.read_view(url, 0, 1)["crop"].shape == (5,)  # the cache's own views still read
+    with pytest.raises(SystemExit, match=rf"views-2-3: its images or shards are not those of {url}$"):
+        example.read_view(url, 0, 2)
 
 
 def test_the_spec_names_every_webdataset_member_and_sample_key(caches):

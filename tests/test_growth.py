@@ -166,3 +166,27 @@ def test_reuse_is_views_seen_over_views_cached_and_warns_above_the_studied_range
     assert len(far) == 2 and "warning" in far[1]
     views = int(far[1].split("data.views=")[1].split()[0])
     assert view_reuse(1600 * 312, 4096, 1_281_167, views) <= HARMLESS_REUSE < view_reuse(1600 * 312, 4096, 1_281_167, views - 1)
+
+
+def test_a_grown_list_or_a_part_unlike_the_cache_is_refused_in_one_line(images, tmp_path):
+    """`grown` is part of the public format, and another writer may get it wrong: an entry that
+    skips views or points out of the cache is refused before any part is opened; a listed part
+    whose own metadata differs from the cache's (here its seed: other crops) is refused naming the
+    key, where its views would be read as views of this cache."""
+    url = tmp_path / "c.zarr"
+    run_cache_targets(config(url, images))
+    run_cache_targets(config(url, images, "data.views=4"))
+    meta_file, part_file = url / "tec_cache.json", url / "views-2-4" / "tec_cache.json"
+    doc, part = json.loads(meta_file.read_text()), json.loads(part_file.read_text())
+    for entry in ({"views": [3, 4], "path": "views-3-4"}, {"views": [2, 4], "path": "../once.zarr"}):
+        meta_file.write_text(json.dumps({**doc, "grown": [entry]}))
+        with pytest.raises(UserError, match=rf"^cache {url}: tec_cache.json lists the view part .* after 2 views; "
+                                            r"expected \{'views': \[2, <stop>\], 'path': 'views-2-<stop>'\}$"):
+            open_cache(str(url))
+    meta_file.write_text(json.dumps(doc))
+    assert open_cache(str(url)).views == 4
+    part["meta"]["identity"]["seed"] += 1
+    part_file.write_text(json.dumps(part))
+    with pytest.raises(UserError, match=rf"^cache {url}: its view part views-2-4 records seed=1, the cache 0: "
+                                        "not a part of this cache$"):
+        open_cache(str(url))

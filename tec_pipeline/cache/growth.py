@@ -30,7 +30,8 @@ import numpy as np
 
 from ..files import write_bytes
 from .reader import CacheReader, ShardBuffer
-from .schema import META_FILE, VIEW_ARRAYS, cache_difference, dump_json, with_recorded_parts
+from .schema import (META_FILE, VIEW_ARRAYS, CacheCorruptError, cache_difference, dump_json, short_value,
+                     with_recorded_parts)
 from .storage import join, read_json
 
 PART_PREFIX = "views-"
@@ -91,11 +92,44 @@ def growth_of(url: str, doc: dict, meta: dict) -> Optional[Growth]:
     # the reopen's own comparison; a run that grows a pq cache reuses the parts it records
     if cache_difference(doc["meta"], with_recorded_parts(made, doc["meta"])) is not None:
         return None
-    part = with_views(meta, want - have)
-    part["identity"]["data"]["first_view"] = have
-    part["first_view"] = have
+    return Growth(have, want, join_url(url, part_name(have, want)), part_meta(meta, have, want))
+
+
+def part_meta(meta: dict, first: int, stop: int) -> dict:
+    """The metadata of the view part of views [first, stop) of a cache of `meta`: the cache's, with
+    the part's view count and its first view (``first_view``, and ``data.first_view`` in its identity)."""
+    part = with_views(meta, stop - first)
+    part["identity"]["data"]["first_view"] = first
+    part["first_view"] = first
     part["store_images"] = False  # the source images are the cache's own, stored once
-    return Growth(have, want, join_url(url, part_name(have, want)), part)
+    return part
+
+
+def check_grown(url: str, doc: dict) -> None:
+    """The parts a cache's metadata file lists under ``grown`` (before any is opened): each named
+    ``views-<first>-<stop>`` by its own views, the first starting at the cache's ``meta.views``
+    and each where the one before stops. Another writer's list that skipped, overlapped or pointed
+    elsewhere would be read as views it does not hold; refused in one line naming the entry."""
+    have = int(doc["meta"]["views"])
+    for entry in grown_parts(doc):
+        views, path = entry.get("views"), entry.get("path")
+        ok = isinstance(views, list) and len(views) == 2 and all(isinstance(v, int) for v in views)
+        if not ok or views[0] != have or views[1] <= have or path != part_name(*views):
+            raise CacheCorruptError(f"cache {url}: {META_FILE} lists the view part {entry} after {have} views; "
+                                    f"expected {{'views': [{have}, <stop>], 'path': '{PART_PREFIX}{have}-<stop>'}}")
+        have = views[1]
+
+
+def check_part(url: str, doc: dict, entry: dict, part: CacheReader) -> None:
+    """A listed part's own metadata is the cache's but for its views (`part_meta`): same images,
+    shards, targets, storage and identity. Refused in one line naming the part and the first key
+    that differs, where the part's shards would otherwise be read misaligned with the cache's."""
+    first, stop = entry["views"]
+    diff = cache_difference(part_meta(doc["meta"], first, stop), part.meta)
+    if diff is not None:
+        key, want, found = diff
+        raise CacheCorruptError(f"cache {url}: its view part {entry['path']} records {key}={short_value(found, want)}, "
+                                f"the cache {short_value(want, found)}: not a part of this cache")
 
 
 def join_url(url: str, name: str) -> str:

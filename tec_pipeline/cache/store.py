@@ -14,7 +14,8 @@ import os
 from ..errors import UserError
 from ..files import is_local, write_bytes
 from ..places import check_cache_place
-from .growth import Growth, GrownReader, grown_parts, growth_of, join_url, recorded_views, with_views
+from .growth import (Growth, GrownReader, check_grown, check_part, grown_parts, growth_of, join_url, recorded_views,
+                     with_views)
 from .lock import CacheLock
 from .owned import damaged_shards, remove_own_files, unproven_files
 from .reader import CacheReader
@@ -181,5 +182,8 @@ def open_cache(url: str) -> CacheReader:
         made = _READERS[doc["meta"]["store"]](url, fs, root, doc)
         if not grown_parts(doc):
             return made
-        parts = [open_cache(join_url(url, part["path"])) for part in grown_parts(doc)]
+        check_grown(url, doc)
+        parts = [open_cache(join_url(url, entry["path"])) for entry in grown_parts(doc)]
+        for entry, part in zip(grown_parts(doc), parts):
+            check_part(url, doc, entry, part)
         return GrownReader([made, *parts])
