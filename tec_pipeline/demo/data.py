@@ -27,6 +27,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -292,13 +293,7 @@ def build_demo_data(root: str | Path, train_size: int = 5000, test_size: int = 1
     if manifest is not None and manifest.get("settings") == asdict(settings) and not overwrite:
         group_files(root)
         return manifest
-    occupied = manifest is not None or any((root / s).exists() for s in SPLITS)
-    if occupied and not overwrite and not _built_by_an_older_renderer(manifest):
-        if manifest is not None:
-            raise DemoDataError(f"{root}: demo data built with other settings ({manifest.get('settings')}); "
-                                f"pass overwrite to rebuild with {asdict(settings)}")
-        raise DemoDataError(f"{root}: holds train/ or test/ but no {MANIFEST} (not a complete demo build); "
-                            f"pass overwrite to replace it")
+    check_replaceable(root, manifest, settings, overwrite)
 
     glyphs, labels, photos = load_ingredients()
     sources = split_sources(labels, settings.seed, settings.test_fraction)
@@ -317,19 +312,37 @@ def build_demo_data(root: str | Path, train_size: int = 5000, test_size: int = 1
         shutil.rmtree(root / s, ignore_errors=True)
         (tmp / s).rename(root / s)
     tmp.rmdir()
-    manifest = {
-        "format": FORMAT,
-        "settings": asdict(settings),
-        "classes": [str(c) for c in range(NUM_CLASSES)],
-        "counts": {s: {"images": sizes[s], "source_digits": int(len(sources[s])),
-                       "per_class": np.bincount(labels[assigned[s]], minlength=NUM_CLASSES).tolist()}
-                   for s in SPLITS},
-        "source_digits": {s: sources[s].tolist() for s in SPLITS},
-        # Per image (by index within its split): the source digit rendered and its label.
-        "images": {s: {"source": assigned[s].tolist(), "label": labels[assigned[s]].tolist()} for s in SPLITS},
-    }
+    manifest = demo_manifest(settings, sources, assigned, labels)
     write_group_files(root, manifest)
     with (root / (MANIFEST + ".tmp")).open("w") as f:
         json.dump(manifest, f)
     (root / (MANIFEST + ".tmp")).rename(root / MANIFEST)
     return manifest
+
+
+def check_replaceable(root: Path, manifest: Optional[dict], settings: DemoSettings, overwrite: bool) -> None:
+    """A build may replace what `root` holds only if it holds nothing of a split, an older
+    renderer's build, or `overwrite` says so: the build deletes the splits it replaces."""
+    occupied = manifest is not None or any((root / s).exists() for s in SPLITS)
+    if not occupied or overwrite or _built_by_an_older_renderer(manifest):
+        return
+    if manifest is not None:
+        raise DemoDataError(f"{root}: demo data built with other settings ({manifest.get('settings')}); "
+                            f"pass overwrite to rebuild with {asdict(settings)}")
+    raise DemoDataError(f"{root}: holds train/ or test/ but no {MANIFEST} (not a complete demo build); "
+                        f"pass overwrite to replace it")
+
+
+def demo_manifest(settings: DemoSettings, sources: dict, assigned: dict, labels: np.ndarray) -> dict:
+    """The build's record: settings, classes, per split its counts and source digits, and per image
+    (by index within its split) the source digit rendered and its label."""
+    return {
+        "format": FORMAT,
+        "settings": asdict(settings),
+        "classes": [str(c) for c in range(NUM_CLASSES)],
+        "counts": {s: {"images": len(assigned[s]), "source_digits": int(len(sources[s])),
+                       "per_class": np.bincount(labels[assigned[s]], minlength=NUM_CLASSES).tolist()}
+                   for s in SPLITS},
+        "source_digits": {s: sources[s].tolist() for s in SPLITS},
+        "images": {s: {"source": assigned[s].tolist(), "label": labels[assigned[s]].tolist()} for s in SPLITS},
+    }
