@@ -265,6 +265,28 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the run's cache
     run_stage(run_demo, out, seed=seed, second_round=second_round, overrides=overrides or [], split=split_name(val))
 
 
+def ablation_items(items: List[str]) -> tuple[list[Path], list[str]]:
+    """`ablate`'s arguments as (ablation YAMLs, a directory's *.yaml sorted; key=value overrides)."""
+    paths: list[Path] = []
+    overrides: list[str] = []
+    for item in items:
+        p = Path(item)
+        if "=" in item and not p.exists():
+            overrides.append(item)
+        elif p.is_dir():
+            found = sorted(p.glob("*.yaml"))
+            if not found:
+                fail(f"{p}: no *.yaml ablation configs in this directory")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            fail(f"{item}: ablation config not found (expected a YAML, a directory of them, or key=value)")
+    if not paths:
+        fail("no ablation configs given (e.g. configs/ablations)")
+    return paths, overrides
+
+
 @command()
 def ablate(items: List[str] = typer.Argument(..., metavar="CONFIGS",
                                              help="Ablation YAMLs, or a directory of them (its *.yaml, sorted), "
@@ -286,23 +308,7 @@ def ablate(items: List[str] = typer.Argument(..., metavar="CONFIGS",
     With --finetune FT_CONFIG each trained row is exported and fine-tuned (OUTPUT/<stem>/finetune) and the
     table is top-1, also written to OUTPUT/finetune.json; finished fine-tunes are read back.
     """
-    paths: list[Path] = []
-    overrides: list[str] = []
-    for item in items:
-        p = Path(item)
-        if "=" in item and not p.exists():
-            overrides.append(item)
-        elif p.is_dir():
-            found = sorted(p.glob("*.yaml"))
-            if not found:
-                fail(f"{p}: no *.yaml ablation configs in this directory")
-            paths.extend(found)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            fail(f"{item}: ablation config not found (expected a YAML, a directory of them, or key=value)")
-    if not paths:
-        fail("no ablation configs given (e.g. configs/ablations)")
+    paths, overrides = ablation_items(items)
     _load(config, overrides)  # a bad --config or override: one line naming the key, before any run starts
     if "://" not in cache and not Path(cache).exists():
         fail(f"--cache {cache}: not found (run cache-targets first)")
