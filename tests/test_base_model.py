@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from helpers import TINY_BASE
 from tec_pipeline.config import ViTArch
-from tec_pipeline.models.base import EXPORT_FORMAT, CheckpointError, build_vit, load_base_model
+from tec_pipeline.models.base import EXPORT_FORMAT, CheckpointError, build_vit, load_base_model, read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +105,23 @@ def test_bad_checkpoint_is_one_clear_line(name, source, tmp_path):
         load_base_model(arch, path)
     message = str(info.value)
     assert expected in message and str(path) in message and "\n" not in message
+
+
+def test_reading_a_checkpoint_with_an_input_adapter_draws_no_random_numbers(tmp_path):
+    """Folding T' = MLP(T) into the cls token builds the MLP without an init: a fine-tune's head,
+    seeded before or after the read, starts the same either way."""
+    g = torch.Generator().manual_seed(0)
+    sd = {"cls_token": torch.randn(1, 1, 8, generator=g), "pos_embed": torch.randn(1, 5, 8, generator=g),
+          "cls_token_mlp.fc1.weight": torch.randn(32, 8, generator=g), "cls_token_mlp.fc1.bias": torch.randn(32, generator=g),
+          "cls_token_mlp.fc2.weight": torch.randn(8, 32, generator=g), "cls_token_mlp.fc2.bias": torch.randn(8, generator=g)}
+    torch.save({"model": sd}, tmp_path / "tec.pth")
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    read, entry, _ = read_checkpoint(tmp_path / "tec.pth")
+    assert torch.equal(torch.get_rng_state(), before) and entry == "model"
+    t = sd["cls_token"].double()
+    h = t @ sd["cls_token_mlp.fc1.weight"].double().T + sd["cls_token_mlp.fc1.bias"].double()
+    folded = (0.5 * h * (1 + torch.erf(h / 2 ** 0.5))) @ sd["cls_token_mlp.fc2.weight"].double().T \
+        + sd["cls_token_mlp.fc2.bias"].double()
+    assert set(read) == {"cls_token", "pos_embed"}
+    torch.testing.assert_close(read["cls_token"].double(), folded, rtol=0, atol=1e-5)

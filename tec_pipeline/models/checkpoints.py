@@ -116,8 +116,9 @@ def fold_input_adapter(sd: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{path}: input adapter '{prefix}*' is not an fc1/fc2 MLP beside '{cls_key}' "
                                   f"(has {', '.join(sorted(mlp))})")
         hidden, dim = mlp["fc1.weight"].shape
-        adapter = Mlp(dim, hidden, dim, act_layer=nn.GELU)
-        adapter.load_state_dict(mlp)
+        with torch.device("meta"):  # no init drawn: reading a checkpoint leaves torch's generator as it was
+            adapter = Mlp(dim, hidden, dim, act_layer=nn.GELU)
+        adapter.load_state_dict(mlp, assign=True)
         folded = {k: v for k, v in sd.items() if not k.startswith(prefix)}
         folded[cls_key] = adapter(sd[cls_key].float()).to(sd[cls_key].dtype)
         return folded
