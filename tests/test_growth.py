@@ -190,3 +190,20 @@ def test_a_grown_list_or_a_part_unlike_the_cache_is_refused_in_one_line(images, 
     with pytest.raises(UserError, match=rf"^cache {url}: its view part views-2-4 records seed=1, the cache 0: "
                                         "not a part of this cache$"):
         open_cache(str(url))
+
+
+def test_a_part_that_kept_its_own_source_images_still_reads_as_part_of_its_cache(images, tmp_path):
+    """Early growth copied the cache's store_images into its part; the part's copy is never read (the
+    cache's own image tars serve every view), so such a part is no reason to refuse the cache."""
+    url = tmp_path / "c.wds"
+    kept = ("cache.store=webdataset", "cache.store_images=true")
+    run_cache_targets(config(url, images, *kept))
+    run_cache_targets(config(url, images, *kept, "data.views=4"))
+    part_file = url / "views-2-4" / "tec_cache.json"
+    part = json.loads(part_file.read_text())
+    assert part["meta"]["store_images"] is False
+    part["meta"]["store_images"] = True
+    part_file.write_text(json.dumps(part))
+    reader = open_cache(str(url))
+    assert reader.views == 4 and reader.image_bytes(3) is not None and reader.read_view(3, 3)["crop"].shape == (5,)
+

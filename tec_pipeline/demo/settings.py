@@ -46,8 +46,8 @@ def demo_data_settings() -> dict:
 
 def demo_subset(data_root: Path, out: Path, count: int) -> Path:
     """`count` of the demo's training digits (``data_root/train``), evenly spaced in its class-sorted
-    order, copied once to the ImageFolder ``out/images{count}``: a copy cut short has no ``done``
-    marker and is made again from our own temporary folder."""
+    order, copied once to the ImageFolder ``out/images{count}``. The copy is made in our own
+    temporary folder and renamed into place with its ``done`` marker, so one cut short is made again."""
     from ..data.sources import ImageFolderSource
 
     folder, tmp = out / f"images{count}", out / f"images{count}.tmp"
@@ -59,6 +59,6 @@ def demo_subset(data_root: Path, out: Path, count: int) -> Path:
         name = source.files[i * len(source) // count]
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data_root / "train" / name, tmp / name)
-    tmp.rename(folder)
-    (folder / "done").write_text("")
+    (tmp / "done").write_text("")
+    tmp.rename(folder)  # complete, marker and all, in one step
     return folder
