@@ -270,6 +270,27 @@ def test_shards_split_into_contiguous_ranges():
     assert [list(own_shards(1, r, 3)) for r in range(3)] == [[0], [], []]
 
 
+def _fail_on_main(out: Path) -> None:
+    """One rank's part of the test below: rank 0's step stops with an OSError; what each rank raised."""
+    from tec_pipeline.cache_targets.processes import on_main, process_state
+
+    state = process_state()
+    try:
+        on_main(lambda: (_ for _ in ()).throw(OSError("disk full")), state)
+    except Exception as err:
+        (out / f"rank{state.process_index}").write_text(f"{type(err).__name__}: {err}")
+        raise
+
+
+def test_an_error_on_rank_0_stops_every_rank_with_its_name(tmp_path):
+    """Not only refusals: an OSError on rank 0 (a full disk, say) reaches rank 1 as what it was,
+    in one line, where rank 1 used to learn only that its peer had gone (gloo: "Connection closed
+    by peer"; NCCL may instead wait out its timeout). Rank 0 raises the OSError itself."""
+    assert run_as_ranks(_fail_on_main, tmp_path, timeout=60) == [1, 1]  # None would mean a rank still waited
+    assert (tmp_path / "rank0").read_text() == "OSError: disk full"
+    assert (tmp_path / "rank1").read_text() == "UserError: rank 0 stopped: OSError: disk full"
+
+
 def test_two_processes_give_the_same_arrays(reference, images, tmp_path):
     url = tmp_path / "two.zarr"
     assert run_as_ranks(run_cache_targets, load_config(None, overrides(url, images)), timeout=120) == [0, 0]

@@ -47,17 +47,21 @@ def gather(obj: Any, state) -> list:
 
 
 def on_main(fn: Callable[[], T], state) -> T | None:
-    """``fn()`` on rank 0 alone, the others waiting for it (None there). A refusal on rank 0
-    (`UserError`) is sent to every process and raised there too, so none waits forever."""
-    result, error = None, None
+    """``fn()`` on rank 0 alone, the others waiting for it (None there). Whatever stops it on rank 0
+    is sent to every process, so none waits forever: a refusal (`UserError`) is raised everywhere
+    as it reads; any other error is raised on rank 0 as it was, and named in one line on the others."""
+    result, error, failure = None, None, None
     if state.is_main_process:
         try:
             result = fn()
-        except UserError as err:
-            error = str(err)
+        except Exception as err:
             if state.num_processes == 1:
                 raise
+            failure = err
+            error = str(err) if isinstance(err, UserError) else f"rank 0 stopped: {type(err).__name__}: {err}"
     error = broadcast(error, state)
+    if failure is not None and not isinstance(failure, UserError):
+        raise failure
     if error is not None:
         raise UserError(error)
     return result
