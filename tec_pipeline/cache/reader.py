@@ -44,14 +44,16 @@ class ShardBuffer:
         """(dtype, per-view shape) of each array ``take`` returns."""
         return {name: (a.dtype, self._rows(name, a, attn_rows).shape[2:]) for name, a in self.arrays.items()}
 
+    def batch_arrays(self, n: int, attn_rows: int) -> dict[str, np.ndarray]:
+        """Empty arrays for `n` views shaped by `fields`, for a ``take`` that fills them piece by piece."""
+        return {name: np.empty((n,) + shape, dtype) for name, (dtype, shape) in self.fields(attn_rows).items()}
+
     def destination(self, n: int, attn_rows: int, out: dict[str, np.ndarray] | None,
                     at: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Where a ``take`` of `n` views that fills its arrays piece by piece writes: the caller's
-        (`out`, `at`), or new empty arrays shaped by `fields` and rows 0..n-1."""
+        """Where a ``take`` of `n` views writes: the caller's (`out`, `at`), or `batch_arrays` and rows 0..n-1."""
         if out is not None:
             return out, np.asarray(at)
-        return ({name: np.empty((n,) + shape, dtype) for name, (dtype, shape) in self.fields(attn_rows).items()},
-                np.arange(n))
+        return self.batch_arrays(n, attn_rows), np.arange(n)
 
     def take(self, local: np.ndarray, views: np.ndarray, attn_rows: int,
              out: dict[str, np.ndarray] | None = None, at: np.ndarray | None = None) -> dict[str, np.ndarray]:

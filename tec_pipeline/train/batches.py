@@ -134,8 +134,7 @@ class ShardPool:
         for shard in order:  # each shard writes its views straight into the batch arrays
             data = self._shard(shard)
             if out is None:
-                out = {name: np.empty((len(images),) + shape, dtype)
-                       for name, (dtype, shape) in data.fields(self.attn_rows).items()}
+                out = data.batch_arrays(len(images), self.attn_rows)
             sel = np.flatnonzero(shards == shard)
             data.take(local[sel], views[sel], self.attn_rows, out, sel)
         return out
