@@ -130,9 +130,10 @@ def check_part(url: str, doc: dict, entry: dict, part: CacheReader) -> None:
     want["store_images"] = part.meta.get("store_images")  # a part's own copy (early growth wrote one) is never read
     diff = cache_difference(want, part.meta)
     if diff is not None:
-        key, want, found = diff
-        raise CacheCorruptError(f"cache {url}: its view part {entry['path']} records {key}={short_value(found, want)}, "
-                                f"the cache {short_value(want, found)}: not a part of this cache")
+        key, cache_value, part_value = diff
+        raise CacheCorruptError(f"cache {url}: its view part {entry['path']} records "
+                                f"{key}={short_value(part_value, cache_value)}, the cache "
+                                f"{short_value(cache_value, part_value)}: not a part of this cache")
 
 
 def join_url(url: str, name: str) -> str:
