@@ -84,13 +84,12 @@ def block_sizes(n: int, processes: int) -> list[int]:
     return [n * (p + 1) // processes - n * p // processes for p in range(processes)]
 
 
-def labelled(cfg: MonitorConfig, key: str, classes: Optional[list[str]]) -> tuple[ImageSource, np.ndarray, list]:
-    """(source, labels, class names) of ``train.monitor.<key>`` (`evaluate.features.labelled_split`;
+def labelled(kind: str, key: str, path: str, classes: Optional[list[str]]) -> tuple[ImageSource, np.ndarray, list]:
+    """(source, labels, class names) of ``train.monitor.<key>`` = `path` (`evaluate.features.labelled_split`;
     `classes`: the train split's, so val agrees); every problem is one line naming the key."""
-    path = getattr(cfg, key)
     name = f"train.monitor.{key}={path}"
     try:
-        return labelled_split(cfg.kind, path, classes, name, "the monitor")
+        return labelled_split(kind, path, classes, name, "the monitor")
     except UserError as err:
         message = str(err)
         raise UserError(message if message.startswith(name) else f"{name}: {message}") from None
@@ -103,8 +102,8 @@ def open_sets(cfg: MonitorConfig, size: int, processes: int, index: int) -> tupl
         missing = "train.monitor.val" if cfg.train else "train.monitor.train"
         raise UserError(f"{missing} is empty: the monitor needs a labelled train and val split (or neither)")
     sets, classes = [], None
-    for key in ("train", "val"):
-        source, labels, classes = labelled(cfg, key, classes)
+    for key, path in (("train", cfg.train), ("val", cfg.val)):
+        source, labels, classes = labelled(cfg.kind, key, path, classes)
         picked = spread(len(source), cfg.max_images)
         if key == "train" and len(np.unique(labels[picked])) < 2:
             raise UserError(f"train.monitor.train={cfg.train}: its images are of one class; a score needs two")
@@ -114,9 +113,9 @@ def open_sets(cfg: MonitorConfig, size: int, processes: int, index: int) -> tupl
         try:
             batches = list(image_batches(mine, size, cfg.batch_size))
         except UserError as err:  # an image that does not decode
-            raise UserError(f"train.monitor.{key}={getattr(cfg, key)}: {err}") from None
+            raise UserError(f"train.monitor.{key}={path}: {err}") from None
         images = torch.cat(batches) if batches else torch.zeros(0, 3, size, size, dtype=torch.uint8)
-        sets.append(LabelledSet(getattr(cfg, key), images, labels[picked], blocks, source.fingerprint()))
+        sets.append(LabelledSet(path, images, labels[picked], blocks, source.fingerprint()))
     return sets[0], sets[1], classes
 
 
